@@ -1,0 +1,184 @@
+#include "core/crypto.h"
+
+#include <openssl/bio.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/kdf.h>
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+#include <openssl/x509.h>
+
+#include <memory>
+#include <stdexcept>
+
+namespace keygate {
+namespace {
+
+struct CipherCtxFree {
+  void operator()(EVP_CIPHER_CTX* c) const { EVP_CIPHER_CTX_free(c); }
+};
+struct PkeyFree {
+  void operator()(EVP_PKEY* k) const { EVP_PKEY_free(k); }
+};
+struct PkeyCtxFree {
+  void operator()(EVP_PKEY_CTX* c) const { EVP_PKEY_CTX_free(c); }
+};
+
+Status crypto_error(const char* what) {
+  return Status::error(ErrorKind::kInternal, str_cat("OpenSSL ", what, " failed"));
+}
+
+}  // namespace
+
+Bytes random_bytes(size_t n) {
+  Bytes out(n);
+  if (n > 0 && RAND_bytes(out.data(), static_cast<int>(n)) != 1) {
+    // The CSPRNG failing is not recoverable; never continue with weak bytes.
+    abort();
+  }
+  return out;
+}
+
+Bytes sha256(std::string_view data) {
+  Bytes out(kSha256Size);
+  unsigned int len = 0;
+  EVP_Digest(data.data(), data.size(), out.data(), &len, EVP_sha256(), nullptr);
+  return out;
+}
+
+Bytes hmac_sha256(const SecretBuffer& key, std::string_view data) {
+  Bytes out(kSha256Size);
+  unsigned int len = 0;
+  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
+       reinterpret_cast<const unsigned char*>(data.data()), data.size(), out.data(), &len);
+  return out;
+}
+
+bool constant_time_equal(const Bytes& a, const Bytes& b) {
+  return a.size() == b.size() && (a.empty() || CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0);
+}
+
+Result<Bytes> aes_gcm_seal(const SecretBuffer& key, const uint8_t* plaintext, size_t size,
+                           std::string_view aad) {
+  if (key.size() != kAesKeySize) {
+    return Status::error(ErrorKind::kInternal, "AES-256-GCM key must be 32 bytes");
+  }
+  std::unique_ptr<EVP_CIPHER_CTX, CipherCtxFree> ctx(EVP_CIPHER_CTX_new());
+  if (!ctx) return crypto_error("EVP_CIPHER_CTX_new");
+  Bytes out = random_bytes(kGcmIvSize);
+  out.resize(kGcmIvSize + size + kGcmTagSize);
+  int len = 0;
+  if (EVP_EncryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, key.data(), out.data()) != 1 ||
+      EVP_EncryptUpdate(ctx.get(), nullptr, &len, reinterpret_cast<const uint8_t*>(aad.data()),
+                        static_cast<int>(aad.size())) != 1 ||
+      EVP_EncryptUpdate(ctx.get(), out.data() + kGcmIvSize, &len, plaintext,
+                        static_cast<int>(size)) != 1 ||
+      EVP_EncryptFinal_ex(ctx.get(), out.data() + kGcmIvSize + len, &len) != 1 ||
+      EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_GET_TAG, kGcmTagSize,
+                          out.data() + kGcmIvSize + size) != 1) {
+    return crypto_error("AES-256-GCM encrypt");
+  }
+  return out;
+}
+
+Result<SecretBuffer> aes_gcm_open(const SecretBuffer& key, const Bytes& sealed,
+                                  std::string_view aad) {
+  if (key.size() != kAesKeySize) {
+    return Status::error(ErrorKind::kInternal, "AES-256-GCM key must be 32 bytes");
+  }
+  if (sealed.size() < kGcmIvSize + kGcmTagSize) {
+    return Status::error(ErrorKind::kIntegrity, "sealed data too short");
+  }
+  const size_t ct_size = sealed.size() - kGcmIvSize - kGcmTagSize;
+  auto plain = SecretBuffer::allocate(ct_size);
+  if (!plain.is_ok()) return plain.status();
+  std::unique_ptr<EVP_CIPHER_CTX, CipherCtxFree> ctx(EVP_CIPHER_CTX_new());
+  if (!ctx) return crypto_error("EVP_CIPHER_CTX_new");
+  Bytes tag(sealed.end() - kGcmTagSize, sealed.end());
+  int len = 0;
+  if (EVP_DecryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, key.data(), sealed.data()) != 1 ||
+      EVP_DecryptUpdate(ctx.get(), nullptr, &len, reinterpret_cast<const uint8_t*>(aad.data()),
+                        static_cast<int>(aad.size())) != 1 ||
+      EVP_DecryptUpdate(ctx.get(), plain->data(), &len, sealed.data() + kGcmIvSize,
+                        static_cast<int>(ct_size)) != 1 ||
+      EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_SET_TAG, kGcmTagSize, tag.data()) != 1) {
+    return crypto_error("AES-256-GCM decrypt");
+  }
+  if (EVP_DecryptFinal_ex(ctx.get(), plain->data() + len, &len) != 1) {
+    return Status::error(ErrorKind::kIntegrity, "authentication tag mismatch");
+  }
+  return std::move(plain).value();
+}
+
+Result<SecretBuffer> hkdf_sha256(const SecretBuffer& ikm, const Bytes& salt, std::string_view info,
+                                 size_t length) {
+  std::unique_ptr<EVP_PKEY_CTX, PkeyCtxFree> pctx(EVP_PKEY_CTX_new_id(EVP_PKEY_HKDF, nullptr));
+  auto out = SecretBuffer::allocate(length);
+  if (!out.is_ok()) return out.status();
+  size_t out_len = length;
+  if (!pctx || EVP_PKEY_derive_init(pctx.get()) != 1 ||
+      EVP_PKEY_CTX_set_hkdf_md(pctx.get(), EVP_sha256()) != 1 ||
+      EVP_PKEY_CTX_set1_hkdf_salt(pctx.get(), salt.data(), static_cast<int>(salt.size())) != 1 ||
+      EVP_PKEY_CTX_set1_hkdf_key(pctx.get(), ikm.data(), static_cast<int>(ikm.size())) != 1 ||
+      EVP_PKEY_CTX_add1_hkdf_info(pctx.get(), reinterpret_cast<const uint8_t*>(info.data()),
+                                  static_cast<int>(info.size())) != 1 ||
+      EVP_PKEY_derive(pctx.get(), out->data(), &out_len) != 1 || out_len != length) {
+    return crypto_error("HKDF-SHA256");
+  }
+  return std::move(out).value();
+}
+
+Result<X25519KeyPair> X25519KeyPair::generate() {
+  X25519KeyPair kp;
+  auto priv = SecretBuffer::random(kX25519KeySize);
+  if (!priv.is_ok()) return priv.status();
+  kp.private_key = std::move(priv).value();
+  std::unique_ptr<EVP_PKEY, PkeyFree> key(EVP_PKEY_new_raw_private_key(
+      EVP_PKEY_X25519, nullptr, kp.private_key.data(), kp.private_key.size()));
+  size_t len = kX25519KeySize;
+  if (!key || EVP_PKEY_get_raw_public_key(key.get(), kp.public_key.data(), &len) != 1 ||
+      len != kX25519KeySize) {
+    return crypto_error("X25519 key generation");
+  }
+  return kp;
+}
+
+Result<SecretBuffer> X25519KeyPair::shared_secret(const Bytes& peer_public) const {
+  if (peer_public.size() != kX25519KeySize) {
+    return Status::error(ErrorKind::kInvalidArgument, "X25519 public key must be 32 bytes");
+  }
+  std::unique_ptr<EVP_PKEY, PkeyFree> key(EVP_PKEY_new_raw_private_key(
+      EVP_PKEY_X25519, nullptr, private_key.data(), private_key.size()));
+  std::unique_ptr<EVP_PKEY, PkeyFree> peer(
+      EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, nullptr, peer_public.data(), peer_public.size()));
+  if (!key || !peer) return crypto_error("X25519 key import");
+  std::unique_ptr<EVP_PKEY_CTX, PkeyCtxFree> ctx(EVP_PKEY_CTX_new(key.get(), nullptr));
+  auto out = SecretBuffer::allocate(kX25519KeySize);
+  if (!out.is_ok()) return out.status();
+  size_t len = kX25519KeySize;
+  if (!ctx || EVP_PKEY_derive_init(ctx.get()) != 1 ||
+      EVP_PKEY_derive_set_peer(ctx.get(), peer.get()) != 1) {
+    return crypto_error("X25519 derive setup");
+  }
+  // OpenSSL refuses an all-zero result (a low-order peer point) here.
+  if (EVP_PKEY_derive(ctx.get(), out->data(), &len) != 1 || len != kX25519KeySize) {
+    return Status::error(ErrorKind::kInvalidArgument, "X25519: invalid peer public key");
+  }
+  return std::move(out).value();
+}
+
+Result<std::string> certificate_sha256_fingerprint(std::string_view pem) {
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(
+      BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), BIO_free);
+  if (!bio) return crypto_error("BIO_new_mem_buf");
+  std::unique_ptr<X509, decltype(&X509_free)> cert(
+      PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr), X509_free);
+  if (!cert) return Status::error(ErrorKind::kInvalidArgument, "not a PEM certificate");
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  if (X509_digest(cert.get(), EVP_sha256(), md, &len) != 1) return crypto_error("X509_digest");
+  return hex_encode(md, len);
+}
+
+}  // namespace keygate

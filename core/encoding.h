@@ -1,0 +1,40 @@
+// Base64 (standard and URL-safe) and hex. Decoders are strict: they refuse
+// characters outside the alphabet, bad padding and non-canonical trailing
+// bits, so two different strings never decode to the same bytes.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/status.h"
+
+namespace keygate {
+
+using Bytes = std::vector<uint8_t>;
+
+std::string base64_encode(const uint8_t* data, size_t size);
+inline std::string base64_encode(const Bytes& b) { return base64_encode(b.data(), b.size()); }
+inline std::string base64_encode(std::string_view s) {
+  return base64_encode(reinterpret_cast<const uint8_t*>(s.data()), s.size());
+}
+
+// Standard alphabet with padding. With `skip_whitespace`, ASCII whitespace
+// (line breaks in PEM-like bodies) is ignored.
+Result<Bytes> base64_decode(std::string_view text, bool skip_whitespace = false);
+
+// URL-safe alphabet without padding (JWT, RFC 7515).
+std::string base64url_encode(const uint8_t* data, size_t size);
+Result<Bytes> base64url_decode(std::string_view text);
+
+std::string hex_encode(const uint8_t* data, size_t size);
+inline std::string hex_encode(const Bytes& b) { return hex_encode(b.data(), b.size()); }
+Result<Bytes> hex_decode(std::string_view text);
+
+inline std::string_view as_string_view(const Bytes& b) {
+  return std::string_view(reinterpret_cast<const char*>(b.data()), b.size());
+}
+inline Bytes to_bytes(std::string_view s) { return Bytes(s.begin(), s.end()); }
+
+}  // namespace keygate

@@ -1,0 +1,38 @@
+// JSON on jsoncpp, wrapped so no exception escapes. Parsing is strict (no
+// comments, no trailing garbage, duplicate keys refused), depth-bounded and
+// size-bounded. Field getters return a Status naming the missing/bad field.
+#pragma once
+
+#include <json/value.h>
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "core/status.h"
+
+namespace keygate {
+
+constexpr size_t kDefaultJsonMaxBytes = 64 * 1024;
+
+// Parses `text` as a JSON document that must be an object.
+Result<Json::Value> parse_json_object(std::string_view text,
+                                      size_t max_bytes = kDefaultJsonMaxBytes);
+
+// Compact serialisation (no whitespace, keys in sorted order).
+std::string to_json(const Json::Value& value);
+// Indented serialisation for people.
+std::string to_pretty_json(const Json::Value& value);
+
+// A string member of at most `max_len` bytes; missing, wrong type or too long
+// fails with kInvalidArgument naming `key`.
+Result<std::string> json_string(const Json::Value& obj, const char* key, size_t max_len);
+// Like json_string, but a missing or null member yields `fallback`.
+Result<std::string> json_optional_string(const Json::Value& obj, const char* key, size_t max_len,
+                                         std::string fallback = "");
+// An integer member within [min, max].
+Result<int64_t> json_int(const Json::Value& obj, const char* key, int64_t min, int64_t max);
+// An object member (may be absent when `required` is false: yields null).
+Result<Json::Value> json_object(const Json::Value& obj, const char* key, bool required);
+
+}  // namespace keygate

@@ -1,0 +1,45 @@
+// The keygate wire protocol (JSON over HTTPS, versioned under /v1), shared by
+// the unlocker and the server. Every limit here is enforced on both sides.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+#include "core/encoding.h"
+#include "core/secret.h"
+
+namespace keygate::api {
+
+constexpr char kChallengePath[] = "/v1/challenge";
+constexpr char kUnlockPath[] = "/v1/unlock";
+constexpr char kEnrollRegisterPath[] = "/v1/enroll/register";
+constexpr char kEnrollConfirmPath[] = "/v1/enroll/confirm";
+
+constexpr size_t kMaxRequestBody = 64 * 1024;
+constexpr size_t kMaxResponseBody = 64 * 1024;
+constexpr size_t kNonceSize = 32;
+constexpr size_t kVolumeSecretSize = 32;
+constexpr size_t kMaxVolumeIdLength = 64;
+constexpr size_t kMaxEnrollmentTokenLength = 128;
+constexpr size_t kMaxEvidenceField = 16 * 1024;
+
+// Error codes carried in {"error": {"code": ..., "message": ...}}.
+constexpr char kErrBadRequest[] = "bad_request";
+constexpr char kErrTooLarge[] = "request_too_large";
+constexpr char kErrNonceInvalid[] = "nonce_invalid";
+constexpr char kErrEvidenceInvalid[] = "evidence_invalid";
+constexpr char kErrPolicyDenied[] = "policy_denied";
+constexpr char kErrRevoked[] = "revoked";
+constexpr char kErrNotEnrolled[] = "not_enrolled";
+constexpr char kErrTokenInvalid[] = "enrollment_token_invalid";
+constexpr char kErrInternal[] = "internal";
+
+// Volume ids are server-generated UUIDs; accept only that alphabet.
+bool is_valid_volume_id(std::string_view id);
+
+// Proof, sent with enrollment confirmation, that the client received the
+// secret: HMAC-SHA256(secret, "keygate-v1 confirm" || volume_id).
+Bytes enrollment_confirmation(const SecretBuffer& secret, std::string_view volume_id);
+
+}  // namespace keygate::api

@@ -1,0 +1,71 @@
+// The key server's API logic, independent of HTTP: each call takes the
+// request body and the peer's address and returns a status code and a JSON
+// body. Every release and refusal is audited (store) and logged, without
+// secrets. Refusal reasons go to the log; clients get a short code.
+#pragma once
+
+#include <json/value.h>
+
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "core/clock.h"
+#include "core/secret.h"
+#include "server/aws_identity.h"
+#include "server/policy.h"
+#include "server/store.h"
+
+namespace keygate::server {
+
+struct ServiceOptions {
+  int nonce_ttl_seconds = 60;
+};
+
+struct ApiResponse {
+  int status = 200;
+  Json::Value body;
+};
+
+// {"error": {"code": code, "message": message}}
+ApiResponse error_response(int status, const char* code, std::string message);
+
+class KeyService {
+ public:
+  KeyService(Store& store, SecretBuffer kek, AwsTrustStore trust, const Clock& clock,
+             ServiceOptions options);
+
+  ApiResponse challenge(const std::string& peer);
+  ApiResponse unlock(std::string_view body, const std::string& peer);
+  ApiResponse enroll_register(std::string_view body, const std::string& peer);
+  ApiResponse enroll_confirm(std::string_view body, const std::string& peer);
+
+ private:
+  struct Common;  // fields every attested request carries
+  Result<Common> parse_common(const Json::Value& request);
+  Result<AwsIdentity> verify_evidence(const Json::Value& evidence);
+  void audit(const std::string& event, const std::string& outcome, const std::string& volume_id,
+             const std::string& peer, const std::string& detail);
+
+  Store& store_;
+  SecretBuffer kek_;
+  AwsTrustStore trust_;
+  const Clock& clock_;
+  ServiceOptions options_;
+};
+
+// Seals a volume secret under the KEK, bound to the volume id.
+Result<Bytes> seal_volume_secret(const SecretBuffer& kek, const SecretBuffer& secret,
+                                 const std::string& volume_id);
+Result<SecretBuffer> open_volume_secret(const SecretBuffer& kek, const Bytes& sealed,
+                                        const std::string& volume_id);
+
+// A random RFC 4122 version-4 UUID.
+std::string new_volume_id();
+
+// Creates a one-time (or `uses`-time) enrollment token; returns the token
+// value, shown once. Only its SHA-256 is stored.
+Result<std::string> create_enrollment_token(Store& store, const EnrollmentTemplate& tmpl,
+                                            int64_t now, int64_t ttl_seconds, int uses);
+
+}  // namespace keygate::server

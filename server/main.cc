@@ -1,0 +1,323 @@
+// keygate-server: releases volume keys to instances that prove who they are.
+#include <unistd.h>
+
+#include <climits>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "core/args.h"
+#include "core/clock.h"
+#include "core/crypto.h"
+#include "core/json.h"
+#include "core/log.h"
+#include "server/aws_identity.h"
+#include "server/http_api.h"
+#include "server/key_service.h"
+#include "server/state_files.h"
+#include "server/store.h"
+
+using namespace keygate;
+using namespace keygate::server;
+
+namespace {
+
+constexpr char kUsage[] = R"(usage: keygate-server COMMAND [options]
+
+Commands:
+  serve            run the HTTPS key server
+  token create     create an enrollment token (printed once)
+  volumes list     list enrolled volumes
+  volumes revoke ID
+                   refuse every future unlock of volume ID
+  audit            show the most recent audit events
+  ca               print the CA certificate clients pin, and its fingerprint
+
+Common options:
+  --state-dir DIR  store, KEK and TLS material (default /var/lib/keygate)
+  --config FILE    JSON file with any of: listen, state_dir, aws_trust_dirs,
+                   tls_san, nonce_ttl (options on the command line win)
+
+serve options:
+  --listen HOST:PORT        address to bind (default 127.0.0.1:8443; port 0: any)
+  --port-file FILE          write the bound port here
+  --tls-san NAME            subject alt name for the generated certificate,
+                            "DNS:host" or "IP:addr" (repeatable; localhost and
+                            127.0.0.1 are always included)
+  --aws-trust-dir DIR       extra <region>.pem certificates for AWS rsa2048
+                            identity signatures (repeatable; added to the
+                            shipped AWS certificates)
+  --no-default-aws-trust    do not load the shipped AWS certificates
+  --nonce-ttl SECONDS       challenge lifetime (default 60)
+  --log-level LEVEL         debug, info, warning, error (default info)
+
+token create options:
+  --account ID --region NAME --image-id AMI
+                            bind these; a field left out is taken from the
+                            enrolling instance's verified identity
+  --image-group             the volume belongs to an image: any instance of
+                            it (account + region + image) may unlock it
+  --ttl SECONDS             token lifetime (default 3600)
+  --uses N                  enrollments allowed (default 1)
+
+Exit status: 0 success, 1 failure, 2 usage or configuration error.
+)";
+
+const std::set<std::string> kValueOptions = {
+    "state-dir", "config",  "listen",     "port-file", "tls-san", "aws-trust-dir", "nonce-ttl",
+    "log-level", "account", "region",     "image-id",  "ttl",     "uses",          "limit"};
+const std::set<std::string> kFlagOptions = {"no-default-aws-trust", "image-group", "json",
+                                            "help"};
+
+int fail(const Status& s) {
+  log_error(s.message());
+  return s.kind() == ErrorKind::kInvalidArgument ? 2 : 1;
+}
+
+std::string executable_dir() {
+  char buf[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return ".";
+  std::string path(buf, static_cast<size_t>(n));
+  return path.substr(0, path.find_last_of('/'));
+}
+
+// The shipped AWS certificates live in <prefix>/share/keygate/trust/aws,
+// found relative to the binary (<prefix>/bin) so build trees work too.
+std::string default_aws_trust_dir() {
+  return executable_dir() + "/../share/keygate/trust/aws/rsa2048";
+}
+
+struct Settings {
+  std::string state_dir = "/var/lib/keygate";
+  std::string listen = "127.0.0.1:8443";
+  std::vector<std::string> aws_trust_dirs;
+  std::vector<std::string> tls_san;
+  long nonce_ttl = 60;
+};
+
+Result<Settings> load_settings(const Args& args) {
+  Settings s;
+  if (args.has("config")) {
+    auto text = read_small_file(args.get("config"), 256 * 1024);
+    if (!text.is_ok()) return text.status();
+    auto cfg = parse_json_object(text.value());
+    if (!cfg.is_ok()) return cfg.status().with_context(args.get("config"));
+    const Json::Value& c = cfg.value();
+    for (const auto& key : c.getMemberNames()) {
+      if (key != "listen" && key != "state_dir" && key != "aws_trust_dirs" && key != "tls_san" &&
+          key != "nonce_ttl") {
+        return Status::error(ErrorKind::kInvalidArgument,
+                             str_cat(args.get("config"), ": unknown key '", key, "'"));
+      }
+    }
+    if (c.isMember("listen")) s.listen = c["listen"].asString();
+    if (c.isMember("state_dir")) s.state_dir = c["state_dir"].asString();
+    if (c.isMember("nonce_ttl")) s.nonce_ttl = c["nonce_ttl"].asInt();
+    for (const auto& d : c["aws_trust_dirs"]) s.aws_trust_dirs.push_back(d.asString());
+    for (const auto& d : c["tls_san"]) s.tls_san.push_back(d.asString());
+  }
+  s.state_dir = args.get("state-dir", s.state_dir);
+  s.listen = args.get("listen", s.listen);
+  for (const auto& d : args.get_all("aws-trust-dir")) s.aws_trust_dirs.push_back(d);
+  for (const auto& d : args.get_all("tls-san")) s.tls_san.push_back(d);
+  auto ttl = args.get_int("nonce-ttl", s.nonce_ttl, 1, 3600);
+  if (!ttl.is_ok()) return ttl.status();
+  s.nonce_ttl = ttl.value();
+  return s;
+}
+
+Result<std::unique_ptr<Store>> open_store(const Settings& s) {
+  KEYGATE_RETURN_IF_ERROR(ensure_state_dir(s.state_dir));
+  return open_sqlite_store(s.state_dir + "/keygate.db");
+}
+
+int cmd_serve(const Args& args, const Settings& s) {
+  auto colon = s.listen.rfind(':');
+  if (colon == std::string::npos) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, "--listen must be HOST:PORT"));
+  }
+  HttpOptions http;
+  http.host = s.listen.substr(0, colon);
+  try {
+    http.port = std::stoi(s.listen.substr(colon + 1));
+  } catch (...) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, "--listen: bad port"));
+  }
+  http.port_file = args.get("port-file");
+  http.cert_file = s.state_dir + "/server.pem";
+  http.key_file = s.state_dir + "/server.key";
+
+  auto store = open_store(s);
+  if (!store.is_ok()) return fail(store.status());
+  auto kek = load_or_create_kek(s.state_dir + "/kek");
+  if (!kek.is_ok()) return fail(kek.status());
+  std::vector<std::string> sans = {"DNS:localhost", "IP:127.0.0.1"};
+  for (const auto& san : s.tls_san) sans.push_back(san);
+  Status tls = ensure_tls_material(s.state_dir, sans);
+  if (!tls.is_ok()) return fail(tls);
+
+  AwsTrustStore trust;
+  if (!args.has("no-default-aws-trust")) {
+    Status st = trust.add_directory(default_aws_trust_dir());
+    if (!st.is_ok()) return fail(st.with_context("shipped AWS trust store"));
+  }
+  for (const auto& dir : s.aws_trust_dirs) {
+    Status st = trust.add_directory(dir);
+    if (!st.is_ok()) return fail(st);
+  }
+  log_info(str_cat("AWS trust store: ", trust.certificate_count(), " certificates for ",
+                   trust.region_count(), " regions"));
+  auto ca = read_small_file(s.state_dir + "/ca.pem", 64 * 1024);
+  if (ca.is_ok()) {
+    auto fp = certificate_sha256_fingerprint(ca.value());
+    if (fp.is_ok()) log_info(str_cat("CA fingerprint sha256:", fp.value()));
+  }
+  SystemClock clock;
+  ServiceOptions options;
+  options.nonce_ttl_seconds = static_cast<int>(s.nonce_ttl);
+  KeyService service(*store.value(), std::move(kek).value(), std::move(trust), clock, options);
+  Status served = serve_https(service, http);
+  if (!served.is_ok()) return fail(served);
+  return 0;
+}
+
+int cmd_token_create(const Args& args, const Settings& s) {
+  auto ttl = args.get_int("ttl", 3600, 1, 365L * 24 * 3600);
+  auto uses = args.get_int("uses", 1, 1, 1000000);
+  if (!ttl.is_ok()) return fail(ttl.status());
+  if (!uses.is_ok()) return fail(uses.status());
+  EnrollmentTemplate tmpl;
+  tmpl.account = args.get("account");
+  tmpl.region = args.get("region");
+  tmpl.image_id = args.get("image-id");
+  tmpl.image_group = args.has("image-group");
+  auto store = open_store(s);
+  if (!store.is_ok()) return fail(store.status());
+  SystemClock clock;
+  auto token = create_enrollment_token(*store.value(), tmpl, clock.now_unix(), ttl.value(),
+                                       static_cast<int>(uses.value()));
+  if (!token.is_ok()) return fail(token.status());
+  (void)store.value()->append_audit(AuditEvent{clock.now_unix(), "token.create", "ok", "", "local",
+                                               to_json(tmpl.to_json())});
+  std::cout << token.value() << "\n";
+  return 0;
+}
+
+int cmd_volumes_list(const Args& args, const Settings& s) {
+  auto store = open_store(s);
+  if (!store.is_ok()) return fail(store.status());
+  auto volumes = store.value()->list_volumes();
+  if (!volumes.is_ok()) return fail(volumes.status());
+  if (args.has("json")) {
+    Json::Value out(Json::arrayValue);
+    for (const auto& v : volumes.value()) {
+      Json::Value item;
+      item["id"] = v.id;
+      item["state"] = volume_state_name(v.state);
+      auto policy = parse_json_object(v.policy_json);
+      item["policy"] = policy.is_ok() ? policy.value() : Json::Value();
+      item["description"] = v.description;
+      item["created_at"] = static_cast<Json::Int64>(v.created_at);
+      item["updated_at"] = static_cast<Json::Int64>(v.updated_at);
+      out.append(item);
+    }
+    std::cout << to_pretty_json(out) << "\n";
+    return 0;
+  }
+  printf("%-36s  %-8s  %s\n", "VOLUME", "STATE", "POLICY");
+  for (const auto& v : volumes.value()) {
+    printf("%-36s  %-8s  %s\n", v.id.c_str(), volume_state_name(v.state), v.policy_json.c_str());
+  }
+  return 0;
+}
+
+int cmd_volumes_revoke(const Args& args, const Settings& s) {
+  if (args.positional().size() != 3) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: volumes revoke VOLUME_ID"));
+  }
+  const std::string& id = args.positional()[2];
+  auto store = open_store(s);
+  if (!store.is_ok()) return fail(store.status());
+  SystemClock clock;
+  auto record = store.value()->get_volume(id);
+  if (!record.is_ok()) return fail(record.status());
+  if (record->state == VolumeState::kRevoked) {
+    std::cout << "volume " << id << " was already revoked\n";
+    return 0;
+  }
+  Status st = store.value()->transition_volume(id, record->state, VolumeState::kRevoked,
+                                               clock.now_unix());
+  if (!st.is_ok()) return fail(st);
+  (void)store.value()->append_audit(
+      AuditEvent{clock.now_unix(), "revoke", "ok", id, "local", ""});
+  std::cout << "volume " << id << " revoked\n";
+  return 0;
+}
+
+int cmd_audit(const Args& args, const Settings& s) {
+  auto limit = args.get_int("limit", 50, 1, 100000);
+  if (!limit.is_ok()) return fail(limit.status());
+  auto store = open_store(s);
+  if (!store.is_ok()) return fail(store.status());
+  auto events = store.value()->recent_audit(static_cast<int>(limit.value()));
+  if (!events.is_ok()) return fail(events.status());
+  for (const auto& e : events.value()) {
+    printf("%lld %s %s volume=%s peer=%s %s\n", static_cast<long long>(e.time), e.event.c_str(),
+           e.outcome.c_str(), e.volume_id.empty() ? "-" : e.volume_id.c_str(), e.peer.c_str(),
+           e.detail.c_str());
+  }
+  return 0;
+}
+
+int cmd_ca(const Settings& s) {
+  auto ca = read_small_file(s.state_dir + "/ca.pem", 64 * 1024);
+  if (!ca.is_ok()) return fail(ca.status().with_context("start the server once to create it"));
+  auto fp = certificate_sha256_fingerprint(ca.value());
+  if (!fp.is_ok()) return fail(fp.status());
+  std::cout << ca.value();
+  std::cerr << "sha256:" << fp.value() << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  disable_core_dumps();
+  std::vector<std::string> argv_list(argv + 1, argv + argc);
+  auto args = Args::parse(argv_list, kValueOptions, kFlagOptions);
+  log_init("keygate-server", LogSink::kStderr, LogLevel::kInfo);
+  if (!args.is_ok()) {
+    log_error(args.status().message());
+    fputs(kUsage, stderr);
+    return 2;
+  }
+  const auto& pos = args->positional();
+  if (args->has("help") || pos.empty()) {
+    fputs(kUsage, args->has("help") ? stdout : stderr);
+    return args->has("help") ? 0 : 2;
+  }
+  std::string level = args->get("log-level", "info");
+  LogLevel min = level == "debug"     ? LogLevel::kDebug
+                 : level == "warning" ? LogLevel::kWarning
+                 : level == "error"   ? LogLevel::kError
+                                      : LogLevel::kInfo;
+  log_init("keygate-server", LogSink::kStderr, min);
+  auto settings = load_settings(args.value());
+  if (!settings.is_ok()) return fail(settings.status());
+
+  const std::string& cmd = pos[0];
+  const std::string sub = pos.size() > 1 ? pos[1] : "";
+  if (cmd == "serve" && pos.size() == 1) return cmd_serve(args.value(), settings.value());
+  if (cmd == "token" && sub == "create") return cmd_token_create(args.value(), settings.value());
+  if (cmd == "volumes" && sub == "list") return cmd_volumes_list(args.value(), settings.value());
+  if (cmd == "volumes" && sub == "revoke") {
+    return cmd_volumes_revoke(args.value(), settings.value());
+  }
+  if (cmd == "audit" && pos.size() == 1) return cmd_audit(args.value(), settings.value());
+  if (cmd == "ca" && pos.size() == 1) return cmd_ca(settings.value());
+  log_error(str_cat("unknown command '", cmd, sub.empty() ? "" : " ", sub, "'"));
+  fputs(kUsage, stderr);
+  return 2;
+}

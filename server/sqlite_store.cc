@@ -1,0 +1,332 @@
+#include <sqlite3.h>
+#include <sys/stat.h>
+
+#include <mutex>
+
+#include "server/store.h"
+
+namespace keygate::server {
+
+const char* volume_state_name(VolumeState s) {
+  switch (s) {
+    case VolumeState::kPending: return "pending";
+    case VolumeState::kActive: return "active";
+    case VolumeState::kRevoked: return "revoked";
+  }
+  return "unknown";
+}
+
+namespace {
+
+Result<VolumeState> parse_state(const std::string& s) {
+  if (s == "pending") return VolumeState::kPending;
+  if (s == "active") return VolumeState::kActive;
+  if (s == "revoked") return VolumeState::kRevoked;
+  return Status::error(ErrorKind::kInternal, str_cat("store: unknown volume state '", s, "'"));
+}
+
+constexpr char kSchema[] = R"sql(
+CREATE TABLE IF NOT EXISTS volumes (
+  id TEXT PRIMARY KEY,
+  state TEXT NOT NULL,
+  policy TEXT NOT NULL,
+  sealed_secret BLOB NOT NULL,
+  description TEXT NOT NULL DEFAULT '',
+  created_at INTEGER NOT NULL,
+  updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nonces (
+  nonce BLOB PRIMARY KEY,
+  expires_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces(expires_at);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+  token_hash BLOB PRIMARY KEY,
+  template TEXT NOT NULL,
+  expires_at INTEGER NOT NULL,
+  uses_left INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  time INTEGER NOT NULL,
+  event TEXT NOT NULL,
+  outcome TEXT NOT NULL,
+  volume_id TEXT NOT NULL,
+  peer TEXT NOT NULL,
+  detail TEXT NOT NULL
+);
+)sql";
+
+class Stmt {
+ public:
+  Stmt(sqlite3* db, const char* sql) { rc_ = sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr); }
+  ~Stmt() { sqlite3_finalize(stmt_); }
+  Stmt(const Stmt&) = delete;
+  Stmt& operator=(const Stmt&) = delete;
+  bool ok() const { return rc_ == SQLITE_OK; }
+  sqlite3_stmt* get() { return stmt_; }
+  void bind(int i, const std::string& s) {
+    sqlite3_bind_text(stmt_, i, s.data(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
+  }
+  void bind(int i, const Bytes& b) {
+    sqlite3_bind_blob(stmt_, i, b.data(), static_cast<int>(b.size()), SQLITE_TRANSIENT);
+  }
+  void bind(int i, int64_t v) { sqlite3_bind_int64(stmt_, i, v); }
+  int step() { return sqlite3_step(stmt_); }
+  std::string text(int col) {
+    const unsigned char* t = sqlite3_column_text(stmt_, col);
+    return t ? std::string(reinterpret_cast<const char*>(t),
+                           static_cast<size_t>(sqlite3_column_bytes(stmt_, col)))
+             : std::string();
+  }
+  Bytes blob(int col) {
+    const uint8_t* p = static_cast<const uint8_t*>(sqlite3_column_blob(stmt_, col));
+    int n = sqlite3_column_bytes(stmt_, col);
+    return p ? Bytes(p, p + n) : Bytes();
+  }
+  int64_t integer(int col) { return sqlite3_column_int64(stmt_, col); }
+
+ private:
+  sqlite3_stmt* stmt_ = nullptr;
+  int rc_ = SQLITE_ERROR;
+};
+
+class SqliteStore final : public Store {
+ public:
+  explicit SqliteStore(sqlite3* db) : db_(db) {}
+  ~SqliteStore() override { sqlite3_close(db_); }
+
+  Status put_nonce(const Bytes& nonce, int64_t expires_at) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    {
+      Stmt purge(db_, "DELETE FROM nonces WHERE expires_at < ?");
+      if (!purge.ok()) return db_error("prepare purge");
+      purge.bind(1, expires_at - 3600);
+      purge.step();
+    }
+    Stmt s(db_, "INSERT INTO nonces(nonce, expires_at) VALUES(?, ?)");
+    if (!s.ok()) return db_error("prepare nonce insert");
+    s.bind(1, nonce);
+    s.bind(2, expires_at);
+    if (s.step() != SQLITE_DONE) return db_error("insert nonce");
+    return Status::ok();
+  }
+
+  Result<bool> consume_nonce(const Bytes& nonce, int64_t now) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(db_, "DELETE FROM nonces WHERE nonce = ? RETURNING expires_at");
+    if (!s.ok()) return db_error("prepare nonce delete");
+    s.bind(1, nonce);
+    int rc = s.step();
+    if (rc == SQLITE_DONE) return false;
+    if (rc != SQLITE_ROW) return db_error("consume nonce");
+    int64_t expires_at = s.integer(0);
+    while (s.step() == SQLITE_ROW) {
+    }
+    return now <= expires_at;
+  }
+
+  Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
+                                 int64_t expires_at, int uses) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(db_,
+           "INSERT INTO enrollment_tokens(token_hash, template, expires_at, uses_left) "
+           "VALUES(?, ?, ?, ?)");
+    if (!s.ok()) return db_error("prepare token insert");
+    s.bind(1, token_hash);
+    s.bind(2, template_json);
+    s.bind(3, expires_at);
+    s.bind(4, static_cast<int64_t>(uses));
+    if (s.step() != SQLITE_DONE) return db_error("insert enrollment token");
+    return Status::ok();
+  }
+
+  Result<std::string> consume_enrollment_token(const Bytes& token_hash, int64_t now) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(db_,
+           "UPDATE enrollment_tokens SET uses_left = uses_left - 1 "
+           "WHERE token_hash = ? AND uses_left > 0 AND expires_at >= ? RETURNING template");
+    if (!s.ok()) return db_error("prepare token use");
+    s.bind(1, token_hash);
+    s.bind(2, now);
+    int rc = s.step();
+    if (rc == SQLITE_DONE) {
+      return Status::error(ErrorKind::kRefused, "enrollment token unknown, used up or expired");
+    }
+    if (rc != SQLITE_ROW) return db_error("use enrollment token");
+    std::string tmpl = s.text(0);
+    while (s.step() == SQLITE_ROW) {
+    }
+    return tmpl;
+  }
+
+  Status insert_volume(const VolumeRecord& r) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(db_,
+           "INSERT INTO volumes(id, state, policy, sealed_secret, description, created_at, "
+           "updated_at) VALUES(?, ?, ?, ?, ?, ?, ?)");
+    if (!s.ok()) return db_error("prepare volume insert");
+    s.bind(1, r.id);
+    s.bind(2, std::string(volume_state_name(r.state)));
+    s.bind(3, r.policy_json);
+    s.bind(4, r.sealed_secret);
+    s.bind(5, r.description);
+    s.bind(6, r.created_at);
+    s.bind(7, r.updated_at);
+    if (s.step() != SQLITE_DONE) return db_error("insert volume");
+    return Status::ok();
+  }
+
+  Result<VolumeRecord> get_volume(const std::string& id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(db_,
+           "SELECT id, state, policy, sealed_secret, description, created_at, updated_at "
+           "FROM volumes WHERE id = ?");
+    if (!s.ok()) return db_error("prepare volume select");
+    s.bind(1, id);
+    int rc = s.step();
+    if (rc == SQLITE_DONE) {
+      return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
+    }
+    if (rc != SQLITE_ROW) return db_error("select volume");
+    return read_volume(s);
+  }
+
+  Status transition_volume(const std::string& id, VolumeState from, VolumeState to,
+                           int64_t now) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(db_, "UPDATE volumes SET state = ?, updated_at = ? WHERE id = ? AND state = ?");
+    if (!s.ok()) return db_error("prepare transition");
+    s.bind(1, std::string(volume_state_name(to)));
+    s.bind(2, now);
+    s.bind(3, id);
+    s.bind(4, std::string(volume_state_name(from)));
+    if (s.step() != SQLITE_DONE) return db_error("update volume state");
+    if (sqlite3_changes(db_) == 1) return Status::ok();
+    Stmt q(db_, "SELECT state FROM volumes WHERE id = ?");
+    q.bind(1, id);
+    if (q.step() != SQLITE_ROW) {
+      return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
+    }
+    return Status::error(ErrorKind::kConflict,
+                         str_cat("volume ", id, " is ", q.text(0), ", not ",
+                                 volume_state_name(from)));
+  }
+
+  Status update_policy(const std::string& id, const std::string& policy_json,
+                       int64_t now) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(db_, "UPDATE volumes SET policy = ?, updated_at = ? WHERE id = ?");
+    if (!s.ok()) return db_error("prepare policy update");
+    s.bind(1, policy_json);
+    s.bind(2, now);
+    s.bind(3, id);
+    if (s.step() != SQLITE_DONE) return db_error("update policy");
+    if (sqlite3_changes(db_) != 1) {
+      return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
+    }
+    return Status::ok();
+  }
+
+  Result<std::vector<VolumeRecord>> list_volumes() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(db_,
+           "SELECT id, state, policy, sealed_secret, description, created_at, updated_at "
+           "FROM volumes ORDER BY created_at, id");
+    if (!s.ok()) return db_error("prepare volume list");
+    std::vector<VolumeRecord> out;
+    int rc;
+    while ((rc = s.step()) == SQLITE_ROW) {
+      auto r = read_volume(s);
+      if (!r.is_ok()) return r.status();
+      out.push_back(std::move(r).value());
+    }
+    if (rc != SQLITE_DONE) return db_error("list volumes");
+    return out;
+  }
+
+  Status append_audit(const AuditEvent& e) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(db_,
+           "INSERT INTO audit(time, event, outcome, volume_id, peer, detail) "
+           "VALUES(?, ?, ?, ?, ?, ?)");
+    if (!s.ok()) return db_error("prepare audit insert");
+    s.bind(1, e.time);
+    s.bind(2, e.event);
+    s.bind(3, e.outcome);
+    s.bind(4, e.volume_id);
+    s.bind(5, e.peer);
+    s.bind(6, e.detail);
+    if (s.step() != SQLITE_DONE) return db_error("insert audit");
+    return Status::ok();
+  }
+
+  Result<std::vector<AuditEvent>> recent_audit(int limit) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(db_,
+           "SELECT time, event, outcome, volume_id, peer, detail FROM "
+           "(SELECT * FROM audit ORDER BY seq DESC LIMIT ?) ORDER BY seq");
+    if (!s.ok()) return db_error("prepare audit select");
+    s.bind(1, static_cast<int64_t>(limit));
+    std::vector<AuditEvent> out;
+    int rc;
+    while ((rc = s.step()) == SQLITE_ROW) {
+      out.push_back(AuditEvent{s.integer(0), s.text(1), s.text(2), s.text(3), s.text(4),
+                               s.text(5)});
+    }
+    if (rc != SQLITE_DONE) return db_error("select audit");
+    return out;
+  }
+
+ private:
+  Status db_error(const char* what) {
+    return Status::error(ErrorKind::kIo, str_cat("store: ", what, ": ", sqlite3_errmsg(db_)));
+  }
+
+  Result<VolumeRecord> read_volume(Stmt& s) {
+    VolumeRecord r;
+    r.id = s.text(0);
+    auto state = parse_state(s.text(1));
+    if (!state.is_ok()) return state.status();
+    r.state = state.value();
+    r.policy_json = s.text(2);
+    r.sealed_secret = s.blob(3);
+    r.description = s.text(4);
+    r.created_at = s.integer(5);
+    r.updated_at = s.integer(6);
+    return r;
+  }
+
+  sqlite3* db_;
+  std::mutex mu_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Store>> open_sqlite_store(const std::string& path) {
+  mode_t old = umask(077);
+  sqlite3* db = nullptr;
+  int rc = sqlite3_open_v2(path.c_str(), &db,
+                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+                           nullptr);
+  umask(old);
+  if (rc != SQLITE_OK) {
+    std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
+    sqlite3_close(db);
+    return Status::error(ErrorKind::kIo, str_cat("open store ", path, ": ", msg));
+  }
+  sqlite3_busy_timeout(db, 5000);
+  char* err = nullptr;
+  const char* pragmas = "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;";
+  if (sqlite3_exec(db, pragmas, nullptr, nullptr, &err) != SQLITE_OK ||
+      sqlite3_exec(db, kSchema, nullptr, nullptr, &err) != SQLITE_OK) {
+    std::string msg = err ? err : sqlite3_errmsg(db);
+    sqlite3_free(err);
+    sqlite3_close(db);
+    return Status::error(ErrorKind::kIo, str_cat("initialise store ", path, ": ", msg));
+  }
+  chmod(path.c_str(), 0600);
+  return std::unique_ptr<Store>(new SqliteStore(db));
+}
+
+}  // namespace keygate::server

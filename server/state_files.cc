@@ -1,0 +1,245 @@
+#include "server/state_files.h"
+
+#include <fcntl.h>
+#include <openssl/bio.h>
+#include <openssl/ec.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <memory>
+
+#include "core/crypto.h"
+
+namespace keygate::server {
+namespace {
+
+constexpr size_t kKekSize = 32;
+
+bool file_exists(const std::string& path) {
+  struct stat st;
+  return stat(path.c_str(), &st) == 0;
+}
+
+struct PkeyFree {
+  void operator()(EVP_PKEY* k) const { EVP_PKEY_free(k); }
+};
+struct X509Free {
+  void operator()(X509* x) const { X509_free(x); }
+};
+
+std::unique_ptr<EVP_PKEY, PkeyFree> generate_p256() {
+  return std::unique_ptr<EVP_PKEY, PkeyFree>(EVP_EC_gen("P-256"));
+}
+
+Status add_ext(X509* cert, X509* issuer, int nid, const std::string& value) {
+  X509V3_CTX ctx;
+  X509V3_set_ctx_nodb(&ctx);
+  X509V3_set_ctx(&ctx, issuer, cert, nullptr, nullptr, 0);
+  X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, &ctx, nid, value.c_str());
+  if (ext == nullptr) {
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat("certificate extension '", value, "' is invalid"));
+  }
+  X509_add_ext(cert, ext, -1);
+  X509_EXTENSION_free(ext);
+  return Status::ok();
+}
+
+Result<std::unique_ptr<X509, X509Free>> make_cert(EVP_PKEY* key, const std::string& cn,
+                                                  X509* issuer, EVP_PKEY* issuer_key,
+                                                  long days) {
+  std::unique_ptr<X509, X509Free> cert(X509_new());
+  X509_set_version(cert.get(), 2);
+  Bytes serial = random_bytes(16);
+  serial[0] &= 0x7f;
+  BIGNUM* bn = BN_bin2bn(serial.data(), static_cast<int>(serial.size()), nullptr);
+  BN_to_ASN1_INTEGER(bn, X509_get_serialNumber(cert.get()));
+  BN_free(bn);
+  X509_gmtime_adj(X509_getm_notBefore(cert.get()), -3600);
+  X509_gmtime_adj(X509_getm_notAfter(cert.get()), days * 24 * 3600);
+  X509_set_pubkey(cert.get(), key);
+  X509_NAME* name = X509_get_subject_name(cert.get());
+  X509_NAME_add_entry_by_txt(name, "O", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>("keygate"), -1, -1, 0);
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>(cn.c_str()), -1, -1, 0);
+  X509_set_issuer_name(cert.get(), issuer ? X509_get_subject_name(issuer) : name);
+  (void)issuer_key;
+  return cert;
+}
+
+std::string pem_of_cert(X509* cert) {
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new(BIO_s_mem()), BIO_free);
+  PEM_write_bio_X509(bio.get(), cert);
+  char* data = nullptr;
+  long len = BIO_get_mem_data(bio.get(), &data);
+  return std::string(data, static_cast<size_t>(len));
+}
+
+Result<SecretBuffer> pem_of_key(EVP_PKEY* key) {
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new(BIO_s_secmem()), BIO_free);
+  if (!bio) bio.reset(BIO_new(BIO_s_mem()));
+  PEM_write_bio_PrivateKey(bio.get(), key, nullptr, nullptr, 0, nullptr, nullptr);
+  char* data = nullptr;
+  long len = BIO_get_mem_data(bio.get(), &data);
+  return SecretBuffer::copy_of(data, static_cast<size_t>(len));
+}
+
+}  // namespace
+
+Status ensure_state_dir(const std::string& dir) {
+  if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    return Status::error(ErrorKind::kIo, str_cat("create state folder ", dir, ": ",
+                                                 strerror(errno)));
+  }
+  return Status::ok();
+}
+
+Status write_file_atomically(const std::string& path, std::string_view data, unsigned mode) {
+  std::string tmp = path + ".tmp";
+  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+  if (fd < 0) return Status::error(ErrorKind::kIo, str_cat("create ", tmp, ": ", strerror(errno)));
+  fchmod(fd, mode);
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      int err = errno;
+      close(fd);
+      unlink(tmp.c_str());
+      return Status::error(ErrorKind::kIo, str_cat("write ", tmp, ": ", strerror(err)));
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (fsync(fd) != 0 || close(fd) != 0) {
+    unlink(tmp.c_str());
+    return Status::error(ErrorKind::kIo, str_cat("sync ", tmp, ": ", strerror(errno)));
+  }
+  if (rename(tmp.c_str(), path.c_str()) != 0) {
+    unlink(tmp.c_str());
+    return Status::error(ErrorKind::kIo, str_cat("rename to ", path, ": ", strerror(errno)));
+  }
+  return Status::ok();
+}
+
+Result<std::string> read_small_file(const std::string& path, size_t max_size) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::error(ErrorKind::kIo, str_cat("open ", path, ": ", strerror(errno)));
+  std::string out;
+  char buf[4096];
+  while (true) {
+    ssize_t n = read(fd, buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      int err = errno;
+      close(fd);
+      return Status::error(ErrorKind::kIo, str_cat("read ", path, ": ", strerror(err)));
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+    if (out.size() > max_size) {
+      close(fd);
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat(path, ": larger than ", max_size, " bytes"));
+    }
+  }
+  close(fd);
+  return out;
+}
+
+Result<SecretBuffer> load_or_create_kek(const std::string& path) {
+  if (!file_exists(path)) {
+    auto kek = SecretBuffer::random(kKekSize);
+    if (!kek.is_ok()) return kek.status();
+    int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) {
+      return Status::error(ErrorKind::kIo, str_cat("create KEK ", path, ": ", strerror(errno)));
+    }
+    bool ok = write(fd, kek->data(), kek->size()) == static_cast<ssize_t>(kek->size()) &&
+              fsync(fd) == 0;
+    close(fd);
+    if (!ok) {
+      unlink(path.c_str());
+      return Status::error(ErrorKind::kIo, str_cat("write KEK ", path));
+    }
+    return kek;
+  }
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) {
+    return Status::error(ErrorKind::kIo, str_cat("stat KEK ", path, ": ", strerror(errno)));
+  }
+  if ((st.st_mode & 077) != 0) {
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat("KEK ", path, " is readable by group or others; chmod 600 it"));
+  }
+  auto kek = read_secret_file(path, kKekSize, false);
+  if (!kek.is_ok()) return kek.status().with_context("KEK");
+  if (kek->size() != kKekSize) {
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat("KEK ", path, " must be exactly 32 bytes"));
+  }
+  return kek;
+}
+
+Status ensure_tls_material(const std::string& dir,
+                           const std::vector<std::string>& subject_alt_names) {
+  const std::string ca_pem = dir + "/ca.pem", ca_key = dir + "/ca.key";
+  const std::string srv_pem = dir + "/server.pem", srv_key = dir + "/server.key";
+  if (file_exists(ca_pem) && file_exists(ca_key) && file_exists(srv_pem) &&
+      file_exists(srv_key)) {
+    return Status::ok();
+  }
+  auto ca_pkey = generate_p256();
+  auto srv_pkey = generate_p256();
+  if (!ca_pkey || !srv_pkey) return Status::error(ErrorKind::kInternal, "EC key generation");
+
+  auto ca = make_cert(ca_pkey.get(), "keygate CA " + hex_encode(random_bytes(4)), nullptr,
+                      nullptr, 3650);
+  if (!ca.is_ok()) return ca.status();
+  X509* ca_cert = ca->get();
+  KEYGATE_RETURN_IF_ERROR(add_ext(ca_cert, ca_cert, NID_basic_constraints, "critical,CA:TRUE,pathlen:0"));
+  KEYGATE_RETURN_IF_ERROR(add_ext(ca_cert, ca_cert, NID_key_usage, "critical,keyCertSign,cRLSign"));
+  KEYGATE_RETURN_IF_ERROR(add_ext(ca_cert, ca_cert, NID_subject_key_identifier, "hash"));
+  if (X509_sign(ca_cert, ca_pkey.get(), EVP_sha256()) == 0) {
+    return Status::error(ErrorKind::kInternal, "sign CA certificate");
+  }
+
+  auto srv = make_cert(srv_pkey.get(), "keygate-server", ca_cert, ca_pkey.get(), 1825);
+  if (!srv.is_ok()) return srv.status();
+  X509* srv_cert = srv->get();
+  std::string san;
+  for (const auto& name : subject_alt_names) {
+    if (!san.empty()) san += ",";
+    san += name;
+  }
+  KEYGATE_RETURN_IF_ERROR(add_ext(srv_cert, ca_cert, NID_basic_constraints, "critical,CA:FALSE"));
+  KEYGATE_RETURN_IF_ERROR(add_ext(srv_cert, ca_cert, NID_key_usage, "critical,digitalSignature"));
+  KEYGATE_RETURN_IF_ERROR(add_ext(srv_cert, ca_cert, NID_ext_key_usage, "serverAuth"));
+  KEYGATE_RETURN_IF_ERROR(add_ext(srv_cert, ca_cert, NID_authority_key_identifier, "keyid"));
+  if (!san.empty()) KEYGATE_RETURN_IF_ERROR(add_ext(srv_cert, ca_cert, NID_subject_alt_name, san));
+  if (X509_sign(srv_cert, ca_pkey.get(), EVP_sha256()) == 0) {
+    return Status::error(ErrorKind::kInternal, "sign server certificate");
+  }
+
+  auto ca_key_pem = pem_of_key(ca_pkey.get());
+  auto srv_key_pem = pem_of_key(srv_pkey.get());
+  if (!ca_key_pem.is_ok()) return ca_key_pem.status();
+  if (!srv_key_pem.is_ok()) return srv_key_pem.status();
+  auto view = [](const SecretBuffer& b) {
+    return std::string_view(reinterpret_cast<const char*>(b.data()), b.size());
+  };
+  KEYGATE_RETURN_IF_ERROR(write_file_atomically(ca_key, view(ca_key_pem.value()), 0600));
+  KEYGATE_RETURN_IF_ERROR(write_file_atomically(srv_key, view(srv_key_pem.value()), 0600));
+  KEYGATE_RETURN_IF_ERROR(write_file_atomically(ca_pem, pem_of_cert(ca_cert), 0644));
+  KEYGATE_RETURN_IF_ERROR(write_file_atomically(srv_pem, pem_of_cert(srv_cert), 0644));
+  return Status::ok();
+}
+
+}  // namespace keygate::server

@@ -1,0 +1,31 @@
+// Files the server keeps in its state folder, created on first start:
+//   kek         32-byte key-encryption key (0600)
+//   ca.pem      the CA clients pin (public)      ca.key      its key (0600)
+//   server.pem  the TLS certificate (public)     server.key  its key (0600)
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "core/secret.h"
+#include "core/status.h"
+
+namespace keygate::server {
+
+// Creates `dir` (0700) if missing.
+Status ensure_state_dir(const std::string& dir);
+
+// Reads the KEK at `path`, or creates one from the CSPRNG if the file does not
+// exist. Refuses a KEK file readable by group or others, or of the wrong size.
+Result<SecretBuffer> load_or_create_kek(const std::string& path);
+
+// Generates the CA and a server certificate for `subject_alt_names`
+// ("DNS:name" or "IP:addr") unless all four files already exist.
+Status ensure_tls_material(const std::string& dir, const std::vector<std::string>& subject_alt_names);
+
+// Writes `data` to `path` via a temporary file and rename, with `mode`.
+Status write_file_atomically(const std::string& path, std::string_view data, unsigned mode);
+
+Result<std::string> read_small_file(const std::string& path, size_t max_size);
+
+}  // namespace keygate::server

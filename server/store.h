@@ -1,0 +1,69 @@
+// The key store: volume records (secret sealed under the KEK), single-use
+// nonces, enrollment tokens (only their hashes) and the audit trail.
+// Store is the interface; SqliteStore is the embedded default.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/encoding.h"
+#include "core/status.h"
+
+namespace keygate::server {
+
+enum class VolumeState { kPending, kActive, kRevoked };
+const char* volume_state_name(VolumeState s);
+
+struct VolumeRecord {
+  std::string id;
+  VolumeState state = VolumeState::kPending;
+  std::string policy_json;
+  Bytes sealed_secret;  // AES-256-GCM under the KEK, aad bound to the id
+  std::string description;
+  int64_t created_at = 0;
+  int64_t updated_at = 0;
+};
+
+struct AuditEvent {
+  int64_t time = 0;
+  std::string event;    // "unlock", "enroll.register", "enroll.confirm", "revoke", ...
+  std::string outcome;  // "released", "refused", "error", "ok"
+  std::string volume_id;
+  std::string peer;
+  std::string detail;  // never a secret
+};
+
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  virtual Status put_nonce(const Bytes& nonce, int64_t expires_at) = 0;
+  // Deletes the nonce; true only if it existed and had not expired at `now`.
+  virtual Result<bool> consume_nonce(const Bytes& nonce, int64_t now) = 0;
+
+  virtual Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
+                                         int64_t expires_at, int uses) = 0;
+  // Uses up one use of a live token and returns its template JSON;
+  // kRefused if unknown, used up or expired.
+  virtual Result<std::string> consume_enrollment_token(const Bytes& token_hash, int64_t now) = 0;
+
+  virtual Status insert_volume(const VolumeRecord& record) = 0;
+  virtual Result<VolumeRecord> get_volume(const std::string& id) = 0;
+  // Moves a volume from `from` to `to`; kConflict if it is not in `from`,
+  // kNotFound if unknown.
+  virtual Status transition_volume(const std::string& id, VolumeState from, VolumeState to,
+                                   int64_t now) = 0;
+  virtual Status update_policy(const std::string& id, const std::string& policy_json,
+                               int64_t now) = 0;
+  virtual Result<std::vector<VolumeRecord>> list_volumes() = 0;
+
+  virtual Status append_audit(const AuditEvent& event) = 0;
+  virtual Result<std::vector<AuditEvent>> recent_audit(int limit) = 0;
+};
+
+// Opens (creating if needed) the SQLite store at `path`, file mode 0600.
+Result<std::unique_ptr<Store>> open_sqlite_store(const std::string& path);
+
+}  // namespace keygate::server

@@ -1,0 +1,38 @@
+// HTTP(S) transport on libcurl. For the key server: HTTPS only, TLS 1.2+,
+// the pinned CA as the only trust anchor, hostname verified, no proxies, no
+// redirects, bounded response size. For the metadata service: plain HTTP to
+// the configured link-local endpoint.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "core/secret.h"
+#include "core/status.h"
+
+namespace keygate::unlocker {
+
+struct HttpResponse {
+  long status = 0;
+  std::string body;
+  std::vector<std::pair<std::string, std::string>> headers;
+};
+
+struct HttpRequest {
+  std::string method = "GET";
+  std::string url;
+  std::vector<std::string> headers;  // "Name: value"
+  const uint8_t* body = nullptr;     // not copied; may point into a SecretBuffer
+  size_t body_size = 0;
+  std::string ca_pem;  // HTTPS: the only trusted CA (required for https URLs)
+  long connect_timeout_ms = 2000;
+  long total_timeout_ms = 10000;
+  size_t max_response = 64 * 1024;
+};
+
+// Performs one request. Transport failures: kUnavailable (connect, timeout,
+// reset), kUntrusted (certificate not from the pinned CA, name mismatch).
+// Any HTTP status is returned as a response, not an error.
+Result<HttpResponse> http_perform(const HttpRequest& request);
+
+}  // namespace keygate::unlocker

@@ -1,0 +1,320 @@
+#include "unlocker/luks.h"
+
+#include <blkid/blkid.h>
+#include <fcntl.h>
+#include <libcryptsetup.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "core/crypto.h"
+#include "core/json.h"
+#include "core/log.h"
+#include "core/protocol.h"
+
+namespace keygate::unlocker {
+namespace {
+
+constexpr char kTokenType[] = "keygate";
+constexpr size_t kMaxServers = 8;
+
+Status cs_error(const std::string& what, const std::string& path, int rc) {
+  ErrorKind kind = rc == -ENOMEM ? ErrorKind::kInternal : ErrorKind::kIo;
+  return Status::error(kind, str_cat(what, "(", path, "): ", strerror(-rc)));
+}
+
+void apply_cost(crypt_device* cd, KeyslotCost cost) {
+  crypt_pbkdf_type pbkdf{};
+  if (cost == KeyslotCost::kHighEntropySecret) {
+    pbkdf.type = CRYPT_KDF_PBKDF2;
+    pbkdf.hash = "sha256";
+    pbkdf.iterations = 1000;  // libcryptsetup's minimum
+    pbkdf.flags = CRYPT_PBKDF_NO_BENCHMARK;
+  } else {
+    pbkdf.type = CRYPT_KDF_ARGON2ID;
+    pbkdf.hash = "sha256";
+    pbkdf.time_ms = 2000;
+    pbkdf.max_memory_kb = 64 * 1024;  // openable in a 512 MiB instance
+    pbkdf.parallel_threads = 1;
+  }
+  crypt_set_pbkdf_type(cd, &pbkdf);
+}
+
+void log_callback(int level, const char* msg, void* usrptr) {
+  bool debug = usrptr != nullptr;
+  std::string text = msg ? msg : "";
+  while (!text.empty() && text.back() == '\n') text.pop_back();
+  if (text.empty()) return;
+  if (level == CRYPT_LOG_ERROR) {
+    log_warning(str_cat("libcryptsetup: ", text));
+  } else if (debug) {
+    log_debug(str_cat("libcryptsetup: ", text));
+  }
+}
+
+}  // namespace
+
+void install_cryptsetup_logging(bool debug) {
+  crypt_set_log_callback(nullptr, log_callback, debug ? reinterpret_cast<void*>(1) : nullptr);
+  if (debug) crypt_set_debug_level(CRYPT_DEBUG_ALL);
+}
+
+Json::Value KeygateToken::to_json() const {
+  Json::Value v(Json::objectValue);
+  v["type"] = kTokenType;
+  v["keyslots"] = Json::Value(Json::arrayValue);
+  v["keyslots"].append(std::to_string(keyslot));
+  v["keygate_version"] = 1;
+  v["volume_id"] = volume_id;
+  v["servers"] = Json::Value(Json::arrayValue);
+  for (const auto& s : servers) v["servers"].append(s);
+  v["ca"] = ca_pem;
+  v["ca_sha256"] = ca_sha256;
+  v["attestation"] = attestation;
+  return v;
+}
+
+Result<KeygateToken> KeygateToken::from_json(const Json::Value& v) {
+  KeygateToken t;
+  auto type = json_string(v, "type", 32);
+  if (!type.is_ok() || type.value() != kTokenType) {
+    return Status::error(ErrorKind::kInvalidArgument, "not a keygate token");
+  }
+  if (!v["keyslots"].isArray() || v["keyslots"].size() != 1 || !v["keyslots"][0].isString()) {
+    return Status::error(ErrorKind::kInvalidArgument, "keygate token: needs exactly one keyslot");
+  }
+  try {
+    t.keyslot = std::stoi(v["keyslots"][0].asString());
+  } catch (...) {
+    return Status::error(ErrorKind::kInvalidArgument, "keygate token: bad keyslot");
+  }
+  auto vid = json_string(v, "volume_id", api::kMaxVolumeIdLength);
+  auto ca = json_string(v, "ca", 8192);
+  auto fp = json_string(v, "ca_sha256", 64);
+  auto att = json_optional_string(v, "attestation", 32, "aws");
+  for (const Status* s : {&vid.status(), &ca.status(), &fp.status(), &att.status()}) {
+    if (!s->is_ok()) return s->with_context("keygate token");
+  }
+  if (!api::is_valid_volume_id(vid.value())) {
+    return Status::error(ErrorKind::kInvalidArgument, "keygate token: bad volume id");
+  }
+  t.volume_id = vid.value();
+  t.ca_pem = ca.value();
+  t.ca_sha256 = fp.value();
+  t.attestation = att.value();
+  auto actual = certificate_sha256_fingerprint(t.ca_pem);
+  if (!actual.is_ok() || actual.value() != t.ca_sha256) {
+    return Status::error(ErrorKind::kUntrusted,
+                         "keygate token: CA certificate does not match its pinned fingerprint");
+  }
+  const Json::Value& servers = v["servers"];
+  if (!servers.isArray() || servers.empty() || servers.size() > kMaxServers) {
+    return Status::error(ErrorKind::kInvalidArgument, "keygate token: needs 1 to 8 servers");
+  }
+  for (const auto& s : servers) {
+    if (!s.isString() || s.asString().rfind("https://", 0) != 0 || s.asString().size() > 256) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           "keygate token: every server must be an https:// URL");
+    }
+    t.servers.push_back(s.asString());
+  }
+  return t;
+}
+
+LuksDevice::~LuksDevice() {
+  if (cd_) crypt_free(cd_);
+}
+LuksDevice::LuksDevice(LuksDevice&& o) noexcept : cd_(o.cd_), path_(std::move(o.path_)) {
+  o.cd_ = nullptr;
+}
+LuksDevice& LuksDevice::operator=(LuksDevice&& o) noexcept {
+  if (this != &o) {
+    if (cd_) crypt_free(cd_);
+    cd_ = o.cd_;
+    path_ = std::move(o.path_);
+    o.cd_ = nullptr;
+  }
+  return *this;
+}
+
+Result<LuksDevice> LuksDevice::open(const std::string& path) {
+  crypt_device* cd = nullptr;
+  int rc = crypt_init(&cd, path.c_str());
+  if (rc < 0) return cs_error("crypt_init", path, rc);
+  LuksDevice dev(cd, path);
+  rc = crypt_load(cd, CRYPT_LUKS2, nullptr);
+  if (rc < 0) {
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat("crypt_load(", path, "): not a LUKS2 device (", strerror(-rc),
+                                 ")"));
+  }
+  return dev;
+}
+
+Result<LuksDevice> LuksDevice::format(const std::string& path, int sector_size) {
+  crypt_device* cd = nullptr;
+  int rc = crypt_init(&cd, path.c_str());
+  if (rc < 0) return cs_error("crypt_init", path, rc);
+  LuksDevice dev(cd, path);
+  crypt_params_luks2 params{};
+  params.sector_size = static_cast<uint32_t>(sector_size);
+  apply_cost(cd, KeyslotCost::kHighEntropySecret);
+  rc = crypt_format(cd, CRYPT_LUKS2, "aes", "xts-plain64", nullptr, nullptr, 64, &params);
+  if (rc < 0) return cs_error("crypt_format", path, rc);
+  return dev;
+}
+
+Result<std::optional<std::pair<int, KeygateToken>>> LuksDevice::find_keygate_token() {
+  for (int id = 0; id < 32; ++id) {
+    const char* type = nullptr;
+    crypt_token_info info = crypt_token_status(cd_, id, &type);
+    if (info == CRYPT_TOKEN_INACTIVE || info == CRYPT_TOKEN_INVALID) continue;
+    if (type == nullptr || strcmp(type, kTokenType) != 0) continue;
+    const char* json = nullptr;
+    int rc = crypt_token_json_get(cd_, id, &json);
+    if (rc < 0) return cs_error("crypt_token_json_get", path_, rc);
+    auto parsed = parse_json_object(json, 16 * 1024);
+    if (!parsed.is_ok()) return parsed.status().with_context(str_cat(path_, " token ", id));
+    auto token = KeygateToken::from_json(parsed.value());
+    if (!token.is_ok()) return token.status().with_context(str_cat(path_, " token ", id));
+    return std::optional<std::pair<int, KeygateToken>>(std::make_pair(id, std::move(token).value()));
+  }
+  return std::optional<std::pair<int, KeygateToken>>();
+}
+
+Result<int> LuksDevice::add_token(const KeygateToken& token) {
+  int rc = crypt_token_json_set(cd_, CRYPT_ANY_TOKEN, to_json(token.to_json()).c_str());
+  if (rc < 0) return cs_error("crypt_token_json_set", path_, rc);
+  return rc;
+}
+
+Status LuksDevice::remove_token(int token_id) {
+  int rc = crypt_token_json_set(cd_, token_id, nullptr);
+  if (rc < 0) return cs_error("remove token", path_, rc);
+  return Status::ok();
+}
+
+Result<int> LuksDevice::add_keyslot_after_format(const SecretBuffer& passphrase, KeyslotCost cost) {
+  apply_cost(cd_, cost);
+  int rc = crypt_keyslot_add_by_volume_key(cd_, CRYPT_ANY_SLOT, nullptr, 0,
+                                           reinterpret_cast<const char*>(passphrase.data()),
+                                           passphrase.size());
+  if (rc < 0) return cs_error("crypt_keyslot_add_by_volume_key", path_, rc);
+  return rc;
+}
+
+Result<int> LuksDevice::add_keyslot(const SecretBuffer& existing, const SecretBuffer& passphrase,
+                                    KeyslotCost cost) {
+  apply_cost(cd_, cost);
+  int rc = crypt_keyslot_add_by_passphrase(
+      cd_, CRYPT_ANY_SLOT, reinterpret_cast<const char*>(existing.data()), existing.size(),
+      reinterpret_cast<const char*>(passphrase.data()), passphrase.size());
+  if (rc == -EPERM) {
+    return Status::error(ErrorKind::kRefused,
+                         str_cat("add keyslot(", path_, "): the existing passphrase opens no keyslot"));
+  }
+  if (rc < 0) return cs_error("crypt_keyslot_add_by_passphrase", path_, rc);
+  return rc;
+}
+
+Status LuksDevice::destroy_keyslot(int keyslot) {
+  int rc = crypt_keyslot_destroy(cd_, keyslot);
+  if (rc < 0) return cs_error("crypt_keyslot_destroy", path_, rc);
+  return Status::ok();
+}
+
+Result<int> LuksDevice::activate(const std::string& name, int keyslot,
+                                 const SecretBuffer& passphrase) {
+  int rc = crypt_activate_by_passphrase(cd_, name.empty() ? nullptr : name.c_str(),
+                                        keyslot < 0 ? CRYPT_ANY_SLOT : keyslot,
+                                        reinterpret_cast<const char*>(passphrase.data()),
+                                        passphrase.size(), 0);
+  if (rc == -EPERM) {
+    return Status::error(ErrorKind::kRefused,
+                         str_cat("activate(", path_, "): key does not open keyslot ",
+                                 keyslot < 0 ? std::string("any") : std::to_string(keyslot)));
+  }
+  if (rc == -EEXIST) {
+    return Status::error(ErrorKind::kConflict,
+                         str_cat("activate(", path_, "): mapping ", name, " already exists"));
+  }
+  if (rc < 0) return cs_error(str_cat("activate ", name.empty() ? "(verify only)" : name), path_, rc);
+  return rc;
+}
+
+Json::Value LuksDevice::describe() {
+  Json::Value v(Json::objectValue);
+  v["device"] = path_;
+  const char* uuid = crypt_get_uuid(cd_);
+  v["uuid"] = uuid ? uuid : "";
+  v["keyslots"] = Json::Value(Json::arrayValue);
+  for (int slot = 0; slot < crypt_keyslot_max(CRYPT_LUKS2); ++slot) {
+    crypt_keyslot_info info = crypt_keyslot_status(cd_, slot);
+    if (info == CRYPT_SLOT_ACTIVE || info == CRYPT_SLOT_ACTIVE_LAST) {
+      Json::Value s;
+      s["keyslot"] = slot;
+      crypt_pbkdf_type pbkdf{};
+      if (crypt_keyslot_get_pbkdf(cd_, slot, &pbkdf) == 0 && pbkdf.type) s["kdf"] = pbkdf.type;
+      v["keyslots"].append(s);
+    }
+  }
+  return v;
+}
+
+Status LuksDevice::erase_header() {
+  uint64_t data_offset_bytes = crypt_get_data_offset(cd_) * 512;
+  if (data_offset_bytes == 0) data_offset_bytes = 16 * 1024 * 1024;
+  int fd = ::open(path_.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return Status::error(ErrorKind::kIo, str_cat("open ", path_, ": ", strerror(errno)));
+  std::vector<char> zeros(1 << 20, 0);
+  uint64_t done = 0;
+  while (done < data_offset_bytes) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(zeros.size(), data_offset_bytes - done));
+    ssize_t w = pwrite(fd, zeros.data(), n, static_cast<off_t>(done));
+    if (w <= 0) {
+      int err = errno;
+      close(fd);
+      return Status::error(ErrorKind::kIo, str_cat("erase header of ", path_, ": ", strerror(err)));
+    }
+    done += static_cast<uint64_t>(w);
+  }
+  fsync(fd);
+  close(fd);
+  return Status::ok();
+}
+
+Status check_device_blank(const std::string& path) {
+  blkid_probe pr = blkid_new_probe_from_filename(path.c_str());
+  if (pr == nullptr) {
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat("probe ", path, ": cannot open (", strerror(errno), ")"));
+  }
+  blkid_probe_enable_superblocks(pr, 1);
+  blkid_probe_set_superblocks_flags(pr, BLKID_SUBLKS_TYPE);
+  blkid_probe_enable_partitions(pr, 1);
+  blkid_probe_set_partitions_flags(pr, BLKID_PARTS_MAGIC);
+  int rc = blkid_do_safeprobe(pr);
+  std::string found;
+  if (rc == 0) {
+    const char* value = nullptr;
+    if (blkid_probe_lookup_value(pr, "TYPE", &value, nullptr) == 0 && value) {
+      found = value;
+    } else if (blkid_probe_lookup_value(pr, "PTTYPE", &value, nullptr) == 0 && value) {
+      found = str_cat("partition table ", value);
+    } else {
+      found = "a signature";
+    }
+  }
+  blkid_free_probe(pr);
+  if (rc == 0 || rc == -2) {
+    return Status::error(ErrorKind::kConflict,
+                         str_cat(path, " is not blank: it holds ",
+                                 rc == -2 ? std::string("ambiguous signatures") : found,
+                                 "; refusing to format"));
+  }
+  if (rc < 0) return Status::error(ErrorKind::kIo, str_cat("probe ", path, ": failed"));
+  return Status::ok();
+}
+
+}  // namespace keygate::unlocker

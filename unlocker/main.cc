@@ -1,0 +1,415 @@
+// keygate: the instance-side unlocker. Runs in the initramfs (unlock) and at
+// enrollment time (enroll), and reports a volume's keygate state (status).
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "core/args.h"
+#include "core/crypto.h"
+#include "core/json.h"
+#include "core/log.h"
+#include "core/protocol.h"
+#include "unlocker/evidence.h"
+#include "unlocker/luks.h"
+#include "unlocker/server_client.h"
+
+using namespace keygate;
+using namespace keygate::unlocker;
+
+namespace {
+
+constexpr char kUsage[] = R"(usage: keygate COMMAND DEVICE [options]
+
+Commands:
+  unlock DEVICE [NAME]   get the volume key from a key server and open DEVICE
+                         as /dev/mapper/NAME (or only check it: --verify-only)
+  enroll DEVICE          register DEVICE with a key server and add a keyslot
+                         and a keygate token to it
+  status DEVICE          show DEVICE's keygate token and keyslots
+
+unlock options:
+  --verify-only             check that the released key opens the keyslot,
+                            without creating a mapping (no device-mapper needed)
+  --metadata-url URL        metadata service (default http://169.254.169.254)
+  --timeout SECONDS         per-request timeout (default 10)
+
+enroll options:
+  --server URL              key server, https:// (repeatable; tried in order)
+  --ca FILE                 PEM CA certificate of the key servers (pinned)
+  --enrollment-token-file FILE
+                            one-time enrollment token ("-" for stdin)
+  --format                  DEVICE is blank: format it as LUKS2 first (refused
+                            if DEVICE holds any filesystem or partition table)
+  --recovery-passphrase-file FILE
+                            with --format: also add a recovery passphrase
+                            keyslot (argon2id, 64 MiB)
+  --no-recovery             with --format: no recovery keyslot (the key server
+                            is then the only way in)
+  --sector-size BYTES       with --format: 512 (default) or 4096
+  --passphrase-file FILE    without --format: an existing passphrase of DEVICE
+  --no-evidence             enroll without instance evidence (image builders;
+                            the token must describe an image-group volume)
+  --description TEXT        shown in the server's volume list
+  --metadata-url URL, --timeout SECONDS   as for unlock
+
+Common options:
+  --json                    status: print JSON
+  --debug                   verbose logging (never includes key material)
+  --kmsg                    log to /dev/kmsg (initramfs console)
+
+Exit status:
+  0  unlocked / enrolled / ok
+  1  internal error
+  2  usage or bad configuration
+  3  refused by the key server's policy
+  4  no key server reachable (network, timeout, server error)
+  5  a key server or its answer could not be trusted (TLS identity not the
+     pinned CA, or a released key that failed authentication)
+  6  volume error (not LUKS2, no keygate token, key does not open the keyslot)
+)";
+
+enum ExitCode {
+  kExitOk = 0,
+  kExitInternal = 1,
+  kExitUsage = 2,
+  kExitRefused = 3,
+  kExitUnreachable = 4,
+  kExitUntrusted = 5,
+  kExitVolume = 6,
+};
+
+int exit_code_for(const Status& s) {
+  switch (s.kind()) {
+    case ErrorKind::kOk: return kExitOk;
+    case ErrorKind::kInvalidArgument: return kExitUsage;
+    case ErrorKind::kRefused: return kExitRefused;
+    case ErrorKind::kUnavailable: return kExitUnreachable;
+    case ErrorKind::kUntrusted:
+    case ErrorKind::kIntegrity: return kExitUntrusted;
+    case ErrorKind::kNotFound:
+    case ErrorKind::kConflict:
+    case ErrorKind::kIo: return kExitVolume;
+    case ErrorKind::kInternal: return kExitInternal;
+  }
+  return kExitInternal;
+}
+
+int fail(const Status& s, int code) {
+  log_error(s.message());
+  return code;
+}
+int fail(const Status& s) { return fail(s, exit_code_for(s)); }
+
+long timeout_ms(const Args& args) {
+  auto t = args.get_int("timeout", 10, 1, 600);
+  return t.is_ok() ? t.value() * 1000 : 10000;
+}
+
+// Tries each server in order. The most telling failure wins: a policy
+// refusal over an untrusted server over an unreachable one.
+Result<SecretBuffer> fetch_secret(const KeygateToken& token, const Json::Value& evidence,
+                                  long per_request_ms) {
+  Status worst;
+  auto rank = [](ErrorKind k) {
+    switch (k) {
+      case ErrorKind::kRefused: return 4;
+      case ErrorKind::kUntrusted:
+      case ErrorKind::kIntegrity: return 3;
+      case ErrorKind::kInvalidArgument: return 2;
+      default: return 1;
+    }
+  };
+  for (const auto& url : token.servers) {
+    ServerEndpoint server{url, token.ca_pem, per_request_ms};
+    auto secret = request_volume_secret(server, token.volume_id, evidence);
+    if (secret.is_ok()) {
+      log_info(str_cat("volume ", token.volume_id, ": key released by ", url));
+      return secret;
+    }
+    log_warning(secret.status().message());
+    if (worst.is_ok() || rank(secret.status().kind()) > rank(worst.kind())) {
+      worst = secret.status();
+    }
+  }
+  return worst.is_ok() ? Status::error(ErrorKind::kInvalidArgument, "no key server configured")
+                       : worst;
+}
+
+int cmd_unlock(const Args& args) {
+  const auto& pos = args.positional();
+  if (pos.size() < 2 || pos.size() > 3) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate unlock DEVICE [NAME]"),
+                kExitUsage);
+  }
+  const std::string device = pos[1];
+  const bool verify_only = args.has("verify-only");
+  std::string name = pos.size() == 3 ? pos[2] : "";
+  if (!verify_only && name.empty()) {
+    return fail(Status::error(ErrorKind::kInvalidArgument,
+                              "unlock needs a mapping NAME, or --verify-only"),
+                kExitUsage);
+  }
+  if (verify_only) name.clear();
+  auto dev = LuksDevice::open(device);
+  if (!dev.is_ok()) return fail(dev.status(), kExitVolume);
+  auto found = dev->find_keygate_token();
+  if (!found.is_ok()) return fail(found.status(), found.status().kind() == ErrorKind::kUntrusted
+                                                      ? kExitUntrusted
+                                                      : kExitVolume);
+  if (!found->has_value()) {
+    return fail(Status::error(ErrorKind::kNotFound, str_cat(device, ": no keygate token")),
+                kExitVolume);
+  }
+  const KeygateToken& token = found.value()->second;
+  auto evidence = collect_aws_evidence(args.get("metadata-url", kDefaultMetadataUrl),
+                                       std::min(timeout_ms(args), 5000L));
+  if (!evidence.is_ok()) return fail(evidence.status(), kExitUnreachable);
+  auto secret = fetch_secret(token, evidence.value(), timeout_ms(args));
+  if (!secret.is_ok()) return fail(secret.status());
+  auto slot = dev->activate(name, token.keyslot, secret.value());
+  if (!slot.is_ok()) return fail(slot.status(), kExitVolume);
+  if (verify_only) {
+    std::cout << device << ": key from server opens keyslot " << slot.value()
+              << " (verified, not activated)\n";
+  } else {
+    std::cout << device << ": unlocked as /dev/mapper/" << name << "\n";
+  }
+  return kExitOk;
+}
+
+int cmd_status(const Args& args) {
+  if (args.positional().size() != 2) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate status DEVICE"),
+                kExitUsage);
+  }
+  auto dev = LuksDevice::open(args.positional()[1]);
+  if (!dev.is_ok()) return fail(dev.status(), kExitVolume);
+  Json::Value out = dev->describe();
+  auto found = dev->find_keygate_token();
+  if (!found.is_ok()) return fail(found.status(), kExitVolume);
+  if (found->has_value()) {
+    Json::Value t = found.value()->second.to_json();
+    t.removeMember("ca");
+    t["token_id"] = found.value()->first;
+    out["keygate"] = t;
+  }
+  if (args.has("json")) {
+    std::cout << to_pretty_json(out) << "\n";
+  } else {
+    std::cout << "device:   " << out["device"].asString() << "\n"
+              << "uuid:     " << out["uuid"].asString() << "\n";
+    for (const auto& s : out["keyslots"]) {
+      std::cout << "keyslot " << s["keyslot"].asInt() << ": " << s.get("kdf", "?").asString()
+                << "\n";
+    }
+    if (out.isMember("keygate")) {
+      const Json::Value& t = out["keygate"];
+      std::cout << "keygate:  volume " << t["volume_id"].asString() << ", keyslot "
+                << t["keyslots"][0].asString() << ", CA sha256:" << t["ca_sha256"].asString()
+                << "\n";
+      for (const auto& s : t["servers"]) std::cout << "server:   " << s.asString() << "\n";
+    } else {
+      std::cout << "keygate:  not enrolled\n";
+    }
+  }
+  return kExitOk;
+}
+
+// Undoes a partial enrollment so the device is as it was.
+void roll_back(LuksDevice& dev, bool formatted, int keyslot, int token_id) {
+  if (formatted) {
+    Status s = dev.erase_header();
+    if (!s.is_ok()) log_error(str_cat("rollback: ", s.message()));
+    else log_warning(str_cat(dev.path(), ": rolled back: LUKS header erased, device blank again"));
+    return;
+  }
+  if (token_id >= 0) {
+    Status s = dev.remove_token(token_id);
+    if (!s.is_ok()) log_error(str_cat("rollback: ", s.message()));
+  }
+  if (keyslot >= 0) {
+    Status s = dev.destroy_keyslot(keyslot);
+    if (!s.is_ok()) log_error(str_cat("rollback: ", s.message()));
+  }
+  log_warning(str_cat(dev.path(), ": rolled back: keygate keyslot and token removed"));
+}
+
+int cmd_enroll(const Args& args) {
+  if (args.positional().size() != 2) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate enroll DEVICE ..."),
+                kExitUsage);
+  }
+  const std::string device = args.positional()[1];
+  const bool format = args.has("format");
+  auto servers = args.get_all("server");
+  auto usage = [](const std::string& m) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, m), kExitUsage);
+  };
+  if (servers.empty()) return usage("enroll needs at least one --server https://HOST:PORT");
+  if (servers.size() > 8) return usage("at most 8 --server");
+  for (const auto& s : servers) {
+    if (s.rfind("https://", 0) != 0) return usage(str_cat("--server ", s, ": must be https://"));
+  }
+  if (!args.has("ca")) return usage("enroll needs --ca FILE (the key servers' CA certificate)");
+  if (!args.has("enrollment-token-file")) return usage("enroll needs --enrollment-token-file");
+  if (format && !args.has("recovery-passphrase-file") && !args.has("no-recovery")) {
+    return usage("--format needs --recovery-passphrase-file FILE, or --no-recovery");
+  }
+  if (!format && !args.has("passphrase-file")) {
+    return usage("enrolling an existing LUKS2 volume needs --passphrase-file (or --format)");
+  }
+  auto sector = args.get_int("sector-size", 512, 512, 4096);
+  if (!sector.is_ok() || (sector.value() != 512 && sector.value() != 4096)) {
+    return usage("--sector-size must be 512 or 4096");
+  }
+
+  // Read every input and check the device before anything is changed.
+  auto ca_pem = read_secret_file(args.get("ca"), 64 * 1024, false);
+  if (!ca_pem.is_ok()) return fail(ca_pem.status(), kExitUsage);
+  std::string ca(reinterpret_cast<const char*>(ca_pem->data()), ca_pem->size());
+  auto fingerprint = certificate_sha256_fingerprint(ca);
+  if (!fingerprint.is_ok()) return fail(fingerprint.status().with_context(args.get("ca")), kExitUsage);
+  auto token = read_secret_file(args.get("enrollment-token-file"), 256, true);
+  if (!token.is_ok()) return fail(token.status(), kExitUsage);
+  std::optional<SecretBuffer> recovery, existing;
+  if (args.has("recovery-passphrase-file")) {
+    auto r = read_secret_file(args.get("recovery-passphrase-file"), 512, true);
+    if (!r.is_ok()) return fail(r.status(), kExitUsage);
+    recovery = std::move(r).value();
+  }
+  if (!format) {
+    auto p = read_secret_file(args.get("passphrase-file"), 512, true);
+    if (!p.is_ok()) return fail(p.status(), kExitUsage);
+    existing = std::move(p).value();
+  }
+  std::optional<LuksDevice> dev;
+  if (format) {
+    Status blank = check_device_blank(device);
+    if (!blank.is_ok()) return fail(blank, kExitVolume);
+  } else {
+    auto opened = LuksDevice::open(device);
+    if (!opened.is_ok()) return fail(opened.status(), kExitVolume);
+    dev = std::move(opened).value();
+    auto found = dev->find_keygate_token();
+    if (!found.is_ok()) return fail(found.status(), kExitVolume);
+    if (found->has_value()) {
+      return fail(Status::error(ErrorKind::kConflict,
+                                str_cat(device, " is already enrolled (volume ",
+                                        found.value()->second.volume_id, ")")),
+                  kExitVolume);
+    }
+    auto ok = dev->activate("", -1, *existing);
+    if (!ok.is_ok()) {
+      return fail(Status::error(ErrorKind::kRefused,
+                                str_cat(device, ": the --passphrase-file passphrase opens no keyslot")),
+                  kExitVolume);
+    }
+  }
+
+  Json::Value evidence;
+  if (!args.has("no-evidence")) {
+    auto e = collect_aws_evidence(args.get("metadata-url", kDefaultMetadataUrl),
+                                  std::min(timeout_ms(args), 5000L));
+    if (!e.is_ok()) return fail(e.status(), kExitUnreachable);
+    evidence = e.value();
+  }
+  // Phase 1: register with the first server that answers.
+  std::optional<Enrollment> enrollment;
+  std::string used_server;
+  Status last;
+  for (const auto& url : servers) {
+    ServerEndpoint server{url, ca, timeout_ms(args)};
+    auto r = register_volume(server, token.value(), evidence, args.get("description"));
+    if (r.is_ok()) {
+      enrollment = std::move(r).value();
+      used_server = url;
+      break;
+    }
+    last = r.status();
+    log_warning(last.message());
+    if (last.kind() != ErrorKind::kUnavailable) break;  // refused or bad: do not spend more
+  }
+  if (!enrollment) return fail(last);
+  log_info(str_cat("registered volume ", enrollment->volume_id, " with ", used_server));
+
+  // Phase 2: keyslot and token on the device, checked, then confirmed.
+  int keyslot = -1, token_id = -1;
+  if (format) {
+    auto formatted = LuksDevice::format(device, static_cast<int>(sector.value()));
+    if (!formatted.is_ok()) return fail(formatted.status(), kExitVolume);
+    dev = std::move(formatted).value();
+  }
+  auto finish = [&]() -> Status {
+    auto slot = format ? dev->add_keyslot_after_format(enrollment->secret,
+                                                       KeyslotCost::kHighEntropySecret)
+                       : dev->add_keyslot(*existing, enrollment->secret,
+                                          KeyslotCost::kHighEntropySecret);
+    if (!slot.is_ok()) return slot.status();
+    keyslot = slot.value();
+    if (format && recovery) {
+      auto r = dev->add_keyslot_after_format(*recovery, KeyslotCost::kRecoveryPassphrase);
+      if (!r.is_ok()) return r.status().with_context("recovery keyslot");
+      log_info(str_cat("recovery passphrase in keyslot ", r.value()));
+    }
+    KeygateToken t;
+    t.servers = servers;
+    t.volume_id = enrollment->volume_id;
+    t.ca_pem = ca;
+    t.ca_sha256 = fingerprint.value();
+    t.keyslot = keyslot;
+    auto id = dev->add_token(t);
+    if (!id.is_ok()) return id.status();
+    token_id = id.value();
+    auto check = dev->activate("", keyslot, enrollment->secret);
+    if (!check.is_ok()) return check.status().with_context("verify new keyslot");
+    ServerEndpoint server{used_server, ca, timeout_ms(args)};
+    return confirm_volume(server, enrollment->volume_id, enrollment->secret);
+  };
+  Status done = finish();
+  if (!done.is_ok()) {
+    roll_back(*dev, format, keyslot, token_id);
+    return fail(done.with_context("enrollment not completed"));
+  }
+  std::cout << device << ": enrolled as volume " << enrollment->volume_id << " (keyslot "
+            << keyslot << ", token " << token_id << ")\n";
+  return kExitOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  disable_core_dumps();
+  std::vector<std::string> argv_list(argv + 1, argv + argc);
+  auto args = Args::parse(
+      argv_list,
+      {"metadata-url", "timeout", "server", "ca", "enrollment-token-file",
+       "recovery-passphrase-file", "passphrase-file", "sector-size", "description"},
+      {"verify-only", "format", "no-recovery", "no-evidence", "json", "debug", "kmsg", "help"});
+  log_init("keygate", LogSink::kStderr, LogLevel::kInfo);
+  if (!args.is_ok()) {
+    log_error(args.status().message());
+    fputs(kUsage, stderr);
+    return kExitUsage;
+  }
+  if (args->has("help")) {
+    fputs(kUsage, stdout);
+    return kExitOk;
+  }
+  log_init("keygate", args->has("kmsg") ? LogSink::kKmsg : LogSink::kStderr,
+           args->has("debug") ? LogLevel::kDebug : LogLevel::kInfo);
+  install_cryptsetup_logging(args->has("debug"));
+  const auto& pos = args->positional();
+  if (pos.empty()) {
+    fputs(kUsage, stderr);
+    return kExitUsage;
+  }
+  if (pos[0] == "unlock") return cmd_unlock(args.value());
+  if (pos[0] == "enroll") return cmd_enroll(args.value());
+  if (pos[0] == "status") return cmd_status(args.value());
+  log_error(str_cat("unknown command '", pos[0], "'"));
+  fputs(kUsage, stderr);
+  return kExitUsage;
+}

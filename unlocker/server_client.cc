@@ -1,0 +1,169 @@
+#include "unlocker/server_client.h"
+
+#include <cstring>
+
+#include "core/crypto.h"
+#include "core/envelope.h"
+#include "core/json.h"
+#include "core/protocol.h"
+#include "unlocker/http_client.h"
+
+namespace keygate::unlocker {
+namespace {
+
+struct Challenge {
+  Bytes nonce;
+};
+
+Result<Json::Value> post_json(const ServerEndpoint& server, const char* path, const uint8_t* body,
+                              size_t size) {
+  HttpRequest req;
+  req.method = "POST";
+  req.url = server.url + path;
+  req.headers = {"Content-Type: application/json", "Accept: application/json"};
+  req.body = body;
+  req.body_size = size;
+  req.ca_pem = server.ca_pem;
+  req.connect_timeout_ms = std::min(server.timeout_ms, 2000L);
+  req.total_timeout_ms = server.timeout_ms;
+  req.max_response = api::kMaxResponseBody;
+  auto res = http_perform(req);
+  if (!res.is_ok()) return res.status();
+  auto parsed = parse_json_object(res->body, api::kMaxResponseBody);
+  if (res->status == 200) {
+    if (!parsed.is_ok()) return parsed.status().with_context(str_cat(req.url, ": response"));
+    return parsed;
+  }
+  std::string code = "unknown", message;
+  if (parsed.is_ok() && parsed->isMember("error") && parsed.value()["error"].isObject()) {
+    code = parsed.value()["error"].get("code", "unknown").asString().substr(0, 64);
+    message = parsed.value()["error"].get("message", "").asString().substr(0, 200);
+  }
+  std::string what = str_cat(req.url, ": HTTP ", res->status, " ", code,
+                             message.empty() ? "" : ": ", message);
+  if (res->status == 403) return Status::error(ErrorKind::kRefused, what);
+  if (res->status == 429 || res->status >= 500) return Status::error(ErrorKind::kUnavailable, what);
+  return Status::error(ErrorKind::kInvalidArgument, what);
+}
+
+Result<Json::Value> post_json(const ServerEndpoint& server, const char* path,
+                              const std::string& body) {
+  return post_json(server, path, reinterpret_cast<const uint8_t*>(body.data()), body.size());
+}
+
+Result<Challenge> get_challenge(const ServerEndpoint& server) {
+  auto res = post_json(server, api::kChallengePath, std::string("{}"));
+  if (!res.is_ok()) return res.status();
+  auto nonce_text = json_string(res.value(), "nonce", 128);
+  if (!nonce_text.is_ok()) return nonce_text.status().with_context("challenge");
+  auto nonce = base64_decode(nonce_text.value());
+  if (!nonce.is_ok() || nonce->size() != api::kNonceSize) {
+    return Status::error(ErrorKind::kInvalidArgument, "challenge: malformed nonce");
+  }
+  return Challenge{std::move(nonce).value()};
+}
+
+Result<SecretBuffer> open_envelope(const Json::Value& response, const X25519KeyPair& keys,
+                                   const std::string& volume_id, const Bytes& nonce) {
+  auto wrapped_json = json_object(response, "wrapped", true);
+  if (!wrapped_json.is_ok()) return wrapped_json.status().with_context("server response");
+  auto wrapped = WrappedSecret::from_json(wrapped_json.value());
+  if (!wrapped.is_ok()) {
+    return Status::error(ErrorKind::kIntegrity,
+                         str_cat("server response: ", wrapped.status().message()));
+  }
+  auto secret = unwrap_secret(wrapped.value(), keys, volume_id, nonce);
+  if (!secret.is_ok()) return secret.status();
+  if (secret->size() != api::kVolumeSecretSize) {
+    return Status::error(ErrorKind::kIntegrity, "released secret has the wrong size");
+  }
+  return secret;
+}
+
+}  // namespace
+
+Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
+                                           const std::string& volume_id,
+                                           const Json::Value& evidence) {
+  // A nonce can expire while evidence is slow to gather; one fresh retry.
+  for (int attempt = 0;; ++attempt) {
+    auto challenge = get_challenge(server);
+    if (!challenge.is_ok()) return challenge.status();
+    auto keys = X25519KeyPair::generate();
+    if (!keys.is_ok()) return keys.status();
+    Json::Value req;
+    req["volume_id"] = volume_id;
+    req["nonce"] = base64_encode(challenge->nonce);
+    req["client_public_key"] = base64_encode(keys->public_key.data(), keys->public_key.size());
+    req["evidence"] = evidence;
+    auto res = post_json(server, api::kUnlockPath, to_json(req));
+    if (!res.is_ok()) {
+      if (attempt == 0 && res.status().kind() == ErrorKind::kRefused &&
+          res.status().message().find(api::kErrNonceInvalid) != std::string::npos) {
+        continue;
+      }
+      return res.status();
+    }
+    return open_envelope(res.value(), keys.value(), volume_id, challenge->nonce);
+  }
+}
+
+Result<Enrollment> register_volume(const ServerEndpoint& server,
+                                   const SecretBuffer& enrollment_token,
+                                   const Json::Value& evidence, const std::string& description) {
+  for (size_t i = 0; i < enrollment_token.size(); ++i) {
+    char c = static_cast<char>(enrollment_token.data()[i]);
+    bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '-';
+    if (!ok || enrollment_token.size() > api::kMaxEnrollmentTokenLength) {
+      return Status::error(ErrorKind::kInvalidArgument, "enrollment token is malformed");
+    }
+  }
+  auto challenge = get_challenge(server);
+  if (!challenge.is_ok()) return challenge.status();
+  auto keys = X25519KeyPair::generate();
+  if (!keys.is_ok()) return keys.status();
+  Json::Value req;
+  req["nonce"] = base64_encode(challenge->nonce);
+  req["client_public_key"] = base64_encode(keys->public_key.data(), keys->public_key.size());
+  if (!evidence.isNull()) req["evidence"] = evidence;
+  if (!description.empty()) req["description"] = description;
+  // Splice the token into the body inside secret memory:
+  // {...,"enrollment_token":"TOKEN"}
+  std::string head = to_json(req);
+  head.pop_back();  // the closing brace
+  const std::string key = ",\"enrollment_token\":\"";
+  const std::string tail = "\"}";
+  auto body = SecretBuffer::allocate(head.size() + key.size() + enrollment_token.size() +
+                                     tail.size());
+  if (!body.is_ok()) return body.status();
+  uint8_t* p = body->data();
+  memcpy(p, head.data(), head.size());
+  p += head.size();
+  memcpy(p, key.data(), key.size());
+  p += key.size();
+  memcpy(p, enrollment_token.data(), enrollment_token.size());
+  p += enrollment_token.size();
+  memcpy(p, tail.data(), tail.size());
+  auto res = post_json(server, api::kEnrollRegisterPath, body->data(), body->size());
+  if (!res.is_ok()) return res.status();
+  auto volume_id = json_string(res.value(), "volume_id", api::kMaxVolumeIdLength);
+  if (!volume_id.is_ok() || !api::is_valid_volume_id(volume_id.value())) {
+    return Status::error(ErrorKind::kInvalidArgument, "register: malformed volume id");
+  }
+  auto secret = open_envelope(res.value(), keys.value(), volume_id.value(), challenge->nonce);
+  if (!secret.is_ok()) return secret.status();
+  return Enrollment{volume_id.value(), std::move(secret).value(), res.value()["policy"]};
+}
+
+Status confirm_volume(const ServerEndpoint& server, const std::string& volume_id,
+                      const SecretBuffer& secret) {
+  Json::Value req;
+  req["volume_id"] = volume_id;
+  req["proof"] = base64_encode(api::enrollment_confirmation(secret, volume_id));
+  auto res = post_json(server, api::kEnrollConfirmPath, to_json(req));
+  if (!res.is_ok()) return res.status();
+  return Status::ok();
+}
+
+}  // namespace keygate::unlocker

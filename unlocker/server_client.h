@@ -1,0 +1,43 @@
+// Talks to keygate-server: challenge, unlock, and two-phase enrollment.
+// Each call classifies failures: kUnavailable (retry / next server),
+// kRefused (403: do not hammer), kUntrusted (TLS), kIntegrity (envelope
+// altered), kInvalidArgument (the server said our request was bad).
+#pragma once
+
+#include <json/value.h>
+
+#include <string>
+
+#include "core/secret.h"
+#include "core/status.h"
+
+namespace keygate::unlocker {
+
+struct ServerEndpoint {
+  std::string url;  // https://host:port
+  std::string ca_pem;
+  long timeout_ms = 10000;
+};
+
+struct Enrollment {
+  std::string volume_id;
+  SecretBuffer secret;
+  Json::Value policy;
+};
+
+// Asks `server` to release the secret of `volume_id`, presenting `evidence`.
+Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
+                                           const std::string& volume_id,
+                                           const Json::Value& evidence);
+
+// Registers a new volume. `enrollment_token` travels only in secret memory.
+// `evidence` may be null (image builders enrolling offline).
+Result<Enrollment> register_volume(const ServerEndpoint& server,
+                                   const SecretBuffer& enrollment_token,
+                                   const Json::Value& evidence, const std::string& description);
+
+// Confirms that the keyslot holding `secret` is in place.
+Status confirm_volume(const ServerEndpoint& server, const std::string& volume_id,
+                      const SecretBuffer& secret);
+
+}  // namespace keygate::unlocker
