@@ -1,0 +1,207 @@
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+
+#include "core/args.h"
+#include "core/crypto.h"
+#include "core/encoding.h"
+#include "core/json.h"
+#include "core/secret.h"
+#include "core/status.h"
+
+namespace keygate {
+namespace {
+
+TEST(Status, OkAndErrorCarryKindAndContext) {
+  EXPECT_TRUE(Status::ok().is_ok());
+  Status s = Status::error(ErrorKind::kRefused, "policy says no");
+  EXPECT_FALSE(s.is_ok());
+  EXPECT_EQ(s.kind(), ErrorKind::kRefused);
+  Status c = s.with_context("unlock(/dev/vdb)");
+  EXPECT_EQ(c.message(), "unlock(/dev/vdb): policy says no");
+  EXPECT_EQ(c.kind(), ErrorKind::kRefused);
+}
+
+TEST(Result, HoldsValueOrStatus) {
+  Result<int> good(7);
+  ASSERT_TRUE(good.is_ok());
+  EXPECT_EQ(good.value(), 7);
+  Result<int> bad(Status::error(ErrorKind::kIo, "disk"));
+  EXPECT_FALSE(bad.is_ok());
+  EXPECT_EQ(bad.status().message(), "disk");
+  // A Result built from an OK status is an internal error, never a value.
+  Result<int> odd(Status::ok());
+  EXPECT_FALSE(odd.is_ok());
+  EXPECT_EQ(odd.status().kind(), ErrorKind::kInternal);
+}
+
+TEST(SecretBuffer, IsMoveOnlyAndLeavesSourceEmpty) {
+  static_assert(!std::is_copy_constructible_v<SecretBuffer>);
+  static_assert(!std::is_copy_assignable_v<SecretBuffer>);
+  auto a = SecretBuffer::copy_of("abcd", 4);
+  ASSERT_TRUE(a.is_ok());
+  SecretBuffer b = std::move(a).value();
+  EXPECT_EQ(b.size(), 4u);
+  EXPECT_EQ(memcmp(b.data(), "abcd", 4), 0);
+  SecretBuffer c = std::move(b);
+  EXPECT_EQ(b.size(), 0u);  // NOLINT: moved-from state is specified
+  EXPECT_EQ(b.data(), nullptr);
+  EXPECT_EQ(c.size(), 4u);
+}
+
+TEST(SecretBuffer, MemoryIsLockedAndPageAligned) {
+  auto s = SecretBuffer::random(32);
+  ASSERT_TRUE(s.is_ok());
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(s->data()) % page, 0u);
+  unsigned char resident = 0;
+  ASSERT_EQ(mincore(s->data(), page, &resident), 0);
+  EXPECT_EQ(resident & 1, 1);
+  // Two random secrets differ.
+  auto t = SecretBuffer::random(32);
+  EXPECT_FALSE(s->equals(t.value()));
+}
+
+TEST(SecretBuffer, TruncateWipesTail) {
+  auto s = SecretBuffer::copy_of("secret!!", 8);
+  ASSERT_TRUE(s.is_ok());
+  uint8_t* p = s->data();
+  s->truncate(3);
+  EXPECT_EQ(s->size(), 3u);
+  for (int i = 3; i < 8; ++i) EXPECT_EQ(p[i], 0) << i;
+}
+
+TEST(SecretBuffer, ReadSecretFileBoundsAndStripsNewline) {
+  char path[] = "/tmp/keygate-secret-XXXXXX";
+  int fd = mkstemp(path);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(write(fd, "hunter2\n", 8), 8);
+  close(fd);
+  auto s = read_secret_file(path, 64, true);
+  ASSERT_TRUE(s.is_ok()) << s.status().message();
+  EXPECT_EQ(s->size(), 7u);
+  EXPECT_EQ(memcmp(s->data(), "hunter2", 7), 0);
+  auto too_big = read_secret_file(path, 4, true);
+  EXPECT_FALSE(too_big.is_ok());
+  EXPECT_EQ(too_big.status().kind(), ErrorKind::kInvalidArgument);
+  // The error names the file, never its content.
+  EXPECT_EQ(too_big.status().message().find("hunter2"), std::string::npos);
+  unlink(path);
+  EXPECT_FALSE(read_secret_file(path, 64, true).is_ok());
+}
+
+TEST(Base64, Rfc4648Vectors) {
+  const std::pair<const char*, const char*> vectors[] = {
+      {"", ""},         {"f", "Zg=="},         {"fo", "Zm8="},        {"foo", "Zm9v"},
+      {"foob", "Zm9vYg=="}, {"fooba", "Zm9vYmE="}, {"foobar", "Zm9vYmFy"}};
+  for (const auto& [plain, encoded] : vectors) {
+    EXPECT_EQ(base64_encode(std::string_view(plain)), encoded);
+    auto d = base64_decode(encoded);
+    ASSERT_TRUE(d.is_ok());
+    EXPECT_EQ(as_string_view(d.value()), plain);
+  }
+}
+
+TEST(Base64, RejectsMalformedInput) {
+  EXPECT_FALSE(base64_decode("Zm9").is_ok());       // length
+  EXPECT_FALSE(base64_decode("Zm9v!A==").is_ok());  // alphabet
+  EXPECT_FALSE(base64_decode("Zh==").is_ok());      // non-canonical bits
+  EXPECT_FALSE(base64_decode("Zm9v\nYg==").is_ok());
+  EXPECT_TRUE(base64_decode("Zm9v\nYg==", true).is_ok());
+  auto url = base64url_decode("_-8");
+  ASSERT_TRUE(url.is_ok());
+  EXPECT_EQ(url->size(), 2u);
+  EXPECT_EQ(base64url_encode(url->data(), url->size()), "_-8");
+}
+
+TEST(Hex, RoundTripAndRejects) {
+  Bytes b = {0x00, 0xab, 0xff};
+  EXPECT_EQ(hex_encode(b), "00abff");
+  EXPECT_EQ(hex_decode("00ABff").value(), b);
+  EXPECT_FALSE(hex_decode("0").is_ok());
+  EXPECT_FALSE(hex_decode("zz").is_ok());
+}
+
+TEST(Json, ParsesObjectsAndRejectsGarbage) {
+  auto ok = parse_json_object(R"({"a":"b","n":5})");
+  ASSERT_TRUE(ok.is_ok());
+  EXPECT_EQ(json_string(ok.value(), "a", 10).value(), "b");
+  EXPECT_EQ(json_int(ok.value(), "n", 0, 10).value(), 5);
+  EXPECT_FALSE(json_int(ok.value(), "n", 6, 10).is_ok());
+  EXPECT_FALSE(json_string(ok.value(), "missing", 10).is_ok());
+  EXPECT_FALSE(json_string(ok.value(), "n", 10).is_ok());
+  EXPECT_FALSE(json_string(ok.value(), "a", 0).is_ok());
+
+  for (const char* bad : {"", "{", "[1,2]", "{\"a\":1} trailing", "{\"a\":1,\"a\":2}",
+                          "{'a':1}", "{\"a\":1,}", "// c\n{}", "\xff\xfe"}) {
+    auto r = parse_json_object(bad);
+    EXPECT_FALSE(r.is_ok()) << bad;
+    if (!r.is_ok()) {
+      EXPECT_EQ(r.status().kind(), ErrorKind::kInvalidArgument);
+    }
+  }
+  std::string deep(200, '[');
+  EXPECT_FALSE(parse_json_object("{\"a\":" + deep + "}").is_ok());
+  EXPECT_FALSE(parse_json_object(std::string(100, ' ') + "{}", 50).is_ok());
+}
+
+TEST(Crypto, HkdfRfc5869TestCase1) {
+  auto ikm = SecretBuffer::allocate(22);
+  memset(ikm->data(), 0x0b, 22);
+  Bytes salt = hex_decode("000102030405060708090a0b0c").value();
+  Bytes info = hex_decode("f0f1f2f3f4f5f6f7f8f9").value();
+  auto okm = hkdf_sha256(ikm.value(), salt, as_string_view(info), 42);
+  ASSERT_TRUE(okm.is_ok());
+  EXPECT_EQ(hex_encode(okm->data(), okm->size()),
+            "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865");
+}
+
+TEST(Crypto, AesGcmDetectsEveryAlteredByte) {
+  auto key = SecretBuffer::random(32);
+  const char msg[] = "thirty-two bytes of volume key!";
+  auto sealed = aes_gcm_seal(key.value(), reinterpret_cast<const uint8_t*>(msg), sizeof(msg), "aad");
+  ASSERT_TRUE(sealed.is_ok());
+  auto opened = aes_gcm_open(key.value(), sealed.value(), "aad");
+  ASSERT_TRUE(opened.is_ok());
+  EXPECT_EQ(memcmp(opened->data(), msg, sizeof(msg)), 0);
+  for (size_t i = 0; i < sealed->size(); ++i) {
+    Bytes altered = sealed.value();
+    altered[i] ^= 0x01;
+    auto r = aes_gcm_open(key.value(), altered, "aad");
+    EXPECT_FALSE(r.is_ok()) << "byte " << i;
+  }
+  EXPECT_FALSE(aes_gcm_open(key.value(), sealed.value(), "other aad").is_ok());
+  auto other = SecretBuffer::random(32);
+  EXPECT_EQ(aes_gcm_open(other.value(), sealed.value(), "aad").status().kind(),
+            ErrorKind::kIntegrity);
+}
+
+TEST(Crypto, CertificateFingerprintMatchesOpenssl) {
+  std::ifstream in(std::string(KEYGATE_FIXTURES) + "/real/aws/cert-rsa2048-ap-southeast-2.pem");
+  std::string pem((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto fp = certificate_sha256_fingerprint(pem);
+  ASSERT_TRUE(fp.is_ok());
+  // openssl x509 -in cert-rsa2048-ap-southeast-2.pem -noout -fingerprint -sha256
+  EXPECT_EQ(fp.value(), "3c2fa3fa70c80bc64e5e934b30e2d0af1733cfd32584f68f86804c43a934833d");
+  EXPECT_FALSE(certificate_sha256_fingerprint("not a cert").is_ok());
+}
+
+TEST(Args, ParsesOptionsAndRejectsUnknown) {
+  auto a = Args::parse({"unlock", "--timeout", "5", "--server=https://a", "--server", "https://b",
+                        "--verify-only", "dev"},
+                       {"timeout", "server"}, {"verify-only"});
+  ASSERT_TRUE(a.is_ok());
+  EXPECT_EQ(a->positional(), (std::vector<std::string>{"unlock", "dev"}));
+  EXPECT_EQ(a->get_all("server").size(), 2u);
+  EXPECT_TRUE(a->has("verify-only"));
+  EXPECT_EQ(a->get_int("timeout", 1, 1, 10).value(), 5);
+  EXPECT_FALSE(a->get_int("timeout", 1, 6, 10).is_ok());
+  EXPECT_FALSE(Args::parse({"--verfy-only"}, {}, {"verify-only"}).is_ok());
+  EXPECT_FALSE(Args::parse({"--timeout"}, {"timeout"}, {}).is_ok());
+}
+
+}  // namespace
+}  // namespace keygate

@@ -1,0 +1,134 @@
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/crypto.h"
+#include "server/key_service.h"
+#include "server/state_files.h"
+#include "server/store.h"
+
+namespace keygate::server {
+namespace {
+
+class StoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/keygate-store-XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    auto s = open_sqlite_store(dir_ + "/keygate.db");
+    ASSERT_TRUE(s.is_ok()) << s.status().message();
+    store_ = std::move(s).value();
+  }
+  void TearDown() override {
+    store_.reset();
+    std::string cmd = "rm -rf '" + dir_ + "'";
+    ASSERT_EQ(system(cmd.c_str()), 0);
+  }
+  std::string dir_;
+  std::unique_ptr<Store> store_;
+};
+
+TEST_F(StoreTest, FileIsPrivate) {
+  struct stat st;
+  ASSERT_EQ(stat((dir_ + "/keygate.db").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 077, 0u);
+}
+
+TEST_F(StoreTest, NonceIsSingleUseAndExpires) {
+  Bytes n = random_bytes(32);
+  ASSERT_TRUE(store_->put_nonce(n, 100).is_ok());
+  EXPECT_TRUE(store_->consume_nonce(n, 50).value());
+  EXPECT_FALSE(store_->consume_nonce(n, 50).value());  // reused
+  Bytes m = random_bytes(32);
+  ASSERT_TRUE(store_->put_nonce(m, 100).is_ok());
+  EXPECT_FALSE(store_->consume_nonce(m, 101).value());  // expired
+  EXPECT_FALSE(store_->consume_nonce(random_bytes(32), 0).value());  // unknown
+}
+
+TEST_F(StoreTest, EnrollmentTokenUsesAndExpiry) {
+  Bytes h = sha256("token");
+  ASSERT_TRUE(store_->create_enrollment_token(h, "{}", 100, 2).is_ok());
+  EXPECT_TRUE(store_->consume_enrollment_token(h, 10).is_ok());
+  EXPECT_TRUE(store_->consume_enrollment_token(h, 10).is_ok());
+  EXPECT_EQ(store_->consume_enrollment_token(h, 10).status().kind(), ErrorKind::kRefused);
+  Bytes g = sha256("other");
+  ASSERT_TRUE(store_->create_enrollment_token(g, "{}", 100, 1).is_ok());
+  EXPECT_FALSE(store_->consume_enrollment_token(g, 101).is_ok());
+}
+
+TEST_F(StoreTest, VolumeLifecycle) {
+  VolumeRecord r{"vol-1", VolumeState::kPending, "{}", random_bytes(60), "d", 1, 1};
+  ASSERT_TRUE(store_->insert_volume(r).is_ok());
+  EXPECT_FALSE(store_->insert_volume(r).is_ok());  // duplicate id
+  EXPECT_EQ(store_->get_volume("vol-1")->state, VolumeState::kPending);
+  EXPECT_EQ(store_->get_volume("nope").status().kind(), ErrorKind::kNotFound);
+  ASSERT_TRUE(
+      store_->transition_volume("vol-1", VolumeState::kPending, VolumeState::kActive, 2).is_ok());
+  EXPECT_EQ(store_->transition_volume("vol-1", VolumeState::kPending, VolumeState::kActive, 3)
+                .kind(),
+            ErrorKind::kConflict);
+  EXPECT_EQ(store_->transition_volume("zzz", VolumeState::kActive, VolumeState::kRevoked, 3).kind(),
+            ErrorKind::kNotFound);
+  auto all = store_->list_volumes();
+  ASSERT_TRUE(all.is_ok());
+  ASSERT_EQ(all->size(), 1u);
+  EXPECT_EQ(all.value()[0].sealed_secret, r.sealed_secret);
+}
+
+TEST_F(StoreTest, AuditKeepsOrder) {
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(store_->append_audit(AuditEvent{i, "unlock", "refused", "v", "p", std::to_string(i)})
+                    .is_ok());
+  }
+  auto last = store_->recent_audit(2);
+  ASSERT_TRUE(last.is_ok());
+  ASSERT_EQ(last->size(), 2u);
+  EXPECT_EQ(last.value()[0].detail, "3");
+  EXPECT_EQ(last.value()[1].detail, "4");
+}
+
+TEST_F(StoreTest, SealedSecretIsBoundToKekAndVolume) {
+  auto kek = SecretBuffer::random(32).value();
+  auto secret = SecretBuffer::random(32).value();
+  auto sealed = seal_volume_secret(kek, secret, "vol-a");
+  ASSERT_TRUE(sealed.is_ok());
+  auto opened = open_volume_secret(kek, sealed.value(), "vol-a");
+  ASSERT_TRUE(opened.is_ok());
+  EXPECT_TRUE(opened->equals(secret));
+  // Moved to another volume's row, or read with another KEK: refused.
+  EXPECT_FALSE(open_volume_secret(kek, sealed.value(), "vol-b").is_ok());
+  auto other = SecretBuffer::random(32).value();
+  EXPECT_FALSE(open_volume_secret(other, sealed.value(), "vol-a").is_ok());
+}
+
+TEST_F(StoreTest, KekIsCreatedPrivateAndReloaded) {
+  const std::string path = dir_ + "/kek";
+  auto first = load_or_create_kek(path);
+  ASSERT_TRUE(first.is_ok()) << first.status().message();
+  struct stat st;
+  ASSERT_EQ(stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  auto second = load_or_create_kek(path);
+  ASSERT_TRUE(second.is_ok());
+  EXPECT_TRUE(first->equals(second.value()));
+  chmod(path.c_str(), 0644);
+  EXPECT_FALSE(load_or_create_kek(path).is_ok());
+}
+
+TEST_F(StoreTest, TlsMaterialIsGeneratedOnceWithPrivateKeys) {
+  ASSERT_TRUE(ensure_tls_material(dir_, {"DNS:localhost", "IP:127.0.0.1"}).is_ok());
+  struct stat st;
+  for (const char* key : {"/ca.key", "/server.key"}) {
+    ASSERT_EQ(stat((dir_ + key).c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0600u) << key;
+  }
+  auto ca1 = read_small_file(dir_ + "/ca.pem", 65536).value();
+  ASSERT_TRUE(ensure_tls_material(dir_, {"DNS:localhost"}).is_ok());
+  EXPECT_EQ(read_small_file(dir_ + "/ca.pem", 65536).value(), ca1);
+  ASSERT_EQ(mkdir((dir_ + "/fresh").c_str(), 0700), 0);
+  EXPECT_FALSE(ensure_tls_material(dir_ + "/fresh", {"BOGUS:x"}).is_ok());
+  EXPECT_NE(access((dir_ + "/fresh/server.key").c_str(), F_OK), 0);
+}
+
+}  // namespace
+}  // namespace keygate::server
