@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include <climits>
+#include <ctime>
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -264,7 +265,10 @@ int cmd_audit(const Args& args, const Settings& s) {
   auto events = store.value()->recent_audit(static_cast<int>(limit.value()));
   if (!events.is_ok()) return fail(events.status());
   for (const auto& e : events.value()) {
-    printf("%lld %s %s volume=%s peer=%s %s\n", static_cast<long long>(e.time), e.event.c_str(),
+    char when[32];
+    time_t t = static_cast<time_t>(e.time);
+    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", gmtime(&t));
+    printf("%s %s %s volume=%s peer=%s %s\n", when, e.event.c_str(),
            e.outcome.c_str(), e.volume_id.empty() ? "-" : e.volume_id.c_str(), e.peer.c_str(),
            e.detail.c_str());
   }

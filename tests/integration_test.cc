@@ -1,1 +1,586 @@
+// End-to-end over real components: the real keygate-server process over real
+// TLS, the metadata emulator (AWS IMDSv2, signed like AWS signs), the real
+// keygate binary, and real LUKS2 headers on loop files (verify-only
+// activation: this machine has no device-mapper).
+#include <gtest/gtest.h>
+#include <httplib.h>
 
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <regex>
+#include <thread>
+
+#include "core/crypto.h"
+#include "core/envelope.h"
+#include "core/json.h"
+#include "core/protocol.h"
+#include "harness.h"
+#include "unlocker/evidence.h"
+#include "unlocker/luks.h"
+
+namespace keygate::testing {
+namespace {
+
+constexpr int kExitRefused = 3;
+constexpr int kExitUnreachable = 4;
+constexpr int kExitUntrusted = 5;
+constexpr int kExitVolume = 6;
+
+struct Identity {
+  std::string account = "123456789012";
+  std::string region = "us-east-1";
+  std::string instance = "i-0aaaaaaaaaaaaaaa1";
+  std::string image = "ami-0bbbbbbbbbbbbbbb1";
+};
+
+// A metadata emulator process for one identity.
+struct Emulator {
+  Background process;
+  int port = 0;
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(port); }
+};
+
+// A keygate-server process with its own state folder.
+struct Server {
+  Background process;
+  int port = 0;
+  std::string state;
+  std::string url() const { return "https://127.0.0.1:" + std::to_string(port); }
+  std::string ca() const { return state + "/ca.pem"; }
+};
+
+class KeygateTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = make_temp_dir("keygate-it");
+    RunResult init = run({bin("keygate-metadata-emulator"), "init", "--state-dir", dir_ + "/emu",
+                          "--region", "us-east-1", "--region", "eu-west-1"});
+    ASSERT_EQ(init.exit_code, 0) << init.err;
+  }
+  static void TearDownTestSuite() {
+    if (::testing::UnitTest::GetInstance()->failed_test_count() == 0) {
+      [[maybe_unused]] int rc = system(("rm -rf '" + dir_ + "'").c_str());
+    } else {
+      fprintf(stderr, "test files kept in %s\n", dir_.c_str());
+    }
+  }
+
+  void SetUp() override {
+    server_ = start_server("main");
+    ASSERT_GT(server_.port, 0) << read_file(server_.process.log_path());
+    emulator_ = start_emulator(Identity{}, dir_ + "/emu");
+    ASSERT_GT(emulator_.port, 0);
+  }
+
+  static std::string unique(const std::string& name) {
+    static std::atomic<int> counter{0};
+    return name + "-" + std::to_string(++counter);
+  }
+
+  static Server start_server(const std::string& name, std::vector<std::string> extra = {},
+                             const std::string& state = "") {
+    Server s;
+    s.state = state.empty() ? dir_ + "/" + unique("server-" + name) : state;
+    std::string port_file = s.state + ".port";
+    unlink(port_file.c_str());
+    std::vector<std::string> argv = {bin("keygate-server"), "serve",    "--state-dir",
+                                     s.state,               "--listen", "127.0.0.1:0",
+                                     "--port-file",         port_file,  "--aws-trust-dir",
+                                     dir_ + "/emu/aws-trust"};
+    for (auto& e : extra) argv.push_back(e);
+    s.process = Background(argv, s.state + ".log");
+    s.port = wait_for_port_file(port_file, s.process);
+    return s;
+  }
+
+  static Emulator start_emulator(const Identity& id, const std::string& state) {
+    Emulator e;
+    std::string port_file = dir_ + "/" + unique("emu") + ".port";
+    e.process = Background({bin("keygate-metadata-emulator"), "serve", "--state-dir", state,
+                            "--listen", "127.0.0.1:0", "--port-file", port_file, "--account",
+                            id.account, "--region", id.region, "--instance-id", id.instance,
+                            "--image-id", id.image},
+                           port_file + ".log");
+    e.port = wait_for_port_file(port_file, e.process);
+    return e;
+  }
+
+  std::string make_token(const Server& server, std::vector<std::string> extra = {}) {
+    std::vector<std::string> argv = {bin("keygate-server"), "token", "create", "--state-dir",
+                                     server.state};
+    for (auto& e : extra) argv.push_back(e);
+    RunResult r = run(argv);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    std::string path = dir_ + "/" + unique("token");
+    write_file(path, r.out);
+    return path;
+  }
+
+  std::string new_volume_file() {
+    std::string path = dir_ + "/" + unique("vol") + ".img";
+    RunResult r = run({"truncate", "-s", "32M", path});
+    EXPECT_EQ(r.exit_code, 0);
+    return path;
+  }
+
+  RunResult enroll_format(const std::string& volume, const Server& server,
+                          const std::string& token, const Emulator& emu,
+                          std::vector<std::string> extra_servers = {}) {
+    std::vector<std::string> argv = {bin("keygate"), "enroll", volume, "--format", "--no-recovery"};
+    for (auto& s : extra_servers) {
+      argv.push_back("--server");
+      argv.push_back(s);
+    }
+    for (const std::string& a : {std::string("--server"), server.url(), std::string("--ca"),
+                                 server.ca(), std::string("--enrollment-token-file"), token,
+                                 std::string("--metadata-url"), emu.url()}) {
+      argv.push_back(a);
+    }
+    return run(argv);
+  }
+
+  // Enrolls a fresh volume with the main server; returns (path, volume id).
+  std::pair<std::string, std::string> enrolled_volume() {
+    std::string vol = new_volume_file();
+    RunResult r = enroll_format(vol, server_, make_token(server_), emulator_);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    std::smatch m;
+    std::regex re("enrolled as volume ([0-9a-f-]+)");
+    EXPECT_TRUE(std::regex_search(r.out, m, re)) << r.out;
+    return {vol, m.size() > 1 ? m[1].str() : ""};
+  }
+
+  RunResult unlock(const std::string& volume, const Emulator& emu) {
+    return run({bin("keygate"), "unlock", volume, "--verify-only", "--metadata-url", emu.url(),
+                "--timeout", "5"});
+  }
+
+  std::unique_ptr<httplib::SSLClient> api_client(const Server& server) {
+    auto cli = std::make_unique<httplib::SSLClient>("127.0.0.1", server.port);
+    cli->set_ca_cert_path(server.ca().c_str());
+    cli->enable_server_certificate_verification(true);
+    cli->set_connection_timeout(5);
+    cli->set_read_timeout(5);
+    return cli;
+  }
+
+  Json::Value aws_evidence(const Emulator& emu) {
+    auto e = unlocker::collect_aws_evidence(emu.url(), 5000);
+    EXPECT_TRUE(e.is_ok()) << e.status().message();
+    return e.is_ok() ? e.value() : Json::Value();
+  }
+
+  Bytes fresh_nonce(const Server& server) {
+    auto res = api_client(server)->Post(api::kChallengePath, "{}", "application/json");
+    EXPECT_TRUE(res);
+    if (!res) return {};
+    EXPECT_EQ(res->status, 200);
+    auto body = parse_json_object(res->body);
+    return base64_decode(body.value()["nonce"].asString()).value();
+  }
+
+  static std::string dir_;
+  Server server_;
+  Emulator emulator_;
+};
+
+std::string KeygateTest::dir_;
+
+bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+TEST_F(KeygateTest, EnrollThenUnlockSucceeds) {
+  auto [vol, id] = enrolled_volume();
+  ASSERT_FALSE(id.empty());
+  RunResult r = unlock(vol, emulator_);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.out, "opens keyslot")) << r.out;
+
+  RunResult status = run({bin("keygate"), "status", vol, "--json"});
+  ASSERT_EQ(status.exit_code, 0) << status.err;
+  auto j = parse_json_object(status.out);
+  ASSERT_TRUE(j.is_ok());
+  EXPECT_EQ(j.value()["keygate"]["volume_id"].asString(), id);
+  EXPECT_EQ(j.value()["keyslots"][0]["kdf"].asString(), "pbkdf2");
+
+  RunResult list = run({bin("keygate-server"), "volumes", "list", "--json", "--state-dir",
+                        server_.state});
+  ASSERT_EQ(list.exit_code, 0);
+  EXPECT_TRUE(contains(list.out, id));
+  EXPECT_TRUE(contains(list.out, "\"active\""));
+}
+
+TEST_F(KeygateTest, EnrollExistingVolumeKeepsItsPassphrase) {
+  std::string vol = new_volume_file();
+  std::string pass = dir_ + "/" + unique("pass");
+  write_file(pass, "operator passphrase\n");
+  RunResult fmt = run({"cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf",
+                       "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", pass, vol});
+  ASSERT_EQ(fmt.exit_code, 0) << fmt.err;
+
+  std::string wrong = dir_ + "/" + unique("wrong");
+  write_file(wrong, "not it\n");
+  std::vector<std::string> base = {bin("keygate"), "enroll", vol, "--server", server_.url(),
+                                   "--ca", server_.ca(), "--enrollment-token-file",
+                                   make_token(server_), "--metadata-url", emulator_.url(),
+                                   "--passphrase-file"};
+  std::vector<std::string> bad = base;
+  bad.push_back(wrong);
+  RunResult refused = run(bad);
+  EXPECT_EQ(refused.exit_code, kExitVolume) << refused.err;
+  EXPECT_TRUE(contains(refused.err, "opens no keyslot")) << refused.err;
+
+  std::vector<std::string> good = base;
+  good.push_back(pass);
+  RunResult enrolled = run(good);
+  ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  // The original passphrase still opens the volume.
+  RunResult old = run({"cryptsetup", "open", "--test-passphrase", "--key-file", pass, vol});
+  EXPECT_EQ(old.exit_code, 0) << old.err;
+  // A second enrollment of the same volume is refused, not duplicated.
+  RunResult again = run(good);
+  EXPECT_EQ(again.exit_code, kExitVolume);
+  EXPECT_TRUE(contains(again.err, "already enrolled")) << again.err;
+}
+
+TEST_F(KeygateTest, OtherAccountRegionOrInstanceIsRefused) {
+  auto [vol, id] = enrolled_volume();
+  Identity account, region, instance;
+  account.account = "999999999999";
+  region.region = "eu-west-1";
+  instance.instance = "i-0ccccccccccccccc9";
+  for (const Identity& other : {account, region, instance}) {
+    Emulator emu = start_emulator(other, dir_ + "/emu");
+    ASSERT_GT(emu.port, 0);
+    RunResult r = unlock(vol, emu);
+    EXPECT_EQ(r.exit_code, kExitRefused) << r.err;
+    EXPECT_TRUE(contains(r.err, "policy_denied")) << r.err;
+    EXPECT_FALSE(contains(r.out, "opens keyslot"));
+  }
+  RunResult audit = run({bin("keygate-server"), "audit", "--state-dir", server_.state});
+  EXPECT_TRUE(contains(audit.out, "account mismatch")) << audit.out;
+  EXPECT_TRUE(contains(audit.out, "region mismatch")) << audit.out;
+  EXPECT_TRUE(contains(audit.out, "instance mismatch")) << audit.out;
+  // The right instance still unlocks.
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+}
+
+TEST_F(KeygateTest, ForgedIdentityDocumentIsRefused) {
+  auto [vol, id] = enrolled_volume();
+  // Signed by a CA the server does not trust (same identity, other keys).
+  Emulator forger = start_emulator(Identity{}, dir_ + "/" + unique("forger"));
+  ASSERT_GT(forger.port, 0);
+  RunResult r = unlock(vol, forger);
+  EXPECT_EQ(r.exit_code, kExitRefused) << r.err;
+  EXPECT_TRUE(contains(r.err, "evidence_invalid")) << r.err;
+
+  // A genuine signature with one byte of the document changed.
+  Json::Value evidence = aws_evidence(emulator_);
+  Bytes der = base64_decode(evidence["aws"]["rsa2048"].asString(), true).value();
+  std::string as_text(der.begin(), der.end());
+  size_t at = as_text.find("123456789012");
+  ASSERT_NE(at, std::string::npos);
+  der[at] = '9';
+  evidence["aws"]["rsa2048"] = base64_encode(der);
+  auto keys = X25519KeyPair::generate().value();
+  Json::Value req;
+  req["volume_id"] = id;
+  req["nonce"] = base64_encode(fresh_nonce(server_));
+  req["client_public_key"] = base64_encode(keys.public_key.data(), keys.public_key.size());
+  req["evidence"] = evidence;
+  auto res = api_client(server_)->Post(api::kUnlockPath, to_json(req), "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 403);
+  EXPECT_TRUE(contains(res->body, "evidence_invalid")) << res->body;
+  EXPECT_FALSE(contains(res->body, "wrapped"));
+}
+
+TEST_F(KeygateTest, NonceIsSingleUse) {
+  auto [vol, id] = enrolled_volume();
+  auto keys = X25519KeyPair::generate().value();
+  Bytes nonce = fresh_nonce(server_);
+  Json::Value req;
+  req["volume_id"] = id;
+  req["nonce"] = base64_encode(nonce);
+  req["client_public_key"] = base64_encode(keys.public_key.data(), keys.public_key.size());
+  req["evidence"] = aws_evidence(emulator_);
+  auto cli = api_client(server_);
+  auto first = cli->Post(api::kUnlockPath, to_json(req), "application/json");
+  ASSERT_TRUE(first);
+  ASSERT_EQ(first->status, 200) << first->body;
+  // The released secret really opens the volume's keyslot.
+  auto wrapped = WrappedSecret::from_json(parse_json_object(first->body).value()["wrapped"]);
+  ASSERT_TRUE(wrapped.is_ok());
+  auto secret = unwrap_secret(wrapped.value(), keys, id, nonce);
+  ASSERT_TRUE(secret.is_ok()) << secret.status().message();
+  auto dev = unlocker::LuksDevice::open(vol);
+  ASSERT_TRUE(dev.is_ok());
+  EXPECT_TRUE(dev->activate("", -1, secret.value()).is_ok());
+  // The secret appears in no server log line and not in the store in clear.
+  std::string hex = hex_encode(secret->data(), secret->size());
+  std::string b64 = base64_encode(secret->data(), secret->size());
+  std::string raw(reinterpret_cast<const char*>(secret->data()), secret->size());
+  for (const std::string& file : {server_.process.log_path(), server_.state + "/keygate.db",
+                                  server_.state + "/keygate.db-wal"}) {
+    std::string content = read_file(file);
+    EXPECT_FALSE(contains(content, hex)) << file;
+    EXPECT_FALSE(contains(content, b64)) << file;
+    EXPECT_FALSE(contains(content, raw)) << file;
+  }
+
+  auto replay = cli->Post(api::kUnlockPath, to_json(req), "application/json");
+  ASSERT_TRUE(replay);
+  EXPECT_EQ(replay->status, 403);
+  EXPECT_TRUE(contains(replay->body, "nonce_invalid")) << replay->body;
+  EXPECT_FALSE(contains(replay->body, "wrapped"));
+  // A nonce the server never issued.
+  req["nonce"] = base64_encode(random_bytes(32));
+  auto invented = cli->Post(api::kUnlockPath, to_json(req), "application/json");
+  ASSERT_TRUE(invented);
+  EXPECT_EQ(invented->status, 403);
+}
+
+TEST_F(KeygateTest, ExpiredNonceIsRefused) {
+  Server quick = start_server("quick", {"--nonce-ttl", "1"});
+  ASSERT_GT(quick.port, 0);
+  std::string vol = new_volume_file();
+  ASSERT_EQ(enroll_format(vol, quick, make_token(quick), emulator_).exit_code, 0);
+  std::string id = unlocker::LuksDevice::open(vol)->find_keygate_token().value()->second.volume_id;
+  auto keys = X25519KeyPair::generate().value();
+  Json::Value req;
+  req["volume_id"] = id;
+  req["nonce"] = base64_encode(fresh_nonce(quick));
+  req["client_public_key"] = base64_encode(keys.public_key.data(), keys.public_key.size());
+  req["evidence"] = aws_evidence(emulator_);
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  auto res = api_client(quick)->Post(api::kUnlockPath, to_json(req), "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 403);
+  EXPECT_TRUE(contains(res->body, "nonce_invalid")) << res->body;
+}
+
+TEST_F(KeygateTest, WrappedSecretAlteredInTransitIsRejected) {
+  // A TLS proxy holding the server's own certificate (an attacker who stole
+  // it) flips one bit of the sealed secret in every unlock response.
+  httplib::SSLServer proxy((server_.state + "/server.pem").c_str(),
+                           (server_.state + "/server.key").c_str());
+  ASSERT_TRUE(proxy.is_valid());
+  const int upstream = server_.port;
+  const std::string ca = server_.ca();
+  proxy.Post(".*", [upstream, ca](const httplib::Request& req, httplib::Response& res) {
+    httplib::SSLClient up("127.0.0.1", upstream);
+    up.set_ca_cert_path(ca.c_str());
+    up.enable_server_certificate_verification(true);
+    auto r = up.Post(req.path.c_str(), req.body, "application/json");
+    if (!r) {
+      res.status = 502;
+      return;
+    }
+    std::string body = r->body;
+    if (req.path == api::kUnlockPath && r->status == 200) {
+      auto j = parse_json_object(body).value();
+      Bytes sealed = base64_decode(j["wrapped"]["sealed"].asString()).value();
+      sealed[sealed.size() / 2] ^= 0x01;
+      j["wrapped"]["sealed"] = base64_encode(sealed);
+      body = to_json(j);
+    }
+    res.status = r->status;
+    res.set_content(body, "application/json");
+  });
+  int port = proxy.bind_to_any_port("127.0.0.1");
+  ASSERT_GT(port, 0);
+  std::thread t([&proxy] { proxy.listen_after_bind(); });
+  Server via_proxy;  // same CA and state, the proxy's port
+  via_proxy.state = server_.state;
+  via_proxy.port = port;
+
+  std::string vol = new_volume_file();
+  RunResult enrolled = enroll_format(vol, via_proxy, make_token(server_), emulator_);
+  EXPECT_EQ(enrolled.exit_code, 0) << enrolled.err;
+  RunResult r = unlock(vol, emulator_);
+  EXPECT_EQ(r.exit_code, kExitUntrusted) << r.err;
+  EXPECT_TRUE(contains(r.err, "does not authenticate")) << r.err;
+  proxy.stop();
+  t.join();
+}
+
+TEST_F(KeygateTest, ClientPinnedToAnotherCaRefusesToTalk) {
+  Server first = start_server("pin-a");
+  ASSERT_GT(first.port, 0);
+  std::string vol = new_volume_file();
+  ASSERT_EQ(enroll_format(vol, first, make_token(first), emulator_).exit_code, 0);
+  const int port = first.port;
+  first.process.stop();
+  // An impostor with its own CA takes over the address.
+  Server impostor = start_server("pin-b", {"--listen", "127.0.0.1:" + std::to_string(port)});
+  ASSERT_EQ(impostor.port, port) << read_file(impostor.process.log_path());
+  RunResult r = unlock(vol, emulator_);
+  EXPECT_EQ(r.exit_code, kExitUntrusted) << r.err;
+  EXPECT_TRUE(contains(r.err, "not trusted")) << r.err;
+  RunResult audit = run({bin("keygate-server"), "audit", "--state-dir", impostor.state});
+  EXPECT_FALSE(contains(audit.out, "unlock")) << "the request reached the impostor";
+}
+
+TEST_F(KeygateTest, ServerDownFailsFastWithUnreachableCode) {
+  Server doomed = start_server("down");
+  ASSERT_GT(doomed.port, 0);
+  std::string vol = new_volume_file();
+  ASSERT_EQ(enroll_format(vol, doomed, make_token(doomed), emulator_).exit_code, 0);
+  doomed.process.stop();
+  RunResult r = unlock(vol, emulator_);
+  EXPECT_EQ(r.exit_code, kExitUnreachable) << r.err;
+  EXPECT_TRUE(contains(r.err, "Could not connect") || contains(r.err, "Couldn't connect") ||
+              contains(r.err, "Connection refused"))
+      << r.err;
+  // Fails fast: a refused connection is not retried for the full timeout.
+  EXPECT_LT(r.seconds, 3.0);
+}
+
+TEST_F(KeygateTest, SecondServerIsUsedWhenFirstIsUntrusted) {
+  Server impostor = start_server("impostor");
+  ASSERT_GT(impostor.port, 0);
+  std::string vol = new_volume_file();
+  RunResult e = enroll_format(vol, server_, make_token(server_), emulator_, {impostor.url()});
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  RunResult r = unlock(vol, emulator_);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.err, "not trusted")) << r.err;
+}
+
+TEST_F(KeygateTest, OversizedAndMalformedBodiesGet400AndServerKeepsServing) {
+  auto cli = api_client(server_);
+  std::string huge(api::kMaxRequestBody + 1024, 'x');
+  auto big = cli->Post(api::kUnlockPath, huge, "application/json");
+  ASSERT_TRUE(big);
+  EXPECT_EQ(big->status, 400);
+  EXPECT_TRUE(contains(big->body, "request_too_large")) << big->body;
+
+  for (const std::string& body :
+       {std::string("{not json"), std::string("[]"), std::string("{\"volume_id\":5}"),
+        std::string("{\"volume_id\":\"../x\",\"nonce\":\"AA==\"}"),
+        std::string("{\"volume_id\":\"abc\",\"nonce\":\"!!\",\"client_public_key\":\"\"}"),
+        std::string("\x00\x01\x02", 3)}) {
+    auto r = api_client(server_)->Post(api::kUnlockPath, body, "application/json");
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, 400) << body;
+    EXPECT_TRUE(parse_json_object(r->body).is_ok()) << r->body;
+    EXPECT_TRUE(contains(r->body, "\"error\""));
+  }
+  auto reg = api_client(server_)->Post(api::kEnrollRegisterPath, "{}", "application/json");
+  ASSERT_TRUE(reg);
+  EXPECT_EQ(reg->status, 400);
+  // Still serving.
+  EXPECT_EQ(fresh_nonce(server_).size(), api::kNonceSize);
+  auto [vol, id] = enrolled_volume();
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+}
+
+TEST_F(KeygateTest, RevokedVolumeIsRefused) {
+  auto [vol, id] = enrolled_volume();
+  ASSERT_EQ(unlock(vol, emulator_).exit_code, 0);
+  RunResult revoke =
+      run({bin("keygate-server"), "volumes", "revoke", id, "--state-dir", server_.state});
+  ASSERT_EQ(revoke.exit_code, 0) << revoke.err;
+  RunResult r = unlock(vol, emulator_);
+  EXPECT_EQ(r.exit_code, kExitRefused) << r.err;
+  EXPECT_TRUE(contains(r.err, "revoked")) << r.err;
+  RunResult list = run({bin("keygate-server"), "volumes", "list", "--state-dir", server_.state});
+  EXPECT_TRUE(contains(list.out, "revoked"));
+}
+
+TEST_F(KeygateTest, EnrollmentTokenIsSingleUseAndBoundToItsAccount) {
+  std::string token = make_token(server_);
+  std::string a = new_volume_file(), b = new_volume_file();
+  ASSERT_EQ(enroll_format(a, server_, token, emulator_).exit_code, 0);
+  RunResult reuse = enroll_format(b, server_, token, emulator_);
+  EXPECT_EQ(reuse.exit_code, kExitRefused) << reuse.err;
+  EXPECT_TRUE(contains(reuse.err, "enrollment_token_invalid")) << reuse.err;
+  // Nothing was written to the blank device.
+  EXPECT_TRUE(unlocker::check_device_blank(b).is_ok());
+
+  std::string other_account = make_token(server_, {"--account", "444455556666"});
+  RunResult wrong = enroll_format(b, server_, other_account, emulator_);
+  EXPECT_EQ(wrong.exit_code, kExitRefused) << wrong.err;
+  EXPECT_TRUE(unlocker::check_device_blank(b).is_ok());
+}
+
+TEST_F(KeygateTest, ImageGroupVolumeEnrolledOfflineOpensOnAnyInstanceOfTheImage) {
+  Identity builder;
+  std::string token = make_token(server_, {"--image-group", "--account", builder.account,
+                                           "--region", builder.region, "--image-id",
+                                           "ami-0golden000000001"});
+  std::string vol = new_volume_file();
+  RunResult e = run({bin("keygate"), "enroll", vol, "--format", "--no-recovery", "--no-evidence",
+                     "--server", server_.url(), "--ca", server_.ca(), "--enrollment-token-file",
+                     token});
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  Identity launched;
+  launched.image = "ami-0golden000000001";
+  launched.instance = "i-0ddddddddddddddd1";
+  Emulator emu = start_emulator(launched, dir_ + "/emu");
+  EXPECT_EQ(unlock(vol, emu).exit_code, 0);
+  Identity other_image = launched;
+  other_image.image = "ami-0other0000000001";
+  Emulator emu2 = start_emulator(other_image, dir_ + "/emu");
+  EXPECT_EQ(unlock(vol, emu2).exit_code, kExitRefused);
+}
+
+TEST_F(KeygateTest, FormatRefusesDeviceWithFilesystemAndServerDownLeavesDeviceUntouched) {
+  std::string vol = new_volume_file();
+  ASSERT_EQ(run({"mke2fs", "-q", "-F", "-t", "ext4", vol}).exit_code, 0);
+  std::string before = read_file(vol);
+  RunResult r = enroll_format(vol, server_, make_token(server_), emulator_);
+  EXPECT_EQ(r.exit_code, kExitVolume) << r.err;
+  EXPECT_TRUE(contains(r.err, "not blank")) << r.err;
+  EXPECT_EQ(read_file(vol), before);
+
+  // Existing LUKS2 volume, server unreachable: no keyslot or token added.
+  std::string luks = new_volume_file();
+  std::string pass = dir_ + "/" + unique("pass");
+  write_file(pass, "pw");
+  ASSERT_EQ(run({"cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf",
+                 "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", pass, luks})
+                .exit_code,
+            0);
+  std::string header_before = read_file(luks).substr(0, 1 << 20);
+  RunResult down = run({bin("keygate"), "enroll", luks, "--server", "https://127.0.0.1:1", "--ca",
+                        server_.ca(), "--enrollment-token-file", make_token(server_),
+                        "--metadata-url", emulator_.url(), "--passphrase-file", pass});
+  EXPECT_EQ(down.exit_code, kExitUnreachable) << down.err;
+  EXPECT_EQ(read_file(luks).substr(0, 1 << 20), header_before);
+}
+
+TEST_F(KeygateTest, MetadataEmulatorSpeaksImdsV2) {
+  httplib::Client cli("127.0.0.1", emulator_.port);
+  // IMDSv2 only: no token, no answer.
+  auto anon = cli.Get("/latest/dynamic/instance-identity/document");
+  ASSERT_TRUE(anon);
+  EXPECT_EQ(anon->status, 401);
+  auto no_ttl = cli.Put("/latest/api/token", "", "text/plain");
+  ASSERT_TRUE(no_ttl);
+  EXPECT_EQ(no_ttl->status, 400);
+  httplib::Headers fwd = {{"X-aws-ec2-metadata-token-ttl-seconds", "60"},
+                          {"X-Forwarded-For", "10.0.0.1"}};
+  auto forwarded = cli.Put("/latest/api/token", fwd, "", "text/plain");
+  ASSERT_TRUE(forwarded);
+  EXPECT_EQ(forwarded->status, 403);
+  auto token = cli.Put("/latest/api/token", {{"X-aws-ec2-metadata-token-ttl-seconds", "60"}}, "",
+                       "text/plain");
+  ASSERT_TRUE(token);
+  ASSERT_EQ(token->status, 200);
+  auto doc = cli.Get("/latest/dynamic/instance-identity/document",
+                     {{"X-aws-ec2-metadata-token", token->body}});
+  ASSERT_TRUE(doc);
+  EXPECT_EQ(doc->status, 200);
+  EXPECT_EQ(doc->body.rfind("{\n  \"accountId\" : \"123456789012\",\n", 0), 0u) << doc->body;
+  EXPECT_TRUE(contains(doc->body, "\"region\" : \"us-east-1\""));
+  auto bad_token = cli.Get("/latest/meta-data/instance-id", {{"X-aws-ec2-metadata-token", "nope"}});
+  ASSERT_TRUE(bad_token);
+  EXPECT_EQ(bad_token->status, 401);
+}
+
+}  // namespace
+}  // namespace keygate::testing

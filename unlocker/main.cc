@@ -50,6 +50,8 @@ enroll options:
                             is then the only way in)
   --sector-size BYTES       with --format: 512 (default) or 4096
   --passphrase-file FILE    without --format: an existing passphrase of DEVICE
+                            (passphrase files are read like cryptsetup's
+                            --key-file: every byte, a trailing newline too)
   --no-evidence             enroll without instance evidence (image builders;
                             the token must describe an image-group volume)
   --description TEXT        shown in the server's volume list
@@ -276,12 +278,12 @@ int cmd_enroll(const Args& args) {
   if (!token.is_ok()) return fail(token.status(), kExitUsage);
   std::optional<SecretBuffer> recovery, existing;
   if (args.has("recovery-passphrase-file")) {
-    auto r = read_secret_file(args.get("recovery-passphrase-file"), 512, true);
+    auto r = read_secret_file(args.get("recovery-passphrase-file"), 512, false);
     if (!r.is_ok()) return fail(r.status(), kExitUsage);
     recovery = std::move(r).value();
   }
   if (!format) {
-    auto p = read_secret_file(args.get("passphrase-file"), 512, true);
+    auto p = read_secret_file(args.get("passphrase-file"), 512, false);
     if (!p.is_ok()) return fail(p.status(), kExitUsage);
     existing = std::move(p).value();
   }
@@ -330,7 +332,8 @@ int cmd_enroll(const Args& args) {
     }
     last = r.status();
     log_warning(last.message());
-    if (last.kind() != ErrorKind::kUnavailable) break;  // refused or bad: do not spend more
+    // Refused or bad request: the next server would answer the same.
+    if (last.kind() != ErrorKind::kUnavailable && last.kind() != ErrorKind::kUntrusted) break;
   }
   if (!enrollment) return fail(last);
   log_info(str_cat("registered volume ", enrollment->volume_id, " with ", used_server));

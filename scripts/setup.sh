@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs everything keygate needs to build, test and run its quickstart on
+# Debian 12. Run as root. Safe to run again.
+set -euo pipefail
+
+packages=(
+  build-essential cmake pkg-config
+  libssl-dev libcryptsetup-dev libblkid-dev libcurl4-openssl-dev libjsoncpp-dev
+  libcpp-httplib-dev libsqlite3-dev libgtest-dev libgmock-dev
+  cryptsetup-bin e2fsprogs openssl curl ca-certificates
+)
+# Reference tools for bench/ (clevis + tang on the same machine).
+bench_packages=(clevis clevis-luks tang socat jose)
+
+missing=()
+for p in "${packages[@]}" ${KEYGATE_WITH_BENCH:+"${bench_packages[@]}"}; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "setup: all packages present"
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: need root to install: ${missing[*]}" >&2
+  exit 1
+fi
+echo "setup: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${missing[@]}"
