@@ -216,6 +216,7 @@ int serve(const Args& args, const Identity& id, const std::string& state_dir) {
   int port = colon == std::string::npos ? 0 : atoi(listen.c_str() + colon + 1);
 
   httplib::Server srv;
+  srv.set_tcp_nodelay(true);
   TokenTable tokens;
   srv.Put("/latest/api/token", [&tokens](const httplib::Request& req, httplib::Response& res) {
     if (req.has_header("X-Forwarded-For")) {

@@ -96,9 +96,13 @@ void KeyService::audit(const std::string& event, const std::string& outcome,
 
 ApiResponse KeyService::challenge(const std::string& peer) {
   Bytes nonce = random_bytes(api::kNonceSize);
-  Status s = store_.put_nonce(nonce, clock_.now_unix() + options_.nonce_ttl_seconds);
+  const int64_t now = clock_.now_unix();
+  Status s = store_.put_nonce(nonce, now, now + options_.nonce_ttl_seconds);
   if (!s.is_ok()) {
     log_error(str_cat("challenge for ", peer, ": ", s.message()));
+    if (s.kind() == ErrorKind::kUnavailable) {
+      return error_response(503, "busy", "too many outstanding challenges; retry");
+    }
     return error_response(500, api::kErrInternal, "could not record challenge");
   }
   ApiResponse r;

@@ -39,7 +39,9 @@ class Store {
  public:
   virtual ~Store() = default;
 
-  virtual Status put_nonce(const Bytes& nonce, int64_t expires_at) = 0;
+  // Records a challenge nonce (and forgets those expired before `now`).
+  // kUnavailable when too many challenges are outstanding.
+  virtual Status put_nonce(const Bytes& nonce, int64_t now, int64_t expires_at) = 0;
   // Deletes the nonce; true only if it existed and had not expired at `now`.
   virtual Result<bool> consume_nonce(const Bytes& nonce, int64_t now) = 0;
 

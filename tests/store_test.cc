@@ -36,13 +36,38 @@ TEST_F(StoreTest, FileIsPrivate) {
 
 TEST_F(StoreTest, NonceIsSingleUseAndExpires) {
   Bytes n = random_bytes(32);
-  ASSERT_TRUE(store_->put_nonce(n, 100).is_ok());
+  ASSERT_TRUE(store_->put_nonce(n, 0, 100).is_ok());
   EXPECT_TRUE(store_->consume_nonce(n, 50).value());
   EXPECT_FALSE(store_->consume_nonce(n, 50).value());  // reused
   Bytes m = random_bytes(32);
-  ASSERT_TRUE(store_->put_nonce(m, 100).is_ok());
+  ASSERT_TRUE(store_->put_nonce(m, 0, 100).is_ok());
   EXPECT_FALSE(store_->consume_nonce(m, 101).value());  // expired
   EXPECT_FALSE(store_->consume_nonce(random_bytes(32), 0).value());  // unknown
+  // Expired nonces are forgotten when new ones are recorded.
+  Bytes old = random_bytes(32);
+  ASSERT_TRUE(store_->put_nonce(old, 0, 10).is_ok());
+  ASSERT_TRUE(store_->put_nonce(random_bytes(32), 20, 30).is_ok());
+  EXPECT_FALSE(store_->consume_nonce(old, 5).value());
+}
+
+TEST_F(StoreTest, NoncesAreNotWrittenToDisk) {
+  Bytes n = random_bytes(32);
+  ASSERT_TRUE(store_->put_nonce(n, 0, 100).is_ok());
+  // A durable write of the same bytes is found where the nonce is not.
+  VolumeRecord marker{"vol-marker", VolumeState::kPending, "{}", n, "", 1, 1};
+  ASSERT_TRUE(store_->insert_volume(marker).is_ok());
+  const std::string needle(as_string_view(n));
+  auto count = [&](const std::string& file) {
+    std::string content = read_small_file(dir_ + file, 64 << 20).value();
+    size_t hits = 0;
+    for (size_t at = content.find(needle); at != std::string::npos;
+         at = content.find(needle, at + 1)) {
+      ++hits;
+    }
+    return hits;
+  };
+  // The marker row holds the bytes once; a persisted nonce would add more.
+  EXPECT_EQ(count("/keygate.db") + count("/keygate.db-wal"), 1u);
 }
 
 TEST_F(StoreTest, EnrollmentTokenUsesAndExpiry) {

@@ -27,7 +27,8 @@ Result<Json::Value> collect_aws_evidence(const std::string& metadata_url, long t
   token_req.connect_timeout_ms = std::min(timeout_ms, 2000L);
   token_req.total_timeout_ms = timeout_ms;
   token_req.max_response = 256;
-  auto token = http_perform(token_req);
+  HttpSession session;
+  auto token = session.perform(token_req);
   if (!token.is_ok()) return token.status().with_context("AWS metadata token");
   if (token->status != 200 || token->body.empty()) {
     return Status::error(ErrorKind::kUnavailable,
@@ -44,7 +45,7 @@ Result<Json::Value> collect_aws_evidence(const std::string& metadata_url, long t
   sig_req.connect_timeout_ms = token_req.connect_timeout_ms;
   sig_req.total_timeout_ms = timeout_ms;
   sig_req.max_response = kMaxMetadataResponse;
-  auto sig = http_perform(sig_req);
+  auto sig = session.perform(sig_req);
   if (!sig.is_ok()) return sig.status().with_context("AWS identity signature");
   if (sig->status != 200 || !is_base64_text(sig->body)) {
     return Status::error(ErrorKind::kUnavailable,

@@ -46,8 +46,16 @@ void global_init() {
 
 }  // namespace
 
-Result<HttpResponse> http_perform(const HttpRequest& req) {
+HttpSession::HttpSession() {
   global_init();
+  curl_ = curl_easy_init();
+}
+
+HttpSession::~HttpSession() {
+  if (curl_) curl_easy_cleanup(static_cast<CURL*>(curl_));
+}
+
+Result<HttpResponse> HttpSession::perform(const HttpRequest& req) {
   const bool https = req.url.rfind("https://", 0) == 0;
   if (!https && req.url.rfind("http://", 0) != 0) {
     return Status::error(ErrorKind::kInvalidArgument, str_cat("unsupported URL ", req.url));
@@ -56,8 +64,10 @@ Result<HttpResponse> http_perform(const HttpRequest& req) {
     return Status::error(ErrorKind::kInvalidArgument,
                          str_cat(req.url, ": no pinned CA to verify the server with"));
   }
-  CURL* curl = curl_easy_init();
+  CURL* curl = static_cast<CURL*>(curl_);
   if (curl == nullptr) return Status::error(ErrorKind::kInternal, "curl_easy_init failed");
+  // Forget the previous request's options; the connection cache survives.
+  curl_easy_reset(curl);
   HttpResponse response;
   Sink sink{&response.body, req.max_response};
   char errbuf[CURL_ERROR_SIZE] = {0};
@@ -88,7 +98,6 @@ Result<HttpResponse> http_perform(const HttpRequest& req) {
     curl_easy_setopt(curl, CURLOPT_POSTFIELDS, "");
     curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, 0L);
   } else if (req.method != "GET") {
-    curl_easy_cleanup(curl);
     curl_slist_free_all(headers);
     return Status::error(ErrorKind::kInternal, "unsupported method");
   }
@@ -107,7 +116,6 @@ Result<HttpResponse> http_perform(const HttpRequest& req) {
   }
   CURLcode rc = curl_easy_perform(curl);
   curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response.status);
-  curl_easy_cleanup(curl);
   curl_slist_free_all(headers);
 
   if (sink.overflow) {

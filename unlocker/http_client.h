@@ -30,9 +30,23 @@ struct HttpRequest {
   size_t max_response = 64 * 1024;
 };
 
-// Performs one request. Transport failures: kUnavailable (connect, timeout,
-// reset), kUntrusted (certificate not from the pinned CA, name mismatch).
-// Any HTTP status is returned as a response, not an error.
-Result<HttpResponse> http_perform(const HttpRequest& request);
+// A connection-reusing client: requests to the same host share one TCP and
+// TLS connection (a challenge and its unlock cost one handshake).
+class HttpSession {
+ public:
+  HttpSession();
+  ~HttpSession();
+  HttpSession(const HttpSession&) = delete;
+  HttpSession& operator=(const HttpSession&) = delete;
+
+  // Performs one request. Transport failures: kUnavailable (connect, timeout,
+  // reset), kUntrusted (certificate not from the pinned CA, name mismatch).
+  // Any HTTP status is returned as a response, not an error.
+  Result<HttpResponse> perform(const HttpRequest& request);
+
+ private:
+  void* curl_;  // CURL*
+};
+
 
 }  // namespace keygate::unlocker

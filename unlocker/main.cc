@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <future>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -112,7 +113,8 @@ long timeout_ms(const Args& args) {
 
 // Tries each server in order. The most telling failure wins: a policy
 // refusal over an untrusted server over an unreachable one.
-Result<SecretBuffer> fetch_secret(const KeygateToken& token, const Json::Value& evidence,
+Result<SecretBuffer> fetch_secret(const KeygateToken& token,
+                                  std::shared_future<Result<Json::Value>>& evidence_future,
                                   long per_request_ms) {
   Status worst;
   auto rank = [](ErrorKind k) {
@@ -126,7 +128,7 @@ Result<SecretBuffer> fetch_secret(const KeygateToken& token, const Json::Value& 
   };
   for (const auto& url : token.servers) {
     ServerEndpoint server{url, token.ca_pem, per_request_ms};
-    auto secret = request_volume_secret(server, token.volume_id, evidence);
+    auto secret = request_volume_secret(server, token.volume_id, evidence_future);
     if (secret.is_ok()) {
       log_info(str_cat("volume ", token.volume_id, ": key released by ", url));
       return secret;
@@ -155,6 +157,11 @@ int cmd_unlock(const Args& args) {
                 kExitUsage);
   }
   if (verify_only) name.clear();
+  // AWS evidence does not depend on the challenge: gather it while the
+  // header is read and the server is asked for a nonce.
+  std::shared_future<Result<Json::Value>> evidence_future =
+      std::async(std::launch::async, collect_aws_evidence,
+                 args.get("metadata-url", kDefaultMetadataUrl), std::min(timeout_ms(args), 5000L));
   auto dev = LuksDevice::open(device);
   if (!dev.is_ok()) return fail(dev.status(), kExitVolume);
   auto found = dev->find_keygate_token();
@@ -166,10 +173,7 @@ int cmd_unlock(const Args& args) {
                 kExitVolume);
   }
   const KeygateToken& token = found.value()->second;
-  auto evidence = collect_aws_evidence(args.get("metadata-url", kDefaultMetadataUrl),
-                                       std::min(timeout_ms(args), 5000L));
-  if (!evidence.is_ok()) return fail(evidence.status(), kExitUnreachable);
-  auto secret = fetch_secret(token, evidence.value(), timeout_ms(args));
+  auto secret = fetch_secret(token, evidence_future, timeout_ms(args));
   if (!secret.is_ok()) return fail(secret.status());
   auto slot = dev->activate(name, token.keyslot, secret.value());
   if (!slot.is_ok()) return fail(slot.status(), kExitVolume);

@@ -15,8 +15,8 @@ struct Challenge {
   Bytes nonce;
 };
 
-Result<Json::Value> post_json(const ServerEndpoint& server, const char* path, const uint8_t* body,
-                              size_t size) {
+Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server,
+                              const char* path, const uint8_t* body, size_t size) {
   HttpRequest req;
   req.method = "POST";
   req.url = server.url + path;
@@ -27,7 +27,7 @@ Result<Json::Value> post_json(const ServerEndpoint& server, const char* path, co
   req.connect_timeout_ms = std::min(server.timeout_ms, 2000L);
   req.total_timeout_ms = server.timeout_ms;
   req.max_response = api::kMaxResponseBody;
-  auto res = http_perform(req);
+  auto res = session.perform(req);
   if (!res.is_ok()) return res.status();
   auto parsed = parse_json_object(res->body, api::kMaxResponseBody);
   if (res->status == 200) {
@@ -46,13 +46,14 @@ Result<Json::Value> post_json(const ServerEndpoint& server, const char* path, co
   return Status::error(ErrorKind::kInvalidArgument, what);
 }
 
-Result<Json::Value> post_json(const ServerEndpoint& server, const char* path,
-                              const std::string& body) {
-  return post_json(server, path, reinterpret_cast<const uint8_t*>(body.data()), body.size());
+Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server,
+                              const char* path, const std::string& body) {
+  return post_json(session, server, path, reinterpret_cast<const uint8_t*>(body.data()),
+                   body.size());
 }
 
-Result<Challenge> get_challenge(const ServerEndpoint& server) {
-  auto res = post_json(server, api::kChallengePath, std::string("{}"));
+Result<Challenge> get_challenge(HttpSession& session, const ServerEndpoint& server) {
+  auto res = post_json(session, server, api::kChallengePath, std::string("{}"));
   if (!res.is_ok()) return res.status();
   auto nonce_text = json_string(res.value(), "nonce", 128);
   if (!nonce_text.is_ok()) return nonce_text.status().with_context("challenge");
@@ -84,10 +85,11 @@ Result<SecretBuffer> open_envelope(const Json::Value& response, const X25519KeyP
 
 Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
                                            const std::string& volume_id,
-                                           const Json::Value& evidence) {
+                                           std::shared_future<Result<Json::Value>>& evidence) {
+  HttpSession session;
   // A nonce can expire while evidence is slow to gather; one fresh retry.
   for (int attempt = 0;; ++attempt) {
-    auto challenge = get_challenge(server);
+    auto challenge = get_challenge(session, server);
     if (!challenge.is_ok()) return challenge.status();
     auto keys = X25519KeyPair::generate();
     if (!keys.is_ok()) return keys.status();
@@ -95,8 +97,10 @@ Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
     req["volume_id"] = volume_id;
     req["nonce"] = base64_encode(challenge->nonce);
     req["client_public_key"] = base64_encode(keys->public_key.data(), keys->public_key.size());
-    req["evidence"] = evidence;
-    auto res = post_json(server, api::kUnlockPath, to_json(req));
+    const Result<Json::Value>& collected = evidence.get();
+    if (!collected.is_ok()) return collected.status();
+    req["evidence"] = collected.value();
+    auto res = post_json(session, server, api::kUnlockPath, to_json(req));
     if (!res.is_ok()) {
       if (attempt == 0 && res.status().kind() == ErrorKind::kRefused &&
           res.status().message().find(api::kErrNonceInvalid) != std::string::npos) {
@@ -119,7 +123,8 @@ Result<Enrollment> register_volume(const ServerEndpoint& server,
       return Status::error(ErrorKind::kInvalidArgument, "enrollment token is malformed");
     }
   }
-  auto challenge = get_challenge(server);
+  HttpSession session;
+  auto challenge = get_challenge(session, server);
   if (!challenge.is_ok()) return challenge.status();
   auto keys = X25519KeyPair::generate();
   if (!keys.is_ok()) return keys.status();
@@ -145,7 +150,7 @@ Result<Enrollment> register_volume(const ServerEndpoint& server,
   memcpy(p, enrollment_token.data(), enrollment_token.size());
   p += enrollment_token.size();
   memcpy(p, tail.data(), tail.size());
-  auto res = post_json(server, api::kEnrollRegisterPath, body->data(), body->size());
+  auto res = post_json(session, server, api::kEnrollRegisterPath, body->data(), body->size());
   if (!res.is_ok()) return res.status();
   auto volume_id = json_string(res.value(), "volume_id", api::kMaxVolumeIdLength);
   if (!volume_id.is_ok() || !api::is_valid_volume_id(volume_id.value())) {
@@ -161,7 +166,8 @@ Status confirm_volume(const ServerEndpoint& server, const std::string& volume_id
   Json::Value req;
   req["volume_id"] = volume_id;
   req["proof"] = base64_encode(api::enrollment_confirmation(secret, volume_id));
-  auto res = post_json(server, api::kEnrollConfirmPath, to_json(req));
+  HttpSession session;
+  auto res = post_json(session, server, api::kEnrollConfirmPath, to_json(req));
   if (!res.is_ok()) return res.status();
   return Status::ok();
 }

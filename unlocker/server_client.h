@@ -6,6 +6,7 @@
 
 #include <json/value.h>
 
+#include <future>
 #include <string>
 
 #include "core/secret.h"
@@ -25,10 +26,13 @@ struct Enrollment {
   Json::Value policy;
 };
 
-// Asks `server` to release the secret of `volume_id`, presenting `evidence`.
+// Asks `server` to release the secret of `volume_id`, presenting the
+// evidence from `evidence` (awaited only once the challenge has arrived, so
+// gathering it overlaps the TLS handshake). An evidence failure is returned
+// as is (kUnavailable).
 Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
                                            const std::string& volume_id,
-                                           const Json::Value& evidence);
+                                           std::shared_future<Result<Json::Value>>& evidence);
 
 // Registers a new volume. `enrollment_token` travels only in secret memory.
 // `evidence` may be null (image builders enrolling offline).

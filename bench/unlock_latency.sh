@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Unlock latency: keygate vs clevis + tang, on this machine, in one run.
+#
+#   keygate:        keygate unlock --verify-only   (challenge, IMDSv2 evidence,
+#                   unlock over TLS, unwrap, keyslot check)
+#   clevis + tang:  clevis luks pass | cryptsetup open --test-passphrase
+#                   (tang over HTTP, JOSE decrypt, keyslot check)
+#
+# Both open a keyslot of a LUKS2 volume of the same size, served from
+# 127.0.0.1. Prints median and p95 wall time and the ratio.
+# Usage: bench/unlock_latency.sh [RUNS]   (default 20; KEYGATE_BUILD=dir)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+runs=${1:-20}
+build=${KEYGATE_BUILD:-$root/build}
+bin=$build/bin
+
+KEYGATE_WITH_BENCH=1 ./scripts/setup.sh >/dev/null
+if [ ! -x "$bin/keygate" ]; then
+  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+  cmake --build "$build" -j "$(nproc)" --target keygate keygate-server keygate-metadata-emulator >/dev/null
+fi
+
+work=$(mktemp -d /tmp/keygate-bench-XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 100); do [ -s "$1" ] && { cat "$1"; return; }; sleep 0.1; done; echo "no port in $1" >&2; exit 1; }
+free_port() { shuf -i 20000-60000 -n 1; }
+
+size=64M
+
+# --- keygate ---------------------------------------------------------------
+"$bin/keygate-metadata-emulator" init --state-dir "$work/emu" >/dev/null
+"$bin/keygate-metadata-emulator" serve --state-dir "$work/emu" --listen 127.0.0.1:0 \
+  --port-file "$work/emu.port" 2>"$work/emu.log" &
+pids+=($!)
+"$bin/keygate-server" serve --state-dir "$work/srv" --listen 127.0.0.1:0 --port-file "$work/srv.port" \
+  --aws-trust-dir "$work/emu/aws-trust" --log-level warning 2>"$work/srv.log" &
+pids+=($!)
+emu=http://127.0.0.1:$(wait_port "$work/emu.port")
+srv=https://127.0.0.1:$(wait_port "$work/srv.port")
+"$bin/keygate-server" token create --state-dir "$work/srv" >"$work/token"
+truncate -s $size "$work/kg.img"
+"$bin/keygate" enroll "$work/kg.img" --format --no-recovery --server "$srv" --ca "$work/srv/ca.pem" \
+  --enrollment-token-file "$work/token" --metadata-url "$emu" >/dev/null 2>&1
+
+# --- clevis + tang ---------------------------------------------------------
+mkdir -p "$work/tang"
+/usr/libexec/tangd-keygen "$work/tang" >/dev/null
+tang_port=$(free_port)
+socat TCP-LISTEN:"$tang_port",bind=127.0.0.1,reuseaddr,fork EXEC:"/usr/libexec/tangd $work/tang" 2>/dev/null &
+pids+=($!)
+sleep 0.3
+truncate -s $size "$work/cl.img"
+printf 'bench passphrase' >"$work/pass"
+cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+  --key-file "$work/pass" "$work/cl.img"
+clevis luks bind -y -d "$work/cl.img" -k "$work/pass" tang "{\"url\":\"http://127.0.0.1:$tang_port\"}" >/dev/null
+slot=$(clevis luks list -d "$work/cl.img" | sed -n 's/^\([0-9]*\): tang.*/\1/p' | head -1)
+
+measure() {  # name, command...; appends ms per run to $work/<name>
+  local name=$1; shift
+  "$@" >/dev/null 2>&1 || { echo "bench: $name failed: $*" >&2; "$@"; exit 1; }  # warm-up + check
+  local t0 t1
+  for _ in $(seq "$runs"); do
+    t0=${EPOCHREALTIME/./}  # microseconds, read without forking
+    "$@" >/dev/null 2>&1
+    t1=${EPOCHREALTIME/./}
+    echo $((t1 - t0)) >>"$work/$name"
+  done
+}
+clevis_unlock() {
+  clevis luks pass -d "$work/cl.img" -s "$slot" |
+    cryptsetup open --test-passphrase --key-slot "$slot" --key-file - "$work/cl.img"
+}
+
+measure keygate "$bin/keygate" unlock "$work/kg.img" --verify-only --metadata-url "$emu"
+measure clevis clevis_unlock
+
+stats() {  # file -> "median p95" in ms with one decimal
+  sort -n "$1" | awk '{v[NR]=$1} END {
+    m = (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2;
+    i = int(0.95 * NR + 0.999); if (i > NR) i = NR;
+    printf "%.1f %.1f\n", m/1000, v[i]/1000 }'
+}
+read -r kg_med kg_p95 < <(stats "$work/keygate")
+read -r cl_med cl_p95 < <(stats "$work/clevis")
+
+echo
+echo "unlock latency, $runs runs each, LUKS2 volume of $size, servers on 127.0.0.1 ($(nproc) cores)"
+printf '%-44s %12s %12s\n' "tool" "median (ms)" "p95 (ms)"
+printf '%-44s %12s %12s\n' "keygate unlock --verify-only" "$kg_med" "$kg_p95"
+printf '%-44s %12s %12s\n' "clevis luks pass + cryptsetup --test-passphrase" "$cl_med" "$cl_p95"
+awk -v a="$cl_med" -v b="$kg_med" 'BEGIN { printf "\nclevis + tang / keygate (median): %.1fx\n", a / b }'
