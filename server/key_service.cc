@@ -94,6 +94,13 @@ void KeyService::audit(const std::string& event, const std::string& outcome,
   if (!s.is_ok()) log_error(str_cat("audit write failed: ", s.message()));
 }
 
+Result<Json::Value> KeyService::parse_request(const char* event, std::string_view body,
+                                              const std::string& peer) {
+  auto request = parse_json_object(body, api::kMaxRequestBody);
+  if (!request.is_ok()) audit(event, "refused", "", peer, request.status().message());
+  return request;
+}
+
 ApiResponse KeyService::challenge(const std::string& peer) {
   Bytes nonce = random_bytes(api::kNonceSize);
   const int64_t now = clock_.now_unix();
@@ -134,11 +141,8 @@ Result<AwsIdentity> KeyService::verify_evidence(const Json::Value& evidence) {
 
 ApiResponse KeyService::unlock(std::string_view body, const std::string& peer) {
   const char* kEvent = "unlock";
-  auto request = parse_json_object(body, api::kMaxRequestBody);
-  if (!request.is_ok()) {
-    audit(kEvent, "refused", "", peer, request.status().message());
-    return error_response(400, api::kErrBadRequest, request.status().message());
-  }
+  auto request = parse_request(kEvent, body, peer);
+  if (!request.is_ok()) return error_response(400, api::kErrBadRequest, request.status().message());
   auto volume_id = json_string(request.value(), "volume_id", api::kMaxVolumeIdLength);
   if (!volume_id.is_ok() || !api::is_valid_volume_id(volume_id.value())) {
     audit(kEvent, "refused", "", peer, "bad volume_id");
@@ -224,11 +228,8 @@ ApiResponse KeyService::unlock(std::string_view body, const std::string& peer) {
 
 ApiResponse KeyService::enroll_register(std::string_view body, const std::string& peer) {
   const char* kEvent = "enroll.register";
-  auto request = parse_json_object(body, api::kMaxRequestBody);
-  if (!request.is_ok()) {
-    audit(kEvent, "refused", "", peer, request.status().message());
-    return error_response(400, api::kErrBadRequest, request.status().message());
-  }
+  auto request = parse_request(kEvent, body, peer);
+  if (!request.is_ok()) return error_response(400, api::kErrBadRequest, request.status().message());
   auto common = parse_common(request.value());
   auto token = json_string(request.value(), "enrollment_token", api::kMaxEnrollmentTokenLength);
   auto evidence = json_object(request.value(), "evidence", false);
@@ -309,11 +310,8 @@ ApiResponse KeyService::enroll_register(std::string_view body, const std::string
 
 ApiResponse KeyService::enroll_confirm(std::string_view body, const std::string& peer) {
   const char* kEvent = "enroll.confirm";
-  auto request = parse_json_object(body, api::kMaxRequestBody);
-  if (!request.is_ok()) {
-    audit(kEvent, "refused", "", peer, request.status().message());
-    return error_response(400, api::kErrBadRequest, request.status().message());
-  }
+  auto request = parse_request(kEvent, body, peer);
+  if (!request.is_ok()) return error_response(400, api::kErrBadRequest, request.status().message());
   auto volume_id = json_string(request.value(), "volume_id", api::kMaxVolumeIdLength);
   if (!volume_id.is_ok() || !api::is_valid_volume_id(volume_id.value())) {
     return error_response(400, api::kErrBadRequest, "field 'volume_id' missing or malformed");

@@ -43,6 +43,9 @@ class KeyService {
  private:
   struct Common;  // fields every attested request carries
   Result<Common> parse_common(const Json::Value& request);
+  // Parses a request body; a malformed one is audited as refused.
+  Result<Json::Value> parse_request(const char* event, std::string_view body,
+                                    const std::string& peer);
   Result<AwsIdentity> verify_evidence(const Json::Value& evidence);
   void audit(const std::string& event, const std::string& outcome, const std::string& volume_id,
              const std::string& peer, const std::string& detail);
