@@ -14,6 +14,7 @@
 #include "core/log.h"
 #include "core/protocol.h"
 #include "unlocker/evidence.h"
+#include "unlocker/failover.h"
 #include "unlocker/luks.h"
 #include "unlocker/server_client.h"
 
@@ -35,7 +36,14 @@ unlock options:
   --verify-only             check that the released key opens the keyslot,
                             without creating a mapping (no device-mapper needed)
   --metadata-url URL        metadata service (default http://169.254.169.254)
-  --timeout SECONDS         per-request timeout (default 10)
+  --timeout SECONDS         per-request timeout (default 5); connecting to a
+                            server (TCP and TLS) is bounded to 1 s, so a dead
+                            or silent server costs about a second
+  --deadline SECONDS        keep retrying unreachable servers, with jittered
+                            exponential backoff, for up to this long (default
+                            0: one pass over the servers; the initramfs uses
+                            120). A round in which every server refused ends
+                            at once.
 
 enroll options:
   --server URL              key server, https:// (repeatable; tried in order)
@@ -107,39 +115,8 @@ int fail(const Status& s, int code) {
 int fail(const Status& s) { return fail(s, exit_code_for(s)); }
 
 long timeout_ms(const Args& args) {
-  auto t = args.get_int("timeout", 10, 1, 600);
-  return t.is_ok() ? t.value() * 1000 : 10000;
-}
-
-// Tries each server in order. The most telling failure wins: a policy
-// refusal over an untrusted server over an unreachable one.
-Result<SecretBuffer> fetch_secret(const KeygateToken& token,
-                                  std::shared_future<Result<Json::Value>>& evidence_future,
-                                  long per_request_ms) {
-  Status worst;
-  auto rank = [](ErrorKind k) {
-    switch (k) {
-      case ErrorKind::kRefused: return 4;
-      case ErrorKind::kUntrusted:
-      case ErrorKind::kIntegrity: return 3;
-      case ErrorKind::kInvalidArgument: return 2;
-      default: return 1;
-    }
-  };
-  for (const auto& url : token.servers) {
-    ServerEndpoint server{url, token.ca_pem, per_request_ms};
-    auto secret = request_volume_secret(server, token.volume_id, evidence_future);
-    if (secret.is_ok()) {
-      log_info(str_cat("volume ", token.volume_id, ": key released by ", url));
-      return secret;
-    }
-    log_warning(secret.status().message());
-    if (worst.is_ok() || rank(secret.status().kind()) > rank(worst.kind())) {
-      worst = secret.status();
-    }
-  }
-  return worst.is_ok() ? Status::error(ErrorKind::kInvalidArgument, "no key server configured")
-                       : worst;
+  auto t = args.get_int("timeout", 5, 1, 600);
+  return t.is_ok() ? t.value() * 1000 : 5000;
 }
 
 int cmd_unlock(const Args& args) {
@@ -161,7 +138,7 @@ int cmd_unlock(const Args& args) {
   // header is read and the server is asked for a nonce.
   std::shared_future<Result<Json::Value>> evidence_future =
       std::async(std::launch::async, collect_aws_evidence,
-                 args.get("metadata-url", kDefaultMetadataUrl), std::min(timeout_ms(args), 5000L));
+                 args.get("metadata-url", kDefaultMetadataUrl), std::min(timeout_ms(args), 2000L));
   auto dev = LuksDevice::open(device);
   if (!dev.is_ok()) return fail(dev.status(), kExitVolume);
   auto found = dev->find_keygate_token();
@@ -173,7 +150,15 @@ int cmd_unlock(const Args& args) {
                 kExitVolume);
   }
   const KeygateToken& token = found.value()->second;
-  auto secret = fetch_secret(token, evidence_future, timeout_ms(args));
+  auto deadline = args.get_int("deadline", 0, 0, 3600);
+  if (!deadline.is_ok()) return fail(deadline.status(), kExitUsage);
+  RetryPolicy policy;
+  policy.deadline_ms = deadline.value() * 1000;
+  policy.request_timeout_ms = timeout_ms(args);
+  const std::string metadata_url = args.get("metadata-url", kDefaultMetadataUrl);
+  auto secret = fetch_volume_secret(token, evidence_future, [&metadata_url]() {
+    return collect_aws_evidence(metadata_url, 2000);
+  }, policy);
   if (!secret.is_ok()) return fail(secret.status());
   auto slot = dev->activate(name, token.keyslot, secret.value());
   if (!slot.is_ok()) return fail(slot.status(), kExitVolume);
@@ -392,7 +377,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> argv_list(argv + 1, argv + argc);
   auto args = Args::parse(
       argv_list,
-      {"metadata-url", "timeout", "server", "ca", "enrollment-token-file",
+      {"metadata-url", "timeout", "deadline", "server", "ca", "enrollment-token-file",
        "recovery-passphrase-file", "passphrase-file", "sector-size", "description"},
       {"verify-only", "format", "no-recovery", "no-evidence", "json", "debug", "kmsg", "help"});
   log_init("keygate", LogSink::kStderr, LogLevel::kInfo);

@@ -24,7 +24,7 @@ Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server
   req.body = body;
   req.body_size = size;
   req.ca_pem = server.ca_pem;
-  req.connect_timeout_ms = std::min(server.timeout_ms, 2000L);
+  req.connect_timeout_ms = std::min(server.timeout_ms, server.connect_timeout_ms);
   req.total_timeout_ms = server.timeout_ms;
   req.max_response = api::kMaxResponseBody;
   auto res = session.perform(req);

@@ -17,7 +17,8 @@ namespace keygate::unlocker {
 struct ServerEndpoint {
   std::string url;  // https://host:port
   std::string ca_pem;
-  long timeout_ms = 10000;
+  long timeout_ms = 10000;          // whole request
+  long connect_timeout_ms = 2000;   // TCP connect and TLS handshake
 };
 
 struct Enrollment {

@@ -1,0 +1,94 @@
+#include "unlocker/failover.h"
+
+#include <openssl/rand.h>
+
+#include <algorithm>
+#include <chrono>
+#include <thread>
+
+#include "core/log.h"
+#include "unlocker/server_client.h"
+
+namespace keygate::unlocker {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int rank(ErrorKind k) {
+  switch (k) {
+    case ErrorKind::kRefused: return 4;
+    case ErrorKind::kUntrusted:
+    case ErrorKind::kIntegrity: return 3;
+    case ErrorKind::kInvalidArgument: return 2;
+    default: return 1;
+  }
+}
+
+long remaining_ms(Clock::time_point deadline) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+}
+
+}  // namespace
+
+long backoff_delay_ms(const RetryPolicy& policy, int round) {
+  long base = policy.initial_backoff_ms;
+  for (int i = 1; i < round && base < policy.max_backoff_ms; ++i) base *= 2;
+  base = std::min(base, policy.max_backoff_ms);
+  uint32_t r = 0;
+  RAND_bytes(reinterpret_cast<unsigned char*>(&r), sizeof(r));
+  // Uniform in [base/2, base*3/2).
+  return base / 2 + static_cast<long>(r % static_cast<uint32_t>(std::max(base, 1L)));
+}
+
+Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token,
+                                         std::shared_future<Result<Json::Value>> evidence,
+                                         const EvidenceSource& collect_again,
+                                         const RetryPolicy& policy) {
+  const auto deadline = Clock::now() + std::chrono::milliseconds(policy.deadline_ms);
+  Status worst;
+  for (int round = 1;; ++round) {
+    if (round > 1) {
+      // Evidence that failed (metadata service not up yet) is asked again.
+      if (!evidence.get().is_ok()) {
+        std::promise<Result<Json::Value>> again;
+        again.set_value(collect_again());
+        evidence = again.get_future().share();
+      }
+    }
+    bool all_refused = true;
+    for (const auto& url : token.servers) {
+      long request_ms = policy.request_timeout_ms;
+      if (policy.deadline_ms > 0) request_ms = std::min(request_ms, remaining_ms(deadline));
+      if (request_ms <= 0) break;
+      ServerEndpoint server{url, token.ca_pem, request_ms,
+                            std::min(policy.connect_timeout_ms, request_ms)};
+      auto secret = request_volume_secret(server, token.volume_id, evidence);
+      if (secret.is_ok()) {
+        log_info(str_cat("volume ", token.volume_id, ": key released by ", url,
+                         round > 1 ? str_cat(" (round ", round, ")") : ""));
+        return secret;
+      }
+      log_warning(secret.status().message());
+      if (secret.status().kind() != ErrorKind::kRefused) all_refused = false;
+      if (worst.is_ok() || rank(secret.status().kind()) >= rank(worst.kind())) {
+        worst = secret.status();
+      }
+    }
+    if (worst.is_ok()) {
+      return Status::error(ErrorKind::kInvalidArgument, "no key server configured");
+    }
+    if (all_refused || policy.deadline_ms <= 0) return worst;
+    long wait = backoff_delay_ms(policy, round);
+    long left = remaining_ms(deadline);
+    if (left <= wait) {
+      log_warning(str_cat("volume ", token.volume_id, ": deadline of ", policy.deadline_ms / 1000,
+                          " s reached after ", round, " round(s)"));
+      return worst;
+    }
+    log_info(str_cat("volume ", token.volume_id, ": retrying in ", wait, " ms (", left / 1000,
+                     " s left)"));
+    std::this_thread::sleep_for(std::chrono::milliseconds(wait));
+  }
+}
+
+}  // namespace keygate::unlocker

@@ -1,0 +1,43 @@
+// Getting a volume's secret from its key servers: servers in the token's
+// order, a short connect timeout so a dead or silent server costs about a
+// second, and (with a deadline) rounds of retries with jittered exponential
+// backoff until the deadline, after which the caller falls back to the
+// passphrase prompt.
+#pragma once
+
+#include <json/value.h>
+
+#include <functional>
+#include <future>
+
+#include "core/secret.h"
+#include "core/status.h"
+#include "unlocker/luks.h"
+
+namespace keygate::unlocker {
+
+struct RetryPolicy {
+  long deadline_ms = 0;          // 0: one round, no retries
+  long connect_timeout_ms = 1000;
+  long request_timeout_ms = 5000;
+  long initial_backoff_ms = 500;
+  long max_backoff_ms = 8000;
+};
+
+using EvidenceSource = std::function<Result<Json::Value>()>;
+
+// `first_evidence` is the already-started first collection; `collect_again`
+// is called in later rounds if it failed. The most telling failure is
+// returned: a policy refusal over an untrusted server over an unreachable
+// one. A round in which every server refused ends the attempt (no
+// hammering); unreachable servers are retried until the deadline.
+Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token,
+                                         std::shared_future<Result<Json::Value>> first_evidence,
+                                         const EvidenceSource& collect_again,
+                                         const RetryPolicy& policy);
+
+// The delay before retry round `round` (1-based): initial * 2^(round-1),
+// capped, with +/-50% jitter so a booting fleet does not retry in step.
+long backoff_delay_ms(const RetryPolicy& policy, int round);
+
+}  // namespace keygate::unlocker
