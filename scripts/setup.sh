@@ -8,6 +8,9 @@ packages=(
   libssl-dev libcryptsetup-dev libblkid-dev libcurl4-openssl-dev libjsoncpp-dev
   libcpp-httplib-dev libsqlite3-dev libgtest-dev libgmock-dev
   cryptsetup-bin e2fsprogs openssl curl ca-certificates
+  # end-to-end boot test: Debian's kernel under QEMU with a real initramfs
+  qemu-system-x86 initramfs-tools cryptsetup-initramfs busybox kmod cpio zstd
+  swtpm swtpm-tools python3
 )
 # Reference tools for bench/ (clevis + tang on the same machine).
 bench_packages=(clevis clevis-luks tang socat jose)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds keygate and runs every test: once in a normal build and once with
-# AddressSanitizer + UndefinedBehaviorSanitizer. Installs what it needs first.
+# Builds keygate and runs every test: unit and integration tests in a normal
+# build, the end-to-end QEMU boot test, then unit and integration tests again
+# with AddressSanitizer + UndefinedBehaviorSanitizer. Installs what it needs
+# first. KEYGATE_SKIP_E2E=1 / KEYGATE_SKIP_SANITIZERS=1 skip those parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +14,11 @@ cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j "$jobs"
 echo "== test (RelWithDebInfo)"
 (cd build && ctest --output-on-failure -j 2)
+
+if [ "${KEYGATE_SKIP_E2E:-0}" != 1 ]; then
+  echo "== end-to-end boot test (QEMU, TCG)"
+  tests/e2e/boot_test.sh build
+fi
 
 if [ "${KEYGATE_SKIP_SANITIZERS:-0}" != 1 ]; then
   echo "== build (ASan + UBSan)"

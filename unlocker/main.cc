@@ -2,7 +2,9 @@
 // enrollment time (enroll), and reports a volume's keygate state (status).
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <optional>
 #include <future>
 #include <iostream>
 #include <string>
@@ -31,6 +33,8 @@ Commands:
   enroll DEVICE          register DEVICE with a key server and add a keyslot
                          and a keygate token to it
   status DEVICE          show DEVICE's keygate token and keyslots
+  keyscript DEVICE       write DEVICE's key to standard output (a pipe, never
+                         a terminal), for crypttab's keyscript= option
 
 unlock options:
   --verify-only             check that the released key opens the keyslot,
@@ -47,6 +51,10 @@ unlock options:
 
 enroll options:
   --server URL              key server, https:// (repeatable; tried in order)
+  --token-server URL        the servers to record in the volume's token, in
+                            unlock order (repeatable; default: the --server
+                            list). For image builders whose build host reaches
+                            the key servers at other addresses than instances
   --ca FILE                 PEM CA certificate of the key servers (pinned)
   --enrollment-token-file FILE
                             one-time enrollment token ("-" for stdin)
@@ -119,6 +127,57 @@ long timeout_ms(const Args& args) {
   return t.is_ok() ? t.value() * 1000 : 5000;
 }
 
+// Reads DEVICE's keygate token and gets its secret from the key servers.
+// On failure, `exit_code` says why.
+struct Released {
+  std::optional<LuksDevice> device;
+  KeygateToken token;
+  SecretBuffer secret;
+};
+
+Result<Released> release_secret(const Args& args, const std::string& device, int* exit_code) {
+  // AWS evidence does not depend on the challenge: gather it while the
+  // header is read and the server is asked for a nonce.
+  const std::string metadata_url = args.get("metadata-url", kDefaultMetadataUrl);
+  std::shared_future<Result<Json::Value>> evidence_future = std::async(
+      std::launch::async, collect_aws_evidence, metadata_url, std::min(timeout_ms(args), 2000L));
+  auto deadline = args.get_int("deadline", 0, 0, 3600);
+  if (!deadline.is_ok()) {
+    *exit_code = kExitUsage;
+    return deadline.status();
+  }
+  auto dev = LuksDevice::open(device);
+  if (!dev.is_ok()) {
+    *exit_code = kExitVolume;
+    return dev.status();
+  }
+  auto found = dev->find_keygate_token();
+  if (!found.is_ok()) {
+    *exit_code =
+        found.status().kind() == ErrorKind::kUntrusted ? kExitUntrusted : kExitVolume;
+    return found.status();
+  }
+  if (!found->has_value()) {
+    *exit_code = kExitVolume;
+    return Status::error(ErrorKind::kNotFound, str_cat(device, ": no keygate token"));
+  }
+  Released out;
+  out.token = std::move(found.value()->second);
+  RetryPolicy policy;
+  policy.deadline_ms = deadline.value() * 1000;
+  policy.request_timeout_ms = timeout_ms(args);
+  auto secret = fetch_volume_secret(
+      out.token, evidence_future,
+      [&metadata_url]() { return collect_aws_evidence(metadata_url, 2000); }, policy);
+  if (!secret.is_ok()) {
+    *exit_code = exit_code_for(secret.status());
+    return secret.status();
+  }
+  out.secret = std::move(secret).value();
+  out.device = std::move(dev).value();
+  return out;
+}
+
 int cmd_unlock(const Args& args) {
   const auto& pos = args.positional();
   if (pos.size() < 2 || pos.size() > 3) {
@@ -134,39 +193,47 @@ int cmd_unlock(const Args& args) {
                 kExitUsage);
   }
   if (verify_only) name.clear();
-  // AWS evidence does not depend on the challenge: gather it while the
-  // header is read and the server is asked for a nonce.
-  std::shared_future<Result<Json::Value>> evidence_future =
-      std::async(std::launch::async, collect_aws_evidence,
-                 args.get("metadata-url", kDefaultMetadataUrl), std::min(timeout_ms(args), 2000L));
-  auto dev = LuksDevice::open(device);
-  if (!dev.is_ok()) return fail(dev.status(), kExitVolume);
-  auto found = dev->find_keygate_token();
-  if (!found.is_ok()) return fail(found.status(), found.status().kind() == ErrorKind::kUntrusted
-                                                      ? kExitUntrusted
-                                                      : kExitVolume);
-  if (!found->has_value()) {
-    return fail(Status::error(ErrorKind::kNotFound, str_cat(device, ": no keygate token")),
-                kExitVolume);
-  }
-  const KeygateToken& token = found.value()->second;
-  auto deadline = args.get_int("deadline", 0, 0, 3600);
-  if (!deadline.is_ok()) return fail(deadline.status(), kExitUsage);
-  RetryPolicy policy;
-  policy.deadline_ms = deadline.value() * 1000;
-  policy.request_timeout_ms = timeout_ms(args);
-  const std::string metadata_url = args.get("metadata-url", kDefaultMetadataUrl);
-  auto secret = fetch_volume_secret(token, evidence_future, [&metadata_url]() {
-    return collect_aws_evidence(metadata_url, 2000);
-  }, policy);
-  if (!secret.is_ok()) return fail(secret.status());
-  auto slot = dev->activate(name, token.keyslot, secret.value());
+  int code = kExitInternal;
+  auto released = release_secret(args, device, &code);
+  if (!released.is_ok()) return fail(released.status(), code);
+  auto slot = released->device->activate(name, released->token.keyslot, released->secret);
   if (!slot.is_ok()) return fail(slot.status(), kExitVolume);
   if (verify_only) {
     std::cout << device << ": key from server opens keyslot " << slot.value()
               << " (verified, not activated)\n";
   } else {
     std::cout << device << ": unlocked as /dev/mapper/" << name << "\n";
+  }
+  return kExitOk;
+}
+
+// crypttab keyscript mode: the key goes to standard output, which cryptsetup
+// reads through a pipe. Never to a terminal.
+int cmd_keyscript(const Args& args) {
+  if (args.positional().size() != 2) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate keyscript DEVICE"),
+                kExitUsage);
+  }
+  if (isatty(STDOUT_FILENO)) {
+    return fail(Status::error(ErrorKind::kInvalidArgument,
+                              "keyscript writes the volume key to standard output; refusing to "
+                              "write it to a terminal"),
+                kExitUsage);
+  }
+  int code = kExitInternal;
+  auto released = release_secret(args, args.positional()[1], &code);
+  if (!released.is_ok()) return fail(released.status(), code);
+  // Check before handing it over, so a wrong key falls back to the prompt.
+  auto slot = released->device->activate("", released->token.keyslot, released->secret);
+  if (!slot.is_ok()) return fail(slot.status(), kExitVolume);
+  const uint8_t* p = released->secret.data();
+  size_t left = released->secret.size();
+  while (left > 0) {
+    ssize_t n = write(STDOUT_FILENO, p, left);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return fail(Status::error(ErrorKind::kIo, "keyscript: write failed"), kExitVolume);
+    p += n;
+    left -= static_cast<size_t>(n);
   }
   return kExitOk;
 }
@@ -241,8 +308,12 @@ int cmd_enroll(const Args& args) {
   };
   if (servers.empty()) return usage("enroll needs at least one --server https://HOST:PORT");
   if (servers.size() > 8) return usage("at most 8 --server");
-  for (const auto& s : servers) {
-    if (s.rfind("https://", 0) != 0) return usage(str_cat("--server ", s, ": must be https://"));
+  auto token_servers = args.has("token-server") ? args.get_all("token-server") : servers;
+  if (token_servers.size() > 8) return usage("at most 8 --token-server");
+  for (const auto& list : {servers, token_servers}) {
+    for (const auto& s : list) {
+      if (s.rfind("https://", 0) != 0) return usage(str_cat("server ", s, ": must be https://"));
+    }
   }
   if (!args.has("ca")) return usage("enroll needs --ca FILE (the key servers' CA certificate)");
   if (!args.has("enrollment-token-file")) return usage("enroll needs --enrollment-token-file");
@@ -347,7 +418,7 @@ int cmd_enroll(const Args& args) {
       log_info(str_cat("recovery passphrase in keyslot ", r.value()));
     }
     KeygateToken t;
-    t.servers = servers;
+    t.servers = token_servers;
     t.volume_id = enrollment->volume_id;
     t.ca_pem = ca;
     t.ca_sha256 = fingerprint.value();
@@ -377,7 +448,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> argv_list(argv + 1, argv + argc);
   auto args = Args::parse(
       argv_list,
-      {"metadata-url", "timeout", "deadline", "server", "ca", "enrollment-token-file",
+      {"metadata-url", "timeout", "deadline", "server", "token-server", "ca", "enrollment-token-file",
        "recovery-passphrase-file", "passphrase-file", "sector-size", "description"},
       {"verify-only", "format", "no-recovery", "no-evidence", "json", "debug", "kmsg", "help"});
   log_init("keygate", LogSink::kStderr, LogLevel::kInfo);
@@ -401,6 +472,7 @@ int main(int argc, char** argv) {
   if (pos[0] == "unlock") return cmd_unlock(args.value());
   if (pos[0] == "enroll") return cmd_enroll(args.value());
   if (pos[0] == "status") return cmd_status(args.value());
+  if (pos[0] == "keyscript") return cmd_keyscript(args.value());
   log_error(str_cat("unknown command '", pos[0], "'"));
   fputs(kUsage, stderr);
   return kExitUsage;

@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# End-to-end boot test: Debian's kernel under QEMU (TCG) with an initramfs
+# made by mkinitramfs and keygate's initramfs-tools hook, a root disk
+# encrypted in place and enrolled on the host, the key server and metadata
+# emulator on the host's 127.0.0.1 reached through restricted user
+# networking (guestfwd from link-local addresses), and swtpm as the vTPM.
+#
+#   boot 1: unattended unlock (dm-crypt), root mounted, its init prints a marker
+#   boot 2: volume revoked on the server: the passphrase prompt appears, the
+#           test answers it on the serial console, the same marker appears
+#
+# Usage: tests/e2e/boot_test.sh BUILD_DIR
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+build=$(cd "${1:?usage: boot_test.sh BUILD_DIR}" && pwd)
+bin=$build/bin
+work=$build/e2e
+cache=$build/e2e-cache
+rm -rf "$work"
+mkdir -p "$work" "$cache"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+say() { printf '\n== e2e: %s\n' "$*"; }
+fail() { printf 'e2e: FAILED: %s\n' "$*" >&2; exit 1; }
+
+say "kernel: Debian's linux-image, unpacked (nothing installed on the host)"
+kpkg=$(apt-cache depends linux-image-amd64 | sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -1)
+[ -n "$kpkg" ] || fail "cannot find Debian's kernel package"
+kver=${kpkg#linux-image-}
+deb=$(ls "$cache"/"$kpkg"_*.deb 2>/dev/null | head -1 || true)
+if [ -z "$deb" ]; then
+  (cd "$cache" && apt-get download "$kpkg" >/dev/null 2>&1) || fail "apt-get download $kpkg"
+  deb=$(ls "$cache"/"$kpkg"_*.deb | head -1)
+fi
+kroot=$cache/kroot-$kver
+if [ ! -e "$kroot/lib/modules/$kver/modules.dep" ]; then
+  rm -rf "$kroot"
+  dpkg-deb -x "$deb" "$kroot"
+  depmod -b "$kroot" "$kver"
+fi
+echo "kernel $kver"
+
+say "root file system: a folder with a marker and an init that reports and powers off"
+rootdir=$work/rootdir
+mkdir -p "$rootdir"/{bin,sbin,proc,sys,dev,etc,lib64,lib/x86_64-linux-gnu}
+cp /usr/bin/busybox "$rootdir/bin/busybox"
+for lib in $(ldd /usr/bin/busybox | grep -o '/[^ ]*'); do
+  cp -L "$lib" "$rootdir$lib"
+done
+echo "keygate e2e data written before encryption" >"$rootdir/etc/keygate-e2e-data"
+cat >"$rootdir/sbin/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+echo "KEYGATE-E2E: root uptime $(/bin/busybox cut -d' ' -f1 /proc/uptime)"
+echo "KEYGATE-E2E: root is $(/bin/busybox grep ' / ' /proc/mounts | /bin/busybox cut -d' ' -f1)"
+echo "KEYGATE-E2E-ROOT-MOUNTED: $(/bin/busybox cat /etc/keygate-e2e-data)"
+/bin/busybox sync
+/bin/busybox poweroff -f
+INIT
+chmod +x "$rootdir/sbin/init"
+
+say "encrypt the root image in place (offline LUKS2 reencryption)"
+img=$work/root.img
+truncate -s 80M "$img"
+mke2fs -q -F -t ext4 -b 4096 -d "$rootdir" "$img" 16384   # 64 MiB fs, 16 MiB free for the header
+printf 'e2e recovery passphrase' >"$work/recovery.pass"
+cryptsetup reencrypt --encrypt --batch-mode --type luks2 --reduce-device-size 16M \
+  --pbkdf argon2id --pbkdf-memory 32768 --pbkdf-force-iterations 4 --pbkdf-parallel 1 \
+  --key-file "$work/recovery.pass" "$img" >/dev/null
+if grep -q "keygate e2e data written" "$img"; then fail "plaintext still in the image"; fi
+uuid=$(cryptsetup luksUUID "$img")
+echo "LUKS2 UUID $uuid"
+
+say "key server and metadata emulator on 127.0.0.1"
+wait_port() { for _ in $(seq 100); do [ -s "$1" ] && { cat "$1"; return; }; sleep 0.1; done; fail "no port in $1"; }
+"$bin/keygate-metadata-emulator" init --state-dir "$work/emu" --region eu-west-1 >/dev/null
+"$bin/keygate-metadata-emulator" serve --state-dir "$work/emu" --listen 127.0.0.1:0 \
+  --port-file "$work/emu.port" --account 210987654321 --region eu-west-1 \
+  --instance-id i-0e2e00000000000001 --image-id ami-0e2e000000000001 2>"$work/emu.log" &
+pids+=($!)
+"$bin/keygate-server" serve --state-dir "$work/srv" --listen 127.0.0.1:0 --port-file "$work/srv.port" \
+  --aws-trust-dir "$work/emu/aws-trust" --tls-san IP:169.254.169.253 2>"$work/srv.log" &
+pids+=($!)
+emu_port=$(wait_port "$work/emu.port")
+srv_port=$(wait_port "$work/srv.port")
+
+say "enroll the root image as an image-group volume (from the host, no evidence)"
+"$bin/keygate-server" token create --state-dir "$work/srv" --image-group --account 210987654321 \
+  --region eu-west-1 --image-id ami-0e2e000000000001 >"$work/token"
+"$bin/keygate" enroll "$img" --passphrase-file "$work/recovery.pass" --no-evidence \
+  --server "https://127.0.0.1:$srv_port" --token-server "https://169.254.169.253:8443" \
+  --ca "$work/srv/ca.pem" --enrollment-token-file "$work/token" | tee "$work/enroll.out"
+volume_id=$(sed -n 's/.*enrolled as volume \([0-9a-f-]*\).*/\1/p' "$work/enroll.out")
+[ -n "$volume_id" ] || fail "enrollment"
+
+say "initramfs: mkinitramfs with keygate's hook (crypttab and modules bound in a private mount namespace)"
+conf=$work/initramfs-conf
+cp -r /etc/initramfs-tools "$conf"
+mkdir -p "$conf/hooks" "$conf/scripts/init-premount"
+cp "$root/initramfs/initramfs-tools/hooks/keygate" "$conf/hooks/"
+cp "$root/initramfs/initramfs-tools/scripts/init-premount/keygate" "$conf/scripts/init-premount/"
+cat >"$work/keygate-initramfs.conf" <<CONF
+KEYGATE_VOLUMES="cryptroot=UUID=$uuid"
+KEYGATE_DEADLINE=60
+CONF
+printf 'cryptroot UUID=%s none luks,initramfs\n' "$uuid" >"$work/crypttab"
+# Mount points that must exist on the host for the private bind mounts.
+mkdir -p /lib/modules /boot /etc/cryptsetup-initramfs
+[ -e /etc/cryptsetup-initramfs/conf-hook ] || touch /etc/cryptsetup-initramfs/conf-hook
+touch "$work/conf-hook"
+make_initramfs() {  # output, crypttab, conf-hook, keygate config ("" for none)
+  unshare -m sh -c "
+    mount --bind '$2' /etc/crypttab &&
+    mount --bind '$3' /etc/cryptsetup-initramfs/conf-hook &&
+    mount --bind '$kroot/lib/modules' /lib/modules &&
+    mount --bind '$kroot/boot' /boot &&
+    KEYGATE_BIN='$bin/keygate' KEYGATE_INITRAMFS_CONF='${4:-/nonexistent}' \
+      mkinitramfs -d '$conf' -o '$1' '$kver'" 2>&1 |
+    grep -vE '^W: Possible missing firmware|device-mapper|libdevmapper|^Command failed|setupcon|resolve device|^    UUID=|cipher modules' || true
+}
+make_initramfs "$work/initrd.img" "$work/crypttab" "$work/conf-hook" "$work/keygate-initramfs.conf"
+[ -s "$work/initrd.img" ] || fail "mkinitramfs produced nothing"
+unmkinitramfs "$work/initrd.img" "$work/initrd-contents"
+for f in sbin/keygate etc/keygate/initramfs.conf scripts/init-premount/keygate cryptroot/crypttab; do
+  find "$work/initrd-contents" -path "*/$f" | grep -q . || fail "initramfs lacks $f"
+done
+main=$(find "$work/initrd-contents" -maxdepth 1 -type d -name main | head -1)
+main=${main:-$work/initrd-contents}
+missing=$(chroot "$main" /sbin/keygate --help >/dev/null 2>&1 && echo "" || echo yes)
+[ -z "$missing" ] || fail "keygate does not run inside the initramfs (missing libraries)"
+find "$main" -name 'dm-crypt.ko*' | grep -q . || fail "initramfs lacks dm-crypt"
+echo "initramfs $(du -h "$work/initrd.img" | cut -f1): keygate runs inside it, dm-crypt and network drivers present"
+
+boot() {  # name, initrd, expect, extra driver args...
+  local name=$1 initrd=$2 expect=$3; shift 3
+  local tpm=$work/tpm-$name
+  mkdir -p "$tpm"
+  swtpm_setup --tpm2 --tpmstate "$tpm" --create-ek-cert --create-platform-cert --pcr-banks sha256 \
+    >/dev/null 2>&1 || fail "swtpm_setup"
+  swtpm socket --tpm2 --tpmstate dir="$tpm" --ctrl type=unixio,path="$tpm/sock" \
+    --flags startup-clear >/dev/null 2>&1 &
+  pids+=($!)
+  for _ in $(seq 50); do [ -S "$tpm/sock" ] && break; sleep 0.1; done
+  python3 "$here/serial_driver.py" "$work/console-$name.log" "$expect" --timeout 480 "$@" -- \
+    timeout 600 qemu-system-x86_64 -accel tcg -cpu max -m 512 -smp 1 -nographic -no-reboot \
+      -kernel "$kroot/boot/vmlinuz-$kver" -initrd "$initrd" \
+      -append "console=ttyS0 panic=-1 root=/dev/mapper/cryptroot rootfstype=ext4 rw ip=dhcp" \
+      -drive file="$img",format=raw,if=virtio \
+      -netdev "user,id=n0,restrict=on,net=169.254.0.0/16,host=169.254.169.1,guestfwd=tcp:169.254.169.254:80-cmd:busybox nc 127.0.0.1 $emu_port,guestfwd=tcp:169.254.169.253:8443-cmd:busybox nc 127.0.0.1 $srv_port" \
+      -device virtio-net-pci,netdev=n0,romfile= \
+      -chardev socket,id=chrtpm,path="$tpm/sock" -tpmdev emulator,id=tpm0,chardev=chrtpm \
+      -device tpm-tis,tpmdev=tpm0
+}
+
+marker="KEYGATE-E2E-ROOT-MOUNTED: keygate e2e data written before encryption"
+
+say "boot 1: unattended unlock"
+boot unattended "$work/initrd.img" "$marker" --forbid "Please unlock disk" || { tail -40 "$work/console-unattended.log"; fail "boot 1"; }
+grep -q "key released by https://169.254.169.253:8443" "$work/console-unattended.log" || fail "boot 1: no release logged"
+grep -q "/dev/mapper/cryptroot" "$work/console-unattended.log" || fail "boot 1: root not on dm-crypt"
+
+say "boot 2: volume revoked, the passphrase prompt answers"
+"$bin/keygate-server" volumes revoke "$volume_id" --state-dir "$work/srv"
+boot revoked "$work/initrd.img" "$marker" --answer "Please unlock disk cryptroot" "$(cat "$work/recovery.pass")" ||
+  { tail -40 "$work/console-revoked.log"; fail "boot 2"; }
+grep -q "Please unlock disk cryptroot" "$work/console-revoked.log" || fail "boot 2: no prompt"
+grep -q "revoked" "$work/console-revoked.log" || fail "boot 2: refusal not shown"
+
+say "boot 3: the same disk opened by a key file in the initramfs (baseline)"
+head -c 32 /dev/urandom >"$work/root.key"
+chmod 600 "$work/root.key"
+cryptsetup luksAddKey --batch-mode --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+  --key-file "$work/recovery.pass" "$img" "$work/root.key"
+printf 'cryptroot UUID=%s %s luks,initramfs\n' "$uuid" "$work/root.key" >"$work/crypttab-keyfile"
+printf 'KEYFILE_PATTERN=%s\nUMASK=0077\n' "'$work/*.key'" >"$work/conf-hook-keyfile"
+make_initramfs "$work/initrd-keyfile.img" "$work/crypttab-keyfile" "$work/conf-hook-keyfile" ""
+boot keyfile "$work/initrd-keyfile.img" "$marker" --forbid "Please unlock disk" ||
+  { tail -40 "$work/console-keyfile.log"; fail "boot 3"; }
+
+say "timings (guest clock under TCG, from kernel start)"
+printf '%-34s %s s\n' "keygate: root unlocked" \
+  "$(sed -n 's/.*keygate: cryptroot unlocked \([0-9.]*\) s after kernel start.*/\1/p' "$work/console-unattended.log" | head -1)"
+for name in unattended revoked keyfile; do
+  printf '%-34s %s s\n' "$name: root mounted" "$(sed -n 's/.*KEYGATE-E2E: root uptime \([0-9.]*\).*/\1/p' "$work/console-$name.log" | head -1)"
+done
+echo
+echo "e2e: 3 passed, 0 failed"
