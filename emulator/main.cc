@@ -88,6 +88,17 @@ std::string identity_document(const Identity& id) {
 }
 
 struct Signer {
+  Signer() = default;
+  Signer(const Signer&) = delete;
+  Signer& operator=(const Signer&) = delete;
+  Signer(Signer&& o) noexcept : key(o.key), cert(o.cert) {
+    o.key = nullptr;
+    o.cert = nullptr;
+  }
+  ~Signer() {
+    EVP_PKEY_free(key);
+    X509_free(cert);
+  }
   EVP_PKEY* key = nullptr;
   X509* cert = nullptr;
 };

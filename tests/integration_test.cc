@@ -32,6 +32,8 @@ constexpr int kExitUnreachable = 4;
 constexpr int kExitUntrusted = 5;
 constexpr int kExitVolume = 6;
 
+bool contains(const std::string& haystack, const std::string& needle);
+
 struct Identity {
   std::string account = "123456789012";
   std::string region = "us-east-1";
@@ -61,7 +63,7 @@ class KeygateTest : public ::testing::Test {
     dir_ = make_temp_dir("keygate-it");
     RunResult init = run({bin("keygate-metadata-emulator"), "init", "--state-dir", dir_ + "/emu",
                           "--region", "us-east-1", "--region", "eu-west-1"});
-    ASSERT_EQ(init.exit_code, 0) << init.err;
+    suite_setup_error_ = init.exit_code == 0 ? "" : "emulator init failed: " + init.err;
   }
   static void TearDownTestSuite() {
     if (::testing::UnitTest::GetInstance()->failed_test_count() == 0) {
@@ -72,10 +74,23 @@ class KeygateTest : public ::testing::Test {
   }
 
   void SetUp() override {
+    // A failed suite set-up must fail every test, not skip it.
+    ASSERT_EQ(suite_setup_error_, "");
     server_ = start_server("main");
     ASSERT_GT(server_.port, 0) << read_file(server_.process.log_path());
     emulator_ = start_emulator(Identity{}, dir_ + "/emu");
     ASSERT_GT(emulator_.port, 0);
+  }
+
+  void TearDown() override {
+    // Servers shut down cleanly on SIGTERM; under the sanitizers a leak or
+    // memory error in them is reported in their log.
+    server_.process.stop();
+    emulator_.process.stop();
+    if (!server_.state.empty()) {
+      std::string log = read_file(server_.process.log_path());
+      EXPECT_FALSE(contains(log, "Sanitizer")) << log;
+    }
   }
 
   static std::string unique(const std::string& name) {
@@ -186,11 +201,13 @@ class KeygateTest : public ::testing::Test {
   }
 
   static std::string dir_;
+  static std::string suite_setup_error_;
   Server server_;
   Emulator emulator_;
 };
 
 std::string KeygateTest::dir_;
+std::string KeygateTest::suite_setup_error_;
 
 bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;
@@ -215,6 +232,49 @@ TEST_F(KeygateTest, EnrollThenUnlockSucceeds) {
   ASSERT_EQ(list.exit_code, 0);
   EXPECT_TRUE(contains(list.out, id));
   EXPECT_TRUE(contains(list.out, "\"active\""));
+}
+
+TEST_F(KeygateTest, KeyscriptPipesTheKeyToCryptsetup) {
+  auto [vol, id] = enrolled_volume();
+  const std::string keygate = bin("keygate");
+  RunResult piped = run({"sh", "-c",
+                         keygate + " keyscript '" + vol + "' --metadata-url " + emulator_.url() +
+                             " | cryptsetup open --test-passphrase --key-file - '" + vol + "'"});
+  EXPECT_EQ(piped.exit_code, 0) << piped.err;
+  // Revoked: nothing is written, so cryptsetup gets no key.
+  ASSERT_EQ(run({bin("keygate-server"), "volumes", "revoke", id, "--state-dir", server_.state})
+                .exit_code,
+            0);
+  RunResult refused = run({"sh", "-c", keygate + " keyscript '" + vol + "' --metadata-url " +
+                                           emulator_.url() + " | wc -c"});
+  EXPECT_EQ(refused.out, "0\n") << refused.err;
+  EXPECT_TRUE(contains(refused.err, "revoked")) << refused.err;
+}
+
+TEST_F(KeygateTest, ServerReadsItsConfigFileAndRejectsUnknownKeys) {
+  std::string state = dir_ + "/" + unique("configured");
+  std::string port_file = state + ".port";
+  std::string config = dir_ + "/" + unique("server") + ".json";
+  write_file(config, "{\"listen\": \"127.0.0.1:0\", \"state_dir\": \"" + state +
+                         "\", \"aws_trust_dirs\": [\"" + dir_ + "/emu/aws-trust\"], \"nonce_ttl\": 30}");
+  Background srv({bin("keygate-server"), "serve", "--config", config, "--port-file", port_file},
+                 state + ".log");
+  int port = wait_for_port_file(port_file, srv);
+  ASSERT_GT(port, 0) << read_file(state + ".log");
+  // The emulator's certificates came from the config file's aws_trust_dirs:
+  // enrollment verifies the instance's evidence against them.
+  Server configured;
+  configured.state = state;
+  configured.port = port;
+  std::string vol = new_volume_file();
+  RunResult e = enroll_format(vol, configured, make_token(configured), emulator_);
+  EXPECT_EQ(e.exit_code, 0) << e.err;
+  srv.stop();
+  std::string bad = dir_ + "/" + unique("bad") + ".json";
+  write_file(bad, "{\"listen\": \"127.0.0.1:0\", \"lisen\": 1}");
+  RunResult r = run({bin("keygate-server"), "serve", "--config", bad});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_TRUE(contains(r.err, "unknown key 'lisen'")) << r.err;
 }
 
 TEST_F(KeygateTest, EnrollExistingVolumeKeepsItsPassphrase) {
