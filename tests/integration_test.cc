@@ -251,6 +251,41 @@ TEST_F(KeygateTest, KeyscriptPipesTheKeyToCryptsetup) {
   EXPECT_TRUE(contains(refused.err, "revoked")) << refused.err;
 }
 
+// The token plugin, loaded by the real cryptsetup: the build's plugin folder
+// is bound over libcryptsetup's plugin path in a private mount namespace, so
+// the host's installed plugins are untouched.
+#ifndef KEYGATE_PLUGIN_HOST_ENV
+#define KEYGATE_PLUGIN_HOST_ENV ""
+#endif
+
+RunResult cryptsetup_with_plugin(const std::string& args, const std::string& plugin_env) {
+  const std::string env = std::string(KEYGATE_PLUGIN_HOST_ENV) + " " + plugin_env;
+  const std::string plugins = std::string(KEYGATE_BIN_DIR) + "/../lib/cryptsetup";
+  const std::string target = KEYGATE_TOKEN_PLUGIN_DIR;
+  return run({"unshare", "-m", "sh", "-c",
+              "mkdir -p '" + target + "' && mount --bind '" + plugins + "' '" + target + "' && " +
+                  env + " cryptsetup " + args});
+}
+
+TEST_F(KeygateTest, TokenPluginOpensTheVolumeThroughCryptsetup) {
+  auto [vol, id] = enrolled_volume();
+  const std::string env = "KEYGATE_DEADLINE=0 KEYGATE_METADATA_URL=" + emulator_.url();
+  RunResult opened =
+      cryptsetup_with_plugin("open --test-passphrase --token-only -v '" + vol + "'", env);
+  EXPECT_EQ(opened.exit_code, 0) << opened.out << opened.err;
+  EXPECT_TRUE(contains(opened.out, "Key slot 0 unlocked")) << opened.out;
+  RunResult dump = cryptsetup_with_plugin("luksDump '" + vol + "'", env);
+  EXPECT_TRUE(contains(dump.out, "Volume:     " + id)) << dump.out;
+
+  ASSERT_EQ(run({bin("keygate-server"), "volumes", "revoke", id, "--state-dir", server_.state})
+                .exit_code,
+            0);
+  RunResult refused =
+      cryptsetup_with_plugin("open --test-passphrase --token-only '" + vol + "'", env);
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_TRUE(contains(refused.err, "revoked")) << refused.err;
+}
+
 TEST_F(KeygateTest, ServerReadsItsConfigFileAndRejectsUnknownKeys) {
   std::string state = dir_ + "/" + unique("configured");
   std::string port_file = state + ".port";
