@@ -11,6 +11,8 @@ packages=(
   # end-to-end boot test: Debian's kernel under QEMU with a real initramfs
   qemu-system-x86 initramfs-tools cryptsetup-initramfs busybox kmod cpio zstd
   swtpm swtpm-tools python3
+  # the dracut image (systemd initrd with systemd-networkd) in the same test
+  dracut-core dracut-network systemd dbus-daemon
 )
 # Reference tools for bench/ (clevis + tang on the same machine).
 bench_packages=(clevis clevis-luks tang socat jose)

@@ -5,9 +5,14 @@
 # emulator on the host's 127.0.0.1 reached through restricted user
 # networking (guestfwd from link-local addresses), and swtpm as the vTPM.
 #
-#   boot 1: unattended unlock (dm-crypt), root mounted, its init prints a marker
-#   boot 2: volume revoked on the server: the passphrase prompt appears, the
-#           test answers it on the serial console, the same marker appears
+#   initramfs-tools image (mkinitramfs + keygate's hook):
+#   boot 1:  unattended unlock (dm-crypt), root mounted, its init prints a marker
+#   boot 2:  volume revoked on the server: the passphrase prompt appears, the
+#            test answers it on the serial console, the same marker appears
+#   boot 3:  the same disk with a key file in the initramfs (timing baseline)
+#   dracut image (systemd initrd + keygate's module):
+#   boot 1d: unattended, as boot 1
+#   boot 2d: revoked, systemd's passphrase prompt answered, as boot 2
 #
 # Usage: tests/e2e/boot_test.sh BUILD_DIR
 set -euo pipefail
@@ -50,6 +55,8 @@ for lib in $(ldd /usr/bin/busybox | grep -o '/[^ ]*'); do
   cp -L "$lib" "$rootdir$lib"
 done
 echo "keygate e2e data written before encryption" >"$rootdir/etc/keygate-e2e-data"
+# systemd (dracut's initrd) switches only into a root that looks like an OS.
+printf 'ID=keygate-e2e\nNAME="keygate e2e root"\n' >"$rootdir/etc/os-release"
 cat >"$rootdir/sbin/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
@@ -133,6 +140,28 @@ missing=$(chroot "$main" /sbin/keygate --help >/dev/null 2>&1 && echo "" || echo
 find "$main" -name 'dm-crypt.ko*' | grep -q . || fail "initramfs lacks dm-crypt"
 echo "initramfs $(du -h "$work/initrd.img" | cut -f1): keygate runs inside it, dm-crypt and network drivers present"
 
+say "initramfs: dracut with keygate's module (systemd initrd, systemd-networkd)"
+dracut_modules=$work/dracut-modules
+cp -r /usr/lib/dracut/modules.d "$dracut_modules"
+cp -r "$root/initramfs/dracut/90keygate" "$dracut_modules/"
+unshare -m sh -c "
+  mount --bind '$dracut_modules' /usr/lib/dracut/modules.d &&
+  KEYGATE_BIN='$bin/keygate' KEYGATE_INITRAMFS_CONF='$work/keygate-initramfs.conf' \
+    dracut --force --quiet --no-hostonly --kver '$kver' --kmoddir '$kroot/lib/modules/$kver' \
+      --add keygate --omit plymouth --add-drivers 'virtio_blk virtio_net virtio_pci' \
+      --include '$work/crypttab' /etc/crypttab '$work/initrd-dracut.img'" >"$work/dracut.log" 2>&1 ||
+  { tail -20 "$work/dracut.log"; fail "dracut"; }
+mkdir -p "$work/dracut-contents"
+(cd "$work/dracut-contents" && /usr/lib/dracut/skipcpio "$work/initrd-dracut.img" | zstd -dcq 2>/dev/null | cpio -idm --quiet 2>/dev/null ||
+  /usr/lib/dracut/skipcpio "$work/initrd-dracut.img" | gzip -dc 2>/dev/null | cpio -idm --quiet 2>/dev/null || true)
+for f in usr/sbin/keygate usr/sbin/keygate-unlock etc/keygate/initramfs.conf etc/crypttab \
+         etc/systemd/system/initrd.target.wants/keygate-unlock.service; do
+  [ -e "$work/dracut-contents/$f" ] || [ -L "$work/dracut-contents/$f" ] || fail "dracut image lacks $f"
+done
+chroot "$work/dracut-contents" /usr/sbin/keygate --help >/dev/null 2>&1 ||
+  fail "keygate does not run inside the dracut image (missing libraries)"
+echo "dracut image $(du -h "$work/initrd-dracut.img" | cut -f1): keygate runs inside it, unit enabled"
+
 boot() {  # name, initrd, expect, extra driver args...
   local name=$1 initrd=$2 expect=$3; shift 3
   local tpm=$work/tpm-$name
@@ -144,9 +173,9 @@ boot() {  # name, initrd, expect, extra driver args...
   pids+=($!)
   for _ in $(seq 50); do [ -S "$tpm/sock" ] && break; sleep 0.1; done
   python3 "$here/serial_driver.py" "$work/console-$name.log" "$expect" --timeout 480 "$@" -- \
-    timeout 600 qemu-system-x86_64 -accel tcg -cpu max -m 512 -smp 1 -nographic -no-reboot \
+    timeout 600 qemu-system-x86_64 -accel tcg -cpu max -m "${BOOT_MEMORY:-512}" -smp 1 -nographic -no-reboot \
       -kernel "$kroot/boot/vmlinuz-$kver" -initrd "$initrd" \
-      -append "console=ttyS0 panic=-1 root=/dev/mapper/cryptroot rootfstype=ext4 rw ip=dhcp" \
+      -append "console=ttyS0 panic=-1 root=/dev/mapper/cryptroot rootfstype=ext4 rw ip=dhcp ${BOOT_APPEND:-}" \
       -drive file="$img",format=raw,if=virtio \
       -netdev "user,id=n0,restrict=on,net=169.254.0.0/16,host=169.254.169.1,guestfwd=tcp:169.254.169.254:80-cmd:busybox nc 127.0.0.1 $emu_port,guestfwd=tcp:169.254.169.253:8443-cmd:busybox nc 127.0.0.1 $srv_port" \
       -device virtio-net-pci,netdev=n0,romfile= \
@@ -156,13 +185,30 @@ boot() {  # name, initrd, expect, extra driver args...
 
 marker="KEYGATE-E2E-ROOT-MOUNTED: keygate e2e data written before encryption"
 
+if [ "${KEYGATE_E2E_ONLY:-}" != dracut ]; then
 say "boot 1: unattended unlock"
 boot unattended "$work/initrd.img" "$marker" --forbid "Please unlock disk" || { tail -40 "$work/console-unattended.log"; fail "boot 1"; }
 grep -q "key released by https://169.254.169.253:8443" "$work/console-unattended.log" || fail "boot 1: no release logged"
 grep -q "/dev/mapper/cryptroot" "$work/console-unattended.log" || fail "boot 1: root not on dm-crypt"
 
-say "boot 2: volume revoked, the passphrase prompt answers"
+fi
+
+say "boot 1d: the dracut image, unattended"
+BOOT_MEMORY=1024 BOOT_APPEND="rd.neednet=1" boot dracut "$work/initrd-dracut.img" "$marker" \
+  --forbid "Please enter passphrase" --forbid "Entering emergency mode" ||
+  { tail -60 "$work/console-dracut.log"; fail "dracut boot"; }
+grep -q "key released by https://169.254.169.253:8443" "$work/console-dracut.log" || fail "dracut boot: no release logged"
+
 "$bin/keygate-server" volumes revoke "$volume_id" --state-dir "$work/srv"
+say "boot 2d: the dracut image, volume revoked: systemd asks for the passphrase"
+BOOT_MEMORY=1024 BOOT_APPEND="rd.neednet=1" boot dracut-revoked "$work/initrd-dracut.img" "$marker" \
+  --answer "Please enter passphrase for disk" "$(cat "$work/recovery.pass")" \
+  --forbid "Entering emergency mode" ||
+  { tail -60 "$work/console-dracut-revoked.log"; fail "dracut boot, revoked"; }
+grep -q "cryptroot not unlocked (exit 3)" "$work/console-dracut-revoked.log" || fail "dracut boot 2: refusal not shown"
+[ "${KEYGATE_E2E_ONLY:-}" != dracut ] || exit 0
+
+say "boot 2: volume revoked, the passphrase prompt answers"
 boot revoked "$work/initrd.img" "$marker" --answer "Please unlock disk cryptroot" "$(cat "$work/recovery.pass")" ||
   { tail -40 "$work/console-revoked.log"; fail "boot 2"; }
 grep -q "Please unlock disk cryptroot" "$work/console-revoked.log" || fail "boot 2: no prompt"
@@ -180,10 +226,12 @@ boot keyfile "$work/initrd-keyfile.img" "$marker" --forbid "Please unlock disk" 
   { tail -40 "$work/console-keyfile.log"; fail "boot 3"; }
 
 say "timings (guest clock under TCG, from kernel start)"
-printf '%-34s %s s\n' "keygate: root unlocked" \
+printf '%-34s %s s\n' "keygate (initramfs-tools): root unlocked" \
   "$(sed -n 's/.*keygate: cryptroot unlocked \([0-9.]*\) s after kernel start.*/\1/p' "$work/console-unattended.log" | head -1)"
-for name in unattended revoked keyfile; do
+printf '%-34s %s s\n' "keygate (dracut): root unlocked" \
+  "$(sed -n 's/.*keygate: cryptroot unlocked \([0-9.]*\) s after kernel start.*/\1/p' "$work/console-dracut.log" | head -1)"
+for name in unattended revoked keyfile dracut dracut-revoked; do
   printf '%-34s %s s\n' "$name: root mounted" "$(sed -n 's/.*KEYGATE-E2E: root uptime \([0-9.]*\).*/\1/p' "$work/console-$name.log" | head -1)"
 done
 echo
-echo "e2e: 3 passed, 0 failed"
+echo "e2e: 5 passed, 0 failed"
