@@ -123,14 +123,14 @@ make_initramfs() {  # output, crypttab, conf-hook, keygate config ("" for none)
     mount --bind '$3' /etc/cryptsetup-initramfs/conf-hook &&
     mount --bind '$kroot/lib/modules' /lib/modules &&
     mount --bind '$kroot/boot' /boot &&
-    KEYGATE_BIN='$bin/keygate' KEYGATE_INITRAMFS_CONF='${4:-/nonexistent}' \
+    KEYGATE_BIN='$bin/keygate' KEYGATE_INITRAMFS_CONF='${4:-/nonexistent}' KEYGATE_SCRIPTS='$root/initramfs' \
       mkinitramfs -d '$conf' -o '$1' '$kver'" 2>&1 |
     grep -vE '^W: Possible missing firmware|device-mapper|libdevmapper|^Command failed|setupcon|resolve device|^    UUID=|cipher modules' || true
 }
 make_initramfs "$work/initrd.img" "$work/crypttab" "$work/conf-hook" "$work/keygate-initramfs.conf"
 [ -s "$work/initrd.img" ] || fail "mkinitramfs produced nothing"
 unmkinitramfs "$work/initrd.img" "$work/initrd-contents"
-for f in sbin/keygate etc/keygate/initramfs.conf scripts/init-premount/keygate cryptroot/crypttab; do
+for f in sbin/keygate sbin/keygate-unlock-volumes etc/keygate/initramfs.conf scripts/init-premount/keygate cryptroot/crypttab; do
   find "$work/initrd-contents" -path "*/$f" | grep -q . || fail "initramfs lacks $f"
 done
 main=$(find "$work/initrd-contents" -maxdepth 1 -type d -name main | head -1)
@@ -146,7 +146,7 @@ cp -r /usr/lib/dracut/modules.d "$dracut_modules"
 cp -r "$root/initramfs/dracut/90keygate" "$dracut_modules/"
 unshare -m sh -c "
   mount --bind '$dracut_modules' /usr/lib/dracut/modules.d &&
-  KEYGATE_BIN='$bin/keygate' KEYGATE_INITRAMFS_CONF='$work/keygate-initramfs.conf' \
+  KEYGATE_BIN='$bin/keygate' KEYGATE_INITRAMFS_CONF='$work/keygate-initramfs.conf' KEYGATE_SCRIPTS='$root/initramfs' \
     dracut --force --quiet --no-hostonly --kver '$kver' --kmoddir '$kroot/lib/modules/$kver' \
       --add keygate --omit plymouth --add-drivers 'virtio_blk virtio_net virtio_pci' \
       --include '$work/crypttab' /etc/crypttab '$work/initrd-dracut.img'" >"$work/dracut.log" 2>&1 ||
@@ -154,7 +154,7 @@ unshare -m sh -c "
 mkdir -p "$work/dracut-contents"
 (cd "$work/dracut-contents" && /usr/lib/dracut/skipcpio "$work/initrd-dracut.img" | zstd -dcq 2>/dev/null | cpio -idm --quiet 2>/dev/null ||
   /usr/lib/dracut/skipcpio "$work/initrd-dracut.img" | gzip -dc 2>/dev/null | cpio -idm --quiet 2>/dev/null || true)
-for f in usr/sbin/keygate usr/sbin/keygate-unlock etc/keygate/initramfs.conf etc/crypttab \
+for f in usr/sbin/keygate usr/sbin/keygate-unlock-volumes etc/keygate/initramfs.conf etc/crypttab \
          etc/systemd/system/initrd.target.wants/keygate-unlock.service; do
   [ -e "$work/dracut-contents/$f" ] || [ -L "$work/dracut-contents/$f" ] || fail "dracut image lacks $f"
 done

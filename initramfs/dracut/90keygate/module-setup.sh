@@ -4,8 +4,16 @@
 # systemd-cryptsetup, which asks for the passphrase as usual.
 #
 # Included when /etc/keygate/initramfs.conf exists (or with --add keygate).
-# KEYGATE_BIN and KEYGATE_INITRAMFS_CONF override the binary and the
-# configuration file (image builders, tests).
+# KEYGATE_BIN, KEYGATE_INITRAMFS_CONF and KEYGATE_SCRIPTS override the
+# binary, the configuration file and the folder of keygate-unlock-volumes
+# (image builders, tests).
+
+# Installed with prefix /usr (packages) or /usr/local (cmake's default).
+for _kg_prefix in /usr /usr/local; do
+    [[ -n ${KEYGATE_BIN-} || ! -x $_kg_prefix/sbin/keygate ]] || KEYGATE_BIN=$_kg_prefix/sbin/keygate
+    [[ -n ${KEYGATE_SCRIPTS-} || ! -x $_kg_prefix/share/keygate/keygate-unlock-volumes ]] ||
+        KEYGATE_SCRIPTS=$_kg_prefix/share/keygate
+done
 
 check() {
     require_binaries "${KEYGATE_BIN:-/usr/sbin/keygate}" || return 1
@@ -28,7 +36,8 @@ install() {
     # glibc loads libgcc_s at run time; dependency scanning does not see it.
     inst_libdir_file "libgcc_s.so*"
     inst_multiple blkid cut sed sleep
-    inst_script "$moddir/keygate-unlock.sh" /usr/sbin/keygate-unlock
+    inst_script "${KEYGATE_SCRIPTS:-/usr/share/keygate}/keygate-unlock-volumes" \
+        /usr/sbin/keygate-unlock-volumes
     inst_simple "$moddir/keygate-unlock.service" "$systemdsystemunitdir/keygate-unlock.service"
     $SYSTEMCTL -q --root "$initdir" enable keygate-unlock.service
     # The key servers are reached before the root is mounted.
