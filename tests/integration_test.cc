@@ -743,6 +743,46 @@ TEST_F(KeygateTest, FormatRefusesDeviceWithFilesystemAndServerDownLeavesDeviceUn
   EXPECT_EQ(read_file(luks).substr(0, 1 << 20), header_before);
 }
 
+TEST_F(KeygateTest, EncryptInPlaceThenEnrollForImageBuilders) {
+  // An ext4 image with data, encrypted in place and enrolled as an
+  // image-group volume, the way an image builder would.
+  std::string fsroot = dir_ + "/" + unique("fsroot");
+  ASSERT_EQ(run({"mkdir", "-p", fsroot}).exit_code, 0);
+  write_file(fsroot + "/data.txt", "plaintext that must not survive encryption");
+  std::string image = dir_ + "/" + unique("image") + ".img";
+  ASSERT_EQ(run({"truncate", "-s", "24M", image}).exit_code, 0);
+  ASSERT_EQ(run({"mke2fs", "-q", "-F", "-t", "ext4", "-d", fsroot, image}).exit_code, 0);
+  std::string recovery = dir_ + "/" + unique("recovery");
+  write_file(recovery, "image recovery passphrase");
+  Identity id;
+  std::string token = make_token(server_, {"--image-group", "--account", id.account, "--region",
+                                           id.region, "--image-id", id.image});
+  std::vector<std::string> argv = {bin("keygate"), "encrypt", image, "--recovery-passphrase-file",
+                                   recovery, "--no-evidence", "--server", server_.url(), "--ca",
+                                   server_.ca(), "--enrollment-token-file", token};
+  RunResult r = run(argv);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.err, "100%")) << r.err;  // progress is shown
+  EXPECT_FALSE(contains(read_file(image), "plaintext that must not survive")) << "plaintext left";
+  EXPECT_EQ(unlock(image, emulator_).exit_code, 0);
+  RunResult rec = run({"cryptsetup", "open", "--test-passphrase", "--key-file", recovery, image});
+  EXPECT_EQ(rec.exit_code, 0) << rec.err;
+  // The recovery keyslot's cost is bounded so small instances can open it.
+  RunResult dump = run({"cryptsetup", "luksDump", image});
+  EXPECT_TRUE(contains(dump.out, "argon2id")) << dump.out;
+  EXPECT_TRUE(contains(dump.out, "Memory:     32768")) << dump.out;
+
+  // Encrypting again is refused; a blank image is not "encrypted".
+  RunResult again = run(argv);
+  EXPECT_NE(again.exit_code, 0);
+  EXPECT_TRUE(contains(again.err, "already")) << again.err;
+  std::string blank = new_volume_file();
+  argv[2] = blank;
+  RunResult empty = run(argv);
+  EXPECT_EQ(empty.exit_code, 2) << empty.err;
+  EXPECT_TRUE(contains(empty.err, "no filesystem")) << empty.err;
+}
+
 TEST_F(KeygateTest, MetadataEmulatorSpeaksImdsV2) {
   httplib::Client cli("127.0.0.1", emulator_.port);
   // IMDSv2 only: no token, no answer.

@@ -3,6 +3,7 @@
 
 #include <json/value.h>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -78,6 +79,16 @@ class LuksDevice {
   crypt_device* cd_ = nullptr;
   std::string path_;
 };
+
+// Encrypts the plaintext on `path` in place (LUKS2 offline encryption with a
+// data shift, no device-mapper needed): the LUKS2 header takes the first
+// `reduce_bytes / 2` and the last `reduce_bytes` of `path` must be unused.
+// The volume opens with `passphrase` (argon2id, bounded memory). An
+// interrupted run is resumed by calling again with the same passphrase.
+// `progress` gets (bytes done, total) as the work advances.
+Status encrypt_in_place(const std::string& path, const SecretBuffer& passphrase,
+                        uint64_t reduce_bytes,
+                        const std::function<void(uint64_t, uint64_t)>& progress);
 
 // Fails if `path` holds any recognised filesystem, partition table or RAID
 // signature (libblkid), so --format never destroys data.

@@ -1,8 +1,10 @@
 // keygate: the instance-side unlocker. Runs in the initramfs (unlock) and at
 // enrollment time (enroll), and reports a volume's keygate state (status).
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <cstdio>
 #include <optional>
 #include <future>
@@ -35,6 +37,14 @@ Commands:
   status DEVICE          show DEVICE's keygate token and keyslots
   keyscript DEVICE       write DEVICE's key to standard output (a pipe, never
                          a terminal), for crypttab's keyscript= option
+  encrypt IMAGE          encrypt an unmounted image in place (LUKS2 offline
+                         encryption, progress shown), then enroll it; for
+                         image builders. Takes enroll's options (typically an
+                         --image-group token and --no-evidence) and
+                         --recovery-passphrase-file. A file image is grown by
+                         16 MiB for the header; for a block device, shrink the
+                         filesystem first and pass --reduce-device-size
+                         16777216. Interrupted? Run it again: it resumes.
 
 unlock options:
   --verify-only             check that the released key opens the keyslot,
@@ -62,7 +72,8 @@ enroll options:
                             if DEVICE holds any filesystem or partition table)
   --recovery-passphrase-file FILE
                             with --format: also add a recovery passphrase
-                            keyslot (argon2id, 64 MiB)
+                            keyslot (argon2id, 32 MiB, 4 passes: opens in a
+                            512 MiB instance)
   --no-recovery             with --format: no recovery keyslot (the key server
                             is then the only way in)
   --sector-size BYTES       with --format: 512 (default) or 4096
@@ -441,6 +452,78 @@ int cmd_enroll(const Args& args) {
   return kExitOk;
 }
 
+// Image builders: encrypts an unmounted image in place, then enrolls it with
+// the recovery passphrase as the existing passphrase.
+int cmd_encrypt(const Args& args) {
+  auto usage = [](const std::string& m) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, m), kExitUsage);
+  };
+  if (args.positional().size() != 2) return usage("usage: keygate encrypt IMAGE ...");
+  const std::string image = args.positional()[1];
+  if (!args.has("recovery-passphrase-file")) {
+    return usage("encrypt needs --recovery-passphrase-file (the passphrase that opens the image "
+                 "when no key server can)");
+  }
+  // Enrollment's inputs are checked first: nothing is encrypted for a run
+  // that could not enroll.
+  if (args.get_all("server").empty() || !args.has("ca") || !args.has("enrollment-token-file")) {
+    return usage("encrypt enrolls the image too: give --server, --ca and --enrollment-token-file");
+  }
+  for (const char* file : {"ca", "enrollment-token-file"}) {
+    if (access(args.get(file).c_str(), R_OK) != 0) {
+      return usage(str_cat("--", file, " ", args.get(file), ": not readable"));
+    }
+  }
+  auto recovery = read_secret_file(args.get("recovery-passphrase-file"), 512, false);
+  if (!recovery.is_ok()) return fail(recovery.status(), kExitUsage);
+
+  struct stat st;
+  if (stat(image.c_str(), &st) != 0) return usage(str_cat(image, ": ", strerror(errno)));
+  const bool resuming = LuksDevice::open(image).is_ok();
+  uint64_t reduce = 16u << 20;
+  if (S_ISBLK(st.st_mode) && !args.has("reduce-device-size") && !resuming) {
+    return usage(str_cat(image, " is a block device: shrink its filesystem by 16 MiB and pass "
+                         "--reduce-device-size 16777216 to confirm the last 16 MiB are unused"));
+  }
+  if (args.has("reduce-device-size")) {
+    auto r = args.get_int("reduce-device-size", 16 << 20, 2 << 20, 1L << 30);
+    if (!r.is_ok()) return fail(r.status(), kExitUsage);
+    reduce = static_cast<uint64_t>(r.value());
+  }
+  if (!resuming) {
+    Status blank = check_device_blank(image);
+    if (blank.is_ok()) {
+      return usage(str_cat(image, " holds no filesystem to encrypt; use keygate enroll --format"));
+    }
+    if (S_ISREG(st.st_mode) && !args.has("reduce-device-size")) {
+      // Room for the header at the end, so no byte of the image is lost.
+      if (truncate(image.c_str(), st.st_size + static_cast<off_t>(reduce)) != 0) {
+        return fail(Status::error(ErrorKind::kIo, str_cat("grow ", image, ": ", strerror(errno))),
+                    kExitVolume);
+      }
+      log_info(str_cat(image, ": grown by ", reduce >> 20, " MiB for the LUKS2 header"));
+    }
+  }
+  int last_percent = -1;
+  Status encrypted = encrypt_in_place(
+      image, recovery.value(), reduce, [&](uint64_t done, uint64_t total) {
+        int percent = total == 0 ? 100 : static_cast<int>(done * 100 / total);
+        if (percent / 10 != last_percent / 10 || percent == 100) {
+          fprintf(stderr, "keygate: encrypting %s: %d%% (%llu of %llu MiB)\n", image.c_str(),
+                  percent, static_cast<unsigned long long>(done >> 20),
+                  static_cast<unsigned long long>(total >> 20));
+          last_percent = percent;
+        }
+      });
+  if (!encrypted.is_ok()) {
+    return fail(encrypted.with_context("encryption stopped; run the same command again to resume"),
+                kExitVolume);
+  }
+  std::cout << image << ": encrypted in place (LUKS2); enrolling\n";
+  return cmd_enroll(args.with("passphrase-file", args.get("recovery-passphrase-file"),
+                              {"enroll", image}));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -449,7 +532,8 @@ int main(int argc, char** argv) {
   auto args = Args::parse(
       argv_list,
       {"metadata-url", "timeout", "deadline", "server", "token-server", "ca", "enrollment-token-file",
-       "recovery-passphrase-file", "passphrase-file", "sector-size", "description"},
+       "recovery-passphrase-file", "passphrase-file", "sector-size", "description",
+       "reduce-device-size"},
       {"verify-only", "format", "no-recovery", "no-evidence", "json", "debug", "kmsg", "help"});
   log_init("keygate", LogSink::kStderr, LogLevel::kInfo);
   if (!args.is_ok()) {
@@ -473,6 +557,7 @@ int main(int argc, char** argv) {
   if (pos[0] == "enroll") return cmd_enroll(args.value());
   if (pos[0] == "status") return cmd_status(args.value());
   if (pos[0] == "keyscript") return cmd_keyscript(args.value());
+  if (pos[0] == "encrypt") return cmd_encrypt(args.value());
   log_error(str_cat("unknown command '", pos[0], "'"));
   fputs(kUsage, stderr);
   return kExitUsage;

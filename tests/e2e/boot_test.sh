@@ -68,18 +68,6 @@ echo "KEYGATE-E2E-ROOT-MOUNTED: $(/bin/busybox cat /etc/keygate-e2e-data)"
 INIT
 chmod +x "$rootdir/sbin/init"
 
-say "encrypt the root image in place (offline LUKS2 reencryption)"
-img=$work/root.img
-truncate -s 80M "$img"
-mke2fs -q -F -t ext4 -b 4096 -d "$rootdir" "$img" 16384   # 64 MiB fs, 16 MiB free for the header
-printf 'e2e recovery passphrase' >"$work/recovery.pass"
-cryptsetup reencrypt --encrypt --batch-mode --type luks2 --reduce-device-size 16M \
-  --pbkdf argon2id --pbkdf-memory 32768 --pbkdf-force-iterations 4 --pbkdf-parallel 1 \
-  --key-file "$work/recovery.pass" "$img" >/dev/null
-if grep -q "keygate e2e data written" "$img"; then fail "plaintext still in the image"; fi
-uuid=$(cryptsetup luksUUID "$img")
-echo "LUKS2 UUID $uuid"
-
 say "key server and metadata emulator on 127.0.0.1"
 wait_port() { for _ in $(seq 100); do [ -s "$1" ] && { cat "$1"; return; }; sleep 0.1; done; fail "no port in $1"; }
 "$bin/keygate-metadata-emulator" init --state-dir "$work/emu" --region eu-west-1 >/dev/null
@@ -93,14 +81,21 @@ pids+=($!)
 emu_port=$(wait_port "$work/emu.port")
 srv_port=$(wait_port "$work/srv.port")
 
-say "enroll the root image as an image-group volume (from the host, no evidence)"
+say "encrypt the root image in place and enroll it: keygate encrypt (image-group, from the host)"
+img=$work/root.img
+truncate -s 64M "$img"
+mke2fs -q -F -t ext4 -b 4096 -d "$rootdir" "$img"
+printf 'e2e recovery passphrase' >"$work/recovery.pass"
 "$bin/keygate-server" token create --state-dir "$work/srv" --image-group --account 210987654321 \
   --region eu-west-1 --image-id ami-0e2e000000000001 >"$work/token"
-"$bin/keygate" enroll "$img" --passphrase-file "$work/recovery.pass" --no-evidence \
+"$bin/keygate" encrypt "$img" --recovery-passphrase-file "$work/recovery.pass" --no-evidence \
   --server "https://127.0.0.1:$srv_port" --token-server "https://169.254.169.253:8443" \
   --ca "$work/srv/ca.pem" --enrollment-token-file "$work/token" | tee "$work/enroll.out"
 volume_id=$(sed -n 's/.*enrolled as volume \([0-9a-f-]*\).*/\1/p' "$work/enroll.out")
-[ -n "$volume_id" ] || fail "enrollment"
+[ -n "$volume_id" ] || fail "encryption and enrollment"
+if grep -q "keygate e2e data written" "$img"; then fail "plaintext still in the image"; fi
+uuid=$(cryptsetup luksUUID "$img")
+echo "LUKS2 UUID $uuid"
 
 say "initramfs: mkinitramfs with keygate's hook (crypttab and modules bound in a private mount namespace)"
 conf=$work/initramfs-conf
