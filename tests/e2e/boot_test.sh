@@ -11,6 +11,8 @@
 #            test answers it on the serial console, the same marker appears
 #   boot 3:  the same disk with a key file in the initramfs (timing baseline)
 #   dracut image (systemd initrd + keygate's module):
+#   boot 1t: token method: no keygate unit, systemd-cryptsetup opens the root
+#            through keygate's LUKS2 token plugin
 #   boot 1d: unattended, as boot 1
 #   boot 2d: revoked, systemd's passphrase prompt answered, as boot 2
 #
@@ -135,27 +137,45 @@ missing=$(chroot "$main" /sbin/keygate --help >/dev/null 2>&1 && echo "" || echo
 find "$main" -name 'dm-crypt.ko*' | grep -q . || fail "initramfs lacks dm-crypt"
 echo "initramfs $(du -h "$work/initrd.img" | cut -f1): keygate runs inside it, dm-crypt and network drivers present"
 
-say "initramfs: dracut with keygate's module (systemd initrd, systemd-networkd)"
 dracut_modules=$work/dracut-modules
 cp -r /usr/lib/dracut/modules.d "$dracut_modules"
 cp -r "$root/initramfs/dracut/90keygate" "$dracut_modules/"
-unshare -m sh -c "
-  mount --bind '$dracut_modules' /usr/lib/dracut/modules.d &&
-  KEYGATE_BIN='$bin/keygate' KEYGATE_INITRAMFS_CONF='$work/keygate-initramfs.conf' KEYGATE_SCRIPTS='$root/initramfs' \
-    dracut --force --quiet --no-hostonly --kver '$kver' --kmoddir '$kroot/lib/modules/$kver' \
-      --add keygate --omit plymouth --add-drivers 'virtio_blk virtio_net virtio_pci' \
-      --include '$work/crypttab' /etc/crypttab '$work/initrd-dracut.img'" >"$work/dracut.log" 2>&1 ||
-  { tail -20 "$work/dracut.log"; fail "dracut"; }
-mkdir -p "$work/dracut-contents"
-(cd "$work/dracut-contents" && /usr/lib/dracut/skipcpio "$work/initrd-dracut.img" | zstd -dcq 2>/dev/null | cpio -idm --quiet 2>/dev/null ||
-  /usr/lib/dracut/skipcpio "$work/initrd-dracut.img" | gzip -dc 2>/dev/null | cpio -idm --quiet 2>/dev/null || true)
+make_dracut() {  # output, keygate config, contents folder
+  unshare -m sh -c "
+    mount --bind '$dracut_modules' /usr/lib/dracut/modules.d &&
+    KEYGATE_BIN='$bin/keygate' KEYGATE_INITRAMFS_CONF='$2' KEYGATE_SCRIPTS='$root/initramfs' \
+    KEYGATE_TOKEN_PLUGIN='$build/lib/cryptsetup/libcryptsetup-token-keygate.so' \
+      dracut --force --quiet --no-hostonly --kver '$kver' --kmoddir '$kroot/lib/modules/$kver' \
+        --add keygate --omit plymouth --add-drivers 'virtio_blk virtio_net virtio_pci' \
+        --include '$work/crypttab' /etc/crypttab '$1'" >"$work/dracut.log" 2>&1 ||
+    { tail -20 "$work/dracut.log"; fail "dracut"; }
+  mkdir -p "$3"
+  (cd "$3" && { /usr/lib/dracut/skipcpio "$1" | zstd -dcq 2>/dev/null | cpio -idm --quiet 2>/dev/null ||
+    /usr/lib/dracut/skipcpio "$1" | gzip -dc 2>/dev/null | cpio -idm --quiet 2>/dev/null || true; })
+}
+has() { [ -e "$1" ] || [ -L "$1" ]; }
+
+if [ "${KEYGATE_E2E_ONLY:-}" != token ]; then
+say "initramfs: dracut with keygate's module (systemd initrd, systemd-networkd)"
+make_dracut "$work/initrd-dracut.img" "$work/keygate-initramfs.conf" "$work/dracut-contents"
 for f in usr/sbin/keygate usr/sbin/keygate-unlock-volumes etc/keygate/initramfs.conf etc/crypttab \
          etc/systemd/system/initrd.target.wants/keygate-unlock.service; do
-  [ -e "$work/dracut-contents/$f" ] || [ -L "$work/dracut-contents/$f" ] || fail "dracut image lacks $f"
+  has "$work/dracut-contents/$f" || fail "dracut image lacks $f"
 done
 chroot "$work/dracut-contents" /usr/sbin/keygate --help >/dev/null 2>&1 ||
   fail "keygate does not run inside the dracut image (missing libraries)"
 echo "dracut image $(du -h "$work/initrd-dracut.img" | cut -f1): keygate runs inside it, unit enabled"
+fi
+
+say "initramfs: dracut, token method (systemd-cryptsetup with keygate's LUKS2 token plugin)"
+{ cat "$work/keygate-initramfs.conf"; echo "KEYGATE_METHOD=token"; } >"$work/keygate-initramfs-token.conf"
+make_dracut "$work/initrd-dracut-token.img" "$work/keygate-initramfs-token.conf" "$work/dracut-token-contents"
+plugin_dir=$(cryptsetup --help | sed -n 's/.*external token plugin path: \(.*\)\.$/\1/p')
+has "$work/dracut-token-contents$plugin_dir/libcryptsetup-token-keygate.so" ||
+  fail "token-method dracut image lacks the token plugin"
+! has "$work/dracut-token-contents/etc/systemd/system/initrd.target.wants/keygate-unlock.service" ||
+  fail "token-method dracut image still enables keygate-unlock.service"
+echo "dracut token image $(du -h "$work/initrd-dracut-token.img" | cut -f1): plugin in $plugin_dir, no keygate unit"
 
 boot() {  # name, initrd, expect, extra driver args...
   local name=$1 initrd=$2 expect=$3; shift 3
@@ -180,13 +200,25 @@ boot() {  # name, initrd, expect, extra driver args...
 
 marker="KEYGATE-E2E-ROOT-MOUNTED: keygate e2e data written before encryption"
 
-if [ "${KEYGATE_E2E_ONLY:-}" != dracut ]; then
+if [ -z "${KEYGATE_E2E_ONLY:-}" ]; then
 say "boot 1: unattended unlock"
 boot unattended "$work/initrd.img" "$marker" --forbid "Please unlock disk" || { tail -40 "$work/console-unattended.log"; fail "boot 1"; }
 grep -q "key released by https://169.254.169.253:8443" "$work/console-unattended.log" || fail "boot 1: no release logged"
 grep -q "/dev/mapper/cryptroot" "$work/console-unattended.log" || fail "boot 1: root not on dm-crypt"
 
 fi
+
+say "boot 1t: the dracut token-method image, unattended: systemd-cryptsetup asks the plugin"
+releases() { "$bin/keygate-server" audit --state-dir "$work/srv" --limit 1000 | grep -c "unlock released" || true; }
+before=$(releases)
+BOOT_MEMORY=1024 BOOT_APPEND="rd.neednet=1" boot dracut-token "$work/initrd-dracut-token.img" "$marker" \
+  --forbid "Please enter passphrase" --forbid "Entering emergency mode" ||
+  { tail -60 "$work/console-dracut-token.log"; fail "dracut token boot"; }
+# The plugin logs to the journal, not the console: the server's audit shows
+# that it, not a passphrase, opened the volume.
+[ "$(releases)" -gt "$before" ] || fail "dracut token boot: the key server released nothing"
+echo "key server audit: $(( $(releases) - before )) release(s) during the token-method boot"
+[ "${KEYGATE_E2E_ONLY:-}" != token ] || exit 0
 
 say "boot 1d: the dracut image, unattended"
 BOOT_MEMORY=1024 BOOT_APPEND="rd.neednet=1" boot dracut "$work/initrd-dracut.img" "$marker" \
@@ -225,8 +257,8 @@ printf '%-34s %s s\n' "keygate (initramfs-tools): root unlocked" \
   "$(sed -n 's/.*keygate: cryptroot unlocked \([0-9.]*\) s after kernel start.*/\1/p' "$work/console-unattended.log" | head -1)"
 printf '%-34s %s s\n' "keygate (dracut): root unlocked" \
   "$(sed -n 's/.*keygate: cryptroot unlocked \([0-9.]*\) s after kernel start.*/\1/p' "$work/console-dracut.log" | head -1)"
-for name in unattended revoked keyfile dracut dracut-revoked; do
+for name in unattended revoked keyfile dracut-token dracut dracut-revoked; do
   printf '%-34s %s s\n' "$name: root mounted" "$(sed -n 's/.*KEYGATE-E2E: root uptime \([0-9.]*\).*/\1/p' "$work/console-$name.log" | head -1)"
 done
 echo
-echo "e2e: 5 passed, 0 failed"
+echo "e2e: 6 passed, 0 failed"

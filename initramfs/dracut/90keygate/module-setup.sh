@@ -7,6 +7,14 @@
 # KEYGATE_BIN, KEYGATE_INITRAMFS_CONF and KEYGATE_SCRIPTS override the
 # binary, the configuration file and the folder of keygate-unlock-volumes
 # (image builders, tests).
+#
+# Two methods, chosen by KEYGATE_METHOD in the configuration file:
+#   service (default)  keygate-unlock.service opens the volumes before
+#                      cryptsetup-pre.target;
+#   token              no keygate unit at all: systemd-cryptsetup opens the
+#                      volumes itself through the LUKS2 token plugin
+#                      (libcryptsetup-token-keygate.so), after the network
+#                      is online. KEYGATE_TOKEN_PLUGIN overrides the plugin.
 
 # Installed with prefix /usr (packages) or /usr/local (cmake's default).
 for _kg_prefix in /usr /usr/local; do
@@ -16,7 +24,6 @@ for _kg_prefix in /usr /usr/local; do
 done
 
 check() {
-    require_binaries "${KEYGATE_BIN:-/usr/sbin/keygate}" || return 1
     [[ -f ${KEYGATE_INITRAMFS_CONF:-/etc/keygate/initramfs.conf} ]] || return 255
     return 0
 }
@@ -30,16 +37,51 @@ installkernel() {
     instmods dm_crypt
 }
 
+# Where libcryptsetup loads token plugins from (the same path in the initrd).
+keygate_plugin_dir() {
+    cryptsetup --help 2>/dev/null | sed -n 's/.*external token plugin path: \(.*\)\.$/\1/p'
+}
+
+install_token_method() {
+    local plugin_dir plugin deadline metadata
+    plugin_dir=$(keygate_plugin_dir)
+    plugin=${KEYGATE_TOKEN_PLUGIN:-$plugin_dir/libcryptsetup-token-keygate.so}
+    if [[ -z $plugin_dir || ! -f $plugin ]]; then
+        derror "keygate: token plugin $plugin not found"
+        return 1
+    fi
+    inst_library "$plugin" "$plugin_dir/libcryptsetup-token-keygate.so"
+    # shellcheck disable=SC1090
+    deadline=$(. "$conf" && echo "${KEYGATE_DEADLINE:-120}")
+    metadata=$(. "$conf" && echo "${KEYGATE_METADATA_URL:-http://169.254.169.254}")
+    mkdir -p "$initdir$systemdsystemunitdir/systemd-cryptsetup@.service.d"
+    cat >"$initdir$systemdsystemunitdir/systemd-cryptsetup@.service.d/keygate.conf" <<UNIT
+[Unit]
+# The keygate token plugin asks the key server: the network comes first.
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Environment=KEYGATE_DEADLINE=$deadline KEYGATE_METADATA_URL=$metadata
+UNIT
+}
+
 install() {
-    inst_binary "${KEYGATE_BIN:-/usr/sbin/keygate}" /usr/sbin/keygate
-    inst_simple "${KEYGATE_INITRAMFS_CONF:-/etc/keygate/initramfs.conf}" /etc/keygate/initramfs.conf
+    local conf=${KEYGATE_INITRAMFS_CONF:-/etc/keygate/initramfs.conf}
+    inst_simple "$conf" /etc/keygate/initramfs.conf
+    # The key servers are reached before the root is mounted.
+    echo "rd.neednet=1" >"${initdir}/etc/cmdline.d/90keygate.conf"
     # glibc loads libgcc_s at run time; dependency scanning does not see it.
     inst_libdir_file "libgcc_s.so*"
+    # shellcheck disable=SC1090
+    if [[ $(. "$conf" && echo "${KEYGATE_METHOD:-service}") == token ]]; then
+        install_token_method
+        return
+    fi
+    inst_binary "${KEYGATE_BIN:-/usr/sbin/keygate}" /usr/sbin/keygate
     inst_multiple blkid cut sed sleep
     inst_script "${KEYGATE_SCRIPTS:-/usr/share/keygate}/keygate-unlock-volumes" \
         /usr/sbin/keygate-unlock-volumes
     inst_simple "$moddir/keygate-unlock.service" "$systemdsystemunitdir/keygate-unlock.service"
     $SYSTEMCTL -q --root "$initdir" enable keygate-unlock.service
-    # The key servers are reached before the root is mounted.
-    echo "rd.neednet=1" >"${initdir}/etc/cmdline.d/90keygate.conf"
 }
