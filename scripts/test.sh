@@ -15,6 +15,29 @@ cmake --build build -j "$jobs"
 echo "== test (RelWithDebInfo)"
 (cd build && ctest --output-on-failure -j 2)
 
+echo "== install layout (DESTDIR)"
+rm -rf build/install-root
+DESTDIR="$PWD/build/install-root" cmake --install build >/dev/null
+plugin_dir=$(pkg-config --variable=libdir libcryptsetup)/cryptsetup
+for f in usr/local/sbin/keygate usr/local/bin/keygate-server \
+         usr/local/share/keygate/trust/aws/rsa2048/us-east-1.pem \
+         usr/local/share/keygate/keygate-unlock-volumes usr/local/lib/keygate/keygate-keyscript \
+         usr/local/lib/systemd/system/keygate-volumes.service \
+         usr/share/initramfs-tools/hooks/keygate usr/share/initramfs-tools/scripts/init-premount/keygate \
+         usr/lib/dracut/modules.d/90keygate/module-setup.sh \
+         "${plugin_dir#/}/libcryptsetup-token-keygate.so"; do
+  [ -e "build/install-root/$f" ] || { echo "install layout: missing $f" >&2; exit 1; }
+done
+# The installed server finds its shipped trust store relative to itself.
+build/install-root/usr/local/bin/keygate-server serve --state-dir build/install-root/state \
+  --listen 127.0.0.1:0 --port-file build/install-root/port 2>build/install-root/server.log &
+server_pid=$!
+for _ in $(seq 100); do [ -s build/install-root/port ] && break; sleep 0.1; done
+kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
+grep -q "for 36 regions" build/install-root/server.log ||
+  { cat build/install-root/server.log >&2; echo "install layout: server did not load its trust store" >&2; exit 1; }
+echo "install layout: ok"
+
 if [ "${KEYGATE_SKIP_E2E:-0}" != 1 ]; then
   echo "== end-to-end boot test (QEMU, TCG)"
   tests/e2e/boot_test.sh build
