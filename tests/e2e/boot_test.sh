@@ -105,6 +105,17 @@ cp -r /etc/initramfs-tools "$conf"
 mkdir -p "$conf/hooks" "$conf/scripts/init-premount"
 cp "$root/initramfs/initramfs-tools/hooks/keygate" "$conf/hooks/"
 cp "$root/initramfs/initramfs-tools/scripts/init-premount/keygate" "$conf/scripts/init-premount/"
+# Test-only probe: when the root mapping exists (after cryptroot's turn), say
+# when, so key-file and keygate boots are timed at the same point.
+mkdir -p "$conf/scripts/local-premount"
+cat >"$conf/scripts/local-premount/e2e-unlocked" <<'PROBE'
+#!/bin/sh
+case "$1" in prereqs) exit 0 ;; esac
+[ -b /dev/mapper/cryptroot ] &&
+  echo "KEYGATE-E2E: cryptroot open $(cut -d' ' -f1 /proc/uptime) s after kernel start"
+exit 0
+PROBE
+chmod +x "$conf/scripts/local-premount/e2e-unlocked"
 cat >"$work/keygate-initramfs.conf" <<CONF
 KEYGATE_VOLUMES="cryptroot=UUID=$uuid"
 KEYGATE_DEADLINE=60
@@ -253,6 +264,10 @@ boot keyfile "$work/initrd-keyfile.img" "$marker" --forbid "Please unlock disk" 
   { tail -40 "$work/console-keyfile.log"; fail "boot 3"; }
 
 say "timings (guest clock under TCG, from kernel start)"
+for name in unattended keyfile revoked; do
+  printf '%-34s %s s\n' "$name: root unlocked" \
+    "$(sed -n 's/.*KEYGATE-E2E: cryptroot open \([0-9.]*\) s after kernel start.*/\1/p' "$work/console-$name.log" | head -1)"
+done
 printf '%-34s %s s\n' "keygate (initramfs-tools): root unlocked" \
   "$(sed -n 's/.*keygate: cryptroot unlocked \([0-9.]*\) s after kernel start.*/\1/p' "$work/console-unattended.log" | head -1)"
 printf '%-34s %s s\n' "keygate (dracut): root unlocked" \
