@@ -40,6 +40,24 @@ std::vector<char*> c_argv(const std::vector<std::string>& argv) {
   return out;
 }
 
+// Forks and execs argv with stdin, stdout and stderr from the given paths.
+pid_t spawn(const std::vector<std::string>& argv, const std::string& in, const std::string& out,
+            const std::string& err, int out_flags) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    int in_fd = open(in.c_str(), O_RDONLY);
+    int out_fd = open(out.c_str(), O_WRONLY | O_CREAT | out_flags, 0600);
+    int err_fd = out == err ? out_fd : open(err.c_str(), O_WRONLY | O_CREAT | out_flags, 0600);
+    dup2(in_fd, 0);
+    dup2(out_fd, 1);
+    dup2(err_fd, 2);
+    auto args = c_argv(argv);
+    execvp(args[0], args.data());
+    _exit(127);
+  }
+  return pid;
+}
+
 }  // namespace
 
 RunResult run(const std::vector<std::string>& argv, const std::string& input) {
@@ -47,18 +65,7 @@ RunResult run(const std::vector<std::string>& argv, const std::string& input) {
   std::string in_path = dir + "/in", out_path = dir + "/out", err_path = dir + "/err";
   write_file(in_path, input);
   auto start = std::chrono::steady_clock::now();
-  pid_t pid = fork();
-  if (pid == 0) {
-    int in = open(in_path.c_str(), O_RDONLY);
-    int out = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    int err = open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    dup2(in, 0);
-    dup2(out, 1);
-    dup2(err, 2);
-    auto args = c_argv(argv);
-    execvp(args[0], args.data());
-    _exit(127);
-  }
+  pid_t pid = spawn(argv, in_path, out_path, err_path, O_TRUNC);
   int status = 0;
   waitpid(pid, &status, 0);
   RunResult r;
@@ -74,19 +81,7 @@ RunResult run(const std::vector<std::string>& argv, const std::string& input) {
 }
 
 Background::Background(const std::vector<std::string>& argv, const std::string& log_path)
-    : log_(log_path) {
-  pid_ = fork();
-  if (pid_ == 0) {
-    int log = open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-    int devnull = open("/dev/null", O_RDONLY);
-    dup2(devnull, 0);
-    dup2(log, 1);
-    dup2(log, 2);
-    auto args = c_argv(argv);
-    execvp(args[0], args.data());
-    _exit(127);
-  }
-}
+    : pid_(spawn(argv, "/dev/null", log_path, log_path, O_APPEND)), log_(log_path) {}
 
 Background::~Background() { stop(); }
 

@@ -160,10 +160,12 @@ class KeygateTest : public ::testing::Test {
     return run(argv);
   }
 
-  // Enrolls a fresh volume with the main server; returns (path, volume id).
-  std::pair<std::string, std::string> enrolled_volume() {
+  // Enrolls a fresh volume with `server` (the main one by default); returns
+  // (path, volume id), the id empty if enrollment failed.
+  std::pair<std::string, std::string> enrolled_volume(const Server* server = nullptr) {
+    const Server& s = server != nullptr ? *server : server_;
     std::string vol = new_volume_file();
-    RunResult r = enroll_format(vol, server_, make_token(server_), emulator_);
+    RunResult r = enroll_format(vol, s, make_token(s), emulator_);
     EXPECT_EQ(r.exit_code, 0) << r.err;
     std::smatch m;
     std::regex re("enrolled as volume ([0-9a-f-]+)");
@@ -446,9 +448,8 @@ TEST_F(KeygateTest, NonceIsSingleUse) {
 TEST_F(KeygateTest, ExpiredNonceIsRefused) {
   Server quick = start_server("quick", {"--nonce-ttl", "1"});
   ASSERT_GT(quick.port, 0);
-  std::string vol = new_volume_file();
-  ASSERT_EQ(enroll_format(vol, quick, make_token(quick), emulator_).exit_code, 0);
-  std::string id = unlocker::LuksDevice::open(vol)->find_keygate_token().value()->second.volume_id;
+  auto [vol, id] = enrolled_volume(&quick);
+  ASSERT_FALSE(id.empty());
   auto keys = X25519KeyPair::generate().value();
   Json::Value req;
   req["volume_id"] = id;
@@ -510,8 +511,8 @@ TEST_F(KeygateTest, WrappedSecretAlteredInTransitIsRejected) {
 TEST_F(KeygateTest, ClientPinnedToAnotherCaRefusesToTalk) {
   Server first = start_server("pin-a");
   ASSERT_GT(first.port, 0);
-  std::string vol = new_volume_file();
-  ASSERT_EQ(enroll_format(vol, first, make_token(first), emulator_).exit_code, 0);
+  auto [vol, vol_id] = enrolled_volume(&first);
+  ASSERT_FALSE(vol_id.empty());
   const int port = first.port;
   first.process.stop();
   // An impostor with its own CA takes over the address.
@@ -527,8 +528,8 @@ TEST_F(KeygateTest, ClientPinnedToAnotherCaRefusesToTalk) {
 TEST_F(KeygateTest, ServerDownFailsFastWithUnreachableCode) {
   Server doomed = start_server("down");
   ASSERT_GT(doomed.port, 0);
-  std::string vol = new_volume_file();
-  ASSERT_EQ(enroll_format(vol, doomed, make_token(doomed), emulator_).exit_code, 0);
+  auto [vol, vol_id] = enrolled_volume(&doomed);
+  ASSERT_FALSE(vol_id.empty());
   doomed.process.stop();
   RunResult r = unlock(vol, emulator_);
   EXPECT_EQ(r.exit_code, kExitUnreachable) << r.err;
@@ -598,8 +599,8 @@ TEST_F(KeygateTest, SilentOrKilledFirstServerCostsUnderTwoSeconds) {
 TEST_F(KeygateTest, DeadlineRetriesUntilTheServerComesBack) {
   Server flaky = start_server("flaky");
   ASSERT_GT(flaky.port, 0);
-  std::string vol = new_volume_file();
-  ASSERT_EQ(enroll_format(vol, flaky, make_token(flaky), emulator_).exit_code, 0);
+  auto [vol, vol_id] = enrolled_volume(&flaky);
+  ASSERT_FALSE(vol_id.empty());
   const int port = flaky.port;
   const std::string state = flaky.state;
   flaky.process.stop();
@@ -629,8 +630,8 @@ TEST_F(KeygateTest, DeadlineEndsWhenAllServersRefuseOrTimeRunsOut) {
   // Unreachable until the deadline: hands over after about the deadline.
   Server gone = start_server("gone");
   ASSERT_GT(gone.port, 0);
-  std::string vol2 = new_volume_file();
-  ASSERT_EQ(enroll_format(vol2, gone, make_token(gone), emulator_).exit_code, 0);
+  auto [vol2, vol2_id] = enrolled_volume(&gone);
+  ASSERT_FALSE(vol2_id.empty());
   gone.process.stop();
   RunResult timeout = run({bin("keygate"), "unlock", vol2, "--verify-only", "--metadata-url",
                            emulator_.url(), "--deadline", "3"});
