@@ -1,5 +1,7 @@
 #include "core/secret.h"
 
+#include "core/file.h"
+
 #include <fcntl.h>
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
@@ -110,19 +112,10 @@ Result<SecretBuffer> read_secret_file(const std::string& path, size_t max_size,
     close(fd);
     return buf.status();
   }
-  size_t used = 0;
-  while (used < max_size + 1) {
-    ssize_t n = read(fd, buf->data() + used, max_size + 1 - used);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      int err = errno;
-      close(fd);
-      return Status::error(ErrorKind::kIo, str_cat("read ", path, ": ", strerror(err)));
-    }
-    if (n == 0) break;
-    used += static_cast<size_t>(n);
-  }
+  auto count = read_up_to(fd, buf->data(), max_size + 1, path);
   close(fd);
+  if (!count.is_ok()) return count.status();
+  size_t used = count.value();
   if (used > max_size) {
     return Status::error(ErrorKind::kInvalidArgument,
                          str_cat("read ", path, ": longer than ", max_size, " bytes"));

@@ -22,6 +22,7 @@
 
 #include "core/args.h"
 #include "core/crypto.h"
+#include "core/file.h"
 #include "core/log.h"
 #include "server/state_files.h"
 
@@ -103,8 +104,20 @@ struct Signer {
   X509* cert = nullptr;
 };
 
+// Region names become file names: AWS's alphabet only.
+bool is_region_name(const std::string& r) {
+  if (r.empty() || r.size() > 32) return false;
+  for (char c : r) {
+    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-')) return false;
+  }
+  return true;
+}
+
 // Loads or creates the self-signed RSA-2048 certificate for `region`.
 Result<Signer> region_signer(const std::string& state_dir, const std::string& region) {
+  if (!is_region_name(region)) {
+    return Status::error(ErrorKind::kInvalidArgument, str_cat("bad region name '", region, "'"));
+  }
   const std::string key_dir = state_dir + "/aws-keys", trust_dir = state_dir + "/aws-trust";
   KEYGATE_RETURN_IF_ERROR(server::ensure_state_dir(state_dir));
   KEYGATE_RETURN_IF_ERROR(server::ensure_state_dir(key_dir));
@@ -147,13 +160,13 @@ Result<Signer> region_signer(const std::string& state_dir, const std::string& re
   PEM_write_bio_PrivateKey(kb, s.key, nullptr, nullptr, 0, nullptr, nullptr);
   char* data = nullptr;
   long len = BIO_get_mem_data(kb, &data);
-  Status ks = server::write_file_atomically(key_path, std::string_view(data, len), 0600);
+  Status ks = write_file_atomically(key_path, std::string_view(data, len), 0600);
   BIO_free(kb);
   KEYGATE_RETURN_IF_ERROR(ks);
   BIO* cb = BIO_new(BIO_s_mem());
   PEM_write_bio_X509(cb, s.cert);
   len = BIO_get_mem_data(cb, &data);
-  Status cs = server::write_file_atomically(cert_path, std::string_view(data, len), 0644);
+  Status cs = write_file_atomically(cert_path, std::string_view(data, len), 0644);
   BIO_free(cb);
   KEYGATE_RETURN_IF_ERROR(cs);
   return s;
@@ -279,7 +292,7 @@ int serve(const Args& args, const Identity& id, const std::string& state_dir) {
     return 1;
   }
   if (args.has("port-file")) {
-    Status s = server::write_file_atomically(args.get("port-file"), std::to_string(port) + "\n",
+    Status s = write_file_atomically(args.get("port-file"), std::to_string(port) + "\n",
                                              0644);
     if (!s.is_ok()) {
       log_error(s.message());

@@ -229,21 +229,6 @@ class SqliteStore final : public Store {
                                  volume_state_name(from)));
   }
 
-  Status update_policy(const std::string& id, const std::string& policy_json,
-                       int64_t now) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(db_, "UPDATE volumes SET policy = ?, updated_at = ? WHERE id = ?");
-    if (!s.ok()) return db_error("prepare policy update");
-    s.bind(1, policy_json);
-    s.bind(2, now);
-    s.bind(3, id);
-    if (s.step() != SQLITE_DONE) return db_error("update policy");
-    if (sqlite3_changes(db_) != 1) {
-      return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
-    }
-    return Status::ok();
-  }
-
   Result<std::vector<VolumeRecord>> list_volumes() override {
     std::lock_guard<std::mutex> lock(mu_);
     Stmt s(db_,

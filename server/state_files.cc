@@ -52,8 +52,7 @@ Status add_ext(X509* cert, X509* issuer, int nid, const std::string& value) {
 }
 
 Result<std::unique_ptr<X509, X509Free>> make_cert(EVP_PKEY* key, const std::string& cn,
-                                                  X509* issuer, EVP_PKEY* issuer_key,
-                                                  long days) {
+                                                  X509* issuer, long days) {
   std::unique_ptr<X509, X509Free> cert(X509_new());
   X509_set_version(cert.get(), 2);
   Bytes serial = random_bytes(16);
@@ -70,7 +69,6 @@ Result<std::unique_ptr<X509, X509Free>> make_cert(EVP_PKEY* key, const std::stri
   X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
                              reinterpret_cast<const unsigned char*>(cn.c_str()), -1, -1, 0);
   X509_set_issuer_name(cert.get(), issuer ? X509_get_subject_name(issuer) : name);
-  (void)issuer_key;
   return cert;
 }
 
@@ -99,59 +97,6 @@ Status ensure_state_dir(const std::string& dir) {
                                                  strerror(errno)));
   }
   return Status::ok();
-}
-
-Status write_file_atomically(const std::string& path, std::string_view data, unsigned mode) {
-  std::string tmp = path + ".tmp";
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-  if (fd < 0) return Status::error(ErrorKind::kIo, str_cat("create ", tmp, ": ", strerror(errno)));
-  fchmod(fd, mode);
-  size_t done = 0;
-  while (done < data.size()) {
-    ssize_t n = write(fd, data.data() + done, data.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      int err = errno;
-      close(fd);
-      unlink(tmp.c_str());
-      return Status::error(ErrorKind::kIo, str_cat("write ", tmp, ": ", strerror(err)));
-    }
-    done += static_cast<size_t>(n);
-  }
-  if (fsync(fd) != 0 || close(fd) != 0) {
-    unlink(tmp.c_str());
-    return Status::error(ErrorKind::kIo, str_cat("sync ", tmp, ": ", strerror(errno)));
-  }
-  if (rename(tmp.c_str(), path.c_str()) != 0) {
-    unlink(tmp.c_str());
-    return Status::error(ErrorKind::kIo, str_cat("rename to ", path, ": ", strerror(errno)));
-  }
-  return Status::ok();
-}
-
-Result<std::string> read_small_file(const std::string& path, size_t max_size) {
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Status::error(ErrorKind::kIo, str_cat("open ", path, ": ", strerror(errno)));
-  std::string out;
-  char buf[4096];
-  while (true) {
-    ssize_t n = read(fd, buf, sizeof(buf));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      int err = errno;
-      close(fd);
-      return Status::error(ErrorKind::kIo, str_cat("read ", path, ": ", strerror(err)));
-    }
-    if (n == 0) break;
-    out.append(buf, static_cast<size_t>(n));
-    if (out.size() > max_size) {
-      close(fd);
-      return Status::error(ErrorKind::kInvalidArgument,
-                           str_cat(path, ": larger than ", max_size, " bytes"));
-    }
-  }
-  close(fd);
-  return out;
 }
 
 Result<SecretBuffer> load_or_create_kek(const std::string& path) {
@@ -200,8 +145,7 @@ Status ensure_tls_material(const std::string& dir,
   auto srv_pkey = generate_p256();
   if (!ca_pkey || !srv_pkey) return Status::error(ErrorKind::kInternal, "EC key generation");
 
-  auto ca = make_cert(ca_pkey.get(), "keygate CA " + hex_encode(random_bytes(4)), nullptr,
-                      nullptr, 3650);
+  auto ca = make_cert(ca_pkey.get(), "keygate CA " + hex_encode(random_bytes(4)), nullptr, 3650);
   if (!ca.is_ok()) return ca.status();
   X509* ca_cert = ca->get();
   KEYGATE_RETURN_IF_ERROR(add_ext(ca_cert, ca_cert, NID_basic_constraints, "critical,CA:TRUE,pathlen:0"));
@@ -211,7 +155,7 @@ Status ensure_tls_material(const std::string& dir,
     return Status::error(ErrorKind::kInternal, "sign CA certificate");
   }
 
-  auto srv = make_cert(srv_pkey.get(), "keygate-server", ca_cert, ca_pkey.get(), 1825);
+  auto srv = make_cert(srv_pkey.get(), "keygate-server", ca_cert, 1825);
   if (!srv.is_ok()) return srv.status();
   X509* srv_cert = srv->get();
   std::string san;

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "core/file.h"
 #include "core/secret.h"
 #include "core/status.h"
 
@@ -22,10 +23,5 @@ Result<SecretBuffer> load_or_create_kek(const std::string& path);
 // Generates the CA and a server certificate for `subject_alt_names`
 // ("DNS:name" or "IP:addr") unless all four files already exist.
 Status ensure_tls_material(const std::string& dir, const std::vector<std::string>& subject_alt_names);
-
-// Writes `data` to `path` via a temporary file and rename, with `mode`.
-Status write_file_atomically(const std::string& path, std::string_view data, unsigned mode);
-
-Result<std::string> read_small_file(const std::string& path, size_t max_size);
 
 }  // namespace keygate::server

@@ -57,8 +57,6 @@ class Store {
   // kNotFound if unknown.
   virtual Status transition_volume(const std::string& id, VolumeState from, VolumeState to,
                                    int64_t now) = 0;
-  virtual Status update_policy(const std::string& id, const std::string& policy_json,
-                               int64_t now) = 0;
   virtual Result<std::vector<VolumeRecord>> list_volumes() = 0;
 
   virtual Status append_audit(const AuditEvent& event) = 0;

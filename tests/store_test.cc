@@ -58,7 +58,7 @@ TEST_F(StoreTest, NoncesAreNotWrittenToDisk) {
   ASSERT_TRUE(store_->insert_volume(marker).is_ok());
   const std::string needle(as_string_view(n));
   auto count = [&](const std::string& file) {
-    std::string content = read_small_file(dir_ + file, 64 << 20).value();
+    std::string content = read_small_file(dir_ + file, 8 << 20).value();
     size_t hits = 0;
     for (size_t at = content.find(needle); at != std::string::npos;
          at = content.find(needle, at + 1)) {

@@ -14,6 +14,7 @@
 
 #include "core/args.h"
 #include "core/crypto.h"
+#include "core/file.h"
 #include "core/json.h"
 #include "core/log.h"
 #include "core/protocol.h"
@@ -340,9 +341,9 @@ int cmd_enroll(const Args& args) {
   }
 
   // Read every input and check the device before anything is changed.
-  auto ca_pem = read_secret_file(args.get("ca"), 64 * 1024, false);
+  auto ca_pem = read_small_file(args.get("ca"), 64 * 1024);
   if (!ca_pem.is_ok()) return fail(ca_pem.status(), kExitUsage);
-  std::string ca(reinterpret_cast<const char*>(ca_pem->data()), ca_pem->size());
+  const std::string& ca = ca_pem.value();
   auto fingerprint = certificate_sha256_fingerprint(ca);
   if (!fingerprint.is_ok()) return fail(fingerprint.status().with_context(args.get("ca")), kExitUsage);
   auto token = read_secret_file(args.get("enrollment-token-file"), 256, true);

@@ -1,0 +1,67 @@
+#include "core/file.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace keygate {
+
+Status write_file_atomically(const std::string& path, std::string_view data, unsigned mode) {
+  std::string tmp = path + ".tmp";
+  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+  if (fd < 0) return Status::error(ErrorKind::kIo, str_cat("create ", tmp, ": ", strerror(errno)));
+  fchmod(fd, mode);
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      int err = errno;
+      close(fd);
+      unlink(tmp.c_str());
+      return Status::error(ErrorKind::kIo, str_cat("write ", tmp, ": ", strerror(err)));
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (fsync(fd) != 0 || close(fd) != 0) {
+    unlink(tmp.c_str());
+    return Status::error(ErrorKind::kIo, str_cat("sync ", tmp, ": ", strerror(errno)));
+  }
+  if (rename(tmp.c_str(), path.c_str()) != 0) {
+    unlink(tmp.c_str());
+    return Status::error(ErrorKind::kIo, str_cat("rename to ", path, ": ", strerror(errno)));
+  }
+  return Status::ok();
+}
+
+Result<size_t> read_up_to(int fd, uint8_t* dst, size_t capacity, const std::string& name) {
+  size_t used = 0;
+  while (used < capacity) {
+    ssize_t n = read(fd, dst + used, capacity - used);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Status::error(ErrorKind::kIo, str_cat("read ", name, ": ", strerror(errno)));
+    if (n == 0) break;
+    used += static_cast<size_t>(n);
+  }
+  return used;
+}
+
+Result<std::string> read_small_file(const std::string& path, size_t max_size) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::error(ErrorKind::kIo, str_cat("open ", path, ": ", strerror(errno)));
+  std::string out(max_size + 1, '\0');
+  auto used = read_up_to(fd, reinterpret_cast<uint8_t*>(out.data()), out.size(), path);
+  close(fd);
+  if (!used.is_ok()) return used.status();
+  if (used.value() > max_size) {
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat(path, ": larger than ", max_size, " bytes"));
+  }
+  out.resize(used.value());
+  return out;
+}
+
+}  // namespace keygate

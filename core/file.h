@@ -1,0 +1,24 @@
+// Small-file helpers for non-secret data (certificates, configuration, state
+// markers). Secrets are read with read_secret_file (core/secret.h).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "core/status.h"
+
+namespace keygate {
+
+// Writes `data` to `path` via a temporary file, fsync and rename, with `mode`:
+// a crash leaves either the old file or the new one, never a torn one.
+Status write_file_atomically(const std::string& path, std::string_view data, unsigned mode);
+
+// Reads from `fd` into `dst` until end of file or `capacity` bytes; returns
+// the count. `name` is for error messages. Does not close `fd`.
+Result<size_t> read_up_to(int fd, uint8_t* dst, size_t capacity, const std::string& name);
+
+// Reads a whole file of at most `max_size` bytes.
+Result<std::string> read_small_file(const std::string& path, size_t max_size);
+
+}  // namespace keygate
