@@ -2,6 +2,7 @@
 
 #include <openssl/bio.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/kdf.h>
@@ -179,6 +180,15 @@ Result<std::string> certificate_sha256_fingerprint(std::string_view pem) {
   unsigned int len = 0;
   if (X509_digest(cert.get(), EVP_sha256(), md, &len) != 1) return crypto_error("X509_digest");
   return hex_encode(md, len);
+}
+
+std::string openssl_last_error() {
+  unsigned long e = ERR_get_error();
+  ERR_clear_error();
+  if (e == 0) return "unknown error";
+  char buf[256];
+  ERR_error_string_n(e, buf, sizeof(buf));
+  return buf;
 }
 
 }  // namespace keygate

@@ -50,6 +50,9 @@ struct X25519KeyPair {
   Result<SecretBuffer> shared_secret(const Bytes& peer_public) const;
 };
 
+// The oldest queued OpenSSL error as text (queue cleared), for messages.
+std::string openssl_last_error();
+
 // SHA-256 over the DER of the first certificate in `pem`, as lowercase hex.
 Result<std::string> certificate_sha256_fingerprint(std::string_view pem);
 

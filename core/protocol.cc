@@ -1,5 +1,7 @@
 #include "core/protocol.h"
 
+#include <algorithm>
+
 #include "core/crypto.h"
 
 namespace keygate::api {
@@ -12,6 +14,14 @@ bool is_valid_volume_id(std::string_view id) {
     if (!ok) return false;
   }
   return true;
+}
+
+std::string gcp_audience(const Bytes& binding) {
+  return "keygate:v1:" + base64url_encode(binding.data(), binding.size());
+}
+
+std::string azure_nonce(const Bytes& binding) {
+  return hex_encode(binding.data(), std::min<size_t>(binding.size(), 16));
 }
 
 Bytes enrollment_confirmation(const SecretBuffer& secret, std::string_view volume_id) {

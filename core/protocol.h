@@ -35,6 +35,13 @@ constexpr char kErrNotEnrolled[] = "not_enrolled";
 constexpr char kErrTokenInvalid[] = "enrollment_token_invalid";
 constexpr char kErrInternal[] = "internal";
 
+// How the binding value (envelope.h) travels in evidence a provider signs:
+//  - GCP identity token audience: "keygate:v1:" + base64url(binding), 54 chars;
+//  - Azure attested-document nonce: hex of the binding's first 16 bytes
+//    (Azure accepts at most 32 alphanumeric characters), 128 bits.
+std::string gcp_audience(const Bytes& binding);
+std::string azure_nonce(const Bytes& binding);
+
 // Volume ids are server-generated UUIDs; accept only that alphabet.
 bool is_valid_volume_id(std::string_view id);
 

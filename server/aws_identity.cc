@@ -12,7 +12,9 @@
 #include <fstream>
 #include <sstream>
 
+#include "core/crypto.h"
 #include "core/json.h"
+#include "server/cms_shape.h"
 
 namespace keygate::server {
 namespace {
@@ -31,156 +33,6 @@ bool is_region_name(std::string_view r) {
     if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-')) return false;
   }
   return true;
-}
-
-std::string openssl_error() {
-  unsigned long e = ERR_get_error();
-  ERR_clear_error();
-  if (e == 0) return "unknown error";
-  char buf[256];
-  ERR_error_string_n(e, buf, sizeof(buf));
-  return buf;
-}
-
-
-// A minimal, bounded BER reader for the strict shape check below.
-struct Tlv {
-  uint8_t tag = 0;
-  const uint8_t* content = nullptr;  // primitive content
-  size_t length = 0;
-  std::vector<Tlv> children;  // constructed
-};
-
-constexpr int kMaxDepth = 12;
-constexpr size_t kMaxNodes = 256;
-
-bool read_tlv(const uint8_t* data, size_t size, size_t& pos, int depth, size_t& nodes, Tlv& out);
-
-bool read_children(const uint8_t* data, size_t end, size_t& pos, bool indefinite, int depth,
-                   size_t& nodes, std::vector<Tlv>& children) {
-  while (true) {
-    if (indefinite) {
-      if (pos + 2 > end) return false;
-      if (data[pos] == 0 && data[pos + 1] == 0) {
-        pos += 2;
-        return true;
-      }
-    } else if (pos == end) {
-      return true;
-    }
-    Tlv child;
-    if (!read_tlv(data, end, pos, depth + 1, nodes, child)) return false;
-    children.push_back(std::move(child));
-  }
-}
-
-bool read_tlv(const uint8_t* data, size_t size, size_t& pos, int depth, size_t& nodes, Tlv& out) {
-  if (depth > kMaxDepth || ++nodes > kMaxNodes || pos + 2 > size) return false;
-  out.tag = data[pos++];
-  if ((out.tag & 0x1f) == 0x1f || out.tag == 0) return false;  // no multi-byte tags, no EOC here
-  const bool constructed = (out.tag & 0x20) != 0;
-  uint8_t first = data[pos++];
-  if (first == 0x80) {
-    if (!constructed) return false;
-    return read_children(data, size, pos, true, depth, nodes, out.children);
-  }
-  size_t length = first;
-  if (first & 0x80) {
-    int n = first & 0x7f;
-    if (n == 0 || n > 3 || pos + n > size) return false;
-    length = 0;
-    for (int i = 0; i < n; ++i) length = (length << 8) | data[pos++];
-  }
-  if (length > size - pos) return false;
-  if (!constructed) {
-    out.content = data + pos;
-    out.length = length;
-    pos += length;
-    return true;
-  }
-  size_t end = pos + length;
-  if (!read_children(data, end, pos, false, depth, nodes, out.children)) return false;
-  return pos == end;
-}
-
-bool is_primitive(const Tlv& t, uint8_t tag, std::initializer_list<uint8_t> value) {
-  return t.tag == tag && t.children.empty() && t.length == value.size() &&
-         std::equal(value.begin(), value.end(), t.content);
-}
-
-constexpr std::initializer_list<uint8_t> kOidSignedData = {0x2a, 0x86, 0x48, 0x86, 0xf7,
-                                                           0x0d, 0x01, 0x07, 0x02};
-constexpr std::initializer_list<uint8_t> kOidData = {0x2a, 0x86, 0x48, 0x86, 0xf7,
-                                                     0x0d, 0x01, 0x07, 0x01};
-constexpr std::initializer_list<uint8_t> kOidSha256 = {0x60, 0x86, 0x48, 0x01, 0x65,
-                                                       0x03, 0x04, 0x02, 0x01};
-constexpr std::initializer_list<uint8_t> kOidRsa = {0x2a, 0x86, 0x48, 0x86, 0xf7,
-                                                    0x0d, 0x01, 0x01, 0x01};
-constexpr std::initializer_list<uint8_t> kOidSha256Rsa = {0x2a, 0x86, 0x48, 0x86, 0xf7,
-                                                          0x0d, 0x01, 0x01, 0x0b};
-
-// AlgorithmIdentifier: the OID, then nothing or an exact NULL.
-bool is_algorithm(const Tlv& t, std::initializer_list<std::initializer_list<uint8_t>> oids) {
-  if (t.tag != 0x30 || t.children.empty() || t.children.size() > 2) return false;
-  bool oid_ok = false;
-  for (const auto& oid : oids) oid_ok = oid_ok || is_primitive(t.children[0], 0x06, oid);
-  return oid_ok && (t.children.size() == 1 || is_primitive(t.children[1], 0x05, {}));
-}
-
-// The signature covers the document and the signed attributes; OpenSSL
-// ignores the rest (versions, content type, algorithm parameters, how the
-// content is chunked). So the whole structure must be exactly the shape AWS
-// produces, and any byte outside the signed parts that differs is refused:
-//   ContentInfo { signedData, [0] SignedData { 1, {sha256}, { data, [0] OCTETs },
-//                 { SignerInfo { 1, issuerAndSerial, sha256, [0] attrs,
-//                                rsa[WithSHA256], signature } } } }
-Status check_cms_shape(const Bytes& der) {
-  Tlv root;
-  size_t pos = 0, nodes = 0;
-  if (!read_tlv(der.data(), der.size(), pos, 0, nodes, root) || pos != der.size()) {
-    return Status::error(ErrorKind::kInvalidArgument, "AWS signature: malformed encoding");
-  }
-  auto bad = [](const char* what) {
-    return Status::error(ErrorKind::kIntegrity, str_cat("AWS signature: unexpected ", what));
-  };
-  if (root.tag != 0x30 || root.children.size() != 2 ||
-      !is_primitive(root.children[0], 0x06, kOidSignedData) || root.children[1].tag != 0xa0 ||
-      root.children[1].children.size() != 1) {
-    return bad("content info");
-  }
-  const Tlv& sd = root.children[1].children[0];
-  if (sd.tag != 0x30 || sd.children.size() != 4) return bad("signed data layout");
-  if (!is_primitive(sd.children[0], 0x02, {0x01})) return bad("signed data version");
-  const Tlv& digests = sd.children[1];
-  if (digests.tag != 0x31 || digests.children.size() != 1 ||
-      !is_algorithm(digests.children[0], {kOidSha256})) {
-    return bad("digest algorithms");
-  }
-  const Tlv& encap = sd.children[2];
-  if (encap.tag != 0x30 || encap.children.size() != 2 ||
-      !is_primitive(encap.children[0], 0x06, kOidData) || encap.children[1].tag != 0xa0 ||
-      encap.children[1].children.size() != 1) {
-    return bad("encapsulated content");
-  }
-  const Tlv& octets = encap.children[1].children[0];
-  if (octets.tag == 0x24) {
-    for (const Tlv& chunk : octets.children) {
-      if (chunk.tag != 0x04) return bad("content chunk");
-    }
-  } else if (octets.tag != 0x04) {
-    return bad("content type");
-  }
-  const Tlv& signers = sd.children[3];
-  if (signers.tag != 0x31 || signers.children.size() != 1) return bad("signer count");
-  const Tlv& si = signers.children[0];
-  if (si.tag != 0x30 || si.children.size() != 6) return bad("signer info layout");
-  if (!is_primitive(si.children[0], 0x02, {0x01})) return bad("signer info version");
-  if (si.children[1].tag != 0x30) return bad("signer identifier");
-  if (!is_algorithm(si.children[2], {kOidSha256})) return bad("signer digest algorithm");
-  if (si.children[3].tag != 0xa0) return bad("signed attributes");
-  if (!is_algorithm(si.children[4], {kOidRsa, kOidSha256Rsa})) return bad("signature algorithm");
-  if (si.children[5].tag != 0x04) return bad("signature value");
-  return Status::ok();
 }
 
 }  // namespace
@@ -281,7 +133,10 @@ Result<AwsIdentity> verify_aws_identity(const Bytes& pkcs7_der, const AwsTrustSt
   if (pkcs7_der.empty() || pkcs7_der.size() > kMaxPkcs7Size) {
     return Status::error(ErrorKind::kInvalidArgument, "AWS signature: empty or too large");
   }
-  KEYGATE_RETURN_IF_ERROR(check_cms_shape(pkcs7_der));
+  // AWS's exact shape: signed attributes, no certificates, SHA-256.
+  static const CmsShape kAwsShape{"AWS signature", true, false, {kOidSha256},
+                                  {kOidRsaEncryption, kOidSha256WithRsa}};
+  KEYGATE_RETURN_IF_ERROR(check_cms_shape(pkcs7_der, kAwsShape));
   std::unique_ptr<BIO, decltype(&BIO_free)> in(
       BIO_new_mem_buf(pkcs7_der.data(), static_cast<int>(pkcs7_der.size())), BIO_free);
   std::unique_ptr<CMS_ContentInfo, decltype(&CMS_ContentInfo_free)> cms(
@@ -329,7 +184,7 @@ Result<AwsIdentity> verify_aws_identity(const Bytes& pkcs7_der, const AwsTrustSt
   if (CMS_verify(cms.get(), certs.get(), store.get(), nullptr, out.get(),
                  CMS_BINARY | CMS_NOINTERN) != 1) {
     return Status::error(ErrorKind::kIntegrity,
-                         str_cat("AWS signature does not verify: ", openssl_error()));
+                         str_cat("AWS signature does not verify: ", openssl_last_error()));
   }
   char* data = nullptr;
   long len = BIO_get_mem_data(out.get(), &data);
@@ -340,6 +195,16 @@ Result<AwsIdentity> verify_aws_identity(const Bytes& pkcs7_der, const AwsTrustSt
     return Status::error(ErrorKind::kIntegrity, "AWS signature: region changed under signature");
   }
   return verified;
+}
+
+Identity to_identity(const AwsIdentity& id) {
+  Identity out;
+  out.platform = "aws";
+  out.claims = {{"account_id", id.account_id},       {"region", id.region},
+                {"availability_zone", id.availability_zone}, {"image_id", id.image_id},
+                {"instance_id", id.instance_id},     {"instance_type", id.instance_type},
+                {"architecture", id.architecture}};
+  return out;
 }
 
 }  // namespace keygate::server

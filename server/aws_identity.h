@@ -14,6 +14,7 @@
 #include "core/clock.h"
 #include "core/encoding.h"
 #include "core/status.h"
+#include "server/policy.h"
 
 namespace keygate::server {
 
@@ -57,6 +58,9 @@ class AwsTrustStore {
 // malformed input fails with kIntegrity or kInvalidArgument.
 Result<AwsIdentity> verify_aws_identity(const Bytes& pkcs7_der, const AwsTrustStore& trust,
                                         const Clock& clock);
+
+// The platform-neutral form the policy evaluates (platform "aws").
+Identity to_identity(const AwsIdentity& id);
 
 // Parses a document's JSON (already authenticated) into fields.
 Result<AwsIdentity> parse_aws_identity_document(std::string_view document);

@@ -74,9 +74,9 @@ struct KeyService::Common {
   Bytes client_public_key;
 };
 
-KeyService::KeyService(Store& store, SecretBuffer kek, AwsTrustStore trust, const Clock& clock,
+KeyService::KeyService(Store& store, SecretBuffer kek, EvidenceTrust& trust, const Clock& clock,
                        ServiceOptions options)
-    : store_(store), kek_(std::move(kek)), trust_(std::move(trust)), clock_(clock),
+    : store_(store), kek_(std::move(kek)), evidence_(trust, clock), clock_(clock),
       options_(options) {}
 
 void KeyService::audit(const std::string& event, const std::string& outcome,
@@ -129,14 +129,10 @@ Result<KeyService::Common> KeyService::parse_common(const Json::Value& request) 
   return c;
 }
 
-Result<AwsIdentity> KeyService::verify_evidence(const Json::Value& evidence) {
-  auto aws = json_object(evidence, "aws", true);
-  if (!aws.is_ok()) return aws.status().with_context("evidence");
-  auto sig = json_string(aws.value(), "rsa2048", api::kMaxEvidenceField);
-  if (!sig.is_ok()) return sig.status().with_context("evidence.aws");
-  auto der = base64_decode(sig.value(), true);
-  if (!der.is_ok()) return der.status().with_context("evidence.aws.rsa2048");
-  return verify_aws_identity(der.value(), trust_, clock_);
+Result<Identity> KeyService::verify_evidence(const Json::Value& evidence, const Common& common,
+                                             const std::string& volume_id) {
+  const Bytes binding = binding_value(common.nonce, common.client_public_key, volume_id);
+  return evidence_.verify(evidence, binding);
 }
 
 ApiResponse KeyService::unlock(std::string_view body, const std::string& peer) {
@@ -186,7 +182,7 @@ ApiResponse KeyService::unlock(std::string_view body, const std::string& peer) {
     audit(kEvent, "refused", vid, peer, "enrollment not confirmed");
     return error_response(403, api::kErrNotEnrolled, "volume enrollment was never confirmed");
   }
-  auto identity = verify_evidence(evidence.value());
+  auto identity = verify_evidence(evidence.value(), common.value(), vid);
   if (!identity.is_ok()) {
     audit(kEvent, "refused", vid, peer, identity.status().message());
     return error_response(403, api::kErrEvidenceInvalid, "instance evidence did not verify");
@@ -204,7 +200,7 @@ ApiResponse KeyService::unlock(std::string_view body, const std::string& peer) {
   Status allowed = evaluate_policy(policy.value(), identity.value());
   if (!allowed.is_ok()) {
     audit(kEvent, "refused", vid, peer,
-          str_cat(allowed.message(), " (instance ", identity->instance_id, ")"));
+          str_cat(allowed.message(), " (", identity->summary(), ")"));
     return error_response(403, api::kErrPolicyDenied, "instance does not satisfy the volume's policy");
   }
   auto secret = open_volume_secret(kek_, record->sealed_secret, vid);
@@ -218,8 +214,7 @@ ApiResponse KeyService::unlock(std::string_view body, const std::string& peer) {
     audit(kEvent, "refused", vid, peer, wrapped.status().message());
     return error_response(400, api::kErrBadRequest, "client public key unusable");
   }
-  audit(kEvent, "released", vid, peer,
-        str_cat("instance ", identity->instance_id, " account ", identity->account_id));
+  audit(kEvent, "released", vid, peer, identity->summary());
   ApiResponse r;
   r.body["volume_id"] = vid;
   r.body["wrapped"] = wrapped->to_json();
@@ -251,9 +246,10 @@ ApiResponse KeyService::enroll_register(std::string_view body, const std::string
     return error_response(403, api::kErrNonceInvalid, "challenge nonce unknown, reused or expired");
   }
   // Verify evidence before spending a use of the token.
-  std::optional<AwsIdentity> identity;
+  std::optional<Identity> identity;
   if (!evidence->isNull()) {
-    auto verified = verify_evidence(evidence.value());
+    // Before enrollment there is no volume id: the binding covers "".
+    auto verified = verify_evidence(evidence.value(), common.value(), "");
     if (!verified.is_ok()) {
       audit(kEvent, "refused", "", peer, verified.status().message());
       return error_response(403, api::kErrEvidenceInvalid, "instance evidence did not verify");
@@ -300,7 +296,7 @@ ApiResponse KeyService::enroll_register(std::string_view body, const std::string
     return error_response(500, api::kErrInternal, "could not store volume");
   }
   audit(kEvent, "ok", vid, peer,
-        identity ? str_cat("instance ", identity->instance_id) : std::string("no evidence"));
+        identity ? identity->summary() : std::string("no evidence"));
   ApiResponse r;
   r.body["volume_id"] = vid;
   r.body["wrapped"] = wrapped->to_json();

@@ -12,7 +12,7 @@
 
 #include "core/clock.h"
 #include "core/secret.h"
-#include "server/aws_identity.h"
+#include "server/evidence.h"
 #include "server/policy.h"
 #include "server/store.h"
 
@@ -32,7 +32,7 @@ ApiResponse error_response(int status, const char* code, std::string message);
 
 class KeyService {
  public:
-  KeyService(Store& store, SecretBuffer kek, AwsTrustStore trust, const Clock& clock,
+  KeyService(Store& store, SecretBuffer kek, EvidenceTrust& trust, const Clock& clock,
              ServiceOptions options);
 
   ApiResponse challenge(const std::string& peer);
@@ -46,13 +46,14 @@ class KeyService {
   // Parses a request body; a malformed one is audited as refused.
   Result<Json::Value> parse_request(const char* event, std::string_view body,
                                     const std::string& peer);
-  Result<AwsIdentity> verify_evidence(const Json::Value& evidence);
+  Result<Identity> verify_evidence(const Json::Value& evidence, const Common& common,
+                                   const std::string& volume_id);
   void audit(const std::string& event, const std::string& outcome, const std::string& volume_id,
              const std::string& peer, const std::string& detail);
 
   Store& store_;
   SecretBuffer kek_;
-  AwsTrustStore trust_;
+  EvidenceVerifier evidence_;
   const Clock& clock_;
   ServiceOptions options_;
 };

@@ -38,6 +38,7 @@ Commands:
 Common options:
   --state-dir DIR  store, KEK and TLS material (default /var/lib/keygate)
   --config FILE    JSON file with any of: listen, state_dir, aws_trust_dirs,
+                   gcp_jwks_files, azure_trust_dirs, evidence_max_age,
                    tls_san, nonce_ttl (options on the command line win)
 
 serve options:
@@ -50,15 +51,31 @@ serve options:
                             identity signatures (repeatable; added to the
                             shipped AWS certificates)
   --no-default-aws-trust    do not load the shipped AWS certificates
+  --gcp-jwks FILE           Google's signing keys as a JWK set (the content of
+                            https://www.googleapis.com/oauth2/v3/certs);
+                            re-read when the file changes (repeatable).
+                            Without one, GCP evidence is refused.
+  --azure-trust-dir DIR     PEM certificates for Azure attested documents:
+                            self-signed ones are roots, the others Microsoft's
+                            intermediates (repeatable). Without one, Azure
+                            evidence is refused.
+  --evidence-max-age SECONDS
+                            oldest GCP token / Azure document accepted
+                            (default 300; clocks may differ by 60 s more)
   --nonce-ttl SECONDS       challenge lifetime (default 60)
   --log-level LEVEL         debug, info, warning, error (default info)
 
 token create options:
-  --account ID --region NAME --image-id AMI
-                            bind these; a field left out is taken from the
-                            enrolling instance's verified identity
+  --platform aws|gcp|azure  the platform the volume lives on (default aws)
+  --account ID              AWS account id, GCP project id, Azure subscription id
+  --region NAME             AWS region or GCP zone
+  --image-id AMI            AWS image id
+  --require CLAIM=VALUE     bind any claim of the platform (repeatable; see
+                            README "Policies"); claims left out are taken from
+                            the enrolling instance's verified identity
   --image-group             the volume belongs to an image: any instance of
-                            it (account + region + image) may unlock it
+                            it (AWS: account + region + image; GCP: project;
+                            Azure: subscription, plus --require) may unlock it
   --ttl SECONDS             token lifetime (default 3600)
   --uses N                  enrollments allowed (default 1)
 
@@ -67,7 +84,8 @@ Exit status: 0 success, 1 failure, 2 usage or configuration error.
 
 const std::set<std::string> kValueOptions = {
     "state-dir", "config",  "listen",     "port-file", "tls-san", "aws-trust-dir", "nonce-ttl",
-    "log-level", "account", "region",     "image-id",  "ttl",     "uses",          "limit"};
+    "log-level", "account", "region",     "image-id",  "ttl",     "uses",          "limit",
+    "gcp-jwks",  "azure-trust-dir", "evidence-max-age", "platform", "require"};
 const std::set<std::string> kFlagOptions = {"no-default-aws-trust", "image-group", "json",
                                             "help"};
 
@@ -94,9 +112,26 @@ struct Settings {
   std::string state_dir = "/var/lib/keygate";
   std::string listen = "127.0.0.1:8443";
   std::vector<std::string> aws_trust_dirs;
+  std::vector<std::string> gcp_jwks_files;
+  std::vector<std::string> azure_trust_dirs;
   std::vector<std::string> tls_san;
   long nonce_ttl = 60;
+  long evidence_max_age = 300;
 };
+
+Status read_string_list(const Json::Value& c, const char* key, std::vector<std::string>* out) {
+  if (!c.isMember(key)) return Status::ok();
+  if (!c[key].isArray()) {
+    return Status::error(ErrorKind::kInvalidArgument, str_cat("'", key, "' must be a list of strings"));
+  }
+  for (const auto& d : c[key]) {
+    if (!d.isString()) {
+      return Status::error(ErrorKind::kInvalidArgument, str_cat("'", key, "' must be a list of strings"));
+    }
+    out->push_back(d.asString());
+  }
+  return Status::ok();
+}
 
 Result<Settings> load_settings(const Args& args) {
   Settings s;
@@ -107,8 +142,10 @@ Result<Settings> load_settings(const Args& args) {
     if (!cfg.is_ok()) return cfg.status().with_context(args.get("config"));
     const Json::Value& c = cfg.value();
     for (const auto& key : c.getMemberNames()) {
-      if (key != "listen" && key != "state_dir" && key != "aws_trust_dirs" && key != "tls_san" &&
-          key != "nonce_ttl") {
+      static const std::set<std::string> kKeys = {
+          "listen",         "state_dir",        "aws_trust_dirs", "gcp_jwks_files",
+          "azure_trust_dirs", "evidence_max_age", "tls_san",        "nonce_ttl"};
+      if (!kKeys.count(key)) {
         return Status::error(ErrorKind::kInvalidArgument,
                              str_cat(args.get("config"), ": unknown key '", key, "'"));
       }
@@ -116,16 +153,27 @@ Result<Settings> load_settings(const Args& args) {
     if (c.isMember("listen")) s.listen = c["listen"].asString();
     if (c.isMember("state_dir")) s.state_dir = c["state_dir"].asString();
     if (c.isMember("nonce_ttl")) s.nonce_ttl = c["nonce_ttl"].asInt();
-    for (const auto& d : c["aws_trust_dirs"]) s.aws_trust_dirs.push_back(d.asString());
-    for (const auto& d : c["tls_san"]) s.tls_san.push_back(d.asString());
+    if (c.isMember("evidence_max_age")) s.evidence_max_age = c["evidence_max_age"].asInt();
+    for (auto [key, list] : {std::pair{"aws_trust_dirs", &s.aws_trust_dirs},
+                             std::pair{"gcp_jwks_files", &s.gcp_jwks_files},
+                             std::pair{"azure_trust_dirs", &s.azure_trust_dirs},
+                             std::pair{"tls_san", &s.tls_san}}) {
+      Status st = read_string_list(c, key, list);
+      if (!st.is_ok()) return st.with_context(args.get("config"));
+    }
   }
   s.state_dir = args.get("state-dir", s.state_dir);
   s.listen = args.get("listen", s.listen);
   for (const auto& d : args.get_all("aws-trust-dir")) s.aws_trust_dirs.push_back(d);
+  for (const auto& d : args.get_all("gcp-jwks")) s.gcp_jwks_files.push_back(d);
+  for (const auto& d : args.get_all("azure-trust-dir")) s.azure_trust_dirs.push_back(d);
   for (const auto& d : args.get_all("tls-san")) s.tls_san.push_back(d);
   auto ttl = args.get_int("nonce-ttl", s.nonce_ttl, 1, 3600);
   if (!ttl.is_ok()) return ttl.status();
   s.nonce_ttl = ttl.value();
+  auto age = args.get_int("evidence-max-age", s.evidence_max_age, 10, 6 * 3600);
+  if (!age.is_ok()) return age.status();
+  s.evidence_max_age = age.value();
   return s;
 }
 
@@ -159,17 +207,33 @@ int cmd_serve(const Args& args, const Settings& s) {
   Status tls = ensure_tls_material(s.state_dir, sans);
   if (!tls.is_ok()) return fail(tls);
 
-  AwsTrustStore trust;
+  EvidenceTrust trust;
+  trust.max_age_seconds = s.evidence_max_age;
   if (!args.has("no-default-aws-trust")) {
-    Status st = trust.add_directory(default_aws_trust_dir());
+    Status st = trust.aws.add_directory(default_aws_trust_dir());
     if (!st.is_ok()) return fail(st.with_context("shipped AWS trust store"));
   }
   for (const auto& dir : s.aws_trust_dirs) {
-    Status st = trust.add_directory(dir);
+    Status st = trust.aws.add_directory(dir);
     if (!st.is_ok()) return fail(st);
   }
-  log_info(str_cat("AWS trust store: ", trust.certificate_count(), " certificates for ",
-                   trust.region_count(), " regions"));
+  for (const auto& file : s.gcp_jwks_files) {
+    Status st = trust.gcp.add_file(file);
+    if (!st.is_ok()) return fail(st);
+  }
+  for (const auto& dir : s.azure_trust_dirs) {
+    Status st = trust.azure.add_directory(dir);
+    if (!st.is_ok()) return fail(st);
+  }
+  log_info(str_cat("trust: AWS ", trust.aws.certificate_count(), " certificates for ",
+                   trust.aws.region_count(), " regions; GCP ",
+                   trust.gcp.empty() ? std::string("off (no --gcp-jwks)")
+                                     : str_cat(trust.gcp.keys()->size(), " keys"),
+                   "; Azure ",
+                   trust.azure.root_count() == 0
+                       ? std::string("off (no --azure-trust-dir)")
+                       : str_cat(trust.azure.root_count(), " roots, ",
+                                 trust.azure.intermediate_count(), " intermediates")));
   auto ca = read_small_file(s.state_dir + "/ca.pem", 64 * 1024);
   if (ca.is_ok()) {
     auto fp = certificate_sha256_fingerprint(ca.value());
@@ -178,10 +242,47 @@ int cmd_serve(const Args& args, const Settings& s) {
   SystemClock clock;
   ServiceOptions options;
   options.nonce_ttl_seconds = static_cast<int>(s.nonce_ttl);
-  KeyService service(*store.value(), std::move(kek).value(), std::move(trust), clock, options);
+  KeyService service(*store.value(), std::move(kek).value(), trust, clock, options);
   Status served = serve_https(service, http);
   if (!served.is_ok()) return fail(served);
   return 0;
+}
+
+// --account/--region/--image-id name each platform's usual claims;
+// --require names any claim.
+Result<EnrollmentTemplate> template_from_args(const Args& args) {
+  EnrollmentTemplate tmpl;
+  tmpl.platform = args.get("platform", "aws");
+  tmpl.image_group = args.has("image-group");
+  struct Shortcut {
+    const char* option;
+    const char* aws;
+    const char* gcp;
+    const char* azure;
+  } shortcuts[] = {{"account", "account_id", "project_id", "subscription_id"},
+                   {"region", "region", "zone", nullptr},
+                   {"image-id", "image_id", nullptr, nullptr}};
+  for (const Shortcut& sc : shortcuts) {
+    if (!args.has(sc.option)) continue;
+    const char* claim = tmpl.platform == "aws"   ? sc.aws
+                        : tmpl.platform == "gcp" ? sc.gcp
+                                                 : sc.azure;
+    if (claim == nullptr) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat("--", sc.option, " has no meaning on ", tmpl.platform,
+                                   "; use --require CLAIM=VALUE"));
+    }
+    tmpl.require[claim] = args.get(sc.option);
+  }
+  for (const auto& r : args.get_all("require")) {
+    auto eq = r.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      return Status::error(ErrorKind::kInvalidArgument, str_cat("--require '", r, "': use CLAIM=VALUE"));
+    }
+    tmpl.require[r.substr(0, eq)] = r.substr(eq + 1);
+  }
+  KEYGATE_RETURN_IF_ERROR(tmpl.validate());
+  return tmpl;
 }
 
 int cmd_token_create(const Args& args, const Settings& s) {
@@ -189,19 +290,16 @@ int cmd_token_create(const Args& args, const Settings& s) {
   auto uses = args.get_int("uses", 1, 1, 1000000);
   if (!ttl.is_ok()) return fail(ttl.status());
   if (!uses.is_ok()) return fail(uses.status());
-  EnrollmentTemplate tmpl;
-  tmpl.account = args.get("account");
-  tmpl.region = args.get("region");
-  tmpl.image_id = args.get("image-id");
-  tmpl.image_group = args.has("image-group");
+  auto tmpl = template_from_args(args);
+  if (!tmpl.is_ok()) return fail(tmpl.status());
   auto store = open_store(s);
   if (!store.is_ok()) return fail(store.status());
   SystemClock clock;
-  auto token = create_enrollment_token(*store.value(), tmpl, clock.now_unix(), ttl.value(),
+  auto token = create_enrollment_token(*store.value(), tmpl.value(), clock.now_unix(), ttl.value(),
                                        static_cast<int>(uses.value()));
   if (!token.is_ok()) return fail(token.status());
   (void)store.value()->append_audit(AuditEvent{clock.now_unix(), "token.create", "ok", "", "local",
-                                               to_json(tmpl.to_json())});
+                                               to_json(tmpl->to_json())});
   std::cout << token.value() << "\n";
   return 0;
 }

@@ -1,132 +1,259 @@
 #include "server/policy.h"
 
+#include <algorithm>
+
 #include "core/json.h"
 
 namespace keygate::server {
 namespace {
 
-constexpr size_t kMaxFieldLength = 128;
+constexpr size_t kMaxClaimLength = 128;
+constexpr size_t kMaxBoundClaims = 16;
+
+const std::vector<PlatformSpec>& specs() {
+  static const std::vector<PlatformSpec> kSpecs = {
+      {"aws",
+       {"account_id", "region", "availability_zone", "image_id", "instance_id", "instance_type",
+        "architecture"},
+       {"account_id", "region"},
+       "instance_id",
+       {"image_id"},
+       {"account_id", "region", "image_id"}},
+      // GCP identity tokens do not name the image: a group volume is bound to
+      // the project (and whatever else the token names).
+      {"gcp",
+       {"project_id", "project_number", "zone", "instance_id", "instance_name", "license_id"},
+       {"project_id"},
+       "instance_id",
+       {},
+       {"project_id"}},
+      {"azure",
+       {"subscription_id", "vm_id", "sku", "plan_name", "plan_product", "plan_publisher",
+        "license_type"},
+       {"subscription_id"},
+       "vm_id",
+       {},
+       {"subscription_id"}},
+  };
+  return kSpecs;
+}
+
+bool contains(const std::vector<std::string>& v, const std::string& s) {
+  return std::find(v.begin(), v.end(), s) != v.end();
+}
+
+Result<std::map<std::string, std::string>> claims_from_json(const Json::Value& v,
+                                                            const char* what) {
+  std::map<std::string, std::string> out;
+  if (v.isNull()) return out;
+  if (!v.isObject() || v.size() > kMaxBoundClaims) {
+    return Status::error(ErrorKind::kInvalidArgument, str_cat(what, ": 'require' must be an object"));
+  }
+  for (const auto& name : v.getMemberNames()) {
+    if (!v[name].isString() || v[name].asString().size() > kMaxClaimLength) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat(what, ": claim '", name, "' must be a short string"));
+    }
+    out[name] = v[name].asString();
+  }
+  return out;
+}
+
+Json::Value claims_to_json(const std::map<std::string, std::string>& claims) {
+  Json::Value v(Json::objectValue);
+  for (const auto& [name, value] : claims) v[name] = value;
+  return v;
+}
 
 }  // namespace
+
+std::string Identity::claim(const std::string& name) const {
+  auto it = claims.find(name);
+  return it == claims.end() ? std::string() : it->second;
+}
+
+std::string Identity::summary() const {
+  const PlatformSpec* spec = platform_spec(platform);
+  if (spec == nullptr) return platform;
+  return str_cat(platform, " ", spec->instance_claim, "=", claim(spec->instance_claim), " ",
+                 spec->always_bound[0], "=", claim(spec->always_bound[0]));
+}
+
+const PlatformSpec* platform_spec(std::string_view name) {
+  for (const auto& s : specs()) {
+    if (s.name == name) return &s;
+  }
+  return nullptr;
+}
+
+std::string platform_names() {
+  std::string out;
+  for (const auto& s : specs()) out += (out.empty() ? "" : ", ") + s.name;
+  return out;
+}
 
 Json::Value VolumePolicy::to_json() const {
   Json::Value v(Json::objectValue);
   v["platform"] = platform;
-  v["account"] = account;
-  v["region"] = region;
-  v["image_id"] = image_id;
-  v["instance_id"] = instance_id;
+  v["require"] = claims_to_json(require);
   return v;
 }
 
 Result<VolumePolicy> VolumePolicy::from_json(const Json::Value& v) {
   VolumePolicy p;
   auto platform = json_string(v, "platform", 16);
-  auto account = json_string(v, "account", kMaxFieldLength);
-  auto region = json_string(v, "region", kMaxFieldLength);
-  auto image = json_optional_string(v, "image_id", kMaxFieldLength);
-  auto instance = json_optional_string(v, "instance_id", kMaxFieldLength);
-  for (const Status* s : {&platform.status(), &account.status(), &region.status(),
-                          &image.status(), &instance.status()}) {
-    if (!s->is_ok()) return s->with_context("policy");
-  }
+  if (!platform.is_ok()) return platform.status().with_context("policy");
   p.platform = platform.value();
-  p.account = account.value();
-  p.region = region.value();
-  p.image_id = image.value();
-  p.instance_id = instance.value();
-  if (p.platform != "aws") {
-    return Status::error(ErrorKind::kInvalidArgument, "policy: unsupported platform");
+  auto require = claims_from_json(v["require"], "policy");
+  if (!require.is_ok()) return require.status();
+  p.require = std::move(require).value();
+  if (platform_spec(p.platform) == nullptr) {
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat("policy: unsupported platform '", p.platform, "'"));
   }
   return p;
 }
 
 Status VolumePolicy::check_complete() const {
-  if (account.empty()) return Status::error(ErrorKind::kInvalidArgument, "policy: no account");
-  if (region.empty()) return Status::error(ErrorKind::kInvalidArgument, "policy: no region");
-  if (instance_id.empty() && image_id.empty()) {
-    return Status::error(ErrorKind::kInvalidArgument,
-                         "policy: an image-group volume must name its image id");
+  const PlatformSpec* spec = platform_spec(platform);
+  if (spec == nullptr) {
+    return Status::error(ErrorKind::kInvalidArgument, "policy: unsupported platform");
+  }
+  auto bound = [this](const std::string& c) {
+    auto it = require.find(c);
+    return it != require.end() && !it->second.empty();
+  };
+  for (const auto& c : spec->always_bound) {
+    if (!bound(c)) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat("policy: a ", platform, " volume must bind '", c, "'"));
+    }
+  }
+  if (!bound(spec->instance_claim)) {
+    for (const auto& c : spec->group_bound) {
+      if (!bound(c)) {
+        return Status::error(ErrorKind::kInvalidArgument,
+                             str_cat("policy: an image-group ", platform, " volume must bind '",
+                                     c, "'"));
+      }
+    }
+  }
+  for (const auto& [c, value] : require) {
+    if (!contains(spec->claims, c)) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat("policy: ", platform, " has no claim '", c, "'"));
+    }
   }
   return Status::ok();
 }
 
 Json::Value EnrollmentTemplate::to_json() const {
   Json::Value v(Json::objectValue);
-  v["account"] = account;
-  v["region"] = region;
-  v["image_id"] = image_id;
+  v["platform"] = platform;
+  v["require"] = claims_to_json(require);
   v["image_group"] = image_group;
   return v;
 }
 
 Result<EnrollmentTemplate> EnrollmentTemplate::from_json(const Json::Value& v) {
   EnrollmentTemplate t;
-  auto account = json_optional_string(v, "account", kMaxFieldLength);
-  auto region = json_optional_string(v, "region", kMaxFieldLength);
-  auto image = json_optional_string(v, "image_id", kMaxFieldLength);
-  for (const Status* s : {&account.status(), &region.status(), &image.status()}) {
-    if (!s->is_ok()) return s->with_context("enrollment template");
-  }
-  t.account = account.value();
-  t.region = region.value();
-  t.image_id = image.value();
-  t.image_group = v.isMember("image_group") && v["image_group"].isBool() &&
-                  v["image_group"].asBool();
+  auto platform = json_string(v, "platform", 16);
+  if (!platform.is_ok()) return platform.status().with_context("enrollment template");
+  t.platform = platform.value();
+  auto require = claims_from_json(v["require"], "enrollment template");
+  if (!require.is_ok()) return require.status();
+  t.require = std::move(require).value();
+  t.image_group = v["image_group"].isBool() && v["image_group"].asBool();
+  KEYGATE_RETURN_IF_ERROR(t.validate());
   return t;
 }
 
-Result<VolumePolicy> policy_for_enrollment(const EnrollmentTemplate& tmpl,
-                                           const AwsIdentity* identity) {
-  VolumePolicy p;
-  auto pick = [&](const std::string& from_template, const std::string* from_identity,
-                  const char* name, std::string* out) -> Status {
-    if (!from_template.empty() && from_identity != nullptr && *from_identity != from_template) {
-      return Status::error(ErrorKind::kRefused,
-                           str_cat("enrolling instance's ", name, " is not the token's"));
+Status EnrollmentTemplate::validate() const {
+  const PlatformSpec* spec = platform_spec(platform);
+  if (spec == nullptr) {
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat("unknown platform '", platform, "' (one of ", platform_names(),
+                                 ")"));
+  }
+  if (require.size() > kMaxBoundClaims) {
+    return Status::error(ErrorKind::kInvalidArgument, "too many bound claims");
+  }
+  for (const auto& [c, value] : require) {
+    if (!contains(spec->claims, c)) {
+      std::string known;
+      for (const auto& k : spec->claims) known += (known.empty() ? "" : ", ") + k;
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat(platform, " has no claim '", c, "' (one of ", known, ")"));
     }
-    *out = !from_template.empty() ? from_template
-                                  : (from_identity != nullptr ? *from_identity : "");
-    return Status::ok();
-  };
-  KEYGATE_RETURN_IF_ERROR(pick(tmpl.account, identity ? &identity->account_id : nullptr,
-                               "account", &p.account));
-  KEYGATE_RETURN_IF_ERROR(
-      pick(tmpl.region, identity ? &identity->region : nullptr, "region", &p.region));
-  if (tmpl.image_group) {
-    // The image a group volume is baked into is named by the token; the
-    // builder instance's own image is usually a different one.
-    p.image_id = !tmpl.image_id.empty() ? tmpl.image_id
-                                        : (identity != nullptr ? identity->image_id : "");
-  } else {
-    KEYGATE_RETURN_IF_ERROR(pick(tmpl.image_id, identity ? &identity->image_id : nullptr,
-                                 "image id", &p.image_id));
+    if (value.empty() || value.size() > kMaxClaimLength) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat("claim '", c, "' needs a value of 1 to ", kMaxClaimLength,
+                                   " characters"));
+    }
+  }
+  if (image_group && require.count(spec->instance_claim)) {
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat("an image-group token cannot bind '", spec->instance_claim, "'"));
+  }
+  return Status::ok();
+}
+
+Result<VolumePolicy> policy_for_enrollment(const EnrollmentTemplate& tmpl,
+                                           const Identity* identity) {
+  KEYGATE_RETURN_IF_ERROR(tmpl.validate());
+  const PlatformSpec& spec = *platform_spec(tmpl.platform);
+  if (identity != nullptr && identity->platform != tmpl.platform) {
+    return Status::error(ErrorKind::kRefused,
+                         str_cat("enrolling instance is on ", identity->platform,
+                                 ", the token is for ", tmpl.platform));
+  }
+  VolumePolicy p;
+  p.platform = tmpl.platform;
+  p.require = tmpl.require;
+  if (identity != nullptr) {
+    // Every claim the token names must hold for the enrolling instance,
+    // except a group volume's group claims: the image it is baked into is
+    // usually not the builder's own.
+    for (const auto& [c, value] : tmpl.require) {
+      if (tmpl.image_group && contains(spec.group_bound, c)) continue;
+      if (identity->claim(c) != value) {
+        return Status::error(ErrorKind::kRefused,
+                             str_cat("enrolling instance's ", c, " is not the token's"));
+      }
+    }
+    for (const auto& c : spec.inherited) {
+      if (!p.require.count(c) && !identity->claim(c).empty()) p.require[c] = identity->claim(c);
+    }
+  }
+  if (!tmpl.image_group) {
     if (identity == nullptr) {
       return Status::error(ErrorKind::kInvalidArgument,
                            "a per-instance volume must be enrolled with instance evidence "
                            "(or use an image-group token)");
     }
-    p.instance_id = identity->instance_id;
+    const std::string instance = identity->claim(spec.instance_claim);
+    if (instance.empty()) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat("enrolling instance's evidence has no ", spec.instance_claim));
+    }
+    p.require[spec.instance_claim] = instance;
   }
   KEYGATE_RETURN_IF_ERROR(p.check_complete());
   return p;
 }
 
-Status evaluate_policy(const VolumePolicy& policy, const AwsIdentity& identity) {
+Status evaluate_policy(const VolumePolicy& policy, const Identity& identity) {
   KEYGATE_RETURN_IF_ERROR(policy.check_complete());
-  auto mismatch = [](const char* field, const std::string& want, const std::string& got) {
-    return Status::error(ErrorKind::kRefused,
-                         str_cat(field, " mismatch (policy ", want, ", instance ", got, ")"));
-  };
-  if (identity.account_id != policy.account) {
-    return mismatch("account", policy.account, identity.account_id);
+  if (identity.platform != policy.platform) {
+    return Status::error(ErrorKind::kRefused, str_cat("platform mismatch (policy ", policy.platform,
+                                                      ", instance ", identity.platform, ")"));
   }
-  if (identity.region != policy.region) return mismatch("region", policy.region, identity.region);
-  if (!policy.image_id.empty() && identity.image_id != policy.image_id) {
-    return mismatch("image", policy.image_id, identity.image_id);
-  }
-  if (!policy.instance_id.empty() && identity.instance_id != policy.instance_id) {
-    return mismatch("instance", policy.instance_id, identity.instance_id);
+  for (const auto& [c, want] : policy.require) {
+    const std::string got = identity.claim(c);
+    if (got != want) {
+      return Status::error(ErrorKind::kRefused, str_cat(c, " mismatch (policy ", want,
+                                                        ", instance ", got.empty() ? "-" : got, ")"));
+    }
   }
   return Status::ok();
 }

@@ -1,50 +1,80 @@
-// Volume release policy. A volume's policy names the identity it is bound to;
-// evaluation denies by default: every bound field must match exactly.
+// Volume release policy, one model for every platform: a verifier turns
+// evidence into an Identity (a platform and its claims), a policy names the
+// claims a volume is bound to, and evaluation is deny-by-default: every bound
+// claim must be present and equal.
 #pragma once
 
 #include <json/value.h>
 
+#include <map>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "core/status.h"
-#include "server/aws_identity.h"
 
 namespace keygate::server {
 
+// Verified evidence: what the provider vouched for.
+struct Identity {
+  std::string platform;  // "aws", "gcp" or "azure"
+  std::map<std::string, std::string> claims;
+
+  // The claim's value, or "" when absent.
+  std::string claim(const std::string& name) const;
+  // "<platform> <instance claim>=<value>" for logs and audit.
+  std::string summary() const;
+};
+
+// What each platform's verifier yields and what a policy must bind.
+struct PlatformSpec {
+  std::string name;
+  std::vector<std::string> claims;        // every claim the verifier yields
+  std::vector<std::string> always_bound;  // every policy binds these
+  std::string instance_claim;             // per-instance volumes bind this too
+  std::vector<std::string> group_bound;   // image-group volumes bind these too
+  std::vector<std::string> inherited;     // taken from the enrolling instance
+};
+
+// nullptr for an unknown platform name.
+const PlatformSpec* platform_spec(std::string_view name);
+// "aws, gcp, azure"
+std::string platform_names();
+
 struct VolumePolicy {
-  std::string platform = "aws";
-  std::string account;      // required
-  std::string region;       // required
-  std::string image_id;     // empty: any image
-  std::string instance_id;  // empty: image-group volume (any instance of the image)
+  std::string platform;
+  std::map<std::string, std::string> require;  // claim -> exact value
 
   Json::Value to_json() const;
   static Result<VolumePolicy> from_json(const Json::Value& v);
-  // A policy that binds nothing a stranger could not also satisfy is refused:
-  // account and region always, and an image for group volumes.
+  // A policy that binds nothing a stranger could not also satisfy is
+  // refused: the platform's always-bound claims, and the instance claim or
+  // the group claims.
   Status check_complete() const;
 };
 
-// The template an enrollment token carries; empty fields are taken from the
-// enrolling instance's verified identity.
+// The template an enrollment token carries; claims it does not name are
+// taken from the enrolling instance's verified identity.
 struct EnrollmentTemplate {
-  std::string account;
-  std::string region;
-  std::string image_id;
+  std::string platform = "aws";
+  std::map<std::string, std::string> require;
   bool image_group = false;  // true: do not bind the enrolling instance
 
   Json::Value to_json() const;
   static Result<EnrollmentTemplate> from_json(const Json::Value& v);
+  // Unknown platform or claim names, or empty values, are refused.
+  Status validate() const;
 };
 
 // Builds the policy for a new volume from a token's template and, when the
-// enrolling instance presented evidence, its identity. A template field that
-// contradicts the identity is refused (a token for account A used in B).
+// enrolling instance presented evidence, its identity. A template claim that
+// contradicts the identity is refused (a token for account A used in B), as
+// is evidence from another platform than the token's.
 Result<VolumePolicy> policy_for_enrollment(const EnrollmentTemplate& tmpl,
-                                           const AwsIdentity* identity);
+                                           const Identity* identity);
 
-// OK if `identity` satisfies `policy`; otherwise kRefused naming the field
+// OK if `identity` satisfies `policy`; otherwise kRefused naming the claim
 // (the message is for the server's log, not for the client).
-Status evaluate_policy(const VolumePolicy& policy, const AwsIdentity& identity);
+Status evaluate_policy(const VolumePolicy& policy, const Identity& identity);
 
 }  // namespace keygate::server

@@ -363,9 +363,9 @@ TEST_F(KeygateTest, OtherAccountRegionOrInstanceIsRefused) {
     EXPECT_FALSE(contains(r.out, "opens keyslot"));
   }
   RunResult audit = run({bin("keygate-server"), "audit", "--state-dir", server_.state});
-  EXPECT_TRUE(contains(audit.out, "account mismatch")) << audit.out;
+  EXPECT_TRUE(contains(audit.out, "account_id mismatch")) << audit.out;
   EXPECT_TRUE(contains(audit.out, "region mismatch")) << audit.out;
-  EXPECT_TRUE(contains(audit.out, "instance mismatch")) << audit.out;
+  EXPECT_TRUE(contains(audit.out, "instance_id mismatch")) << audit.out;
   // The right instance still unlocks.
   EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
 }

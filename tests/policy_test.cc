@@ -5,96 +5,162 @@
 namespace keygate::server {
 namespace {
 
-AwsIdentity instance() {
-  AwsIdentity id;
-  id.account_id = "111122223333";
-  id.region = "eu-west-1";
-  id.image_id = "ami-1";
-  id.instance_id = "i-1";
-  return id;
+Identity aws_instance() {
+  return Identity{"aws",
+                  {{"account_id", "111122223333"},
+                   {"region", "eu-west-1"},
+                   {"image_id", "ami-1"},
+                   {"instance_id", "i-1"},
+                   {"instance_type", "t3.micro"}}};
+}
+
+Identity gcp_instance() {
+  return Identity{"gcp",
+                  {{"project_id", "proj-a"},
+                   {"project_number", "42"},
+                   {"zone", "europe-west1-b"},
+                   {"instance_id", "1234567890"},
+                   {"instance_name", "web-1"}}};
+}
+
+Identity azure_instance() {
+  return Identity{"azure",
+                  {{"subscription_id", "sub-a"}, {"vm_id", "vm-1"}, {"sku", "22_04-lts-gen2"}}};
+}
+
+EnrollmentTemplate tmpl(const std::string& platform, std::map<std::string, std::string> require,
+                        bool group = false) {
+  EnrollmentTemplate t;
+  t.platform = platform;
+  t.require = std::move(require);
+  t.image_group = group;
+  return t;
 }
 
 TEST(Policy, PerInstanceVolumeBindsEnrollingInstance) {
-  AwsIdentity id = instance();
-  auto p = policy_for_enrollment(EnrollmentTemplate{}, &id);
+  Identity id = aws_instance();
+  auto p = policy_for_enrollment(tmpl("aws", {}), &id);
   ASSERT_TRUE(p.is_ok()) << p.status().message();
-  EXPECT_EQ(p->account, "111122223333");
-  EXPECT_EQ(p->region, "eu-west-1");
-  EXPECT_EQ(p->instance_id, "i-1");
+  EXPECT_EQ(p->require.at("account_id"), "111122223333");
+  EXPECT_EQ(p->require.at("region"), "eu-west-1");
+  EXPECT_EQ(p->require.at("image_id"), "ami-1");
+  EXPECT_EQ(p->require.at("instance_id"), "i-1");
+  EXPECT_EQ(p->require.count("instance_type"), 0u);  // not inherited
   EXPECT_TRUE(evaluate_policy(p.value(), id).is_ok());
 
-  AwsIdentity other = id;
-  other.instance_id = "i-2";
-  Status s = evaluate_policy(p.value(), other);
-  EXPECT_EQ(s.kind(), ErrorKind::kRefused);
-  EXPECT_NE(s.message().find("instance"), std::string::npos);
-  other = id;
-  other.account_id = "999999999999";
-  EXPECT_EQ(evaluate_policy(p.value(), other).kind(), ErrorKind::kRefused);
-  other = id;
-  other.region = "us-east-1";
-  EXPECT_EQ(evaluate_policy(p.value(), other).kind(), ErrorKind::kRefused);
+  for (const char* claim : {"instance_id", "account_id", "region", "image_id"}) {
+    Identity other = id;
+    other.claims[claim] = "something-else";
+    Status s = evaluate_policy(p.value(), other);
+    EXPECT_EQ(s.kind(), ErrorKind::kRefused) << claim;
+    EXPECT_NE(s.message().find(claim), std::string::npos) << s.message();
+    other.claims.erase(claim);
+    EXPECT_EQ(evaluate_policy(p.value(), other).kind(), ErrorKind::kRefused) << claim;
+  }
 }
 
 TEST(Policy, ImageGroupVolumeAcceptsAnyInstanceOfTheImage) {
-  EnrollmentTemplate t;
-  t.image_group = true;
-  t.image_id = "ami-golden";
-  t.account = "111122223333";
-  t.region = "eu-west-1";
+  auto t = tmpl("aws", {{"image_id", "ami-golden"}, {"account_id", "111122223333"},
+                        {"region", "eu-west-1"}}, true);
   auto p = policy_for_enrollment(t, nullptr);  // offline, by an image builder
   ASSERT_TRUE(p.is_ok()) << p.status().message();
-  EXPECT_TRUE(p->instance_id.empty());
-  AwsIdentity id = instance();
-  id.image_id = "ami-golden";
-  id.instance_id = "i-anything";
+  EXPECT_EQ(p->require.count("instance_id"), 0u);
+  Identity id = aws_instance();
+  id.claims["image_id"] = "ami-golden";
+  id.claims["instance_id"] = "i-anything";
   EXPECT_TRUE(evaluate_policy(p.value(), id).is_ok());
-  id.image_id = "ami-other";
+  id.claims["image_id"] = "ami-other";
   EXPECT_EQ(evaluate_policy(p.value(), id).kind(), ErrorKind::kRefused);
+
+  // A builder on another image may enroll a group volume for the golden one.
+  Identity builder = aws_instance();
+  auto q = policy_for_enrollment(t, &builder);
+  ASSERT_TRUE(q.is_ok()) << q.status().message();
+  EXPECT_EQ(q->require.at("image_id"), "ami-golden");
 }
 
 TEST(Policy, IncompletePoliciesAreRefused) {
   // No evidence and no account/region: nothing to bind.
-  EnrollmentTemplate t;
-  t.image_group = true;
-  t.image_id = "ami-1";
-  EXPECT_FALSE(policy_for_enrollment(t, nullptr).is_ok());
+  EXPECT_FALSE(policy_for_enrollment(tmpl("aws", {{"image_id", "ami-1"}}, true), nullptr).is_ok());
   // Per-instance without evidence.
-  EnrollmentTemplate u;
-  u.account = "1";
-  u.region = "r";
-  EXPECT_FALSE(policy_for_enrollment(u, nullptr).is_ok());
-  // Group without an image.
-  EnrollmentTemplate g;
-  g.image_group = true;
-  g.account = "1";
-  g.region = "r";
-  EXPECT_FALSE(policy_for_enrollment(g, nullptr).is_ok());
+  EXPECT_FALSE(
+      policy_for_enrollment(tmpl("aws", {{"account_id", "1"}, {"region", "r"}}), nullptr).is_ok());
+  // AWS group without an image.
+  EXPECT_FALSE(
+      policy_for_enrollment(tmpl("aws", {{"account_id", "1"}, {"region", "r"}}, true), nullptr)
+          .is_ok());
+  // GCP group without a project.
+  EXPECT_FALSE(policy_for_enrollment(tmpl("gcp", {{"zone", "z"}}, true), nullptr).is_ok());
   VolumePolicy empty;
-  EXPECT_FALSE(evaluate_policy(empty, instance()).is_ok());
+  EXPECT_FALSE(evaluate_policy(empty, aws_instance()).is_ok());
+  VolumePolicy no_account{"aws", {{"region", "eu-west-1"}, {"instance_id", "i-1"}}};
+  EXPECT_FALSE(evaluate_policy(no_account, aws_instance()).is_ok());
 }
 
 TEST(Policy, TokenForAnotherAccountIsRefused) {
-  EnrollmentTemplate t;
-  t.account = "444455556666";
-  AwsIdentity id = instance();
-  auto p = policy_for_enrollment(t, &id);
+  Identity id = aws_instance();
+  auto p = policy_for_enrollment(tmpl("aws", {{"account_id", "444455556666"}}), &id);
   ASSERT_FALSE(p.is_ok());
   EXPECT_EQ(p.status().kind(), ErrorKind::kRefused);
 }
 
+TEST(Policy, GcpAndAzureShareTheModel) {
+  Identity g = gcp_instance();
+  auto p = policy_for_enrollment(tmpl("gcp", {{"zone", "europe-west1-b"}}), &g);
+  ASSERT_TRUE(p.is_ok()) << p.status().message();
+  EXPECT_EQ(p->require.at("project_id"), "proj-a");
+  EXPECT_EQ(p->require.at("instance_id"), "1234567890");
+  EXPECT_TRUE(evaluate_policy(p.value(), g).is_ok());
+  Identity other_project = g;
+  other_project.claims["project_id"] = "proj-b";
+  EXPECT_EQ(evaluate_policy(p.value(), other_project).kind(), ErrorKind::kRefused);
+
+  Identity a = azure_instance();
+  auto q = policy_for_enrollment(tmpl("azure", {{"sku", "22_04-lts-gen2"}}, true), &a);
+  ASSERT_TRUE(q.is_ok()) << q.status().message();
+  EXPECT_EQ(q->require.at("subscription_id"), "sub-a");
+  EXPECT_EQ(q->require.count("vm_id"), 0u);
+  Identity another_vm = a;
+  another_vm.claims["vm_id"] = "vm-2";
+  EXPECT_TRUE(evaluate_policy(q.value(), another_vm).is_ok());
+  another_vm.claims["sku"] = "other-sku";
+  EXPECT_EQ(evaluate_policy(q.value(), another_vm).kind(), ErrorKind::kRefused);
+
+  // Evidence from another cloud than the token's, and a policy for one cloud
+  // evaluated on another's identity, are refused.
+  EXPECT_EQ(policy_for_enrollment(tmpl("aws", {}), &g).status().kind(), ErrorKind::kRefused);
+  Identity disguised = a;
+  disguised.platform = "gcp";
+  EXPECT_EQ(evaluate_policy(q.value(), disguised).kind(), ErrorKind::kRefused);
+}
+
+TEST(Policy, TemplatesNameOnlyKnownClaims) {
+  EXPECT_TRUE(tmpl("gcp", {{"project_id", "p"}}).validate().is_ok());
+  Status s = tmpl("gcp", {{"image_id", "x"}}).validate();
+  EXPECT_FALSE(s.is_ok());
+  EXPECT_NE(s.message().find("image_id"), std::string::npos);
+  EXPECT_FALSE(tmpl("openstack", {}).validate().is_ok());
+  EXPECT_FALSE(tmpl("aws", {{"account_id", ""}}).validate().is_ok());
+  EXPECT_FALSE(tmpl("azure", {{"vm_id", "v"}}, true).validate().is_ok());
+}
+
 TEST(Policy, JsonRoundTripAndValidation) {
-  AwsIdentity id = instance();
-  VolumePolicy p = policy_for_enrollment(EnrollmentTemplate{}, &id).value();
+  Identity id = aws_instance();
+  VolumePolicy p = policy_for_enrollment(tmpl("aws", {}), &id).value();
   auto back = VolumePolicy::from_json(p.to_json());
   ASSERT_TRUE(back.is_ok());
-  EXPECT_EQ(back->instance_id, "i-1");
+  EXPECT_EQ(back->require, p.require);
+  EXPECT_EQ(back->platform, "aws");
   Json::Value bad = p.to_json();
   bad["platform"] = "mainframe";
   EXPECT_FALSE(VolumePolicy::from_json(bad).is_ok());
   bad = p.to_json();
-  bad.removeMember("account");
+  bad["require"]["account_id"] = 7;
   EXPECT_FALSE(VolumePolicy::from_json(bad).is_ok());
+  auto t = EnrollmentTemplate::from_json(tmpl("azure", {{"sku", "s"}}, true).to_json());
+  ASSERT_TRUE(t.is_ok()) << t.status().message();
+  EXPECT_TRUE(t->image_group);
+  EXPECT_EQ(t->require.at("sku"), "s");
 }
 
 }  // namespace

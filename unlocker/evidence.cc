@@ -1,12 +1,16 @@
 #include "unlocker/evidence.h"
 
-#include "core/encoding.h"
+#include <strings.h>
+
+#include "core/json.h"
+#include "core/protocol.h"
 #include "unlocker/http_client.h"
 
 namespace keygate::unlocker {
 namespace {
 
 constexpr size_t kMaxMetadataResponse = 16 * 1024;
+constexpr long kProbeTimeoutMs = 1000;
 
 bool is_base64_text(const std::string& s) {
   for (char c : s) {
@@ -17,7 +21,75 @@ bool is_base64_text(const std::string& s) {
   return !s.empty();
 }
 
+bool is_jwt_text(const std::string& s) {
+  size_t dots = 0;
+  for (char c : s) {
+    bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+              c == '-' || c == '_' || c == '.';
+    if (!ok) return false;
+    dots += c == '.';
+  }
+  return dots == 2;
+}
+
+HttpRequest metadata_get(const std::string& url, std::vector<std::string> headers, long timeout_ms) {
+  HttpRequest req;
+  req.url = url;
+  req.headers = std::move(headers);
+  req.connect_timeout_ms = std::min(timeout_ms, 2000L);
+  req.total_timeout_ms = timeout_ms;
+  req.max_response = kMaxMetadataResponse;
+  return req;
+}
+
+Status unavailable(const char* what, const HttpResponse& r) {
+  return Status::error(ErrorKind::kUnavailable,
+                       str_cat(what, ": HTTP ", r.status, r.status == 200 ? " with a malformed body" : ""));
+}
+
+bool has_header(const HttpResponse& r, std::string_view name, std::string_view value) {
+  for (const auto& [k, v] : r.headers) {
+    if (k.size() == name.size() && strncasecmp(k.c_str(), name.data(), name.size()) == 0 && v == value) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// GCP answers its own paths with "Metadata-Flavor: Google".
+bool probe_gcp(const std::string& url) {
+  HttpSession session;
+  auto r = session.perform(metadata_get(url + "/computeMetadata/v1/instance/id",
+                                        {"Metadata-Flavor: Google"}, kProbeTimeoutMs));
+  return r.is_ok() && r->status == 200 && has_header(r.value(), "Metadata-Flavor", "Google");
+}
+
+bool probe_azure(const std::string& url) {
+  HttpSession session;
+  auto r = session.perform(metadata_get(
+      url + "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text",
+      {"Metadata: true"}, kProbeTimeoutMs));
+  return r.is_ok() && r->status == 200 && !r->body.empty() && r->body.size() <= 64;
+}
+
 }  // namespace
+
+const char* platform_name(Platform p) {
+  switch (p) {
+    case Platform::kAws: return "aws";
+    case Platform::kGcp: return "gcp";
+    case Platform::kAzure: return "azure";
+  }
+  return "?";
+}
+
+Result<Platform> parse_platform(std::string_view name) {
+  if (name == "aws") return Platform::kAws;
+  if (name == "gcp") return Platform::kGcp;
+  if (name == "azure") return Platform::kAzure;
+  return Status::error(ErrorKind::kInvalidArgument,
+                       str_cat("unknown platform '", name, "' (aws, gcp or azure)"));
+}
 
 Result<Json::Value> collect_aws_evidence(const std::string& metadata_url, long timeout_ms) {
   HttpRequest token_req;
@@ -39,22 +111,118 @@ Result<Json::Value> collect_aws_evidence(const std::string& metadata_url, long t
       return Status::error(ErrorKind::kUnavailable, "AWS metadata token: malformed");
     }
   }
-  HttpRequest sig_req;
-  sig_req.url = metadata_url + "/latest/dynamic/instance-identity/rsa2048";
-  sig_req.headers = {"X-aws-ec2-metadata-token: " + token->body};
-  sig_req.connect_timeout_ms = token_req.connect_timeout_ms;
-  sig_req.total_timeout_ms = timeout_ms;
-  sig_req.max_response = kMaxMetadataResponse;
-  auto sig = session.perform(sig_req);
+  auto sig = session.perform(metadata_get(metadata_url + "/latest/dynamic/instance-identity/rsa2048",
+                                          {"X-aws-ec2-metadata-token: " + token->body}, timeout_ms));
   if (!sig.is_ok()) return sig.status().with_context("AWS identity signature");
   if (sig->status != 200 || !is_base64_text(sig->body)) {
-    return Status::error(ErrorKind::kUnavailable,
-                         str_cat("AWS identity signature: HTTP ", sig->status,
-                                 sig->status == 200 ? " with a malformed body" : ""));
+    return unavailable("AWS identity signature", sig.value());
   }
   Json::Value evidence;
   evidence["aws"]["rsa2048"] = sig->body;
   return evidence;
+}
+
+Result<Json::Value> collect_gcp_evidence(const std::string& metadata_url, const Bytes& binding,
+                                         long timeout_ms) {
+  HttpSession session;
+  // The audience is base64url plus ':' characters: nothing to escape.
+  auto r = session.perform(metadata_get(
+      metadata_url + "/computeMetadata/v1/instance/service-accounts/default/identity?audience=" +
+          api::gcp_audience(binding) + "&format=full",
+      {"Metadata-Flavor: Google"}, timeout_ms));
+  if (!r.is_ok()) return r.status().with_context("GCP identity token");
+  if (r->status != 200 || !is_jwt_text(r->body)) return unavailable("GCP identity token", r.value());
+  Json::Value evidence;
+  evidence["gcp"]["identity_token"] = r->body;
+  return evidence;
+}
+
+Result<Json::Value> collect_azure_evidence(const std::string& metadata_url, const Bytes& binding,
+                                           long timeout_ms) {
+  HttpSession session;
+  auto r = session.perform(metadata_get(metadata_url +
+                                            "/metadata/attested/document?api-version=2020-09-01&nonce=" +
+                                            api::azure_nonce(binding),
+                                        {"Metadata: true"}, timeout_ms));
+  if (!r.is_ok()) return r.status().with_context("Azure attested document");
+  Json::Value doc;
+  if (r->status == 200) {
+    auto parsed = parse_json_object(r->body, kMaxMetadataResponse);
+    if (parsed.is_ok()) doc = parsed.value();
+  }
+  if (!doc.isObject() || !doc["encoding"].isString() || doc["encoding"].asString() != "pkcs7" ||
+      !doc["signature"].isString() || !is_base64_text(doc["signature"].asString())) {
+    return unavailable("Azure attested document", r.value());
+  }
+  Json::Value evidence;
+  evidence["azure"]["encoding"] = "pkcs7";
+  evidence["azure"]["signature"] = doc["signature"];
+  return evidence;
+}
+
+EvidenceCollector::EvidenceCollector(std::string metadata_url, std::optional<Platform> platform,
+                                     long timeout_ms)
+    : url_(std::move(metadata_url)), configured_(platform), timeout_ms_(timeout_ms) {}
+
+EvidenceCollector::~EvidenceCollector() {
+  if (pending_.valid()) pending_.wait();
+}
+
+EvidenceCollector::Detected EvidenceCollector::detect() {
+  if (configured_ == Platform::kAws || !configured_) {
+    // AWS's probe is its evidence: a token and the signed document.
+    auto gcp = configured_ ? std::future<bool>() : std::async(std::launch::async, probe_gcp, url_);
+    auto azure = configured_ ? std::future<bool>() : std::async(std::launch::async, probe_azure, url_);
+    Result<Json::Value> aws = collect_aws_evidence(url_, std::min(timeout_ms_, 2000L));
+    if (configured_ || aws.is_ok()) {
+      return {aws.is_ok() ? Result<Platform>(Platform::kAws) : Result<Platform>(aws.status()), aws};
+    }
+    if (gcp.get()) return {Platform::kGcp, aws.status()};
+    if (azure.get()) return {Platform::kAzure, aws.status()};
+    return {Status::error(ErrorKind::kUnavailable,
+                          str_cat("no cloud metadata service answered at ", url_,
+                                  " (AWS: ", aws.status().message(),
+                                  "; set the platform to skip detection)")),
+            aws.status()};
+  }
+  return {configured_.value(), Status::error(ErrorKind::kNotFound, "not AWS")};
+}
+
+void EvidenceCollector::start() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (platform_ || pending_.valid()) return;
+  if (configured_ && configured_ != Platform::kAws) {
+    platform_ = configured_;
+    return;
+  }
+  pending_ = std::async(std::launch::async, [this]() { return detect(); });
+}
+
+Result<Platform> EvidenceCollector::platform() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (platform_) return platform_.value();
+  Detected d = pending_.valid() ? pending_.get() : detect();
+  if (d.aws.is_ok()) aws_cache_ = d.aws.value();
+  if (!d.platform.is_ok()) return d.platform.status();  // detection is tried again next time
+  platform_ = d.platform.value();
+  return platform_.value();
+}
+
+Result<Json::Value> EvidenceCollector::collect(const Bytes& binding) {
+  auto p = platform();
+  if (!p.is_ok()) return p.status();
+  switch (p.value()) {
+    case Platform::kAws: {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (aws_cache_) return aws_cache_.value();
+      auto e = collect_aws_evidence(url_, std::min(timeout_ms_, 2000L));
+      if (e.is_ok()) aws_cache_ = e.value();
+      return e;
+    }
+    case Platform::kGcp: return collect_gcp_evidence(url_, binding, std::min(timeout_ms_, 5000L));
+    case Platform::kAzure: return collect_azure_evidence(url_, binding, std::min(timeout_ms_, 5000L));
+  }
+  return Status::error(ErrorKind::kInternal, "unknown platform");
 }
 
 }  // namespace keygate::unlocker

@@ -40,21 +40,11 @@ long backoff_delay_ms(const RetryPolicy& policy, int round) {
   return base / 2 + static_cast<long>(r % static_cast<uint32_t>(std::max(base, 1L)));
 }
 
-Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token,
-                                         std::shared_future<Result<Json::Value>> evidence,
-                                         const EvidenceSource& collect_again,
+Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token, EvidenceCollector& evidence,
                                          const RetryPolicy& policy) {
   const auto deadline = Clock::now() + std::chrono::milliseconds(policy.deadline_ms);
   Status worst;
   for (int round = 1;; ++round) {
-    if (round > 1) {
-      // Evidence that failed (metadata service not up yet) is asked again.
-      if (!evidence.get().is_ok()) {
-        std::promise<Result<Json::Value>> again;
-        again.set_value(collect_again());
-        evidence = again.get_future().share();
-      }
-    }
     bool all_refused = true;
     for (const auto& url : token.servers) {
       long request_ms = policy.request_timeout_ms;

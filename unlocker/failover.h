@@ -7,11 +7,9 @@
 
 #include <json/value.h>
 
-#include <functional>
-#include <future>
-
 #include "core/secret.h"
 #include "core/status.h"
+#include "unlocker/evidence.h"
 #include "unlocker/luks.h"
 
 namespace keygate::unlocker {
@@ -24,16 +22,13 @@ struct RetryPolicy {
   long max_backoff_ms = 8000;
 };
 
-using EvidenceSource = std::function<Result<Json::Value>()>;
-
-// `first_evidence` is the already-started first collection; `collect_again`
-// is called in later rounds if it failed. The most telling failure is
+// Evidence comes from `evidence` (started by the caller, so detection
+// overlaps reading the header); a collection that failed is tried again in
+// the next round. The most telling failure is
 // returned: a policy refusal over an untrusted server over an unreachable
 // one. A round in which every server refused ends the attempt (no
 // hammering); unreachable servers are retried until the deadline.
-Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token,
-                                         std::shared_future<Result<Json::Value>> first_evidence,
-                                         const EvidenceSource& collect_again,
+Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token, EvidenceCollector& evidence,
                                          const RetryPolicy& policy);
 
 // The delay before retry round `round` (1-based): initial * 2^(round-1),

@@ -51,6 +51,8 @@ unlock options:
   --verify-only             check that the released key opens the keyslot,
                             without creating a mapping (no device-mapper needed)
   --metadata-url URL        metadata service (default http://169.254.169.254)
+  --platform aws|gcp|azure  the cloud (default: detected by probing the
+                            metadata service; AWS is tried first)
   --timeout SECONDS         per-request timeout (default 5); connecting to a
                             server (TCP and TLS) is bounded to 1 s, so a dead
                             or silent server costs about a second
@@ -84,7 +86,7 @@ enroll options:
   --no-evidence             enroll without instance evidence (image builders;
                             the token must describe an image-group volume)
   --description TEXT        shown in the server's volume list
-  --metadata-url URL, --timeout SECONDS   as for unlock
+  --metadata-url URL, --platform NAME, --timeout SECONDS   as for unlock
 
 Common options:
   --json                    status: print JSON
@@ -139,6 +141,18 @@ long timeout_ms(const Args& args) {
   return t.is_ok() ? t.value() * 1000 : 5000;
 }
 
+// The evidence source for --metadata-url and --platform.
+Result<std::unique_ptr<EvidenceCollector>> evidence_collector(const Args& args) {
+  std::optional<Platform> platform;
+  if (args.has("platform")) {
+    auto p = parse_platform(args.get("platform"));
+    if (!p.is_ok()) return p.status();
+    platform = p.value();
+  }
+  return std::make_unique<EvidenceCollector>(args.get("metadata-url", kDefaultMetadataUrl), platform,
+                                             timeout_ms(args));
+}
+
 // Reads DEVICE's keygate token and gets its secret from the key servers.
 // On failure, `exit_code` says why.
 struct Released {
@@ -148,11 +162,14 @@ struct Released {
 };
 
 Result<Released> release_secret(const Args& args, const std::string& device, int* exit_code) {
-  // AWS evidence does not depend on the challenge: gather it while the
-  // header is read and the server is asked for a nonce.
-  const std::string metadata_url = args.get("metadata-url", kDefaultMetadataUrl);
-  std::shared_future<Result<Json::Value>> evidence_future = std::async(
-      std::launch::async, collect_aws_evidence, metadata_url, std::min(timeout_ms(args), 2000L));
+  // Detect the platform (and fetch AWS's document, which does not depend
+  // on the challenge) while the header is read.
+  auto evidence = evidence_collector(args);
+  if (!evidence.is_ok()) {
+    *exit_code = kExitUsage;
+    return evidence.status();
+  }
+  evidence.value()->start();
   auto deadline = args.get_int("deadline", 0, 0, 3600);
   if (!deadline.is_ok()) {
     *exit_code = kExitUsage;
@@ -178,9 +195,7 @@ Result<Released> release_secret(const Args& args, const std::string& device, int
   RetryPolicy policy;
   policy.deadline_ms = deadline.value() * 1000;
   policy.request_timeout_ms = timeout_ms(args);
-  auto secret = fetch_volume_secret(
-      out.token, evidence_future,
-      [&metadata_url]() { return collect_aws_evidence(metadata_url, 2000); }, policy);
+  auto secret = fetch_volume_secret(out.token, *evidence.value(), policy);
   if (!secret.is_ok()) {
     *exit_code = exit_code_for(secret.status());
     return secret.status();
@@ -383,12 +398,14 @@ int cmd_enroll(const Args& args) {
     }
   }
 
-  Json::Value evidence;
+  std::unique_ptr<EvidenceCollector> evidence;
   if (!args.has("no-evidence")) {
-    auto e = collect_aws_evidence(args.get("metadata-url", kDefaultMetadataUrl),
-                                  std::min(timeout_ms(args), 5000L));
-    if (!e.is_ok()) return fail(e.status(), kExitUnreachable);
-    evidence = e.value();
+    auto e = evidence_collector(args);
+    if (!e.is_ok()) return fail(e.status(), kExitUsage);
+    evidence = std::move(e).value();
+    auto platform = evidence->platform();
+    if (!platform.is_ok()) return fail(platform.status(), kExitUnreachable);
+    log_info(str_cat("platform: ", platform_name(platform.value())));
   }
   // Phase 1: register with the first server that answers.
   std::optional<Enrollment> enrollment;
@@ -396,7 +413,7 @@ int cmd_enroll(const Args& args) {
   Status last;
   for (const auto& url : servers) {
     ServerEndpoint server{url, ca, timeout_ms(args)};
-    auto r = register_volume(server, token.value(), evidence, args.get("description"));
+    auto r = register_volume(server, token.value(), evidence.get(), args.get("description"));
     if (r.is_ok()) {
       enrollment = std::move(r).value();
       used_server = url;
@@ -532,7 +549,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> argv_list(argv + 1, argv + argc);
   auto args = Args::parse(
       argv_list,
-      {"metadata-url", "timeout", "deadline", "server", "token-server", "ca", "enrollment-token-file",
+      {"metadata-url", "platform", "timeout", "deadline", "server", "token-server", "ca", "enrollment-token-file",
        "recovery-passphrase-file", "passphrase-file", "sector-size", "description",
        "reduce-device-size"},
       {"verify-only", "format", "no-recovery", "no-evidence", "json", "debug", "kmsg", "help"});

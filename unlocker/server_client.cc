@@ -85,7 +85,7 @@ Result<SecretBuffer> open_envelope(const Json::Value& response, const X25519KeyP
 
 Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
                                            const std::string& volume_id,
-                                           std::shared_future<Result<Json::Value>>& evidence) {
+                                           EvidenceCollector& evidence) {
   HttpSession session;
   // A nonce can expire while evidence is slow to gather; one fresh retry.
   for (int attempt = 0;; ++attempt) {
@@ -97,7 +97,8 @@ Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
     req["volume_id"] = volume_id;
     req["nonce"] = base64_encode(challenge->nonce);
     req["client_public_key"] = base64_encode(keys->public_key.data(), keys->public_key.size());
-    const Result<Json::Value>& collected = evidence.get();
+    const Bytes client_public(keys->public_key.begin(), keys->public_key.end());
+    auto collected = evidence.collect(binding_value(challenge->nonce, client_public, volume_id));
     if (!collected.is_ok()) return collected.status();
     req["evidence"] = collected.value();
     auto res = post_json(session, server, api::kUnlockPath, to_json(req));
@@ -114,7 +115,7 @@ Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
 
 Result<Enrollment> register_volume(const ServerEndpoint& server,
                                    const SecretBuffer& enrollment_token,
-                                   const Json::Value& evidence, const std::string& description) {
+                                   EvidenceCollector* evidence, const std::string& description) {
   for (size_t i = 0; i < enrollment_token.size(); ++i) {
     char c = static_cast<char>(enrollment_token.data()[i]);
     bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
@@ -131,7 +132,13 @@ Result<Enrollment> register_volume(const ServerEndpoint& server,
   Json::Value req;
   req["nonce"] = base64_encode(challenge->nonce);
   req["client_public_key"] = base64_encode(keys->public_key.data(), keys->public_key.size());
-  if (!evidence.isNull()) req["evidence"] = evidence;
+  if (evidence != nullptr) {
+    // No volume id exists yet: the binding covers "".
+    const Bytes client_public(keys->public_key.begin(), keys->public_key.end());
+    auto collected = evidence->collect(binding_value(challenge->nonce, client_public, ""));
+    if (!collected.is_ok()) return collected.status();
+    req["evidence"] = collected.value();
+  }
   if (!description.empty()) req["description"] = description;
   // Splice the token into the body inside secret memory:
   // {...,"enrollment_token":"TOKEN"}

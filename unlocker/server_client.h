@@ -6,11 +6,11 @@
 
 #include <json/value.h>
 
-#include <future>
 #include <string>
 
 #include "core/secret.h"
 #include "core/status.h"
+#include "unlocker/evidence.h"
 
 namespace keygate::unlocker {
 
@@ -27,19 +27,19 @@ struct Enrollment {
   Json::Value policy;
 };
 
-// Asks `server` to release the secret of `volume_id`, presenting the
-// evidence from `evidence` (awaited only once the challenge has arrived, so
-// gathering it overlaps the TLS handshake). An evidence failure is returned
-// as is (kUnavailable).
+// Asks `server` to release the secret of `volume_id`, presenting evidence
+// from `evidence` bound to the challenge (asked for once the challenge has
+// arrived; detection and AWS's fetch overlap the TLS handshake). An
+// evidence failure is returned as is (kUnavailable).
 Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
                                            const std::string& volume_id,
-                                           std::shared_future<Result<Json::Value>>& evidence);
+                                           EvidenceCollector& evidence);
 
 // Registers a new volume. `enrollment_token` travels only in secret memory.
 // `evidence` may be null (image builders enrolling offline).
 Result<Enrollment> register_volume(const ServerEndpoint& server,
                                    const SecretBuffer& enrollment_token,
-                                   const Json::Value& evidence, const std::string& description);
+                                   EvidenceCollector* evidence, const std::string& description);
 
 // Confirms that the keyslot holding `secret` is in place.
 Status confirm_volume(const ServerEndpoint& server, const std::string& volume_id,

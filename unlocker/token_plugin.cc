@@ -6,6 +6,7 @@
 //
 // Settings come from the environment (the plugin has no command line):
 //   KEYGATE_METADATA_URL  metadata service (default http://169.254.169.254)
+//   KEYGATE_PLATFORM      aws, gcp or azure (default: detected)
 //   KEYGATE_DEADLINE      seconds to keep retrying unreachable servers
 //                         (default 30; 0: one pass)
 #include <libcryptsetup.h>
@@ -74,11 +75,18 @@ __attribute__((visibility("default"))) int cryptsetup_token_open(crypt_device* c
   long deadline_s = strtol(env_or("KEYGATE_DEADLINE", "30").c_str(), nullptr, 10);
   RetryPolicy policy;
   policy.deadline_ms = deadline_s > 0 && deadline_s <= 3600 ? deadline_s * 1000 : 0;
-  std::shared_future<Result<Json::Value>> evidence =
-      std::async(std::launch::async, collect_aws_evidence, metadata_url, 2000L);
-  auto secret = fetch_volume_secret(
-      parsed.value(), evidence,
-      [&metadata_url]() { return collect_aws_evidence(metadata_url, 2000); }, policy);
+  std::optional<Platform> platform;
+  if (const char* p = getenv("KEYGATE_PLATFORM"); p != nullptr && *p != '\0') {
+    auto parsed_platform = parse_platform(p);
+    if (!parsed_platform.is_ok()) {
+      log_error(parsed_platform.status().message());
+      return -EINVAL;
+    }
+    platform = parsed_platform.value();
+  }
+  EvidenceCollector evidence(metadata_url, platform, 5000);
+  evidence.start();
+  auto secret = fetch_volume_secret(parsed.value(), evidence, policy);
   if (!secret.is_ok()) {
     log_error(secret.status().message());
     return errno_for(secret.status().kind());
