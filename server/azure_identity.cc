@@ -176,18 +176,12 @@ Result<Identity> verify_azure_attested_document(const Bytes& pkcs7_der,
     openssl_last_error();
     return Status::error(ErrorKind::kInvalidArgument, "Azure signature: not a CMS structure");
   }
-  std::unique_ptr<X509_STORE, decltype(&X509_STORE_free)> store(X509_STORE_new(),
-                                                                X509_STORE_free);
-  std::unique_ptr<STACK_OF(X509), void (*)(STACK_OF(X509)*)> untrusted(
-      sk_X509_new_null(), [](STACK_OF(X509)* s) { sk_X509_free(s); });
-  for (const auto& root : trust.impl().roots) X509_STORE_add_cert(store.get(), root.get());
-  for (const auto& cert : trust.impl().intermediates) sk_X509_push(untrusted.get(), cert.get());
-  X509_VERIFY_PARAM* param = X509_STORE_get0_param(store.get());
-  X509_VERIFY_PARAM_set_time(param, static_cast<time_t>(clock.now_unix()));
-  // The leaf is a TLS certificate (serverAuth/clientAuth), not an S/MIME one.
-  X509_VERIFY_PARAM_set_purpose(param, X509_PURPOSE_ANY);
+  // The signature first (the signer is the certificate the message
+  // carries), then the signer's chain: OpenSSL's CMS_verify would build it
+  // only from the message's own certificates.
   std::unique_ptr<BIO, decltype(&BIO_free)> out(BIO_new(BIO_s_mem()), BIO_free);
-  if (CMS_verify(cms.get(), untrusted.get(), store.get(), nullptr, out.get(), CMS_BINARY) != 1) {
+  if (CMS_verify(cms.get(), nullptr, nullptr, nullptr, out.get(),
+                 CMS_BINARY | CMS_NO_SIGNER_CERT_VERIFY) != 1) {
     return Status::error(ErrorKind::kIntegrity,
                          str_cat("Azure signature does not verify: ", openssl_last_error()));
   }
@@ -196,7 +190,31 @@ Result<Identity> verify_azure_attested_document(const Bytes& pkcs7_der,
   if (!signers || sk_X509_num(signers.get()) != 1) {
     return Status::error(ErrorKind::kIntegrity, "Azure signature: not exactly one signer");
   }
-  const std::string signer = common_name(sk_X509_value(signers.get(), 0));
+  X509* leaf = sk_X509_value(signers.get(), 0);
+  std::unique_ptr<X509_STORE, decltype(&X509_STORE_free)> store(X509_STORE_new(),
+                                                                X509_STORE_free);
+  std::unique_ptr<STACK_OF(X509), void (*)(STACK_OF(X509)*)> untrusted(
+      sk_X509_new_null(), [](STACK_OF(X509)* s) { sk_X509_free(s); });
+  for (const auto& root : trust.impl().roots) X509_STORE_add_cert(store.get(), root.get());
+  for (const auto& cert : trust.impl().intermediates) sk_X509_push(untrusted.get(), cert.get());
+  std::unique_ptr<X509_STORE_CTX, decltype(&X509_STORE_CTX_free)> ctx(X509_STORE_CTX_new(),
+                                                                      X509_STORE_CTX_free);
+  if (!store || !untrusted || !ctx ||
+      X509_STORE_CTX_init(ctx.get(), store.get(), leaf, untrusted.get()) != 1) {
+    return Status::error(ErrorKind::kInternal, "Azure signature: verifier setup failed");
+  }
+  X509_VERIFY_PARAM* param = X509_STORE_CTX_get0_param(ctx.get());
+  X509_VERIFY_PARAM_set_time(param, static_cast<time_t>(clock.now_unix()));
+  // The leaf is a TLS certificate (serverAuth/clientAuth), not an S/MIME one.
+  X509_VERIFY_PARAM_set_purpose(param, X509_PURPOSE_ANY);
+  if (X509_verify_cert(ctx.get()) != 1) {
+    int err = X509_STORE_CTX_get_error(ctx.get());
+    openssl_last_error();
+    return Status::error(ErrorKind::kIntegrity,
+                         str_cat("Azure signer certificate does not chain to a trusted root: ",
+                                 X509_verify_cert_error_string(err)));
+  }
+  const std::string signer = common_name(leaf);
   if (!is_azure_metadata_name(signer)) {
     return Status::error(ErrorKind::kIntegrity,
                          str_cat("Azure signature: signer '", signer.substr(0, 64),
@@ -246,7 +264,9 @@ Result<Identity> verify_azure_attested_document(const Bytes& pkcs7_der,
     const char* key;
     bool required;
   } fields[] = {
-      {"subscription_id", &d, "subscriptionId", true},
+      // Documents of api-version 2018-10-01 carry no subscriptionId; the
+      // policy (which always binds it) then refuses them.
+      {"subscription_id", &d, "subscriptionId", false},
       {"vm_id", &d, "vmId", true},
       {"sku", &d, "sku", false},
       {"license_type", &d, "licenseType", false},

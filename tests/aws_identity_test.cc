@@ -2,20 +2,15 @@
 
 #include <gtest/gtest.h>
 
-#include <fstream>
-#include <iterator>
-
 #include "core/encoding.h"
+#include "tests/test_files.h"
 
 namespace keygate::server {
 namespace {
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
+using test_files::read_file;
 
-const std::string kAws = std::string(KEYGATE_FIXTURES) + "/real/aws/";
+const std::string kAws = test_files::kRealFixtures + "aws/";
 const std::string kShippedTrust = std::string(KEYGATE_SOURCE_DIR) + "/server/trust/aws/rsa2048";
 // 2026-02-16T01:00:00Z: just after the real document was signed.
 constexpr int64_t kSampleTime = 1771203600;
