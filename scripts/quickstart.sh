@@ -3,7 +3,15 @@
 # TLS certificate): starts keygate-server and the metadata emulator on
 # 127.0.0.1, creates a LUKS2 volume file, enrolls it, then unlocks it as a
 # booting instance would. Everything lives in ./.quickstart (removed first).
+#
+# Usage: scripts/quickstart.sh [aws|gcp|azure]   (the cloud the emulator
+# plays; default aws)
 set -euo pipefail
+platform=${1:-aws}
+case "$platform" in
+  aws|gcp|azure) ;;
+  *) echo "usage: $0 [aws|gcp|azure]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
@@ -34,11 +42,18 @@ wait_port() {
   exit 1
 }
 
-step "start the metadata emulator (AWS IMDSv2, test signing certificates)"
+case "$platform" in
+  aws) what="AWS IMDSv2"; identity=(--region us-east-1 --account 123456789012
+         --instance-id i-0quickstart000001 --image-id ami-0quickstart00001) ;;
+  gcp) what="GCP metadata server"; identity=(--project-id quickstart-project
+         --instance-id 4567890123456789012 --instance-name quickstart-1) ;;
+  azure) what="Azure IMDS"; identity=(--subscription-id 5f130ffc-0a3e-4795-b691-4f56a12a5547
+         --vm-id 9c0c5e9c-5a3b-4b8f-9d7e-2f1d3c4b5a69) ;;
+esac
+step "start the metadata emulator ($what, test signing keys)"
 "$bin/keygate-metadata-emulator" init --state-dir "$work/emulator" --region us-east-1
 "$bin/keygate-metadata-emulator" serve --state-dir "$work/emulator" --listen 127.0.0.1:0 \
-  --port-file "$work/emulator.port" --region us-east-1 --account 123456789012 \
-  --instance-id i-0quickstart000001 --image-id ami-0quickstart00001 \
+  --port-file "$work/emulator.port" --platform "$platform" "${identity[@]}" \
   >"$work/emulator.log" 2>&1 &
 pids+=($!)
 emu_port=$(wait_port "$work/emulator.port" emulator "$work/emulator.log")
@@ -47,6 +62,7 @@ echo "metadata service: http://127.0.0.1:$emu_port"
 step "start keygate-server (state in $work/server: SQLite store, KEK and TLS generated, 0600)"
 "$bin/keygate-server" serve --state-dir "$work/server" --listen 127.0.0.1:0 \
   --port-file "$work/server.port" --aws-trust-dir "$work/emulator/aws-trust" \
+  --gcp-jwks "$work/emulator/gcp-trust/jwks.json" --azure-trust-dir "$work/emulator/azure-trust" \
   >"$work/server.log" 2>&1 &
 pids+=($!)
 srv_port=$(wait_port "$work/server.port" keygate-server "$work/server.log")
@@ -55,7 +71,7 @@ cat "$work/server.log"
 ls -l "$work/server"
 
 step "create a one-time enrollment token"
-"$bin/keygate-server" token create --state-dir "$work/server" >"$work/enroll.token"
+"$bin/keygate-server" token create --state-dir "$work/server" --platform "$platform" >"$work/enroll.token"
 chmod 600 "$work/enroll.token"
 echo "token written to $work/enroll.token (shown once, stored only as a hash)"
 
@@ -75,4 +91,4 @@ step "server side: volumes and audit trail"
 "$bin/keygate-server" audit --state-dir "$work/server"
 
 echo
-echo "quickstart: enroll + unlock round trip completed."
+echo "quickstart: enroll + unlock round trip completed ($platform)."

@@ -169,23 +169,22 @@ EvidenceCollector::~EvidenceCollector() {
 }
 
 EvidenceCollector::Detected EvidenceCollector::detect() {
-  if (configured_ == Platform::kAws || !configured_) {
-    // AWS's probe is its evidence: a token and the signed document.
-    auto gcp = configured_ ? std::future<bool>() : std::async(std::launch::async, probe_gcp, url_);
-    auto azure = configured_ ? std::future<bool>() : std::async(std::launch::async, probe_azure, url_);
-    Result<Json::Value> aws = collect_aws_evidence(url_, std::min(timeout_ms_, 2000L));
-    if (configured_ || aws.is_ok()) {
-      return {aws.is_ok() ? Result<Platform>(Platform::kAws) : Result<Platform>(aws.status()), aws};
-    }
-    if (gcp.get()) return {Platform::kGcp, aws.status()};
-    if (azure.get()) return {Platform::kAzure, aws.status()};
-    return {Status::error(ErrorKind::kUnavailable,
-                          str_cat("no cloud metadata service answered at ", url_,
-                                  " (AWS: ", aws.status().message(),
-                                  "; set the platform to skip detection)")),
-            aws.status()};
+  if (configured_ && configured_ != Platform::kAws) {
+    return {configured_.value(), Status::error(ErrorKind::kNotFound, "not AWS")};
   }
-  return {configured_.value(), Status::error(ErrorKind::kNotFound, "not AWS")};
+  // AWS's probe is its evidence (a token and the signed document), so on AWS
+  // detection costs nothing; elsewhere the other two are probed after it.
+  Result<Json::Value> aws = collect_aws_evidence(url_, std::min(timeout_ms_, 2000L));
+  if (configured_ || aws.is_ok()) {
+    return {aws.is_ok() ? Result<Platform>(Platform::kAws) : Result<Platform>(aws.status()), aws};
+  }
+  auto azure = std::async(std::launch::async, probe_azure, url_);
+  if (probe_gcp(url_)) return {Platform::kGcp, aws.status()};
+  if (azure.get()) return {Platform::kAzure, aws.status()};
+  return {Status::error(ErrorKind::kUnavailable,
+                        str_cat("no cloud metadata service answered at ", url_, " (AWS: ",
+                                aws.status().message(), "; set the platform to skip detection)")),
+          aws.status()};
 }
 
 void EvidenceCollector::start() {

@@ -42,8 +42,8 @@ Result<Json::Value> collect_azure_evidence(const std::string& metadata_url, cons
                                            long timeout_ms);
 
 // Evidence for the requests of one command. The platform is the configured
-// one or detected once (all three endpoints probed at the same time; AWS's
-// probe is its evidence fetch, kept for the first request). Evidence that
+// one or detected once: AWS's evidence fetch is its probe (kept for the first
+// request); if it fails, GCP's and Azure's endpoints are probed. Evidence that
 // does not depend on the challenge (AWS) is fetched once and reused.
 class EvidenceCollector {
  public:

@@ -54,6 +54,7 @@ install_token_method() {
     # shellcheck disable=SC1090
     deadline=$(. "$conf" && echo "${KEYGATE_DEADLINE:-120}")
     metadata=$(. "$conf" && echo "${KEYGATE_METADATA_URL:-http://169.254.169.254}")
+    platform=$(. "$conf" && echo "${KEYGATE_PLATFORM:-}")
     mkdir -p "$initdir$systemdsystemunitdir/systemd-cryptsetup@.service.d"
     cat >"$initdir$systemdsystemunitdir/systemd-cryptsetup@.service.d/keygate.conf" <<UNIT
 [Unit]
@@ -62,7 +63,7 @@ Wants=network-online.target
 After=network-online.target
 
 [Service]
-Environment=KEYGATE_DEADLINE=$deadline KEYGATE_METADATA_URL=$metadata
+Environment=KEYGATE_DEADLINE=$deadline KEYGATE_METADATA_URL=$metadata KEYGATE_PLATFORM=$platform
 UNIT
 }
 
