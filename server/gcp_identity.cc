@@ -1,8 +1,6 @@
 #include "server/gcp_identity.h"
 
-#include <openssl/core_names.h>
 #include <openssl/evp.h>
-#include <openssl/param_build.h>
 #include <openssl/rsa.h>
 #include <sys/stat.h>
 
@@ -13,6 +11,7 @@
 #include "core/file.h"
 #include "core/json.h"
 #include "core/log.h"
+#include "core/pkey.h"
 
 namespace keygate::server {
 namespace {
@@ -21,11 +20,6 @@ constexpr size_t kMaxTokenSize = 8 * 1024;
 constexpr size_t kMaxJwksSize = 64 * 1024;
 constexpr size_t kMaxKeys = 32;
 
-struct PkeyDeleter {
-  void operator()(EVP_PKEY* k) const { EVP_PKEY_free(k); }
-};
-using PkeyPtr = std::unique_ptr<EVP_PKEY, PkeyDeleter>;
-
 Result<PkeyPtr> rsa_key_from_jwk(const Json::Value& jwk) {
   auto n_text = json_string(jwk, "n", 2048);
   auto e_text = json_string(jwk, "e", 16);
@@ -33,31 +27,12 @@ Result<PkeyPtr> rsa_key_from_jwk(const Json::Value& jwk) {
   if (!e_text.is_ok()) return e_text.status();
   auto n = base64url_decode(n_text.value());
   auto e = base64url_decode(e_text.value());
-  if (!n.is_ok() || !e.is_ok() || n->empty() || e->empty() || (*n)[0] == 0 || (*e)[0] == 0) {
+  if (!n.is_ok() || !e.is_ok()) {
     return Status::error(ErrorKind::kInvalidArgument, "JWK: malformed n or e");
   }
-  if (n->size() < 256 || n->size() > 1024) {
-    return Status::error(ErrorKind::kInvalidArgument, "JWK: RSA modulus must be 2048 to 8192 bits");
-  }
-  std::unique_ptr<BIGNUM, decltype(&BN_free)> bn_n(BN_bin2bn(n->data(), static_cast<int>(n->size()), nullptr), BN_free);
-  std::unique_ptr<BIGNUM, decltype(&BN_free)> bn_e(BN_bin2bn(e->data(), static_cast<int>(e->size()), nullptr), BN_free);
-  std::unique_ptr<OSSL_PARAM_BLD, decltype(&OSSL_PARAM_BLD_free)> bld(OSSL_PARAM_BLD_new(),
-                                                                      OSSL_PARAM_BLD_free);
-  if (!bn_n || !bn_e || !bld || !OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_N, bn_n.get()) ||
-      !OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_E, bn_e.get())) {
-    return Status::error(ErrorKind::kInternal, "JWK: out of memory");
-  }
-  std::unique_ptr<OSSL_PARAM, decltype(&OSSL_PARAM_free)> params(OSSL_PARAM_BLD_to_param(bld.get()),
-                                                                 OSSL_PARAM_free);
-  std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> ctx(
-      EVP_PKEY_CTX_new_from_name(nullptr, "RSA", nullptr), EVP_PKEY_CTX_free);
-  EVP_PKEY* key = nullptr;
-  if (!params || !ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
-      EVP_PKEY_fromdata(ctx.get(), &key, EVP_PKEY_PUBLIC_KEY, params.get()) != 1) {
-    return Status::error(ErrorKind::kInvalidArgument,
-                         str_cat("JWK: unusable RSA key: ", openssl_last_error()));
-  }
-  return PkeyPtr(key);
+  auto key = rsa_public_key(n.value(), e.value());
+  if (!key.is_ok()) return key.status().with_context("JWK");
+  return key;
 }
 
 // Splits "a.b.c" into its three base64url parts.
