@@ -7,6 +7,10 @@ packages=(
   build-essential cmake pkg-config
   libssl-dev libcryptsetup-dev libblkid-dev libcurl4-openssl-dev libjsoncpp-dev
   libcpp-httplib-dev libsqlite3-dev libgtest-dev libgmock-dev
+  # vTPM: TPM2-TSS (ESAPI, device and swtpm TCTIs), tpm2-tools for tests
+  libtss2-dev tpm2-tools
+  # the TPM parser fuzz target (libFuzzer)
+  clang libclang-rt-14-dev
   cryptsetup-bin e2fsprogs openssl curl ca-certificates
   # end-to-end boot test: Debian's kernel under QEMU with a real initramfs
   qemu-system-x86 initramfs-tools cryptsetup-initramfs busybox kmod cpio zstd

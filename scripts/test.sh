@@ -2,7 +2,9 @@
 # Builds keygate and runs every test: unit and integration tests in a normal
 # build, the end-to-end QEMU boot test, then unit and integration tests again
 # with AddressSanitizer + UndefinedBehaviorSanitizer. Installs what it needs
-# first. KEYGATE_SKIP_E2E=1 / KEYGATE_SKIP_SANITIZERS=1 skip those parts.
+# first. The TPM parser fuzz target runs 10^6 executions.
+# KEYGATE_SKIP_E2E=1 / KEYGATE_SKIP_SANITIZERS=1 / KEYGATE_SKIP_FUZZ=1 skip
+# those parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,6 +39,11 @@ kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
 grep -q "for 36 regions" build/install-root/server.log ||
   { cat build/install-root/server.log >&2; echo "install layout: server did not load its trust store" >&2; exit 1; }
 echo "install layout: ok"
+
+if [ "${KEYGATE_SKIP_FUZZ:-0}" != 1 ]; then
+  echo "== fuzz: TPM attest/signature/public parsers, 10^6 executions (libFuzzer, ASan, UBSan)"
+  tests/fuzz/run.sh 1000000
+fi
 
 if [ "${KEYGATE_SKIP_E2E:-0}" != 1 ]; then
   echo "== end-to-end boot test (QEMU, TCG)"
