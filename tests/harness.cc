@@ -1,7 +1,11 @@
 #include "harness.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -9,6 +13,7 @@
 #include <fstream>
 #include <iterator>
 #include <stdexcept>
+#include <random>
 #include <thread>
 
 namespace keygate::testing {
@@ -122,6 +127,58 @@ int wait_for_port_file(const std::string& path, const Background& process) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   return 0;
+}
+
+namespace {
+
+bool port_free(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bool ok = bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+  close(fd);
+  return ok;
+}
+
+bool port_answers(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bool ok = connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+  close(fd);
+  return ok;
+}
+
+}  // namespace
+
+Swtpm start_swtpm(const std::string& state_dir) {
+  mkdir(state_dir.c_str(), 0700);
+  static std::mt19937 rng(std::random_device{}());
+  for (int attempt = 0; attempt < 10; ++attempt) {
+    int port = std::uniform_int_distribution<int>(20000, 60000)(rng) & ~1;
+    if (!port_free(port) || !port_free(port + 1)) continue;
+    Swtpm t;
+    t.process = Background(
+        {"swtpm", "socket", "--tpm2", "--server",
+         "type=tcp,port=" + std::to_string(port) + ",bindaddr=127.0.0.1", "--ctrl",
+         "type=tcp,port=" + std::to_string(port + 1) + ",bindaddr=127.0.0.1", "--tpmstate",
+         "dir=" + state_dir, "--flags", "not-need-init,startup-clear"},
+        state_dir + ".log");
+    for (int i = 0; i < 100 && t.process.running(); ++i) {
+      // The control port opens once the TPM is ready for commands.
+      if (port_answers(port + 1)) {
+        t.port = port;
+        return t;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    t.process.stop();
+  }
+  return Swtpm{};
 }
 
 }  // namespace keygate::testing

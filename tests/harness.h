@@ -49,4 +49,14 @@ class Background {
 // 0 if it never appeared.
 int wait_for_port_file(const std::string& path, const Background& process);
 
+// A software TPM (swtpm, socket interface) on 127.0.0.1 at a random free
+// port, its state in `state_dir` (created; reused if it exists, so the same
+// folder is the same TPM).
+struct Swtpm {
+  Background process;
+  int port = 0;  // the TPM command port; the control port is port + 1
+  std::string tcti() const { return "swtpm:host=127.0.0.1,port=" + std::to_string(port); }
+};
+Swtpm start_swtpm(const std::string& state_dir);
+
 }  // namespace keygate::testing
