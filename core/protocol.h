@@ -33,6 +33,7 @@ constexpr char kErrPolicyDenied[] = "policy_denied";
 constexpr char kErrRevoked[] = "revoked";
 constexpr char kErrNotEnrolled[] = "not_enrolled";
 constexpr char kErrTokenInvalid[] = "enrollment_token_invalid";
+constexpr char kErrTpmRequired[] = "tpm_required";
 constexpr char kErrInternal[] = "internal";
 
 // How the binding value (envelope.h) travels in evidence a provider signs:

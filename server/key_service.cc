@@ -5,6 +5,7 @@
 #include "core/json.h"
 #include "core/log.h"
 #include "core/protocol.h"
+#include "server/tpm_policy.h"
 
 namespace keygate::server {
 namespace {
@@ -135,6 +136,48 @@ Result<Identity> KeyService::verify_evidence(const Json::Value& evidence, const 
   return evidence_.verify(evidence, binding);
 }
 
+bool KeyService::check_tpm(const char* event, const std::string& vid, const std::string& peer,
+                           const std::string& stored_policy, const VolumePolicy& policy,
+                           const Json::Value& request, const Common& common, ApiResponse* refusal) {
+  const Bytes binding = binding_value(common.nonce, common.client_public_key, vid);
+  if (!request.isMember("tpm")) {
+    audit(event, "refused", vid, peer, "no TPM quote; the volume's policy requires one");
+    *refusal = error_response(403, api::kErrTpmRequired, "this volume's policy requires a TPM quote");
+    return false;
+  }
+  auto checked = check_tpm_evidence(*policy.tpm, request["tpm"], binding);
+  if (!checked.is_ok()) {
+    audit(event, "refused", vid, peer, checked.status().message());
+    const int code = checked.status().kind() == ErrorKind::kInvalidArgument ? 400 : 403;
+    *refusal = error_response(code, code == 400 ? api::kErrBadRequest : api::kErrEvidenceInvalid,
+                              code == 400 ? checked.status().message() : "TPM quote did not verify");
+    return false;
+  }
+  if (checked->mismatched.empty()) return true;
+  const int64_t now = clock_.now_unix();
+  if (policy.tpm->accept_next_until == 0 || now > policy.tpm->accept_next_until) {
+    audit(event, "refused", vid, peer, "PCR values not accepted: " + checked->describe_mismatch());
+    *refusal = error_response(403, api::kErrPolicyDenied, "the TPM's PCR values are not accepted");
+    return false;
+  }
+  // Accept-next: this boot's values become the baseline, once.
+  VolumePolicy updated = policy;
+  updated.tpm->accept_next_until = 0;
+  updated.tpm->pcrs.clear();
+  for (const auto& [pcr, value] : checked->values) updated.tpm->pcrs[pcr] = {value};
+  Status s = store_.update_volume_policy(vid, stored_policy, to_json(updated.to_json()), now);
+  if (!s.is_ok()) {
+    audit(event, s.kind() == ErrorKind::kConflict ? "refused" : "error", vid, peer,
+          "accept-next not applied: " + s.message());
+    *refusal = s.kind() == ErrorKind::kConflict
+                   ? error_response(403, api::kErrPolicyDenied, "the volume's policy changed; retry")
+                   : error_response(500, api::kErrInternal, "store unavailable");
+    return false;
+  }
+  audit("tpm.accept_next", "ok", vid, peer, "new PCR baseline: " + checked->describe_mismatch());
+  return true;
+}
+
 ApiResponse KeyService::unlock(std::string_view body, const std::string& peer) {
   const char* kEvent = "unlock";
   auto request = parse_request(kEvent, body, peer);
@@ -203,6 +246,13 @@ ApiResponse KeyService::unlock(std::string_view body, const std::string& peer) {
           str_cat(allowed.message(), " (", identity->summary(), ")"));
     return error_response(403, api::kErrPolicyDenied, "instance does not satisfy the volume's policy");
   }
+  if (policy->tpm) {
+    ApiResponse refusal;
+    if (!check_tpm(kEvent, vid, peer, record->policy_json, policy.value(), request.value(),
+                   common.value(), &refusal)) {
+      return refusal;
+    }
+  }
   auto secret = open_volume_secret(kek_, record->sealed_secret, vid);
   if (!secret.is_ok()) {
     audit(kEvent, "error", vid, peer, secret.status().message());
@@ -256,6 +306,19 @@ ApiResponse KeyService::enroll_register(std::string_view body, const std::string
     }
     identity = std::move(verified).value();
   }
+  std::optional<TpmPolicy> tpm_policy;
+  if (request->isMember("tpm")) {
+    auto t = tpm_policy_for_enrollment(request.value()["tpm"],
+                                       binding_value(common->nonce, common->client_public_key, ""));
+    if (!t.is_ok()) {
+      audit(kEvent, "refused", "", peer, t.status().message());
+      const bool malformed = t.status().kind() == ErrorKind::kInvalidArgument;
+      return error_response(malformed ? 400 : 403,
+                            malformed ? api::kErrBadRequest : api::kErrEvidenceInvalid,
+                            malformed ? t.status().message() : "TPM quote did not verify");
+    }
+    tpm_policy = std::move(t).value();
+  }
   auto tmpl_json = store_.consume_enrollment_token(sha256(token.value()), clock_.now_unix());
   if (!tmpl_json.is_ok()) {
     if (tmpl_json.status().kind() == ErrorKind::kRefused) {
@@ -276,6 +339,7 @@ ApiResponse KeyService::enroll_register(std::string_view body, const std::string
     return error_response(code, code == 403 ? api::kErrPolicyDenied : api::kErrBadRequest,
                           policy.status().message());
   }
+  policy->tpm = tpm_policy;
   const std::string vid = new_volume_id();
   auto secret = SecretBuffer::random(api::kVolumeSecretSize);
   if (!secret.is_ok()) return error_response(500, api::kErrInternal, "no randomness");

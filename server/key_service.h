@@ -48,6 +48,11 @@ class KeyService {
                                     const std::string& peer);
   Result<Identity> verify_evidence(const Json::Value& evidence, const Common& common,
                                    const std::string& volume_id);
+  // The TPM part of an unlock: the quote, the PCR values, and an armed
+  // accept-next (applied here). False with `refusal` set when refused.
+  bool check_tpm(const char* event, const std::string& vid, const std::string& peer,
+                 const std::string& stored_policy, const VolumePolicy& policy,
+                 const Json::Value& request, const Common& common, ApiResponse* refusal);
   void audit(const std::string& event, const std::string& outcome, const std::string& volume_id,
              const std::string& peer, const std::string& detail);
 

@@ -1,9 +1,11 @@
 // keygate-server: releases volume keys to instances that prove who they are.
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <ctime>
 #include <cstdio>
+#include <functional>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -32,6 +34,13 @@ Commands:
   volumes list     list enrolled volumes
   volumes revoke ID
                    refuse every future unlock of volume ID
+  volumes accept-next ID [--ttl SECONDS]
+                   TPM volumes, before a planned kernel/firmware update: the
+                   next otherwise valid unlock with other PCR values is
+                   accepted once and its values become the baseline
+                   (armed for --ttl, default 86400)
+  volumes pcr-allow ID PCR=HEX [PCR=HEX ...]
+                   TPM volumes: accept these values too (an allow-list)
   audit            show the most recent audit events
   ca               print the CA certificate clients pin, and its fingerprint
 
@@ -355,6 +364,86 @@ int cmd_volumes_revoke(const Args& args, const Settings& s) {
   return 0;
 }
 
+// Reads volume ID's TPM policy, lets `change` edit it, and stores it back
+// (compare-and-swap: a concurrent unlock's accept-next is not overwritten).
+int edit_tpm_policy(const Settings& s, const std::string& id, const char* event,
+                    const std::function<Status(TpmPolicy&, int64_t now, std::string* detail)>& change) {
+  auto store = open_store(s);
+  if (!store.is_ok()) return fail(store.status());
+  SystemClock clock;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    auto record = store.value()->get_volume(id);
+    if (!record.is_ok()) return fail(record.status());
+    auto json = parse_json_object(record->policy_json);
+    if (!json.is_ok()) return fail(json.status());
+    auto policy = VolumePolicy::from_json(json.value());
+    if (!policy.is_ok()) return fail(policy.status());
+    if (!policy->tpm) {
+      return fail(Status::error(ErrorKind::kInvalidArgument,
+                                str_cat("volume ", id, " was not enrolled with a TPM")));
+    }
+    std::string detail;
+    Status changed = change(*policy->tpm, clock.now_unix(), &detail);
+    if (!changed.is_ok()) return fail(changed);
+    Status st = store.value()->update_volume_policy(id, record->policy_json,
+                                                    to_json(policy->to_json()), clock.now_unix());
+    if (st.kind() == ErrorKind::kConflict) continue;
+    if (!st.is_ok()) return fail(st);
+    (void)store.value()->append_audit(AuditEvent{clock.now_unix(), event, "ok", id, "local", detail});
+    std::cout << "volume " << id << ": " << detail << "\n";
+    return 0;
+  }
+  return fail(Status::error(ErrorKind::kConflict, "the volume's policy keeps changing; try again"));
+}
+
+int cmd_volumes_accept_next(const Args& args, const Settings& s) {
+  if (args.positional().size() != 3) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: volumes accept-next VOLUME_ID [--ttl S]"));
+  }
+  auto ttl = args.get_int("ttl", 86400, 60, 30L * 86400);
+  if (!ttl.is_ok()) return fail(ttl.status());
+  return edit_tpm_policy(s, args.positional()[2], "tpm.accept_next_armed",
+                         [&](TpmPolicy& t, int64_t now, std::string* detail) {
+                           t.accept_next_until = now + ttl.value();
+                           *detail = str_cat("the next unlock with other PCR values (within ",
+                                             ttl.value(), " s) becomes the new baseline");
+                           return Status::ok();
+                         });
+}
+
+int cmd_volumes_pcr_allow(const Args& args, const Settings& s) {
+  const auto& pos = args.positional();
+  if (pos.size() < 4) {
+    return fail(Status::error(ErrorKind::kInvalidArgument,
+                              "usage: volumes pcr-allow VOLUME_ID PCR=HEX [PCR=HEX ...]"));
+  }
+  return edit_tpm_policy(s, pos[2], "tpm.pcr_allow", [&](TpmPolicy& t, int64_t, std::string* detail) {
+    for (size_t i = 3; i < pos.size(); ++i) {
+      auto eq = pos[i].find('=');
+      auto value = eq == std::string::npos ? Result<Bytes>(Status::error(ErrorKind::kInvalidArgument, ""))
+                                           : hex_decode(pos[i].substr(eq + 1));
+      const std::string index = eq == std::string::npos ? "" : pos[i].substr(0, eq);
+      if (index.empty() || index.size() > 2 || index.find_first_not_of("0123456789") != std::string::npos ||
+          !value.is_ok()) {
+        return Status::error(ErrorKind::kInvalidArgument, str_cat("'", pos[i], "': use PCR=HEX"));
+      }
+      auto it = t.pcrs.find(static_cast<uint32_t>(std::stoul(index)));
+      if (it == t.pcrs.end()) {
+        return Status::error(ErrorKind::kInvalidArgument, str_cat("PCR ", index, " is not in the volume's policy"));
+      }
+      if (value->size() != it->second.front().size()) {
+        return Status::error(ErrorKind::kInvalidArgument,
+                             str_cat("PCR ", index, ": a ", t.bank, " value is ", it->second.front().size(), " bytes"));
+      }
+      if (std::find(it->second.begin(), it->second.end(), value.value()) == it->second.end()) {
+        it->second.push_back(value.value());
+      }
+      *detail += str_cat(detail->empty() ? "allowed " : ", ", "PCR ", index, "=", hex_encode(value.value()));
+    }
+    return Status::ok();
+  });
+}
+
 int cmd_audit(const Args& args, const Settings& s) {
   auto limit = args.get_int("limit", 50, 1, 100000);
   if (!limit.is_ok()) return fail(limit.status());
@@ -416,6 +505,12 @@ int main(int argc, char** argv) {
   if (cmd == "volumes" && sub == "list") return cmd_volumes_list(args.value(), settings.value());
   if (cmd == "volumes" && sub == "revoke") {
     return cmd_volumes_revoke(args.value(), settings.value());
+  }
+  if (cmd == "volumes" && sub == "accept-next") {
+    return cmd_volumes_accept_next(args.value(), settings.value());
+  }
+  if (cmd == "volumes" && sub == "pcr-allow") {
+    return cmd_volumes_pcr_allow(args.value(), settings.value());
   }
   if (cmd == "audit" && pos.size() == 1) return cmd_audit(args.value(), settings.value());
   if (cmd == "ca" && pos.size() == 1) return cmd_ca(settings.value());

@@ -92,10 +92,66 @@ std::string platform_names() {
   return out;
 }
 
+std::vector<uint32_t> TpmPolicy::selection() const {
+  std::vector<uint32_t> out;
+  for (const auto& [pcr, values] : pcrs) out.push_back(pcr);
+  return out;
+}
+
+Json::Value TpmPolicy::to_json() const {
+  Json::Value v(Json::objectValue);
+  v["ak"] = base64_encode(ak_public);
+  v["bank"] = bank;
+  Json::Value p(Json::objectValue);
+  for (const auto& [pcr, values] : pcrs) {
+    Json::Value list(Json::arrayValue);
+    for (const auto& value : values) list.append(hex_encode(value));
+    p[std::to_string(pcr)] = list;
+  }
+  v["pcrs"] = p;
+  v["accept_next_until"] = static_cast<Json::Int64>(accept_next_until);
+  v["sealed"] = sealed;
+  return v;
+}
+
+Result<TpmPolicy> TpmPolicy::from_json(const Json::Value& v) {
+  auto bad = [](const std::string& what) {
+    return Status::error(ErrorKind::kInvalidArgument, "policy.tpm: " + what);
+  };
+  if (!v.isObject()) return bad("not an object");
+  TpmPolicy t;
+  auto ak = json_string(v, "ak", 2048);
+  auto bank = json_string(v, "bank", 16);
+  if (!ak.is_ok() || !bank.is_ok()) return bad("needs ak and bank");
+  auto ak_bytes = base64_decode(ak.value());
+  if (!ak_bytes.is_ok() || ak_bytes->empty()) return bad("ak is not base64");
+  t.ak_public = std::move(ak_bytes).value();
+  t.bank = bank.value();
+  const Json::Value& p = v["pcrs"];
+  if (!p.isObject() || p.empty() || p.size() > 24) return bad("pcrs must name 1 to 24 PCRs");
+  for (const auto& key : p.getMemberNames()) {
+    if (key.empty() || key.size() > 2 || key.find_first_not_of("0123456789") != std::string::npos ||
+        std::stoul(key) > 23 || !p[key].isArray() || p[key].empty() || p[key].size() > 64) {
+      return bad("bad PCR entry '" + key.substr(0, 8) + "'");
+    }
+    std::vector<Bytes> values;
+    for (const auto& h : p[key]) {
+      auto b = h.isString() ? hex_decode(h.asString()) : Result<Bytes>(Status::error(ErrorKind::kInvalidArgument, ""));
+      if (!b.is_ok() || b->empty() || b->size() > 64) return bad("bad value for PCR " + key);
+      values.push_back(std::move(b).value());
+    }
+    t.pcrs[static_cast<uint32_t>(std::stoul(key))] = std::move(values);
+  }
+  t.accept_next_until = v["accept_next_until"].isInt64() ? v["accept_next_until"].asInt64() : 0;
+  t.sealed = v["sealed"].isBool() && v["sealed"].asBool();
+  return t;
+}
+
 Json::Value VolumePolicy::to_json() const {
   Json::Value v(Json::objectValue);
   v["platform"] = platform;
   v["require"] = claims_to_json(require);
+  if (tpm) v["tpm"] = tpm->to_json();
   return v;
 }
 
@@ -107,6 +163,11 @@ Result<VolumePolicy> VolumePolicy::from_json(const Json::Value& v) {
   auto require = claims_from_json(v["require"], "policy");
   if (!require.is_ok()) return require.status();
   p.require = std::move(require).value();
+  if (v.isMember("tpm")) {
+    auto tpm = TpmPolicy::from_json(v["tpm"]);
+    if (!tpm.is_ok()) return tpm.status();
+    p.tpm = std::move(tpm).value();
+  }
   if (platform_spec(p.platform) == nullptr) {
     return Status::error(ErrorKind::kInvalidArgument,
                          str_cat("policy: unsupported platform '", p.platform, "'"));

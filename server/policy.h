@@ -7,10 +7,12 @@
 #include <json/value.h>
 
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "core/encoding.h"
 #include "core/status.h"
 
 namespace keygate::server {
@@ -41,9 +43,27 @@ const PlatformSpec* platform_spec(std::string_view name);
 // "aws, gcp, azure"
 std::string platform_names();
 
+// What a volume enrolled with a TPM is bound to: the attestation key
+// registered at enrollment and, per PCR of one bank, the accepted values
+// (the first is the baseline; an admin can allow more). An armed
+// "accept next" lets one otherwise valid unlock with other values through and
+// makes them the new baseline.
+struct TpmPolicy {
+  Bytes ak_public;  // TPMT_PUBLIC
+  std::string bank = "sha256";
+  std::map<uint32_t, std::vector<Bytes>> pcrs;
+  int64_t accept_next_until = 0;  // 0: not armed
+  bool sealed = false;            // part of the keyslot secret is sealed in the TPM
+
+  std::vector<uint32_t> selection() const;
+  Json::Value to_json() const;
+  static Result<TpmPolicy> from_json(const Json::Value& v);
+};
+
 struct VolumePolicy {
   std::string platform;
   std::map<std::string, std::string> require;  // claim -> exact value
+  std::optional<TpmPolicy> tpm;               // set: every unlock needs a quote
 
   Json::Value to_json() const;
   static Result<VolumePolicy> from_json(const Json::Value& v);

@@ -229,6 +229,23 @@ class SqliteStore final : public Store {
                                  volume_state_name(from)));
   }
 
+  Status update_volume_policy(const std::string& id, const std::string& expected,
+                              const std::string& updated, int64_t now) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(db_, "UPDATE volumes SET policy = ?, updated_at = ? WHERE id = ? AND policy = ?");
+    if (!s.ok()) return db_error("prepare policy update");
+    s.bind(1, updated);
+    s.bind(2, now);
+    s.bind(3, id);
+    s.bind(4, expected);
+    if (s.step() != SQLITE_DONE) return db_error("update volume policy");
+    if (sqlite3_changes(db_) == 1) return Status::ok();
+    Stmt q(db_, "SELECT 1 FROM volumes WHERE id = ?");
+    q.bind(1, id);
+    if (q.step() != SQLITE_ROW) return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
+    return Status::error(ErrorKind::kConflict, str_cat("volume ", id, ": policy changed meanwhile"));
+  }
+
   Result<std::vector<VolumeRecord>> list_volumes() override {
     std::lock_guard<std::mutex> lock(mu_);
     Stmt s(db_,

@@ -57,6 +57,11 @@ class Store {
   // kNotFound if unknown.
   virtual Status transition_volume(const std::string& id, VolumeState from, VolumeState to,
                                    int64_t now) = 0;
+  // Replaces a volume's policy only if it is still `expected` (a
+  // compare-and-swap, so a one-shot change is used once); kConflict if it
+  // changed meanwhile, kNotFound if unknown.
+  virtual Status update_volume_policy(const std::string& id, const std::string& expected,
+                                      const std::string& updated, int64_t now) = 0;
   virtual Result<std::vector<VolumeRecord>> list_volumes() = 0;
 
   virtual Status append_audit(const AuditEvent& event) = 0;

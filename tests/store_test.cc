@@ -100,6 +100,18 @@ TEST_F(StoreTest, VolumeLifecycle) {
   EXPECT_EQ(all.value()[0].sealed_secret, r.sealed_secret);
 }
 
+TEST_F(StoreTest, PolicyUpdateIsACompareAndSwap) {
+  VolumeRecord r{"vol-1", VolumeState::kActive, "{\"v\":1}", random_bytes(60), "d", 1, 1};
+  ASSERT_TRUE(store_->insert_volume(r).is_ok());
+  ASSERT_TRUE(store_->update_volume_policy("vol-1", "{\"v\":1}", "{\"v\":2}", 5).is_ok());
+  // A second writer that read the old policy loses.
+  EXPECT_EQ(store_->update_volume_policy("vol-1", "{\"v\":1}", "{\"v\":3}", 6).kind(),
+            ErrorKind::kConflict);
+  EXPECT_EQ(store_->get_volume("vol-1")->policy_json, "{\"v\":2}");
+  EXPECT_EQ(store_->get_volume("vol-1")->updated_at, 5);
+  EXPECT_EQ(store_->update_volume_policy("zzz", "{}", "{}", 6).kind(), ErrorKind::kNotFound);
+}
+
 TEST_F(StoreTest, AuditKeepsOrder) {
   for (int i = 0; i < 5; ++i) {
     ASSERT_TRUE(store_->append_audit(AuditEvent{i, "unlock", "refused", "v", "p", std::to_string(i)})

@@ -41,7 +41,7 @@ long backoff_delay_ms(const RetryPolicy& policy, int round) {
 }
 
 Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token, EvidenceCollector& evidence,
-                                         const RetryPolicy& policy) {
+                                         TpmAttester* tpm, const RetryPolicy& policy) {
   const auto deadline = Clock::now() + std::chrono::milliseconds(policy.deadline_ms);
   Status worst;
   for (int round = 1;; ++round) {
@@ -52,7 +52,7 @@ Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token, EvidenceColl
       if (request_ms <= 0) break;
       ServerEndpoint server{url, token.ca_pem, request_ms,
                             std::min(policy.connect_timeout_ms, request_ms)};
-      auto secret = request_volume_secret(server, token.volume_id, evidence);
+      auto secret = request_volume_secret(server, token.volume_id, evidence, tpm);
       if (secret.is_ok()) {
         log_info(str_cat("volume ", token.volume_id, ": key released by ", url,
                          round > 1 ? str_cat(" (round ", round, ")") : ""));

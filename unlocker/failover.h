@@ -11,6 +11,7 @@
 #include "core/status.h"
 #include "unlocker/evidence.h"
 #include "unlocker/luks.h"
+#include "unlocker/tpm_attest.h"
 
 namespace keygate::unlocker {
 
@@ -28,8 +29,9 @@ struct RetryPolicy {
 // returned: a policy refusal over an untrusted server over an unreachable
 // one. A round in which every server refused ends the attempt (no
 // hammering); unreachable servers are retried until the deadline.
+// With `tpm` (a TPM-bound volume), every request carries a quote.
 Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token, EvidenceCollector& evidence,
-                                         const RetryPolicy& policy);
+                                         TpmAttester* tpm, const RetryPolicy& policy);
 
 // The delay before retry round `round` (1-based): initial * 2^(round-1),
 // capped, with +/-50% jitter so a booting fleet does not retry in step.

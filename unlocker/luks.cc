@@ -65,6 +65,49 @@ void install_cryptsetup_logging(bool debug) {
   if (debug) crypt_set_debug_level(CRYPT_DEBUG_ALL);
 }
 
+Json::Value TokenTpm::to_json() const {
+  Json::Value v(Json::objectValue);
+  v["bank"] = bank;
+  v["pcrs"] = Json::Value(Json::arrayValue);
+  for (uint32_t p : pcrs) v["pcrs"].append(p);
+  if (ak_handle != 0) v["ak_handle"] = ak_handle;
+  if (!sealed.empty()) v["sealed"] = base64_encode(sealed);
+  return v;
+}
+
+Result<TokenTpm> TokenTpm::from_json(const Json::Value& v) {
+  auto bad = [](const char* what) {
+    return Status::error(ErrorKind::kInvalidArgument, str_cat("keygate token: tpm ", what));
+  };
+  if (!v.isObject()) return bad("is not an object");
+  TokenTpm t;
+  auto bank = json_string(v, "bank", 16);
+  if (!bank.is_ok() || (bank.value() != "sha1" && bank.value() != "sha256" &&
+                        bank.value() != "sha384" && bank.value() != "sha512")) {
+    return bad("bank");
+  }
+  t.bank = bank.value();
+  const Json::Value& pcrs = v["pcrs"];
+  if (!pcrs.isArray() || pcrs.empty() || pcrs.size() > 24) return bad("PCR list");
+  for (const auto& p : pcrs) {
+    if (!p.isUInt() || p.asUInt() > 23) return bad("PCR list");
+    if (!t.pcrs.empty() && p.asUInt() <= t.pcrs.back()) return bad("PCR list (ascending, no repeats)");
+    t.pcrs.push_back(p.asUInt());
+  }
+  if (v.isMember("ak_handle")) {
+    if (!v["ak_handle"].isUInt() || (v["ak_handle"].asUInt() >> 24) != 0x81) return bad("ak_handle");
+    t.ak_handle = v["ak_handle"].asUInt();
+  }
+  if (v.isMember("sealed")) {
+    auto blob = v["sealed"].isString() && v["sealed"].asString().size() < 4096
+                    ? base64_decode(v["sealed"].asString())
+                    : Result<Bytes>(Status::error(ErrorKind::kInvalidArgument, ""));
+    if (!blob.is_ok() || blob->empty()) return bad("sealed object");
+    t.sealed = std::move(blob).value();
+  }
+  return t;
+}
+
 Json::Value KeygateToken::to_json() const {
   Json::Value v(Json::objectValue);
   v["type"] = kTokenType;
@@ -77,6 +120,7 @@ Json::Value KeygateToken::to_json() const {
   v["ca"] = ca_pem;
   v["ca_sha256"] = ca_sha256;
   v["attestation"] = attestation;
+  if (tpm) v["tpm"] = tpm->to_json();
   return v;
 }
 
@@ -123,6 +167,11 @@ Result<KeygateToken> KeygateToken::from_json(const Json::Value& v) {
                            "keygate token: every server must be an https:// URL");
     }
     t.servers.push_back(s.asString());
+  }
+  if (v.isMember("tpm")) {
+    auto tpm = TokenTpm::from_json(v["tpm"]);
+    if (!tpm.is_ok()) return tpm.status();
+    t.tpm = std::move(tpm).value();
   }
   return t;
 }

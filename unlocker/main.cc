@@ -22,6 +22,7 @@
 #include "unlocker/failover.h"
 #include "unlocker/luks.h"
 #include "unlocker/server_client.h"
+#include "unlocker/tpm_attest.h"
 
 using namespace keygate;
 using namespace keygate::unlocker;
@@ -53,6 +54,8 @@ unlock options:
   --metadata-url URL        metadata service (default http://169.254.169.254)
   --platform aws|gcp|azure  the cloud (default: detected by probing the
                             metadata service; AWS is tried first)
+  --tcti SPEC               the TPM of a TPM-bound volume (default
+                            device:/dev/tpmrm0, or $KEYGATE_TCTI)
   --timeout SECONDS         per-request timeout (default 5); connecting to a
                             server (TCP and TLS) is bounded to 1 s, so a dead
                             or silent server costs about a second
@@ -86,6 +89,22 @@ enroll options:
   --no-evidence             enroll without instance evidence (image builders;
                             the token must describe an image-group volume)
   --description TEXT        shown in the server's volume list
+  --tpm off|auto|required   bind the volume to this instance's TPM: every
+                            unlock then carries a quote over --tpm-pcrs,
+                            signed by the attestation key registered now
+                            (default off; auto: only if a TPM is present)
+  --tpm-pcrs LIST           PCRs to quote and bind (default 0,4,7)
+  --tpm-bank NAME           PCR bank: sha256 (default), sha1, sha384, sha512
+  --tpm-seal                two factors: part of the keyslot secret is sealed
+                            in this TPM under the PCR values, so neither the
+                            key server nor the TPM alone opens the volume
+                            (implies --tpm required)
+  --tpm-ak-handle HANDLE    use the provider's attestation key at this
+                            persistent handle (0x81xxxxxx) instead of
+                            keygate's own (an ECC P-256 key from a fixed
+                            template under the endorsement hierarchy)
+  --tcti SPEC               the TPM: device:/dev/tpmrm0 (default, or
+                            $KEYGATE_TCTI), swtpm:host=H,port=P
   --metadata-url URL, --platform NAME, --timeout SECONDS   as for unlock
 
 Common options:
@@ -153,6 +172,12 @@ Result<std::unique_ptr<EvidenceCollector>> evidence_collector(const Args& args) 
                                              timeout_ms(args));
 }
 
+// The TPM interface: --tcti, else $KEYGATE_TCTI, else the kernel's resource manager.
+std::string tcti(const Args& args) {
+  const char* env = getenv("KEYGATE_TCTI");
+  return args.get("tcti", env != nullptr && *env != '\0' ? env : tpm::kDefaultTcti);
+}
+
 // Reads DEVICE's keygate token and gets its secret from the key servers.
 // On failure, `exit_code` says why.
 struct Released {
@@ -192,15 +217,32 @@ Result<Released> release_secret(const Args& args, const std::string& device, int
   }
   Released out;
   out.token = std::move(found.value()->second);
+  std::unique_ptr<TpmAttester> tpm;
+  if (out.token.tpm) {
+    // The attestation key is made while the server is asked for a nonce.
+    tpm = std::make_unique<TpmAttester>(tcti(args), *out.token.tpm);
+    tpm->start();
+  }
   RetryPolicy policy;
   policy.deadline_ms = deadline.value() * 1000;
   policy.request_timeout_ms = timeout_ms(args);
-  auto secret = fetch_volume_secret(out.token, *evidence.value(), policy);
+  auto secret = fetch_volume_secret(out.token, *evidence.value(), tpm.get(), policy);
   if (!secret.is_ok()) {
     *exit_code = exit_code_for(secret.status());
     return secret.status();
   }
   out.secret = std::move(secret).value();
+  if (tpm && !out.token.tpm->sealed.empty()) {
+    // Two-factor: the keyslot opens with the server's secret and the TPM's share.
+    auto share = tpm->unseal_share();
+    if (!share.is_ok()) {
+      *exit_code = exit_code_for(share.status());
+      return share.status();
+    }
+    auto both = combine_shares(out.secret, share.value());
+    if (!both.is_ok()) return both.status();
+    out.secret = std::move(both).value();
+  }
   out.device = std::move(dev).value();
   return out;
 }
@@ -407,13 +449,49 @@ int cmd_enroll(const Args& args) {
     if (!platform.is_ok()) return fail(platform.status(), kExitUnreachable);
     log_info(str_cat("platform: ", platform_name(platform.value())));
   }
+  // The TPM: --tpm off (default), auto (use one if present), required;
+  // --tpm-seal adds the second factor and implies required.
+  const std::string tpm_mode = args.has("tpm-seal") ? "required" : args.get("tpm", "off");
+  if (tpm_mode != "off" && tpm_mode != "auto" && tpm_mode != "required") {
+    return usage("--tpm must be off, auto or required");
+  }
+  std::unique_ptr<TpmAttester> tpm;
+  std::optional<SecretBuffer> tpm_share;
+  if (tpm_mode != "off") {
+    TokenTpm config;
+    config.bank = args.get("tpm-bank", "sha256");
+    auto pcrs = parse_pcr_list(args.get("tpm-pcrs", "0,4,7"));
+    if (!pcrs.is_ok()) return fail(pcrs.status(), kExitUsage);
+    config.pcrs = pcrs.value();
+    if (args.has("tpm-ak-handle")) {
+      config.ak_handle = static_cast<uint32_t>(strtoul(args.get("tpm-ak-handle").c_str(), nullptr, 0));
+      if ((config.ak_handle >> 24) != 0x81) return usage("--tpm-ak-handle must be a persistent handle 0x81xxxxxx");
+    }
+    if (config.bank != "sha1" && config.bank != "sha256" && config.bank != "sha384" && config.bank != "sha512") {
+      return usage("--tpm-bank must be sha1, sha256, sha384 or sha512");
+    }
+    tpm = std::make_unique<TpmAttester>(tcti(args), config);
+    Status ready = tpm->ready();
+    if (!ready.is_ok()) {
+      if (tpm_mode == "required") return fail(ready, kExitVolume);
+      log_info(str_cat("no TPM used (--tpm auto): ", ready.message()));
+      tpm.reset();
+    } else if (args.has("tpm-seal")) {
+      auto share = tpm->seal_new_share();
+      if (!share.is_ok()) return fail(share.status().with_context("seal the TPM share"), kExitVolume);
+      tpm_share = std::move(share).value();
+    }
+    if (tpm) log_info(str_cat("TPM: quotes over ", config.bank, " PCRs ", args.get("tpm-pcrs", "0,4,7"),
+                               tpm_share ? ", second factor sealed" : ""));
+  }
   // Phase 1: register with the first server that answers.
   std::optional<Enrollment> enrollment;
   std::string used_server;
   Status last;
   for (const auto& url : servers) {
     ServerEndpoint server{url, ca, timeout_ms(args)};
-    auto r = register_volume(server, token.value(), evidence.get(), args.get("description"));
+    auto r = register_volume(server, token.value(), evidence.get(), tpm.get(),
+                             args.get("description"));
     if (r.is_ok()) {
       enrollment = std::move(r).value();
       used_server = url;
@@ -435,10 +513,17 @@ int cmd_enroll(const Args& args) {
     dev = std::move(formatted).value();
   }
   auto finish = [&]() -> Status {
-    auto slot = format ? dev->add_keyslot_after_format(enrollment->secret,
-                                                       KeyslotCost::kHighEntropySecret)
-                       : dev->add_keyslot(*existing, enrollment->secret,
-                                          KeyslotCost::kHighEntropySecret);
+    // The keyslot's passphrase: the server's secret, or with a TPM share
+    // the two together.
+    std::optional<SecretBuffer> combined;
+    if (tpm_share) {
+      auto both = combine_shares(enrollment->secret, *tpm_share);
+      if (!both.is_ok()) return both.status();
+      combined = std::move(both).value();
+    }
+    const SecretBuffer& passphrase = combined ? *combined : enrollment->secret;
+    auto slot = format ? dev->add_keyslot_after_format(passphrase, KeyslotCost::kHighEntropySecret)
+                       : dev->add_keyslot(*existing, passphrase, KeyslotCost::kHighEntropySecret);
     if (!slot.is_ok()) return slot.status();
     keyslot = slot.value();
     if (format && recovery) {
@@ -452,10 +537,17 @@ int cmd_enroll(const Args& args) {
     t.ca_pem = ca;
     t.ca_sha256 = fingerprint.value();
     t.keyslot = keyslot;
+    if (evidence) {
+      auto platform = evidence->platform();
+      t.attestation = platform.is_ok() ? platform_name(platform.value()) : "none";
+    } else {
+      t.attestation = "none";
+    }
+    if (tpm) t.tpm = tpm->config();
     auto id = dev->add_token(t);
     if (!id.is_ok()) return id.status();
     token_id = id.value();
-    auto check = dev->activate("", keyslot, enrollment->secret);
+    auto check = dev->activate("", keyslot, passphrase);
     if (!check.is_ok()) return check.status().with_context("verify new keyslot");
     ServerEndpoint server{used_server, ca, timeout_ms(args)};
     return confirm_volume(server, enrollment->volume_id, enrollment->secret);
@@ -549,10 +641,11 @@ int main(int argc, char** argv) {
   std::vector<std::string> argv_list(argv + 1, argv + argc);
   auto args = Args::parse(
       argv_list,
-      {"metadata-url", "platform", "timeout", "deadline", "server", "token-server", "ca", "enrollment-token-file",
+      {"metadata-url", "platform", "tcti", "tpm", "tpm-pcrs", "tpm-bank", "tpm-ak-handle", "timeout", "deadline", "server", "token-server", "ca", "enrollment-token-file",
        "recovery-passphrase-file", "passphrase-file", "sector-size", "description",
        "reduce-device-size"},
-      {"verify-only", "format", "no-recovery", "no-evidence", "json", "debug", "kmsg", "help"});
+      {"verify-only", "format", "no-recovery", "no-evidence", "tpm-seal", "json", "debug", "kmsg",
+       "help"});
   log_init("keygate", LogSink::kStderr, LogLevel::kInfo);
   if (!args.is_ok()) {
     log_error(args.status().message());

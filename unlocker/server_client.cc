@@ -85,7 +85,7 @@ Result<SecretBuffer> open_envelope(const Json::Value& response, const X25519KeyP
 
 Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
                                            const std::string& volume_id,
-                                           EvidenceCollector& evidence) {
+                                           EvidenceCollector& evidence, TpmAttester* tpm) {
   HttpSession session;
   // A nonce can expire while evidence is slow to gather; one fresh retry.
   for (int attempt = 0;; ++attempt) {
@@ -98,9 +98,15 @@ Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
     req["nonce"] = base64_encode(challenge->nonce);
     req["client_public_key"] = base64_encode(keys->public_key.data(), keys->public_key.size());
     const Bytes client_public(keys->public_key.begin(), keys->public_key.end());
-    auto collected = evidence.collect(binding_value(challenge->nonce, client_public, volume_id));
+    const Bytes binding = binding_value(challenge->nonce, client_public, volume_id);
+    auto collected = evidence.collect(binding);
     if (!collected.is_ok()) return collected.status();
     req["evidence"] = collected.value();
+    if (tpm != nullptr) {
+      auto quote = tpm->evidence(binding, false);
+      if (!quote.is_ok()) return quote.status();
+      req["tpm"] = quote.value();
+    }
     auto res = post_json(session, server, api::kUnlockPath, to_json(req));
     if (!res.is_ok()) {
       if (attempt == 0 && res.status().kind() == ErrorKind::kRefused &&
@@ -115,7 +121,8 @@ Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
 
 Result<Enrollment> register_volume(const ServerEndpoint& server,
                                    const SecretBuffer& enrollment_token,
-                                   EvidenceCollector* evidence, const std::string& description) {
+                                   EvidenceCollector* evidence, TpmAttester* tpm,
+                                   const std::string& description) {
   for (size_t i = 0; i < enrollment_token.size(); ++i) {
     char c = static_cast<char>(enrollment_token.data()[i]);
     bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
@@ -138,6 +145,12 @@ Result<Enrollment> register_volume(const ServerEndpoint& server,
     auto collected = evidence->collect(binding_value(challenge->nonce, client_public, ""));
     if (!collected.is_ok()) return collected.status();
     req["evidence"] = collected.value();
+  }
+  if (tpm != nullptr) {
+    const Bytes client_public(keys->public_key.begin(), keys->public_key.end());
+    auto quote = tpm->evidence(binding_value(challenge->nonce, client_public, ""), true);
+    if (!quote.is_ok()) return quote.status();
+    req["tpm"] = quote.value();
   }
   if (!description.empty()) req["description"] = description;
   // Splice the token into the body inside secret memory:

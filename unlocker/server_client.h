@@ -11,6 +11,7 @@
 #include "core/secret.h"
 #include "core/status.h"
 #include "unlocker/evidence.h"
+#include "unlocker/tpm_attest.h"
 
 namespace keygate::unlocker {
 
@@ -30,16 +31,19 @@ struct Enrollment {
 // Asks `server` to release the secret of `volume_id`, presenting evidence
 // from `evidence` bound to the challenge (asked for once the challenge has
 // arrived; detection and AWS's fetch overlap the TLS handshake). An
-// evidence failure is returned as is (kUnavailable).
+// evidence failure is returned as is (kUnavailable). With `tpm`, a quote
+// over the same binding goes along.
 Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
                                            const std::string& volume_id,
-                                           EvidenceCollector& evidence);
+                                           EvidenceCollector& evidence, TpmAttester* tpm);
 
 // Registers a new volume. `enrollment_token` travels only in secret memory.
-// `evidence` may be null (image builders enrolling offline).
+// `evidence` may be null (image builders enrolling offline); with `tpm`,
+// the attestation key and a quote (the PCR baseline) are registered.
 Result<Enrollment> register_volume(const ServerEndpoint& server,
                                    const SecretBuffer& enrollment_token,
-                                   EvidenceCollector* evidence, const std::string& description);
+                                   EvidenceCollector* evidence, TpmAttester* tpm,
+                                   const std::string& description);
 
 // Confirms that the keyslot holding `secret` is in place.
 Status confirm_volume(const ServerEndpoint& server, const std::string& volume_id,

@@ -7,6 +7,7 @@
 // Settings come from the environment (the plugin has no command line):
 //   KEYGATE_METADATA_URL  metadata service (default http://169.254.169.254)
 //   KEYGATE_PLATFORM      aws, gcp or azure (default: detected)
+//   KEYGATE_TCTI          the TPM of TPM-bound volumes (default device:/dev/tpmrm0)
 //   KEYGATE_DEADLINE      seconds to keep retrying unreachable servers
 //                         (default 30; 0: one pass)
 #include <libcryptsetup.h>
@@ -22,6 +23,7 @@
 #include "core/json.h"
 #include "core/log.h"
 #include "unlocker/evidence.h"
+#include "unlocker/tpm_attest.h"
 #include "unlocker/failover.h"
 #include "unlocker/luks.h"
 
@@ -86,7 +88,22 @@ __attribute__((visibility("default"))) int cryptsetup_token_open(crypt_device* c
   }
   EvidenceCollector evidence(metadata_url, platform, 5000);
   evidence.start();
-  auto secret = fetch_volume_secret(parsed.value(), evidence, policy);
+  std::unique_ptr<TpmAttester> tpm;
+  if (parsed->tpm) {
+    tpm = std::make_unique<TpmAttester>(env_or("KEYGATE_TCTI", tpm::kDefaultTcti), *parsed->tpm);
+    tpm->start();
+  }
+  auto secret = fetch_volume_secret(parsed.value(), evidence, tpm.get(), policy);
+  if (secret.is_ok() && tpm && !parsed->tpm->sealed.empty()) {
+    auto share = tpm->unseal_share();
+    if (!share.is_ok()) {
+      log_error(share.status().message());
+      return errno_for(share.status().kind());
+    }
+    auto both = combine_shares(secret.value(), share.value());
+    if (!both.is_ok()) return -ENOMEM;
+    secret = std::move(both).value();
+  }
   if (!secret.is_ok()) {
     log_error(secret.status().message());
     return errno_for(secret.status().kind());
