@@ -5,6 +5,9 @@
 #                   unlock over TLS, unwrap, keyslot check)
 #   clevis + tang:  clevis luks pass | cryptsetup open --test-passphrase
 #                   (tang over HTTP, JOSE decrypt, keyslot check)
+#   keygate + TPM:  the same unlock of a TPM-bound volume: swtpm (socket
+#                   TCTI) makes the attestation key and a quote over PCRs
+#                   0,4,7; and a two-factor volume (quote + unseal)
 #
 # Both open a keyslot of a LUKS2 volume of the same size, served from
 # 127.0.0.1. Prints median and p95 wall time and the ratio.
@@ -47,13 +50,31 @@ truncate -s $size "$work/kg.img"
 "$bin/keygate" enroll "$work/kg.img" --format --no-recovery --server "$srv" --ca "$work/srv/ca.pem" \
   --enrollment-token-file "$work/token" --metadata-url "$emu" >/dev/null 2>&1
 
+# --- keygate with a TPM (swtpm) --------------------------------------------
+tpm_port=$(( $(free_port) & ~1 ))
+mkdir -p "$work/swtpm-state"
+swtpm socket --tpm2 --server type=tcp,port=$tpm_port,bindaddr=127.0.0.1 \
+  --ctrl type=tcp,port=$((tpm_port + 1)),bindaddr=127.0.0.1 --tpmstate dir="$work/swtpm-state" \
+  --flags not-need-init,startup-clear 2>"$work/tpm.log" &
+pids+=($!)
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$((tpm_port + 1))") 2>/dev/null && break; sleep 0.1; done
+tcti="swtpm:host=127.0.0.1,port=$tpm_port"
+for kind in tpm tpm2f; do
+  "$bin/keygate-server" token create --state-dir "$work/srv" >"$work/token-$kind"
+  truncate -s $size "$work/$kind.img"
+  extra=(); [ "$kind" = tpm2f ] && extra=(--tpm-seal)
+  "$bin/keygate" enroll "$work/$kind.img" --format --no-recovery --server "$srv" --ca "$work/srv/ca.pem" \
+    --enrollment-token-file "$work/token-$kind" --metadata-url "$emu" --tpm required --tcti "$tcti" \
+    "${extra[@]}" >/dev/null 2>&1
+done
+
 # --- clevis + tang ---------------------------------------------------------
 mkdir -p "$work/tang"
 /usr/libexec/tangd-keygen "$work/tang" >/dev/null
 tang_port=$(free_port)
 socat TCP-LISTEN:"$tang_port",bind=127.0.0.1,reuseaddr,fork EXEC:"/usr/libexec/tangd $work/tang" 2>/dev/null &
 pids+=($!)
-sleep 0.3
+for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$tang_port/adv" >/dev/null 2>&1 && break; sleep 0.1; done
 truncate -s $size "$work/cl.img"
 printf 'bench passphrase' >"$work/pass"
 cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
@@ -79,6 +100,8 @@ clevis_unlock() {
 
 measure keygate "$bin/keygate" unlock "$work/kg.img" --verify-only --metadata-url "$emu"
 measure clevis clevis_unlock
+measure tpm "$bin/keygate" unlock "$work/tpm.img" --verify-only --metadata-url "$emu" --tcti "$tcti"
+measure tpm2f "$bin/keygate" unlock "$work/tpm2f.img" --verify-only --metadata-url "$emu" --tcti "$tcti"
 
 stats() {  # file -> "median p95" in ms with one decimal
   sort -n "$1" | awk '{v[NR]=$1} END {
@@ -88,10 +111,15 @@ stats() {  # file -> "median p95" in ms with one decimal
 }
 read -r kg_med kg_p95 < <(stats "$work/keygate")
 read -r cl_med cl_p95 < <(stats "$work/clevis")
+read -r tpm_med tpm_p95 < <(stats "$work/tpm")
+read -r tpm2f_med tpm2f_p95 < <(stats "$work/tpm2f")
 
 echo
 echo "unlock latency, $runs runs each, LUKS2 volume of $size, servers on 127.0.0.1 ($(nproc) cores)"
 printf '%-44s %12s %12s\n' "tool" "median (ms)" "p95 (ms)"
 printf '%-44s %12s %12s\n' "keygate unlock --verify-only" "$kg_med" "$kg_p95"
 printf '%-44s %12s %12s\n' "clevis luks pass + cryptsetup --test-passphrase" "$cl_med" "$cl_p95"
+printf '%-44s %12s %12s\n' "keygate, TPM quote (swtpm, PCRs 0,4,7)" "$tpm_med" "$tpm_p95"
+printf '%-44s %12s %12s\n' "keygate, TPM quote + sealed share" "$tpm2f_med" "$tpm2f_p95"
 awk -v a="$cl_med" -v b="$kg_med" 'BEGIN { printf "\nclevis + tang / keygate (median): %.1fx\n", a / b }'
+awk -v t="$tpm_med" -v b="$kg_med" 'BEGIN { printf "TPM quote adds (median): %.1f ms\n", t - b }'
