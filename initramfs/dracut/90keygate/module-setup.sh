@@ -35,6 +35,8 @@ depends() {
 
 installkernel() {
     instmods dm_crypt
+    # TPM-bound volumes quote through /dev/tpmrm0 (vTPMs: CRB or TIS).
+    hostonly='' instmods tpm_crb tpm_tis || :
 }
 
 # Where libcryptsetup loads token plugins from (the same path in the initrd).
@@ -55,6 +57,7 @@ install_token_method() {
     deadline=$(. "$conf" && echo "${KEYGATE_DEADLINE:-120}")
     metadata=$(. "$conf" && echo "${KEYGATE_METADATA_URL:-http://169.254.169.254}")
     platform=$(. "$conf" && echo "${KEYGATE_PLATFORM:-}")
+    tcti=$(. "$conf" && echo "${KEYGATE_TCTI:-}")
     mkdir -p "$initdir$systemdsystemunitdir/systemd-cryptsetup@.service.d"
     cat >"$initdir$systemdsystemunitdir/systemd-cryptsetup@.service.d/keygate.conf" <<UNIT
 [Unit]
@@ -63,7 +66,7 @@ Wants=network-online.target
 After=network-online.target
 
 [Service]
-Environment=KEYGATE_DEADLINE=$deadline KEYGATE_METADATA_URL=$metadata KEYGATE_PLATFORM=$platform
+Environment=KEYGATE_DEADLINE=$deadline KEYGATE_METADATA_URL=$metadata KEYGATE_PLATFORM=$platform KEYGATE_TCTI=$tcti
 UNIT
 }
 
