@@ -127,6 +127,36 @@ TEST_F(TpmClientTest, SealedSecretNeedsThisTpmAndTheSamePcrs) {
   tpm_b.process.stop();
 }
 
+TEST_F(TpmClientTest, ProvidersPersistentRsaKeyQuotesToo) {
+  // A provider-style attestation key: RSA-2048, RSASSA-SHA256, restricted,
+  // made and persisted with tpm2-tools (as GCE pre-provisions one).
+  const std::string ctx = dir_ + "/ak.ctx";
+  RunResult made = run({"tpm2_createprimary", "-T", tpm_a_.tcti(), "-C", "e", "-G",
+                        "rsa2048:rsassa-sha256:null", "-a",
+                        "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign",
+                        "-c", ctx});
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  RunResult persisted = run({"tpm2_evictcontrol", "-T", tpm_a_.tcti(), "-C", "o", "-c", ctx, "0x81010002"});
+  ASSERT_EQ(persisted.exit_code, 0) << persisted.err;
+  auto tpm = open(tpm_a_);
+  ASSERT_TRUE(tpm);
+  auto ak_bytes = tpm->attestation_key(0x81010002);
+  ASSERT_TRUE(ak_bytes.is_ok()) << ak_bytes.status().message();
+  auto ak = tpm::parse_public(ak_bytes.value());
+  ASSERT_TRUE(ak.is_ok());
+  EXPECT_EQ(ak->type, tpm::kAlgRsa);
+  const Bytes qd = random_bytes(32);
+  auto q = tpm->quote(tpm::kAlgSha256, {0, 7}, qd);
+  ASSERT_TRUE(q.is_ok()) << q.status().message();
+  auto sig = tpm::parse_signature(q->signature);
+  ASSERT_TRUE(sig.is_ok());
+  EXPECT_EQ(sig->sig_alg, tpm::kAlgRsassa);
+  EXPECT_TRUE(tpm::verify_quote(q->attest, q->signature, ak.value(), check(q.value(), qd, {0, 7})).is_ok());
+  // No key at another handle.
+  auto other = open(tpm_a_);
+  EXPECT_FALSE(other->attestation_key(0x81010009).is_ok());
+}
+
 TEST(TpmClient, NoDeviceMeansNoTpm) {
   auto tpm = tpm::Tpm::open("device:/dev/keygate-no-such-tpm");
   EXPECT_EQ(tpm.status().kind(), ErrorKind::kNotFound);
