@@ -9,6 +9,8 @@ packages=(
   libcpp-httplib-dev libsqlite3-dev libgtest-dev libgmock-dev
   # vTPM: TPM2-TSS (ESAPI, device and swtpm TCTIs), tpm2-tools for tests
   libtss2-dev tpm2-tools
+  # the cloud-init module and its tests (Debian's cloud-init, its Python)
+  cloud-init python3-yaml
   # the TPM parser fuzz target (libFuzzer)
   clang libclang-rt-14-dev
   cryptsetup-bin e2fsprogs openssl curl ca-certificates

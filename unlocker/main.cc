@@ -37,6 +37,10 @@ Commands:
   enroll DEVICE          register DEVICE with a key server and add a keyslot
                          and a keygate token to it
   status DEVICE          show DEVICE's keygate token and keyslots
+  rotate DEVICE          move DEVICE from its current key (an image's group
+                         key) to a newly registered one of its own: needs
+                         --enrollment-token-file (a per-instance token);
+                         --server/--ca default to the volume's own
   keyscript DEVICE       write DEVICE's key to standard output (a pipe, never
                          a terminal), for crypttab's keyscript= option
   encrypt IMAGE          encrypt an unmounted image in place (LUKS2 offline
@@ -562,6 +566,102 @@ int cmd_enroll(const Args& args) {
   return kExitOk;
 }
 
+// Replaces DEVICE's keygate keyslot with one for a newly registered volume:
+// an image's root volume moves from the image-group key every instance of
+// the image shares to a key of its own. The old key opens the volume until
+// the new keyslot, token and server record are all in place.
+int cmd_rotate(const Args& args) {
+  if (args.positional().size() != 2) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate rotate DEVICE ..."), kExitUsage);
+  }
+  const std::string device = args.positional()[1];
+  if (!args.has("enrollment-token-file")) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, "rotate needs --enrollment-token-file"),
+                kExitUsage);
+  }
+  auto token = read_secret_file(args.get("enrollment-token-file"), 256, true);
+  if (!token.is_ok()) return fail(token.status(), kExitUsage);
+  // The current key, exactly as a boot gets it.
+  int code = kExitInternal;
+  auto released = release_secret(args, device, &code);
+  if (!released.is_ok()) return fail(released.status().with_context("current key"), code);
+  const KeygateToken old = released->token;
+  LuksDevice& dev = *released->device;
+  auto found = dev.find_keygate_token();
+  if (!found.is_ok() || !found->has_value()) return fail(Status::error(ErrorKind::kNotFound, "token vanished"), kExitVolume);
+  const int old_token_id = found.value()->first;
+  // Servers and CA: from the command line, else the volume's own.
+  std::string ca = old.ca_pem;
+  if (args.has("ca")) {
+    auto pem = read_small_file(args.get("ca"), 64 * 1024);
+    if (!pem.is_ok()) return fail(pem.status(), kExitUsage);
+    ca = pem.value();
+  }
+  auto fingerprint = certificate_sha256_fingerprint(ca);
+  if (!fingerprint.is_ok()) return fail(fingerprint.status(), kExitUsage);
+  auto servers = args.has("server") ? args.get_all("server") : old.servers;
+  auto token_servers = args.has("token-server") ? args.get_all("token-server") : servers;
+
+  auto evidence = evidence_collector(args);
+  if (!evidence.is_ok()) return fail(evidence.status(), kExitUsage);
+  std::unique_ptr<TpmAttester> tpm;
+  if (old.tpm) {
+    if (!old.tpm->sealed.empty()) {
+      return fail(Status::error(ErrorKind::kInvalidArgument,
+                                "rotating a two-factor (TPM-sealed) volume is not supported; enroll it again"),
+                  kExitUsage);
+    }
+    tpm = std::make_unique<TpmAttester>(tcti(args), *old.tpm);
+  }
+  std::optional<Enrollment> enrollment;
+  std::string used_server;
+  Status last;
+  for (const auto& url : servers) {
+    auto r = register_volume(ServerEndpoint{url, ca, timeout_ms(args)}, token.value(),
+                             evidence.value().get(), tpm.get(), args.get("description", "rotated from " + old.volume_id));
+    if (r.is_ok()) {
+      enrollment = std::move(r).value();
+      used_server = url;
+      break;
+    }
+    last = r.status();
+    log_warning(last.message());
+    if (last.kind() != ErrorKind::kUnavailable && last.kind() != ErrorKind::kUntrusted) break;
+  }
+  if (!enrollment) return fail(last);
+  int keyslot = -1, token_id = -1;
+  auto finish = [&]() -> Status {
+    auto slot = dev.add_keyslot(released->secret, enrollment->secret, KeyslotCost::kHighEntropySecret);
+    if (!slot.is_ok()) return slot.status();
+    keyslot = slot.value();
+    KeygateToken t = old;
+    t.servers = token_servers;
+    t.volume_id = enrollment->volume_id;
+    t.ca_pem = ca;
+    t.ca_sha256 = fingerprint.value();
+    t.keyslot = keyslot;
+    auto id = dev.add_token(t);
+    if (!id.is_ok()) return id.status();
+    token_id = id.value();
+    auto check = dev.activate("", keyslot, enrollment->secret);
+    if (!check.is_ok()) return check.status().with_context("verify new keyslot");
+    return confirm_volume(ServerEndpoint{used_server, ca, timeout_ms(args)}, enrollment->volume_id,
+                          enrollment->secret);
+  };
+  Status done = finish();
+  if (!done.is_ok()) {
+    roll_back(dev, false, keyslot, token_id);
+    return fail(done.with_context("rotation not completed; the old key still opens the volume"));
+  }
+  // Only now does the shared key go.
+  Status removed = dev.remove_token(old_token_id);
+  if (removed.is_ok()) removed = dev.destroy_keyslot(old.keyslot);
+  if (!removed.is_ok()) return fail(removed.with_context("remove the old keyslot (run rotate again)"), kExitVolume);
+  std::cout << device << ": rotated from volume " << old.volume_id << " to volume "
+            << enrollment->volume_id << " (keyslot " << keyslot << ")\n";
+  return kExitOk;
+}
+
 // Image builders: encrypts an unmounted image in place, then enrolls it with
 // the recovery passphrase as the existing passphrase.
 int cmd_encrypt(const Args& args) {
@@ -669,6 +769,7 @@ int main(int argc, char** argv) {
   if (pos[0] == "status") return cmd_status(args.value());
   if (pos[0] == "keyscript") return cmd_keyscript(args.value());
   if (pos[0] == "encrypt") return cmd_encrypt(args.value());
+  if (pos[0] == "rotate") return cmd_rotate(args.value());
   log_error(str_cat("unknown command '", pos[0], "'"));
   fputs(kUsage, stderr);
   return kExitUsage;
