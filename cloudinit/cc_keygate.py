@@ -351,6 +351,12 @@ class System:
         os.makedirs(self.path(mountpoint), mode=0o755, exist_ok=True)
         self.run(["mount", self.path(mountpoint)], "mount", device)
 
+    def enable_network_unlock(self, device):
+        """crypttab's _netdev volumes open under remote-cryptsetup.target,
+        which Debian does not enable by default."""
+        if shutil.which("systemctl") and self.root == "/":
+            self.run(["systemctl", "enable", "remote-cryptsetup.target"], "enable boot unlock", device)
+
     def update_initramfs(self, device):
         if shutil.which("update-initramfs"):
             self.run(["update-initramfs", "-u"], "update-initramfs", device)
@@ -485,6 +491,7 @@ def configure_volume(system, conf, vol, files):
     if ensure_line(system, "/etc/crypttab", name,
                    "%s UUID=%s none luks,_netdev%s" % (name, uuid, nofail)):
         changes.append("crypttab")
+        system.enable_network_unlock(device)
     if "mount" in vol:
         fs = vol.get("filesystem", "ext4") if mode == "format" else "auto"
         options = vol.get("mount_options", "defaults") + ",_netdev" + nofail

@@ -19,6 +19,8 @@ packages=(
   swtpm swtpm-tools python3
   # the dracut image (systemd initrd with systemd-networkd) in the same test
   dracut-core dracut-network systemd dbus-daemon
+  # the cloud-init boot test: a debootstrap image and a NoCloud seed disk
+  debootstrap dosfstools mtools
 )
 # Reference tools for bench/ (clevis + tang on the same machine).
 bench_packages=(clevis clevis-luks tang socat jose)

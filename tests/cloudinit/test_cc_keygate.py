@@ -47,6 +47,7 @@ class TestSystem(cc_keygate.System):
     filesystems = {}
     mounted = set()
     initramfs_refreshed = 0
+    network_unlock_enabled = False
     unlock_args = []
 
     def __init__(self):
@@ -78,6 +79,9 @@ class TestSystem(cc_keygate.System):
 
     def update_initramfs(self, device):
         TestSystem.initramfs_refreshed += 1
+
+    def enable_network_unlock(self, device):
+        TestSystem.network_unlock_enabled = True
 
 
 class CloudInitModuleTest(unittest.TestCase):
@@ -126,6 +130,7 @@ class CloudInitModuleTest(unittest.TestCase):
         TestSystem.root = self.root
         TestSystem.opened, TestSystem.filesystems, TestSystem.mounted = set(), {}, set()
         TestSystem.initramfs_refreshed = 0
+        TestSystem.network_unlock_enabled = False
         TestSystem.unlock_args = ["--metadata-url", self.metadata_url()]
         self.saved_system = cc_keygate.System
         cc_keygate.System = TestSystem
@@ -244,6 +249,7 @@ class CloudInitModuleTest(unittest.TestCase):
         self.assertIn("/dev/mapper/logs /var/log/app xfs noatime,_netdev,nofail 0 2", fstab)
         self.assertEqual(TestSystem.filesystems, {"data": "ext4", "logs": "xfs"})
         self.assertEqual(TestSystem.mounted, {"/data", "/var/log/app"})
+        self.assertTrue(TestSystem.network_unlock_enabled)
 
         # Again (a reboot re-running it, or cloud-init single): nothing changes.
         before = {p: sha256_file(p) for p in (data, logs, self.root + "/etc/crypttab",

@@ -29,25 +29,10 @@ mkdir -p "$work" "$cache"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
-say() { printf '\n== e2e: %s\n' "$*"; }
-fail() { printf 'e2e: FAILED: %s\n' "$*" >&2; exit 1; }
+. "$here/lib.sh"
 
 say "kernel: Debian's linux-image, unpacked (nothing installed on the host)"
-kpkg=$(apt-cache depends linux-image-amd64 | sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -1)
-[ -n "$kpkg" ] || fail "cannot find Debian's kernel package"
-kver=${kpkg#linux-image-}
-deb=$(ls "$cache"/"$kpkg"_*.deb 2>/dev/null | head -1 || true)
-if [ -z "$deb" ]; then
-  (cd "$cache" && apt-get download "$kpkg" >/dev/null 2>&1) || fail "apt-get download $kpkg"
-  deb=$(ls "$cache"/"$kpkg"_*.deb | head -1)
-fi
-kroot=$cache/kroot-$kver
-if [ ! -e "$kroot/lib/modules/$kver/modules.dep" ]; then
-  rm -rf "$kroot"
-  dpkg-deb -x "$deb" "$kroot"
-  depmod -b "$kroot" "$kver"
-fi
-echo "kernel $kver"
+e2e_fetch_kernel "$cache"
 
 say "root file system: a folder with a marker and an init that reports and powers off"
 rootdir=$work/rootdir
@@ -71,7 +56,6 @@ INIT
 chmod +x "$rootdir/sbin/init"
 
 say "key server and metadata emulator on 127.0.0.1"
-wait_port() { for _ in $(seq 100); do [ -s "$1" ] && { cat "$1"; return; }; sleep 0.1; done; fail "no port in $1"; }
 "$bin/keygate-metadata-emulator" init --state-dir "$work/emu" --region eu-west-1 >/dev/null
 "$bin/keygate-metadata-emulator" serve --state-dir "$work/emu" --listen 127.0.0.1:0 \
   --port-file "$work/emu.port" --account 210987654321 --region eu-west-1 \
@@ -80,8 +64,8 @@ pids+=($!)
 "$bin/keygate-server" serve --state-dir "$work/srv" --listen 127.0.0.1:0 --port-file "$work/srv.port" \
   --aws-trust-dir "$work/emu/aws-trust" --tls-san IP:169.254.169.253 2>"$work/srv.log" &
 pids+=($!)
-emu_port=$(wait_port "$work/emu.port")
-srv_port=$(wait_port "$work/srv.port")
+emu_port=$(e2e_wait_port "$work/emu.port")
+srv_port=$(e2e_wait_port "$work/srv.port")
 
 say "encrypt the root image in place and enroll it: keygate encrypt (image-group, from the host)"
 img=$work/root.img
