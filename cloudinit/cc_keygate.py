@@ -71,7 +71,9 @@ SCHEMA = {
                     "type": "string",
                     "pattern": "^[A-Za-z0-9_-]{1,128}$",
                     "description": "One-time (or multi-use) enrollment token "
-                    "from 'keygate-server token create'.",
+                    "from 'keygate-server token create'. Without one, the "
+                    "server enrolls by attestation if its enroll_by_attestation "
+                    "rules admit the instance.",
                 },
                 "enrollment_token_file": {
                     "type": "string",
@@ -266,11 +268,9 @@ def validate(cfg):
         if mode == "encrypt-in-place" and "recovery_passphrase_file" not in vol:
             raise ConfigError("%s.recovery_passphrase_file: encrypt-in-place "
                               "needs a recovery passphrase" % where)
-    if conf.get("volumes") and not (
-        "enrollment_token" in conf or "enrollment_token_file" in conf
-    ):
-        raise ConfigError("keygate.enrollment_token: volumes are enrolled "
-                          "with a token (or enrollment_token_file)")
+    if "enrollment_token" in conf and "enrollment_token_file" in conf:
+        raise ConfigError("keygate.enrollment_token: give enrollment_token or "
+                          "enrollment_token_file, not both")
 
 
 class System:
@@ -431,10 +431,11 @@ def configure_volume(system, conf, vol, files):
         LOG.info("keygate: %s: already enrolled as volume %s", device, volume_id)
     else:
         enroll = ["--server=" + s for s in conf["servers"]] + [
-            "--ca", files["ca"], "--enrollment-token-file", files["token"],
-            "--description", "cloud-init %s (%s)" % (name, vol["device"]),
+            "--ca", files["ca"], "--description", "cloud-init %s (%s)" % (name, vol["device"]),
             "--tpm", conf.get("tpm", "off"),
         ] + common
+        if files["token"]:
+            enroll += ["--enrollment-token-file", files["token"]]
         if "tpm_pcrs" in conf:
             enroll += ["--tpm-pcrs", conf["tpm_pcrs"]]
         recovery = vol.get("recovery_passphrase_file")
@@ -542,8 +543,9 @@ def rotate_root(system, conf, files):
                 return []
     except FileNotFoundError:
         pass
-    args = [system.keygate, "rotate", device, "--ca", files["ca"],
-            "--enrollment-token-file", files["token"]]
+    args = [system.keygate, "rotate", device, "--ca", files["ca"]]
+    if files["token"]:
+        args += ["--enrollment-token-file", files["token"]]
     args += ["--server=" + s for s in conf["servers"]] + common_args(conf)
     system.run(args, "rotate root key", device)
     rotated = system.keygate_volume(device)
@@ -564,10 +566,11 @@ def run(cfg, system):
     failures = []
     with tempfile.TemporaryDirectory(prefix="keygate-cloud-init-") as tmp:
         os.chmod(tmp, 0o700)
-        files = {"ca": os.path.join(tmp, "ca.pem"), "token": os.path.join(tmp, "token")}
+        files = {"ca": os.path.join(tmp, "ca.pem"), "token": None}
         with open(files["ca"], "w", encoding="utf-8") as f:
             f.write(conf["ca"])
         if "enrollment_token" in conf:
+            files["token"] = os.path.join(tmp, "token")
             fd = os.open(files["token"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(conf["enrollment_token"])

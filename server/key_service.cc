@@ -276,7 +276,10 @@ ApiResponse KeyService::enroll_register(std::string_view body, const std::string
   auto request = parse_request(kEvent, body, peer);
   if (!request.is_ok()) return error_response(400, api::kErrBadRequest, request.status().message());
   auto common = parse_common(request.value());
-  auto token = json_string(request.value(), "enrollment_token", api::kMaxEnrollmentTokenLength);
+  // No token: enrollment by attestation, if a configured rule admits the
+  // instance's verified identity.
+  auto token = json_optional_string(request.value(), "enrollment_token",
+                                    api::kMaxEnrollmentTokenLength);
   auto evidence = json_object(request.value(), "evidence", false);
   auto description = json_optional_string(request.value(), "description", 256);
   for (const Status* s :
@@ -319,19 +322,42 @@ ApiResponse KeyService::enroll_register(std::string_view body, const std::string
     }
     tpm_policy = std::move(t).value();
   }
-  auto tmpl_json = store_.consume_enrollment_token(sha256(token.value()), clock_.now_unix());
-  if (!tmpl_json.is_ok()) {
-    if (tmpl_json.status().kind() == ErrorKind::kRefused) {
-      audit(kEvent, "refused", "", peer, tmpl_json.status().message());
-      return error_response(403, api::kErrTokenInvalid, tmpl_json.status().message());
+  Result<EnrollmentTemplate> tmpl = Status::error(ErrorKind::kInternal, "no template");
+  std::string how = "token";
+  if (token->empty()) {
+    const EnrollmentTemplate* rule = nullptr;
+    for (size_t i = 0; identity && i < options_.attestation_enrollment.size() && !rule; ++i) {
+      const EnrollmentTemplate& r = options_.attestation_enrollment[i];
+      if (r.platform != identity->platform) continue;
+      bool all = true;
+      for (const auto& [claim, value] : r.require) all = all && identity->claim(claim) == value;
+      if (all) {
+        rule = &r;
+        how = str_cat("attestation (rule ", i + 1, ")");
+      }
     }
-    audit(kEvent, "error", "", peer, tmpl_json.status().message());
-    return error_response(500, api::kErrInternal, "store unavailable");
+    if (rule == nullptr) {
+      const char* why = identity ? "no enrollment token, and no attestation-enrollment rule admits this instance"
+                                 : "no enrollment token and no evidence";
+      audit(kEvent, "refused", "", peer, identity ? str_cat(why, " (", identity->summary(), ")") : why);
+      return error_response(403, api::kErrTokenInvalid, why);
+    }
+    tmpl = *rule;
+  } else {
+    auto tmpl_json = store_.consume_enrollment_token(sha256(token.value()), clock_.now_unix());
+    if (!tmpl_json.is_ok()) {
+      if (tmpl_json.status().kind() == ErrorKind::kRefused) {
+        audit(kEvent, "refused", "", peer, tmpl_json.status().message());
+        return error_response(403, api::kErrTokenInvalid, tmpl_json.status().message());
+      }
+      audit(kEvent, "error", "", peer, tmpl_json.status().message());
+      return error_response(500, api::kErrInternal, "store unavailable");
+    }
+    auto tmpl_obj = parse_json_object(tmpl_json.value());
+    if (!tmpl_obj.is_ok()) return error_response(500, api::kErrInternal, "token template unreadable");
+    tmpl = EnrollmentTemplate::from_json(tmpl_obj.value());
+    if (!tmpl.is_ok()) return error_response(500, api::kErrInternal, "token template unreadable");
   }
-  auto tmpl_obj = parse_json_object(tmpl_json.value());
-  if (!tmpl_obj.is_ok()) return error_response(500, api::kErrInternal, "token template unreadable");
-  auto tmpl = EnrollmentTemplate::from_json(tmpl_obj.value());
-  if (!tmpl.is_ok()) return error_response(500, api::kErrInternal, "token template unreadable");
   auto policy = policy_for_enrollment(tmpl.value(), identity ? &*identity : nullptr);
   if (!policy.is_ok()) {
     audit(kEvent, "refused", "", peer, policy.status().message());
@@ -360,7 +386,7 @@ ApiResponse KeyService::enroll_register(std::string_view body, const std::string
     return error_response(500, api::kErrInternal, "could not store volume");
   }
   audit(kEvent, "ok", vid, peer,
-        identity ? identity->summary() : std::string("no evidence"));
+        str_cat(identity ? identity->summary() : std::string("no evidence"), ", by ", how));
   ApiResponse r;
   r.body["volume_id"] = vid;
   r.body["wrapped"] = wrapped->to_json();

@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "core/clock.h"
 #include "core/secret.h"
@@ -20,6 +21,9 @@ namespace keygate::server {
 
 struct ServiceOptions {
   int nonce_ttl_seconds = 60;
+  // Enrollment without a token: an instance whose verified identity has every
+  // claim of a rule may register a per-instance volume under that rule.
+  std::vector<EnrollmentTemplate> attestation_enrollment;
 };
 
 struct ApiResponse {

@@ -48,7 +48,9 @@ Common options:
   --state-dir DIR  store, KEK and TLS material (default /var/lib/keygate)
   --config FILE    JSON file with any of: listen, state_dir, aws_trust_dirs,
                    gcp_jwks_files, azure_trust_dirs, evidence_max_age,
-                   tls_san, nonce_ttl (options on the command line win)
+                   tls_san, nonce_ttl, enroll_by_attestation (rules that
+                   let matching instances enroll without a token; see
+                   README) (options on the command line win)
 
 serve options:
   --listen HOST:PORT        address to bind (default 127.0.0.1:8443; port 0: any)
@@ -126,7 +128,36 @@ struct Settings {
   std::vector<std::string> tls_san;
   long nonce_ttl = 60;
   long evidence_max_age = 300;
+  std::vector<EnrollmentTemplate> attestation_enrollment;
 };
+
+// "enroll_by_attestation": [{"platform": "aws", "require": {...}}, ...]
+// Each rule admits per-instance enrollment without a token, so it must at
+// least bind what every policy of its platform binds (the account).
+Status read_attestation_rules(const Json::Value& c, std::vector<EnrollmentTemplate>* out) {
+  const Json::Value& rules = c["enroll_by_attestation"];
+  if (rules.isNull()) return Status::ok();
+  if (!rules.isArray() || rules.size() > 64) {
+    return Status::error(ErrorKind::kInvalidArgument, "'enroll_by_attestation' must be a list of rules");
+  }
+  for (Json::ArrayIndex i = 0; i < rules.size(); ++i) {
+    auto rule = EnrollmentTemplate::from_json(rules[i]);
+    if (!rule.is_ok()) return rule.status().with_context(str_cat("enroll_by_attestation[", i, "]"));
+    if (rule->image_group) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat("enroll_by_attestation[", i, "]: rules enroll per-instance volumes only"));
+    }
+    for (const auto& claim : platform_spec(rule->platform)->always_bound) {
+      if (!rule->require.count(claim)) {
+        return Status::error(ErrorKind::kInvalidArgument,
+                             str_cat("enroll_by_attestation[", i, "]: a rule must require '", claim,
+                                     "' (otherwise any ", rule->platform, " instance could enroll)"));
+      }
+    }
+    out->push_back(std::move(rule).value());
+  }
+  return Status::ok();
+}
 
 Status read_string_list(const Json::Value& c, const char* key, std::vector<std::string>* out) {
   if (!c.isMember(key)) return Status::ok();
@@ -153,7 +184,8 @@ Result<Settings> load_settings(const Args& args) {
     for (const auto& key : c.getMemberNames()) {
       static const std::set<std::string> kKeys = {
           "listen",         "state_dir",        "aws_trust_dirs", "gcp_jwks_files",
-          "azure_trust_dirs", "evidence_max_age", "tls_san",        "nonce_ttl"};
+          "azure_trust_dirs", "evidence_max_age", "tls_san",        "nonce_ttl",
+          "enroll_by_attestation"};
       if (!kKeys.count(key)) {
         return Status::error(ErrorKind::kInvalidArgument,
                              str_cat(args.get("config"), ": unknown key '", key, "'"));
@@ -163,6 +195,8 @@ Result<Settings> load_settings(const Args& args) {
     if (c.isMember("state_dir")) s.state_dir = c["state_dir"].asString();
     if (c.isMember("nonce_ttl")) s.nonce_ttl = c["nonce_ttl"].asInt();
     if (c.isMember("evidence_max_age")) s.evidence_max_age = c["evidence_max_age"].asInt();
+    Status rules = read_attestation_rules(c, &s.attestation_enrollment);
+    if (!rules.is_ok()) return rules.with_context(args.get("config"));
     for (auto [key, list] : {std::pair{"aws_trust_dirs", &s.aws_trust_dirs},
                              std::pair{"gcp_jwks_files", &s.gcp_jwks_files},
                              std::pair{"azure_trust_dirs", &s.azure_trust_dirs},
@@ -251,6 +285,10 @@ int cmd_serve(const Args& args, const Settings& s) {
   SystemClock clock;
   ServiceOptions options;
   options.nonce_ttl_seconds = static_cast<int>(s.nonce_ttl);
+  options.attestation_enrollment = s.attestation_enrollment;
+  if (!s.attestation_enrollment.empty()) {
+    log_info(str_cat("enrollment by attestation: ", s.attestation_enrollment.size(), " rule(s)"));
+  }
   KeyService service(*store.value(), std::move(kek).value(), trust, clock, options);
   Status served = serve_https(service, http);
   if (!served.is_ok()) return fail(served);

@@ -38,9 +38,10 @@ Commands:
                          and a keygate token to it
   status DEVICE          show DEVICE's keygate token and keyslots
   rotate DEVICE          move DEVICE from its current key (an image's group
-                         key) to a newly registered one of its own: needs
-                         --enrollment-token-file (a per-instance token);
-                         --server/--ca default to the volume's own
+                         key) to a newly registered one of its own, with a
+                         per-instance --enrollment-token-file (or by
+                         attestation); --server/--ca default to the
+                         volume's own
   keyscript DEVICE       write DEVICE's key to standard output (a pipe, never
                          a terminal), for crypttab's keyscript= option
   encrypt IMAGE          encrypt an unmounted image in place (LUKS2 offline
@@ -77,7 +78,9 @@ enroll options:
                             the key servers at other addresses than instances
   --ca FILE                 PEM CA certificate of the key servers (pinned)
   --enrollment-token-file FILE
-                            one-time enrollment token ("-" for stdin)
+                            one-time enrollment token ("-" for stdin); without
+                            one, the server enrolls by attestation if one of
+                            its enroll_by_attestation rules admits the instance
   --format                  DEVICE is blank: format it as LUKS2 first (refused
                             if DEVICE holds any filesystem or partition table)
   --recovery-passphrase-file FILE
@@ -389,7 +392,10 @@ int cmd_enroll(const Args& args) {
     }
   }
   if (!args.has("ca")) return usage("enroll needs --ca FILE (the key servers' CA certificate)");
-  if (!args.has("enrollment-token-file")) return usage("enroll needs --enrollment-token-file");
+  if (!args.has("enrollment-token-file") && args.has("no-evidence")) {
+    return usage("enroll needs --enrollment-token-file, or instance evidence (enrollment by "
+                 "attestation, where the server's rules allow it)");
+  }
   if (format && !args.has("recovery-passphrase-file") && !args.has("no-recovery")) {
     return usage("--format needs --recovery-passphrase-file FILE, or --no-recovery");
   }
@@ -407,7 +413,10 @@ int cmd_enroll(const Args& args) {
   const std::string& ca = ca_pem.value();
   auto fingerprint = certificate_sha256_fingerprint(ca);
   if (!fingerprint.is_ok()) return fail(fingerprint.status().with_context(args.get("ca")), kExitUsage);
-  auto token = read_secret_file(args.get("enrollment-token-file"), 256, true);
+  // No token file: enrollment by attestation (an empty token).
+  auto token = args.has("enrollment-token-file")
+                   ? read_secret_file(args.get("enrollment-token-file"), 256, true)
+                   : Result<SecretBuffer>(SecretBuffer());
   if (!token.is_ok()) return fail(token.status(), kExitUsage);
   std::optional<SecretBuffer> recovery, existing;
   if (args.has("recovery-passphrase-file")) {
@@ -575,11 +584,10 @@ int cmd_rotate(const Args& args) {
     return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate rotate DEVICE ..."), kExitUsage);
   }
   const std::string device = args.positional()[1];
-  if (!args.has("enrollment-token-file")) {
-    return fail(Status::error(ErrorKind::kInvalidArgument, "rotate needs --enrollment-token-file"),
-                kExitUsage);
-  }
-  auto token = read_secret_file(args.get("enrollment-token-file"), 256, true);
+  // No token file: the new volume is registered by attestation.
+  auto token = args.has("enrollment-token-file")
+                   ? read_secret_file(args.get("enrollment-token-file"), 256, true)
+                   : Result<SecretBuffer>(SecretBuffer());
   if (!token.is_ok()) return fail(token.status(), kExitUsage);
   // The current key, exactly as a boot gets it.
   int code = kExitInternal;

@@ -207,7 +207,8 @@ class CloudInitModuleTest(unittest.TestCase):
             ("keygate.tpm", lambda k: k.update(tpm="maybe")),
             ("keygate.volumes.1.name", lambda k: k["volumes"].append(dict(k["volumes"][0], device="/dev/sdz"))),
             ("keygate.volumes.0.passphrase_file", lambda k: k["volumes"][0].update(mode="enroll-existing")),
-            ("keygate.enrollment_token", lambda k: k.pop("enrollment_token")),
+            ("keygate.enrollment_token", lambda k: k.update(enrollment_token_file="/run/t")),
+            ("keygate.enrollment_token", lambda k: k.update(enrollment_token="not a token!")),
             ("keygate.root", lambda k: k.update(root={"rotate": True})),
         ]
         for key, breaker in cases:

@@ -36,6 +36,9 @@ e2e_fetch_kernel "$cache"
 packages=systemd-sysv,udev,cloud-init,cryptsetup-bin,e2fsprogs,kmod,libcryptsetup12,libcurl4
 packages=$packages,libjsoncpp25,libtss2-esys-3.0.2-0,libtss2-mu0,libtss2-rc0,libtss2-tcti-device0
 packages=$packages,libtss2-tcti-swtpm0,libblkid1,libssl3,python3-yaml
+# debootstrap does not resolve virtual packages: python3-cryptography needs
+# python3-cffi-backend-api-max, which this provides.
+packages=$packages,python3-cffi-backend
 base=$cache/debootstrap-$(echo "$packages" | sha256sum | cut -c1-12).tar
 if [ ! -s "$base" ]; then
   say "guest image: debootstrap bookworm from Debian's archive (cached afterwards)"
