@@ -290,9 +290,12 @@ class System:
     def path(self, p):
         return os.path.join(self.root, p.lstrip("/"))
 
-    def run(self, argv, step, device):
+    def run(self, argv, step, device, secret_input=None):
+        """Runs argv; `secret_input` goes to its standard input (the
+        enrollment token: never in argv, the environment or a file)."""
         LOG.debug("keygate: running %s", " ".join(argv[:3]))
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        proc = subprocess.run(argv, input=secret_input if secret_input is not None else "",
+                              capture_output=True, text=True)
         for line in proc.stderr.splitlines():
             LOG.info("keygate: %s", line)
         if proc.returncode != 0:
@@ -450,10 +453,10 @@ def configure_volume(system, conf, vol, files):
                 system.run(["wipefs", "-a", device], "wipe", device)
             args = [system.keygate, "enroll", device, "--format"] + enroll
             args += ["--recovery-passphrase-file", recovery] if recovery else ["--no-recovery"]
-            system.run(args, "enroll", device)
+            system.run(args, "enroll", device, files["token_text"])
         elif mode == "enroll-existing":
             system.run([system.keygate, "enroll", device, "--passphrase-file",
-                        vol["passphrase_file"]] + enroll, "enroll", device)
+                        vol["passphrase_file"]] + enroll, "enroll", device, files["token_text"])
         else:  # encrypt-in-place
             found = system.signature(device)
             if found == "crypto_LUKS":
@@ -473,7 +476,7 @@ def configure_volume(system, conf, vol, files):
                 shrink_to = blocks - (16 << 20) // bsize
                 system.run(["resize2fs", device, str(shrink_to)], "shrink file system", device)
                 args += ["--reduce-device-size", str(16 << 20)]
-            system.run(args, "encrypt in place", device)
+            system.run(args, "encrypt in place", device, files["token_text"])
         volume_id = system.keygate_volume(device)
         changes.append("enrolled as volume %s" % volume_id)
 
@@ -547,7 +550,7 @@ def rotate_root(system, conf, files):
     if files["token"]:
         args += ["--enrollment-token-file", files["token"]]
     args += ["--server=" + s for s in conf["servers"]] + common_args(conf)
-    system.run(args, "rotate root key", device)
+    system.run(args, "rotate root key", device, files["token_text"])
     rotated = system.keygate_volume(device)
     os.makedirs(os.path.dirname(marker), mode=0o700, exist_ok=True)
     with open(marker, "w", encoding="utf-8") as f:
@@ -566,14 +569,13 @@ def run(cfg, system):
     failures = []
     with tempfile.TemporaryDirectory(prefix="keygate-cloud-init-") as tmp:
         os.chmod(tmp, 0o700)
-        files = {"ca": os.path.join(tmp, "ca.pem"), "token": None}
+        files = {"ca": os.path.join(tmp, "ca.pem"), "token": None, "token_text": None}
         with open(files["ca"], "w", encoding="utf-8") as f:
             f.write(conf["ca"])
         if "enrollment_token" in conf:
-            files["token"] = os.path.join(tmp, "token")
-            fd = os.open(files["token"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(conf["enrollment_token"])
+            # Handed to keygate on its standard input.
+            files["token"] = "-"
+            files["token_text"] = conf["enrollment_token"]
         elif "enrollment_token_file" in conf:
             files["token"] = conf["enrollment_token_file"]
         for vol in conf.get("volumes", []):

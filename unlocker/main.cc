@@ -683,12 +683,16 @@ int cmd_encrypt(const Args& args) {
                  "when no key server can)");
   }
   // Enrollment's inputs are checked first: nothing is encrypted for a run
-  // that could not enroll.
-  if (args.get_all("server").empty() || !args.has("ca") || !args.has("enrollment-token-file")) {
-    return usage("encrypt enrolls the image too: give --server, --ca and --enrollment-token-file");
+  // that could not enroll. (No token: enrollment by attestation.)
+  if (args.get_all("server").empty() || !args.has("ca")) {
+    return usage("encrypt enrolls the image too: give --server and --ca (and "
+                 "--enrollment-token-file, or instance evidence)");
+  }
+  if (!args.has("enrollment-token-file") && args.has("no-evidence")) {
+    return usage("encrypt --no-evidence needs --enrollment-token-file");
   }
   for (const char* file : {"ca", "enrollment-token-file"}) {
-    if (access(args.get(file).c_str(), R_OK) != 0) {
+    if (args.has(file) && args.get(file) != "-" && access(args.get(file).c_str(), R_OK) != 0) {
       return usage(str_cat("--", file, " ", args.get(file), ": not readable"));
     }
   }
