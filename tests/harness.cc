@@ -131,27 +131,21 @@ int wait_for_port_file(const std::string& path, const Background& process) {
 
 namespace {
 
-bool port_free(int port) {
+// Binds (free?) or connects to (answering?) 127.0.0.1:port.
+bool loopback(int port, bool connect_to) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_port = htons(static_cast<uint16_t>(port));
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bool ok = bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+  auto* addr = reinterpret_cast<sockaddr*>(&a);
+  bool ok = (connect_to ? connect(fd, addr, sizeof(a)) : bind(fd, addr, sizeof(a))) == 0;
   close(fd);
   return ok;
 }
 
-bool port_answers(int port) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bool ok = connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
-  close(fd);
-  return ok;
-}
+bool port_free(int port) { return loopback(port, false); }
+bool port_answers(int port) { return loopback(port, true); }
 
 }  // namespace
 

@@ -85,6 +85,15 @@ TPM2B_PUBLIC attestation_template() {
 
 }  // namespace
 
+// Flushes a transient object or session when it goes out of scope.
+struct FlushOnExit {
+  ESYS_CONTEXT* esys;
+  ESYS_TR handle = ESYS_TR_NONE;
+  ~FlushOnExit() {
+    if (handle != ESYS_TR_NONE) Esys_FlushContext(esys, handle);
+  }
+};
+
 struct Tpm::Impl {
   TSS2_TCTI_CONTEXT* tcti = nullptr;
   ESYS_CONTEXT* esys = nullptr;
@@ -119,6 +128,15 @@ struct Tpm::Impl {
     Esys_Free(ticket);
     if (rc != TSS2_RC_SUCCESS) return tss_error("create primary key", rc);
     return handle;
+  }
+
+  // The storage primary seals are made under (the same key every time).
+  Result<ESYS_TR> storage_key() {
+    TPM2B_PUBLIC* out = nullptr;
+    auto srk = create_primary(ESYS_TR_RH_OWNER, storage_template(), &out);
+    Esys_Free(out);
+    if (!srk.is_ok()) return srk.status().with_context("storage key");
+    return srk;
   }
 
   // A policy session (or a trial one) with PolicyPCR over `sel` at the
@@ -289,15 +307,9 @@ Result<Bytes> Tpm::seal(const SecretBuffer& data, uint16_t bank, const std::vect
   }
   auto sel = selection(bank, pcrs);
   if (!sel.is_ok()) return sel.status();
-  TPM2B_PUBLIC* srk_public = nullptr;
-  auto srk = impl_->create_primary(ESYS_TR_RH_OWNER, storage_template(), &srk_public);
-  Esys_Free(srk_public);
-  if (!srk.is_ok()) return srk.status().with_context("storage key");
-  struct Flush {
-    ESYS_CONTEXT* esys;
-    ESYS_TR handle;
-    ~Flush() { Esys_FlushContext(esys, handle); }
-  } flush_srk{impl_->esys, srk.value()};
+  auto srk = impl_->storage_key();
+  if (!srk.is_ok()) return srk.status();
+  FlushOnExit flush_srk{impl_->esys, srk.value()};
   auto trial = impl_->pcr_session(TPM2_SE_TRIAL, sel.value(), ESYS_TR_NONE);
   if (!trial.is_ok()) return trial.status();
   TPM2B_DIGEST* policy = nullptr;
@@ -352,18 +364,10 @@ Result<SecretBuffer> Tpm::unseal(const Bytes& blob, uint16_t bank, const std::ve
       off != blob.size()) {
     return Status::error(ErrorKind::kInvalidArgument, "TPM: sealed object is malformed");
   }
-  TPM2B_PUBLIC* srk_public = nullptr;
-  auto srk = impl_->create_primary(ESYS_TR_RH_OWNER, storage_template(), &srk_public);
-  Esys_Free(srk_public);
-  if (!srk.is_ok()) return srk.status().with_context("storage key");
-  struct Flush {
-    ESYS_CONTEXT* esys;
-    ESYS_TR handle;
-    ~Flush() {
-      if (handle != ESYS_TR_NONE) Esys_FlushContext(esys, handle);
-    }
-  } flush_srk{impl_->esys, srk.value()}, flush_obj{impl_->esys, ESYS_TR_NONE},
-      flush_session{impl_->esys, ESYS_TR_NONE};
+  auto srk = impl_->storage_key();
+  if (!srk.is_ok()) return srk.status();
+  FlushOnExit flush_srk{impl_->esys, srk.value()}, flush_obj{impl_->esys},
+      flush_session{impl_->esys};
   TSS2_RC rc = Esys_Load(impl_->esys, srk.value(), ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
                          &priv, &pub, &flush_obj.handle);
   if (rc != TSS2_RC_SUCCESS) {

@@ -371,6 +371,29 @@ void roll_back(LuksDevice& dev, bool formatted, int keyslot, int token_id) {
   log_warning(str_cat(dev.path(), ": rolled back: keygate keyslot and token removed"));
 }
 
+// Phase 1 of an enrollment: registers with the first server that answers.
+// A refusal or a bad request ends it (the next server would answer the same).
+Result<Enrollment> register_with_first_server(const std::vector<std::string>& servers,
+                                              const std::string& ca, const Args& args,
+                                              const SecretBuffer& token, EvidenceCollector* evidence,
+                                              TpmAttester* tpm, const std::string& description,
+                                              std::string* used_server) {
+  Status last = Status::error(ErrorKind::kInvalidArgument, "no key server given");
+  for (const auto& url : servers) {
+    auto r = register_volume(ServerEndpoint{url, ca, timeout_ms(args)}, token, evidence, tpm,
+                             description);
+    if (r.is_ok()) {
+      *used_server = url;
+      log_info(str_cat("registered volume ", r->volume_id, " with ", url));
+      return r;
+    }
+    last = r.status();
+    log_warning(last.message());
+    if (last.kind() != ErrorKind::kUnavailable && last.kind() != ErrorKind::kUntrusted) break;
+  }
+  return last;
+}
+
 int cmd_enroll(const Args& args) {
   if (args.positional().size() != 2) {
     return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate enroll DEVICE ..."),
@@ -498,25 +521,11 @@ int cmd_enroll(const Args& args) {
                                tpm_share ? ", second factor sealed" : ""));
   }
   // Phase 1: register with the first server that answers.
-  std::optional<Enrollment> enrollment;
   std::string used_server;
-  Status last;
-  for (const auto& url : servers) {
-    ServerEndpoint server{url, ca, timeout_ms(args)};
-    auto r = register_volume(server, token.value(), evidence.get(), tpm.get(),
-                             args.get("description"));
-    if (r.is_ok()) {
-      enrollment = std::move(r).value();
-      used_server = url;
-      break;
-    }
-    last = r.status();
-    log_warning(last.message());
-    // Refused or bad request: the next server would answer the same.
-    if (last.kind() != ErrorKind::kUnavailable && last.kind() != ErrorKind::kUntrusted) break;
-  }
-  if (!enrollment) return fail(last);
-  log_info(str_cat("registered volume ", enrollment->volume_id, " with ", used_server));
+  auto registered = register_with_first_server(servers, ca, args, token.value(), evidence.get(),
+                                               tpm.get(), args.get("description"), &used_server);
+  if (!registered.is_ok()) return fail(registered.status());
+  std::optional<Enrollment> enrollment = std::move(registered).value();
 
   // Phase 2: keyslot and token on the device, checked, then confirmed.
   int keyslot = -1, token_id = -1;
@@ -621,22 +630,12 @@ int cmd_rotate(const Args& args) {
     }
     tpm = std::make_unique<TpmAttester>(tcti(args), *old.tpm);
   }
-  std::optional<Enrollment> enrollment;
   std::string used_server;
-  Status last;
-  for (const auto& url : servers) {
-    auto r = register_volume(ServerEndpoint{url, ca, timeout_ms(args)}, token.value(),
-                             evidence.value().get(), tpm.get(), args.get("description", "rotated from " + old.volume_id));
-    if (r.is_ok()) {
-      enrollment = std::move(r).value();
-      used_server = url;
-      break;
-    }
-    last = r.status();
-    log_warning(last.message());
-    if (last.kind() != ErrorKind::kUnavailable && last.kind() != ErrorKind::kUntrusted) break;
-  }
-  if (!enrollment) return fail(last);
+  auto registered = register_with_first_server(
+      servers, ca, args, token.value(), evidence.value().get(), tpm.get(),
+      args.get("description", "rotated from " + old.volume_id), &used_server);
+  if (!registered.is_ok()) return fail(registered.status());
+  std::optional<Enrollment> enrollment = std::move(registered).value();
   int keyslot = -1, token_id = -1;
   auto finish = [&]() -> Status {
     auto slot = dev.add_keyslot(released->secret, enrollment->secret, KeyslotCost::kHighEntropySecret);
