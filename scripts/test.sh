@@ -50,6 +50,8 @@ fi
 if [ "${KEYGATE_SKIP_E2E:-0}" != 1 ]; then
   echo "== end-to-end boot test (QEMU, TCG)"
   tests/e2e/boot_test.sh build
+  echo "== end-to-end cloud-init test (debootstrap image, QEMU, TCG)"
+  tests/e2e/cloudinit_test.sh build
 fi
 
 if [ "${KEYGATE_SKIP_SANITIZERS:-0}" != 1 ]; then

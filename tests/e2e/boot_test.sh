@@ -56,16 +56,7 @@ INIT
 chmod +x "$rootdir/sbin/init"
 
 say "key server and metadata emulator on 127.0.0.1"
-"$bin/keygate-metadata-emulator" init --state-dir "$work/emu" --region eu-west-1 >/dev/null
-"$bin/keygate-metadata-emulator" serve --state-dir "$work/emu" --listen 127.0.0.1:0 \
-  --port-file "$work/emu.port" --account 210987654321 --region eu-west-1 \
-  --instance-id i-0e2e00000000000001 --image-id ami-0e2e000000000001 2>"$work/emu.log" &
-pids+=($!)
-"$bin/keygate-server" serve --state-dir "$work/srv" --listen 127.0.0.1:0 --port-file "$work/srv.port" \
-  --aws-trust-dir "$work/emu/aws-trust" --tls-san IP:169.254.169.253 2>"$work/srv.log" &
-pids+=($!)
-emu_port=$(e2e_wait_port "$work/emu.port")
-srv_port=$(e2e_wait_port "$work/srv.port")
+e2e_start_servers "$work" 210987654321 eu-west-1 i-0e2e00000000000001 ami-0e2e000000000001
 
 say "encrypt the root image in place and enroll it: keygate encrypt (image-group, from the host)"
 img=$work/root.img

@@ -29,3 +29,21 @@ e2e_wait_port() {
   for _ in $(seq 100); do [ -s "$1" ] && { cat "$1"; return; }; sleep 0.1; done
   fail "no port in $1"
 }
+
+# Starts the metadata emulator (AWS, one instance) and the key server on
+# 127.0.0.1, state in WORK; the server's certificate also names
+# 169.254.169.253, where guests reach it. Appends both to pids; sets
+# emu_port and srv_port. Usage: e2e_start_servers WORK ACCOUNT REGION INSTANCE IMAGE
+e2e_start_servers() {
+  local work=$1
+  "$bin/keygate-metadata-emulator" init --state-dir "$work/emu" --region "$3" >/dev/null
+  "$bin/keygate-metadata-emulator" serve --state-dir "$work/emu" --listen 127.0.0.1:0 \
+    --port-file "$work/emu.port" --account "$2" --region "$3" \
+    --instance-id "$4" --image-id "$5" 2>"$work/emu.log" &
+  pids+=($!)
+  "$bin/keygate-server" serve --state-dir "$work/srv" --listen 127.0.0.1:0 --port-file "$work/srv.port" \
+    --aws-trust-dir "$work/emu/aws-trust" --tls-san IP:169.254.169.253 2>"$work/srv.log" &
+  pids+=($!)
+  emu_port=$(e2e_wait_port "$work/emu.port")
+  srv_port=$(e2e_wait_port "$work/srv.port")
+}
