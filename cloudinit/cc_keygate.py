@@ -290,14 +290,17 @@ class System:
     def path(self, p):
         return os.path.join(self.root, p.lstrip("/"))
 
-    def run(self, argv, step, device, secret_input=None):
-        """Runs argv; `secret_input` goes to its standard input (the
-        enrollment token: never in argv, the environment or a file)."""
+    def run(self, argv, step, device, secret_input=None, quiet=False):
+        """Runs argv, its output into the cloud-init log (keygate's progress
+        and messages; never a secret) unless quiet; `secret_input` goes to
+        its standard input (the enrollment token: never in argv, the
+        environment or a file)."""
         LOG.debug("keygate: running %s", " ".join(argv[:3]))
         proc = subprocess.run(argv, input=secret_input if secret_input is not None else "",
                               capture_output=True, text=True)
-        for line in proc.stderr.splitlines():
-            LOG.info("keygate: %s", line)
+        if not quiet:
+            for line in (proc.stdout + proc.stderr).splitlines():
+                LOG.info("keygate: %s", line)
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] or ["exit %d" % proc.returncode]
             raise VolumeError(device, step, tail[0])
@@ -469,10 +472,10 @@ def configure_volume(system, conf, vol, files):
             if stat.S_ISBLK(os.stat(device).st_mode) and found == "ext4":
                 # Room for the LUKS2 header: the file system gives up 16 MiB.
                 system.run(["e2fsck", "-f", "-y", device], "check file system", device)
-                blocks = int(system.run(["dumpe2fs", "-h", device], "read file system",
-                                        device).split("Block count:")[1].split()[0])
-                bsize = int(system.run(["dumpe2fs", "-h", device], "read file system",
-                                       device).split("Block size:")[1].split()[0])
+                header = system.run(["dumpe2fs", "-h", device], "read file system", device,
+                                    quiet=True)
+                blocks = int(header.split("Block count:")[1].split()[0])
+                bsize = int(header.split("Block size:")[1].split()[0])
                 shrink_to = blocks - (16 << 20) // bsize
                 system.run(["resize2fs", device, str(shrink_to)], "shrink file system", device)
                 args += ["--reduce-device-size", str(16 << 20)]

@@ -323,6 +323,30 @@ class CloudInitModuleTest(unittest.TestCase):
                       self.read("/etc/fstab").splitlines())
         self.assertNotIn("legacy", self.read("/etc/fstab"))
 
+    def test_encrypt_in_place_on_a_block_device_shrinks_the_file_system_first(self):
+        backing = self.volume_file("block", "64M")
+        subprocess.run(["mkfs.ext4", "-q", "-F", backing], check=True)
+        loop = subprocess.run(["losetup", "-f", "--show", backing], capture_output=True, text=True)
+        if loop.returncode != 0:
+            self.skipTest("no loop device: " + loop.stderr.strip())
+        device = loop.stdout.strip()
+        try:
+            recovery = os.path.join(self.root, "block.recovery")
+            with open(recovery, "w") as f:
+                f.write("block recovery passphrase")
+            cfg = self.config([{"device": device, "name": "block", "mode": "encrypt-in-place",
+                                "recovery_passphrase_file": recovery}])
+            with self.assertLogs("cc_keygate", level="INFO") as logged:
+                self.handle(cfg)
+            self.assertIsNotNone(self.status(device))
+            # The progress of the encryption is in the cloud-init log.
+            self.assertTrue(any("encrypt" in line.lower() for line in logged.output), logged.output)
+            # The recovery passphrase opens it too.
+            subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file", recovery, device],
+                           check=True)
+        finally:
+            subprocess.run(["losetup", "-d", device], check=False)
+
     def test_root_moves_from_the_image_key_to_its_own(self):
         root = self.volume_file("root")
         group = os.path.join(self.root, "group.token")
