@@ -167,8 +167,10 @@ Result<Enrollment> register_volume(const ServerEndpoint& server,
   p += head.size();
   memcpy(p, key.data(), key.size());
   p += key.size();
-  memcpy(p, enrollment_token.data(), enrollment_token.size());
-  p += enrollment_token.size();
+  if (enrollment_token.size() > 0) {  // none: enrollment by attestation
+    memcpy(p, enrollment_token.data(), enrollment_token.size());
+    p += enrollment_token.size();
+  }
   memcpy(p, tail.data(), tail.size());
   auto res = post_json(session, server, api::kEnrollRegisterPath, body->data(), body->size());
   if (!res.is_ok()) return res.status();
