@@ -274,7 +274,7 @@ Result<Quote> Tpm::quote(uint16_t bank, const std::vector<uint32_t>& pcrs,
     if (!values.is_ok()) return values.status();
     TPM2B_DATA qd{};
     qd.size = static_cast<UINT16>(qualifying_data.size());
-    memcpy(qd.buffer, qualifying_data.data(), qualifying_data.size());
+    if (!qualifying_data.empty()) memcpy(qd.buffer, qualifying_data.data(), qualifying_data.size());
     TPMT_SIG_SCHEME scheme{};
     scheme.scheme = TPM2_ALG_NULL;  // the key's own scheme
     TPM2B_ATTEST* quoted = nullptr;
