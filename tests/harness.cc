@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <iterator>
 #include <stdexcept>
@@ -78,11 +79,17 @@ RunResult run(const std::vector<std::string>& argv, const std::string& input) {
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   r.out = read_file(out_path);
   r.err = read_file(err_path);
-  std::string cmd = "rm -rf '" + dir + "'";
-  if (system(cmd.c_str()) != 0) {
-    // Leftover temp files are harmless; the result stands.
-  }
+  remove_test_dir(dir, false);
   return r;
+}
+
+void remove_test_dir(const std::string& dir, bool failed) {
+  if (failed) {
+    fprintf(stderr, "test files kept in %s\n", dir.c_str());
+    return;
+  }
+  // Leftover temp files are harmless; a failure to remove them is not one.
+  [[maybe_unused]] int rc = system(("rm -rf '" + dir + "'").c_str());
 }
 
 Background::Background(const std::vector<std::string>& argv, const std::string& log_path)

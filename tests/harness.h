@@ -18,6 +18,9 @@ struct RunResult {
 
 std::string bin(const std::string& name);     // a built keygate binary
 std::string make_temp_dir(const std::string& prefix);
+// Removes `dir`, or keeps it (and says where) when `failed`: the files of a
+// failed test are what its reader needs.
+void remove_test_dir(const std::string& dir, bool failed);
 std::string read_file(const std::string& path);
 void write_file(const std::string& path, const std::string& data);
 

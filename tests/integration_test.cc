@@ -66,11 +66,7 @@ class KeygateTest : public ::testing::Test {
     suite_setup_error_ = init.exit_code == 0 ? "" : "emulator init failed: " + init.err;
   }
   static void TearDownTestSuite() {
-    if (::testing::UnitTest::GetInstance()->failed_test_count() == 0) {
-      [[maybe_unused]] int rc = system(("rm -rf '" + dir_ + "'").c_str());
-    } else {
-      fprintf(stderr, "test files kept in %s\n", dir_.c_str());
-    }
+    remove_test_dir(dir_, ::testing::UnitTest::GetInstance()->failed_test_count() > 0);
   }
 
   void SetUp() override {

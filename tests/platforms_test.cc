@@ -50,11 +50,7 @@ class PlatformTest : public ::testing::TestWithParam<Cloud> {
     }
   }
   static void TearDownTestSuite() {
-    if (::testing::UnitTest::GetInstance()->failed_test_count() == 0) {
-      [[maybe_unused]] int rc = system(("rm -rf '" + dir_ + "'").c_str());
-    } else {
-      fprintf(stderr, "test files kept in %s\n", dir_.c_str());
-    }
+    remove_test_dir(dir_, ::testing::UnitTest::GetInstance()->failed_test_count() > 0);
   }
 
   void SetUp() override {

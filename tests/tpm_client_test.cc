@@ -21,7 +21,7 @@ class TpmClientTest : public ::testing::Test {
   }
   void TearDown() override {
     tpm_a_.process.stop();
-    if (!HasFailure()) [[maybe_unused]] int rc = system(("rm -rf '" + dir_ + "'").c_str());
+    remove_test_dir(dir_, HasFailure());
   }
 
   std::unique_ptr<tpm::Tpm> open(const Swtpm& t) {

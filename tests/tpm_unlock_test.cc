@@ -54,7 +54,7 @@ class TpmUnlockTest : public ::testing::Test {
     tpm_a_.process.stop();
     std::string log = read_file(dir_ + "/server.log");
     EXPECT_FALSE(contains(log, "Sanitizer")) << log;
-    if (!HasFailure()) [[maybe_unused]] int rc = system(("rm -rf '" + dir_ + "'").c_str());
+    remove_test_dir(dir_, HasFailure());
   }
 
   std::string unique(const std::string& name) {
