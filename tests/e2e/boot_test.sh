@@ -19,17 +19,8 @@
 # Usage: tests/e2e/boot_test.sh BUILD_DIR
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-build=$(cd "${1:?usage: boot_test.sh BUILD_DIR}" && pwd)
-bin=$build/bin
-work=$build/e2e
-cache=$build/e2e-cache
-rm -rf "$work"
-mkdir -p "$work" "$cache"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
 . "$here/lib.sh"
+e2e_begin e2e "${1:?usage: boot_test.sh BUILD_DIR}"
 
 say "kernel: Debian's linux-image, unpacked (nothing installed on the host)"
 e2e_fetch_kernel "$cache"

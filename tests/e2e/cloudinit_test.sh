@@ -16,17 +16,8 @@
 # debootstrap image is cached in BUILD_DIR/e2e-cache)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-build=$(cd "${1:?usage: cloudinit_test.sh BUILD_DIR}" && pwd)
-bin=$build/bin
-work=$build/e2e-cloudinit
-cache=$build/e2e-cache
-rm -rf "$work"
-mkdir -p "$work" "$cache"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
 . "$here/lib.sh"
+e2e_begin e2e-cloudinit "${1:?usage: cloudinit_test.sh BUILD_DIR}"
 started=$(date +%s)
 
 say "kernel: Debian's linux-image, unpacked"

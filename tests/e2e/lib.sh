@@ -1,5 +1,21 @@
 # Shared by the QEMU end-to-end tests (sourced, bash).
 
+# Sets root, build, bin, cache and a fresh work folder BUILD_DIR/NAME, and
+# kills the background processes listed in pids when the script exits.
+# Usage: e2e_begin NAME BUILD_DIR
+e2e_begin() {
+  root=$(cd "$here/../.." && pwd)
+  build=$(cd "$2" && pwd)
+  bin=$build/bin
+  work=$build/$1
+  cache=$build/e2e-cache
+  rm -rf "$work"
+  mkdir -p "$work" "$cache"
+  pids=()
+  trap e2e_cleanup EXIT
+}
+e2e_cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+
 say() { printf '\n== e2e: %s\n' "$*"; }
 fail() { printf 'e2e: FAILED: %s\n' "$*" >&2; exit 1; }
 
