@@ -226,8 +226,6 @@ meta = {
     "activate_by_schema_keys": ["keygate"],
 }
 
-__doc__ = __doc__  # keep the module docstring for `cloud-init devel` tools
-
 
 class ConfigError(ValueError):
     """user-data that does not satisfy keygate's schema."""
@@ -349,7 +347,7 @@ class System:
         with open("/proc/self/mountinfo", encoding="utf-8") as f:
             for line in f:
                 fields = line.split()
-                if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target:
+                if len(fields) > 4 and unescape_mountinfo(fields[4]) == target:
                     return True
         return False
 
@@ -370,6 +368,11 @@ class System:
             self.run(["dracut", "-f"], "dracut", device)
         else:
             raise VolumeError(device, "refresh initramfs", "neither update-initramfs nor dracut")
+
+
+def unescape_mountinfo(field):
+    """mountinfo writes space, tab, newline and backslash as \\ooo octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def resolve_device(device):

@@ -61,6 +61,13 @@ TEST_F(TpmClientTest, QuoteVerifiesWithTheServersVerifier) {
   auto q = tpm->quote(tpm::kAlgSha256, {0, 4, 7}, qd);
   ASSERT_TRUE(q.is_ok()) << q.status().message();
   EXPECT_EQ(q->pcr_values.size(), 3u);
+  // All 24 take more than one PCR_Read (at most eight digests each).
+  std::vector<uint32_t> all;
+  for (uint32_t i = 0; i < 24; ++i) all.push_back(i);
+  auto every = tpm->read_pcrs(tpm::kAlgSha256, all);
+  ASSERT_TRUE(every.is_ok()) << every.status().message();
+  EXPECT_EQ(every->size(), 24u);
+  EXPECT_EQ(every->at(7), q->pcr_values.at(7));
   EXPECT_TRUE(tpm::verify_quote(q->attest, q->signature, ak.value(), check(q.value(), qd, {0, 4, 7})).is_ok());
   // Another nonce is refused.
   EXPECT_EQ(tpm::verify_quote(q->attest, q->signature, ak.value(),

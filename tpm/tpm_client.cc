@@ -232,10 +232,11 @@ Result<Bytes> Tpm::attestation_key(uint32_t persistent_handle) {
 
 Result<std::map<uint32_t, Bytes>> Tpm::read_pcrs(uint16_t bank, const std::vector<uint32_t>& pcrs) {
   std::map<uint32_t, Bytes> out;
-  // PCR_Read answers at most eight digests a call: one PCR at a time keeps
-  // the bookkeeping trivial.
-  for (uint32_t pcr : pcrs) {
-    auto sel = selection(bank, {pcr});
+  std::vector<uint32_t> left = pcrs;
+  // One command reads them all unless more than eight are asked: PCR_Read
+  // answers at most eight digests and says which (ascending order).
+  while (!left.empty()) {
+    auto sel = selection(bank, left);
     if (!sel.is_ok()) return sel.status();
     UINT32 counter = 0;
     TPML_PCR_SELECTION* sel_out = nullptr;
@@ -245,11 +246,30 @@ Result<std::map<uint32_t, Bytes>> Tpm::read_pcrs(uint16_t bank, const std::vecto
     EsysPtr<TPML_PCR_SELECTION> s(sel_out);
     EsysPtr<TPML_DIGEST> v(values);
     if (rc != TSS2_RC_SUCCESS) return tss_error("PCR read", rc);
-    if (v->count != 1 || v->digests[0].size != hash_size(bank)) {
-      return Status::error(ErrorKind::kNotFound,
-                           str_cat("TPM: PCR ", pcr, " of the ", hash_alg_name(bank), " bank is not allocated"));
+    std::vector<uint32_t> read;
+    for (uint32_t pcr : left) {
+      const TPMS_PCR_SELECTION& got = s->pcrSelections[0];
+      if (s->count == 1 && got.hash == bank && pcr / 8 < got.sizeofSelect &&
+          (got.pcrSelect[pcr / 8] & (1u << (pcr % 8)))) {
+        read.push_back(pcr);
+      }
     }
-    out[pcr] = Bytes(v->digests[0].buffer, v->digests[0].buffer + v->digests[0].size);
+    if (read.empty() || read.size() != v->count) {
+      return Status::error(ErrorKind::kNotFound,
+                           str_cat("TPM: PCR ", left.front(), " of the ", hash_alg_name(bank),
+                                   " bank is not allocated"));
+    }
+    for (size_t i = 0; i < read.size(); ++i) {
+      if (v->digests[i].size != hash_size(bank)) {
+        return Status::error(ErrorKind::kInvalidArgument, "TPM: PCR value of the wrong size");
+      }
+      out[read[i]] = Bytes(v->digests[i].buffer, v->digests[i].buffer + v->digests[i].size);
+    }
+    std::vector<uint32_t> rest;
+    for (uint32_t pcr : left) {
+      if (!out.count(pcr)) rest.push_back(pcr);
+    }
+    left = std::move(rest);
   }
   return out;
 }
