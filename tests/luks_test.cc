@@ -3,6 +3,7 @@
 #include "unlocker/luks.h"
 
 #include <fcntl.h>
+#include <libcryptsetup.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -10,6 +11,7 @@
 #include <iterator>
 
 #include "core/crypto.h"
+#include "core/json.h"
 
 namespace keygate::unlocker {
 namespace {
@@ -76,6 +78,21 @@ TEST_F(LuksTest, FormatEnrollAndVerifyOnly) {
   Json::Value d = reopened->describe();
   ASSERT_EQ(d["keyslots"].size(), 1u);
   EXPECT_EQ(d["keyslots"][0]["kdf"].asString(), "pbkdf2");
+  // ... with SHA-512, which is also the anti-forensic hash (one hash per
+  // stripe of a 64-byte key), as the header on disk says.
+  crypt_device* cd = nullptr;
+  ASSERT_EQ(crypt_init(&cd, image_.c_str()), 0);
+  ASSERT_EQ(crypt_load(cd, CRYPT_LUKS2, nullptr), 0);
+  const char* dumped = nullptr;
+  ASSERT_EQ(crypt_dump_json(cd, &dumped, 0), 0);
+  auto header = parse_json_object(dumped);
+  crypt_free(cd);
+  ASSERT_TRUE(header.is_ok()) << header.status().message();
+  const Json::Value& keyslot = header.value()["keyslots"][std::to_string(slot.value())];
+  EXPECT_EQ(keyslot["kdf"]["hash"].asString(), "sha512");
+  EXPECT_EQ(keyslot["kdf"]["iterations"].asInt(), 1000);
+  EXPECT_EQ(keyslot["af"]["hash"].asString(), "sha512");
+  EXPECT_EQ(keyslot["af"]["stripes"].asInt(), 4000);
   // A formatted device is no longer blank.
   EXPECT_FALSE(check_device_blank(image_).is_ok());
 }
