@@ -21,6 +21,10 @@ packages=(
   dracut-core dracut-network systemd dbus-daemon
   # the cloud-init boot test: a debootstrap image and a NoCloud seed disk
   debootstrap dosfstools mtools
+  # the static release build (scripts/build-release.sh): its libraries are
+  # built from Debian's source packages
+  dpkg-dev autoconf automake autoconf-archive autopoint libtool gettext libpopt-dev uuid-dev
+  libjson-c-dev file binutils
 )
 # Reference tools for bench/ (clevis + tang on the same machine).
 bench_packages=(clevis clevis-luks tang socat jose)
