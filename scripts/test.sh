@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds keygate and runs every test: unit and integration tests in a normal
-# build, the end-to-end QEMU boot test, then unit and integration tests again
+# build; the static release build of the unlocker (scripts/build-release.sh)
+# and the integration tests again against it; the TPM parser fuzz target
+# (10^6 executions); the end-to-end QEMU boot test (the release unlocker in
+# the initramfs) and cloud-init test; then unit and integration tests again
 # with AddressSanitizer + UndefinedBehaviorSanitizer. Installs what it needs
-# first. The TPM parser fuzz target runs 10^6 executions.
-# KEYGATE_SKIP_E2E=1 / KEYGATE_SKIP_SANITIZERS=1 / KEYGATE_SKIP_FUZZ=1 skip
-# those parts.
+# first. KEYGATE_SKIP_RELEASE=1 / KEYGATE_SKIP_E2E=1 /
+# KEYGATE_SKIP_SANITIZERS=1 / KEYGATE_SKIP_FUZZ=1 skip those parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +44,15 @@ grep -q "for 36 regions" build/install-root/server.log ||
   { cat build/install-root/server.log >&2; echo "install layout: server did not load its trust store" >&2; exit 1; }
 echo "install layout: ok"
 
+unlocker=
+if [ "${KEYGATE_SKIP_RELEASE:-0}" != 1 ]; then
+  echo "== release build: static keygate (libraries from Debian's sources, cached)"
+  ./scripts/build-release.sh "$PWD/build-release"
+  unlocker=$PWD/build-release/dist/keygate
+  echo "== integration tests against the release keygate"
+  (cd build && KEYGATE_UNLOCKER="$unlocker" ctest --output-on-failure -j 2 -L integration)
+fi
+
 if [ "${KEYGATE_SKIP_FUZZ:-0}" != 1 ]; then
   echo "== fuzz: TPM attest/signature/public parsers, 10^6 executions (libFuzzer, ASan, UBSan)"
   tests/fuzz/run.sh 1000000
@@ -49,7 +60,7 @@ fi
 
 if [ "${KEYGATE_SKIP_E2E:-0}" != 1 ]; then
   echo "== end-to-end boot test (QEMU, TCG)"
-  tests/e2e/boot_test.sh build
+  KEYGATE_UNLOCKER="$unlocker" tests/e2e/boot_test.sh build
   echo "== end-to-end cloud-init test (debootstrap image, QEMU, TCG)"
   tests/e2e/cloudinit_test.sh build
 fi

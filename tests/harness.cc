@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iterator>
 #include <stdexcept>
@@ -19,7 +20,15 @@
 
 namespace keygate::testing {
 
-std::string bin(const std::string& name) { return std::string(KEYGATE_BIN_DIR) + "/" + name; }
+std::string bin(const std::string& name) {
+  // KEYGATE_UNLOCKER runs the suite against another keygate binary (the
+  // static release build: scripts/test.sh); the servers stay this build's.
+  if (name == "keygate") {
+    const char* other = std::getenv("KEYGATE_UNLOCKER");
+    if (other != nullptr && *other != '\0') return other;
+  }
+  return std::string(KEYGATE_BIN_DIR) + "/" + name;
+}
 
 std::string make_temp_dir(const std::string& prefix) {
   std::string tmpl = "/tmp/" + prefix + "-XXXXXX";

@@ -29,6 +29,8 @@ sys.path.insert(0, os.path.join(SOURCE, "cloudinit"))
 import cc_keygate  # noqa: E402
 
 BIN = os.environ.get("KEYGATE_BIN_DIR", os.path.join(SOURCE, "build", "bin"))
+# KEYGATE_UNLOCKER: another keygate binary to test (the static release build).
+KEYGATE = os.environ.get("KEYGATE_UNLOCKER") or os.path.join(BIN, "keygate")
 EXAMPLES = sorted(glob.glob(os.path.join(SOURCE, "examples", "cloud-init", "*.yaml")))
 
 
@@ -52,7 +54,7 @@ class TestSystem(cc_keygate.System):
 
     def __init__(self):
         super().__init__()
-        self.keygate = os.path.join(BIN, "keygate")
+        self.keygate = KEYGATE
 
     def is_open(self, name):
         return name in TestSystem.opened
@@ -166,7 +168,7 @@ class CloudInitModuleTest(unittest.TestCase):
         cc_keygate.handle("keygate", cfg, None, logging.getLogger("test"), [])
 
     def status(self, device):
-        out = subprocess.run([os.path.join(BIN, "keygate"), "status", device, "--json"],
+        out = subprocess.run([KEYGATE, "status", device, "--json"],
                              capture_output=True, text=True)
         return json.loads(out.stdout) if out.returncode == 0 else None
 
@@ -353,7 +355,7 @@ class CloudInitModuleTest(unittest.TestCase):
         with open(group, "w") as f:
             f.write(self.token("--image-group", "--account", "123456789012", "--region", "us-east-1",
                                "--image-id", "ami-0abcdef1234567890"))
-        subprocess.run([os.path.join(BIN, "keygate"), "enroll", root, "--format", "--no-recovery",
+        subprocess.run([KEYGATE, "enroll", root, "--format", "--no-recovery",
                         "--no-evidence", "--server", "https://127.0.0.1:%d" % self.srv_port,
                         "--ca", self.dir + "/server/ca.pem", "--enrollment-token-file", group],
                        check=True, capture_output=True)
@@ -369,7 +371,7 @@ class CloudInitModuleTest(unittest.TestCase):
         # One keygate keyslot: the image's is gone.
         slots = [s for s in self.status(root)["keyslots"]]
         self.assertEqual(len(slots), 1, slots)
-        unlock = subprocess.run([os.path.join(BIN, "keygate"), "unlock", root, "--verify-only",
+        unlock = subprocess.run([KEYGATE, "unlock", root, "--verify-only",
                                  "--metadata-url", self.metadata_url()], capture_output=True, text=True)
         self.assertEqual(unlock.returncode, 0, unlock.stderr)
         # Again: nothing to do, no second rotation, no second initramfs.

@@ -17,10 +17,15 @@
 #   boot 2d: revoked, systemd's passphrase prompt answered, as boot 2
 #
 # Usage: tests/e2e/boot_test.sh BUILD_DIR
+# KEYGATE_UNLOCKER=FILE puts that keygate binary into the initramfs images
+# instead of BUILD_DIR's (scripts/test.sh: the static release build).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
 e2e_begin e2e "${1:?usage: boot_test.sh BUILD_DIR}"
+
+unlocker=${KEYGATE_UNLOCKER:-$bin/keygate}
+echo "keygate in the initramfs images: $unlocker ($(file -b "$unlocker" | cut -d, -f1-2))"
 
 say "kernel: Debian's linux-image, unpacked (nothing installed on the host)"
 e2e_fetch_kernel "$cache"
@@ -97,7 +102,7 @@ make_initramfs() {  # output, crypttab, conf-hook, keygate config ("" for none)
     mount --bind '$3' /etc/cryptsetup-initramfs/conf-hook &&
     mount --bind '$kroot/lib/modules' /lib/modules &&
     mount --bind '$kroot/boot' /boot &&
-    KEYGATE_BIN='$bin/keygate' KEYGATE_INITRAMFS_CONF='${4:-/nonexistent}' KEYGATE_SCRIPTS='$root/initramfs' \
+    KEYGATE_BIN='$unlocker' KEYGATE_INITRAMFS_CONF='${4:-/nonexistent}' KEYGATE_SCRIPTS='$root/initramfs' \
       mkinitramfs -d '$conf' -o '$1' '$kver'" 2>&1 |
     grep -vE '^W: Possible missing firmware|device-mapper|libdevmapper|^Command failed|setupcon|resolve device|^    UUID=|cipher modules' || true
 }
@@ -120,7 +125,7 @@ cp -r "$root/initramfs/dracut/90keygate" "$dracut_modules/"
 make_dracut() {  # output, keygate config, contents folder
   unshare -m sh -c "
     mount --bind '$dracut_modules' /usr/lib/dracut/modules.d &&
-    KEYGATE_BIN='$bin/keygate' KEYGATE_INITRAMFS_CONF='$2' KEYGATE_SCRIPTS='$root/initramfs' \
+    KEYGATE_BIN='$unlocker' KEYGATE_INITRAMFS_CONF='$2' KEYGATE_SCRIPTS='$root/initramfs' \
     KEYGATE_TOKEN_PLUGIN='$build/lib/cryptsetup/libcryptsetup-token-keygate.so' \
       dracut --force --quiet --no-hostonly --kver '$kver' --kmoddir '$kroot/lib/modules/$kver' \
         --add keygate --omit plymouth --add-drivers 'virtio_blk virtio_net virtio_pci' \
