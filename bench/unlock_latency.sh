@@ -2,7 +2,9 @@
 # Unlock latency: keygate vs clevis + tang, on this machine, in one run.
 #
 #   keygate:        keygate unlock --verify-only   (challenge, IMDSv2 evidence,
-#                   unlock over TLS, unwrap, keyslot check)
+#                   unlock over TLS, unwrap, keyslot check), the release
+#                   build (static, scripts/build-release.sh: what goes into
+#                   the initramfs) and the shared-library development build
 #   clevis + tang:  clevis luks pass | cryptsetup open --test-passphrase
 #                   (tang over HTTP, JOSE decrypt, keyslot check)
 #   keygate + TPM:  the same unlock of a TPM-bound volume: swtpm (socket
@@ -11,19 +13,23 @@
 #
 # Both open a keyslot of a LUKS2 volume of the same size, served from
 # 127.0.0.1. Prints median and p95 wall time and the ratio.
-# Usage: bench/unlock_latency.sh [RUNS]   (default 20; KEYGATE_BUILD=dir)
+# Usage: bench/unlock_latency.sh [RUNS]   (default 20; KEYGATE_BUILD=dir,
+#        KEYGATE_RELEASE_BUILD=dir; the release build is made if missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 runs=${1:-20}
 build=${KEYGATE_BUILD:-$root/build}
 bin=$build/bin
+release=${KEYGATE_RELEASE_BUILD:-$root/build-release}
 
 KEYGATE_WITH_BENCH=1 ./scripts/setup.sh >/dev/null
 if [ ! -x "$bin/keygate" ]; then
   cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
   cmake --build "$build" -j "$(nproc)" --target keygate keygate-server keygate-metadata-emulator >/dev/null
 fi
+[ -x "$release/dist/keygate" ] || ./scripts/build-release.sh "$release" >&2
+kg=$release/dist/keygate
 
 work=$(mktemp -d /tmp/keygate-bench-XXXXXX)
 pids=()
@@ -98,10 +104,11 @@ clevis_unlock() {
     cryptsetup open --test-passphrase --key-slot "$slot" --key-file - "$work/cl.img"
 }
 
-measure keygate "$bin/keygate" unlock "$work/kg.img" --verify-only --metadata-url "$emu"
+measure keygate "$kg" unlock "$work/kg.img" --verify-only --metadata-url "$emu"
+measure shared "$bin/keygate" unlock "$work/kg.img" --verify-only --metadata-url "$emu"
 measure clevis clevis_unlock
-measure tpm "$bin/keygate" unlock "$work/tpm.img" --verify-only --metadata-url "$emu" --tcti "$tcti"
-measure tpm2f "$bin/keygate" unlock "$work/tpm2f.img" --verify-only --metadata-url "$emu" --tcti "$tcti"
+measure tpm "$kg" unlock "$work/tpm.img" --verify-only --metadata-url "$emu" --tcti "$tcti"
+measure tpm2f "$kg" unlock "$work/tpm2f.img" --verify-only --metadata-url "$emu" --tcti "$tcti"
 
 stats() {  # file -> "median p95" in ms with one decimal
   sort -n "$1" | awk '{v[NR]=$1} END {
@@ -110,16 +117,19 @@ stats() {  # file -> "median p95" in ms with one decimal
     printf "%.1f %.1f\n", m/1000, v[i]/1000 }'
 }
 read -r kg_med kg_p95 < <(stats "$work/keygate")
+read -r sh_med sh_p95 < <(stats "$work/shared")
 read -r cl_med cl_p95 < <(stats "$work/clevis")
 read -r tpm_med tpm_p95 < <(stats "$work/tpm")
 read -r tpm2f_med tpm2f_p95 < <(stats "$work/tpm2f")
 
 echo
 echo "unlock latency, $runs runs each, LUKS2 volume of $size, servers on 127.0.0.1 ($(nproc) cores)"
-printf '%-44s %12s %12s\n' "tool" "median (ms)" "p95 (ms)"
-printf '%-44s %12s %12s\n' "keygate unlock --verify-only" "$kg_med" "$kg_p95"
-printf '%-44s %12s %12s\n' "clevis luks pass + cryptsetup --test-passphrase" "$cl_med" "$cl_p95"
-printf '%-44s %12s %12s\n' "keygate, TPM quote (swtpm, PCRs 0,4,7)" "$tpm_med" "$tpm_p95"
-printf '%-44s %12s %12s\n' "keygate, TPM quote + sealed share" "$tpm2f_med" "$tpm2f_p95"
-awk -v a="$cl_med" -v b="$kg_med" 'BEGIN { printf "\nclevis + tang / keygate (median): %.1fx\n", a / b }'
+printf '%-48s %12s %12s\n' "tool" "median (ms)" "p95 (ms)"
+printf '%-48s %12s %12s\n' "keygate unlock --verify-only (release)" "$kg_med" "$kg_p95"
+printf '%-48s %12s %12s\n' "  the same, shared-library build" "$sh_med" "$sh_p95"
+printf '%-48s %12s %12s\n' "clevis luks pass + cryptsetup --test-passphrase" "$cl_med" "$cl_p95"
+printf '%-48s %12s %12s\n' "keygate, TPM quote (swtpm, PCRs 0,4,7)" "$tpm_med" "$tpm_p95"
+printf '%-48s %12s %12s\n' "keygate, TPM quote + sealed share" "$tpm2f_med" "$tpm2f_p95"
+awk -v a="$cl_med" -v b="$kg_med" 'BEGIN { printf "\nclevis + tang / keygate release (median): %.1fx\n", a / b }'
+awk -v a="$cl_med" -v b="$sh_med" 'BEGIN { printf "clevis + tang / keygate shared build (median): %.1fx\n", a / b }'
 awk -v t="$tpm_med" -v b="$kg_med" 'BEGIN { printf "TPM quote adds (median): %.1f ms\n", t - b }'
