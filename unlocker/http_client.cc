@@ -1,6 +1,8 @@
 #include "unlocker/http_client.h"
 
 #include <curl/curl.h>
+#include <openssl/rand.h>
+#include <openssl/ssl.h>
 
 #include <mutex>
 
@@ -45,6 +47,13 @@ void global_init() {
 }
 
 }  // namespace
+
+void prepare_https() {
+  global_init();
+  unsigned char byte = 0;
+  (void)RAND_bytes(&byte, 1);  // instantiates the DRBG; the byte is discarded
+  SSL_CTX_free(SSL_CTX_new(TLS_client_method()));
+}
 
 HttpSession::HttpSession() {
   global_init();

@@ -48,5 +48,12 @@ class HttpSession {
   void* curl_;  // CURL*
 };
 
+// Sets up the process-wide TLS state the first HTTPS connection would
+// otherwise build on the unlock's critical path (libcurl and OpenSSL
+// initialisation, OpenSSL's random generator, the TLS client method tables).
+// Idempotent and thread-safe; run it on a thread while the LUKS header is
+// read. Touches no key material.
+void prepare_https();
+
 
 }  // namespace keygate::unlocker
