@@ -88,27 +88,30 @@ cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 --pbkdf-force-ite
 clevis luks bind -y -d "$work/cl.img" -k "$work/pass" tang "{\"url\":\"http://127.0.0.1:$tang_port\"}" >/dev/null
 slot=$(clevis luks list -d "$work/cl.img" | sed -n 's/^\([0-9]*\): tang.*/\1/p' | head -1)
 
-measure() {  # name, command...; appends ms per run to $work/<name>
+once() {  # name, command...: one timed run, appended (microseconds) to $work/<name>
   local name=$1; shift
-  "$@" >/dev/null 2>&1 || { echo "bench: $name failed: $*" >&2; "$@"; exit 1; }  # warm-up + check
   local t0 t1
-  for _ in $(seq "$runs"); do
-    t0=${EPOCHREALTIME/./}  # microseconds, read without forking
-    "$@" >/dev/null 2>&1
-    t1=${EPOCHREALTIME/./}
-    echo $((t1 - t0)) >>"$work/$name"
-  done
+  t0=${EPOCHREALTIME/./}  # microseconds, read without forking
+  "$@" >/dev/null 2>&1 || { echo "bench: $name failed: $*" >&2; "$@"; exit 1; }
+  t1=${EPOCHREALTIME/./}
+  echo $((t1 - t0)) >>"$work/$name"
 }
 clevis_unlock() {
   clevis luks pass -d "$work/cl.img" -s "$slot" |
     cryptsetup open --test-passphrase --key-slot "$slot" --key-file - "$work/cl.img"
 }
-
-measure keygate "$kg" unlock "$work/kg.img" --verify-only --metadata-url "$emu"
-measure shared "$bin/keygate" unlock "$work/kg.img" --verify-only --metadata-url "$emu"
-measure clevis clevis_unlock
-measure tpm "$kg" unlock "$work/tpm.img" --verify-only --metadata-url "$emu" --tcti "$tcti"
-measure tpm2f "$kg" unlock "$work/tpm2f.img" --verify-only --metadata-url "$emu" --tcti "$tcti"
+all() {  # one run of every tool, in turn
+  once keygate "$kg" unlock "$work/kg.img" --verify-only --metadata-url "$emu"
+  once shared "$bin/keygate" unlock "$work/kg.img" --verify-only --metadata-url "$emu"
+  once clevis clevis_unlock
+  once tpm "$kg" unlock "$work/tpm.img" --verify-only --metadata-url "$emu" --tcti "$tcti"
+  once tpm2f "$kg" unlock "$work/tpm2f.img" --verify-only --metadata-url "$emu" --tcti "$tcti"
+}
+# The tools take turns, run after run, so a slow spell of the machine falls on
+# all of them alike. Three warm-up rounds (page cache, server state) first.
+for _ in 1 2 3; do all; done
+rm -f "$work"/{keygate,shared,clevis,tpm,tpm2f}
+for _ in $(seq "$runs"); do all; done
 
 stats() {  # file -> "median p95" in ms with one decimal
   sort -n "$1" | awk '{v[NR]=$1} END {
