@@ -109,7 +109,7 @@ else
     die "no source of $pkg could be fetched"
   }
   export PKG_CONFIG_PATH=$prefix/lib/pkgconfig
-  export CFLAGS="-O2 -g -fstack-protector-strong -D_FORTIFY_SOURCE=2"
+  export CFLAGS="-O2 -g -fstack-protector-strong -D_FORTIFY_SOURCE=2 -ffunction-sections -fdata-sections"
 
   # Each library in a subshell (errexit does not apply in one that is tested,
   # so every command is checked); a finished one is not built again when a
