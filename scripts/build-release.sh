@@ -64,9 +64,13 @@ EOF
   apt-get update -q
 fi
 
-# The newest source version apt offers; an older one of the same release when
-# the mirror no longer carries the newest's files.
-candidates() { apt-cache showsrc "$1" | sed -n 's/^Version: //p' | sort -rV | uniq; }
+# Debian 12's source versions of a package (bookworm, -updates, -security;
+# not another release's, should the machine list one), newest first: an older
+# one is taken when the mirror no longer carries the newest's files.
+candidates() {
+  apt-cache madison "$1" | awk -F'|' '$3 ~ /bookworm/ && $3 ~ /Sources/ { gsub(/ /, "", $2); print $2 }' |
+    sort -rV | uniq
+}
 
 tss_version=4.1.3
 tss_tarball=tpm2-tss_${tss_version}.orig.tar.gz
