@@ -45,7 +45,7 @@ die() { echo "build-release: $*" >&2; exit 1; }
 
 # --- Debian source packages --------------------------------------------------
 src_list=/etc/apt/sources.list.d/keygate-deb-src.sources
-if ! apt-get indextargets --format '$(CREATED_BY)' 2>/dev/null | grep -qx 'Sources'; then
+if ! apt-get indextargets --format '$(CREATED_BY) $(CODENAME)' 2>/dev/null | grep -qx 'Sources bookworm'; then
   [ "$(id -u)" -eq 0 ] || die "need root to add the deb-src line ($src_list)"
   say "adding Debian's source index ($src_list)"
   cat >"$src_list" <<'EOF'
