@@ -223,8 +223,9 @@ PKG_CONFIG_PATH=$prefix/lib/pkgconfig cmake -S "$root" -B "$build" -DCMAKE_BUILD
   || { cat "$build.cmake.log" >&2; die "cmake failed"; }
 rm -f "$build.cmake.log"
 # The linker's notes that getaddrinfo and dlopen in a static program need the
-# matching glibc at run time are expected: keygate resolves host names through
-# glibc's built-in files and dns sources.
+# matching glibc at run time are expected: host names resolve through glibc's
+# built-in files and dns sources; only another nsswitch.conf source would be
+# loaded from the system's glibc.
 if ! cmake --build "$build" -j"$jobs" --target keygate >"$build/build.log" 2>&1; then
   grep -v -E "warning: Using '(dlopen|getaddrinfo|gethostbyname)'" "$build/build.log" | tail -n 40 >&2
   die "keygate did not build (log: $build/build.log)"
