@@ -22,13 +22,13 @@
 #   libcurl     HTTP and HTTPS only, OpenSSL, threaded resolver
 #   jsoncpp     static
 #   TPM2-TSS    ESAPI, MU, RC, the device and swtpm TCTIs; no FAPI. Debian 12's
-#               3.2.1 source is no longer in the archive, so this takes the
+#               3.2.1 source is no longer on the mirror, so this takes the
 #               4.1.3 upstream tarball from the archive's pool, pinned by its
 #               SHA-256.
 #
 # The prefix is cached (KEYGATE_DEPS_DIR, default /var/cache/keygate/release-deps)
-# under a key made of this script and the source versions; a fresh machine
-# builds it once (about 8 minutes on 2 cores).
+# under a key made of the library build steps below and the source versions;
+# a fresh machine builds it once (about 8 minutes on 2 cores).
 #
 # Usage: scripts/build-release.sh [BUILD_DIR]     (default: build-release)
 # Result: BUILD_DIR/dist/keygate (stripped) and BUILD_DIR/dist/keygate.debug.
