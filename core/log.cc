@@ -3,6 +3,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <cstdio>
 #include <mutex>
 #include <string>
 
@@ -21,6 +23,10 @@ LogState& state() {
   static LogState s;
   return s;
 }
+
+// Debug lines carry the time since the program started (its static
+// initialisation), so a slow boot shows where its time went.
+const auto kStart = std::chrono::steady_clock::now();
 
 const char* level_name(LogLevel level) {
   switch (level) {
@@ -77,6 +83,13 @@ void log_message(LogLevel level, std::string_view message) {
     return;
   }
   line = s.program + ": " + level_name(level) + ": ";
+  if (level == LogLevel::kDebug) {
+    char stamp[32];
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - kStart).count();
+    std::snprintf(stamp, sizeof(stamp), "[%8.1f ms] ", ms);
+    line += stamp;
+  }
   append_sanitized(line, message);
   line.push_back('\n');
   (void)!write(STDERR_FILENO, line.data(), line.size());

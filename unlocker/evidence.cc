@@ -3,6 +3,7 @@
 #include <strings.h>
 
 #include "core/json.h"
+#include "core/log.h"
 #include "core/protocol.h"
 #include "unlocker/http_client.h"
 
@@ -201,6 +202,8 @@ Result<Platform> EvidenceCollector::platform() {
   std::lock_guard<std::mutex> lock(mu_);
   if (platform_) return platform_.value();
   Detected d = pending_.valid() ? pending_.get() : detect();
+  log_debug(d.platform.is_ok() ? str_cat("platform ", platform_name(d.platform.value()))
+                               : std::string("no platform detected"));
   if (d.aws.is_ok()) aws_cache_ = d.aws.value();
   if (!d.platform.is_ok()) return d.platform.status();  // detection is tried again next time
   platform_ = d.platform.value();

@@ -228,6 +228,8 @@ Result<Released> release_secret(const Args& args, const std::string& device, int
   }
   Released out;
   out.token = std::move(found.value()->second);
+  log_debug(str_cat(device, ": keygate token for volume ", out.token.volume_id, ", keyslot ",
+                    out.token.keyslot));
   std::unique_ptr<TpmAttester> tpm;
   if (out.token.tpm) {
     // The attestation key is made while the server is asked for a nonce.
@@ -278,6 +280,7 @@ int cmd_unlock(const Args& args) {
   if (!released.is_ok()) return fail(released.status(), code);
   auto slot = released->device->activate(name, released->token.keyslot, released->secret);
   if (!slot.is_ok()) return fail(slot.status(), kExitVolume);
+  log_debug(str_cat(device, ": keyslot ", slot.value(), " opened"));
   if (verify_only) {
     std::cout << device << ": key from server opens keyslot " << slot.value()
               << " (verified, not activated)\n";
