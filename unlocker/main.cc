@@ -22,6 +22,7 @@
 #include "unlocker/failover.h"
 #include "unlocker/http_client.h"
 #include "unlocker/luks.h"
+#include "unlocker/memory.h"
 #include "unlocker/server_client.h"
 #include "unlocker/tpm_attest.h"
 
@@ -261,6 +262,7 @@ Result<Released> release_secret(const Args& args, const std::string& device, int
 }
 
 int cmd_unlock(const Args& args) {
+  prepare_heap_for_unlock();
   const auto& pos = args.positional();
   if (pos.size() < 2 || pos.size() > 3) {
     return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate unlock DEVICE [NAME]"),
@@ -303,6 +305,7 @@ int cmd_keyscript(const Args& args) {
                               "write it to a terminal"),
                 kExitUsage);
   }
+  prepare_heap_for_unlock();
   int code = kExitInternal;
   auto released = release_secret(args, args.positional()[1], &code);
   if (!released.is_ok()) return fail(released.status(), code);
