@@ -140,6 +140,10 @@ Result<HttpResponse> HttpSession::perform(const HttpRequest& req) {
     ca.len = req.ca_pem.size();
     ca.flags = CURL_BLOB_COPY;
     curl_easy_setopt(curl, CURLOPT_SSLVERSION, CURL_SSLVERSION_TLSv1_2);
+    // Debian's system default, set here since keygate reads no openssl.cnf:
+    // no RSA keys under 2048 bits, no curves under 224 bits, no SHA-1
+    // signatures.
+    curl_easy_setopt(curl, CURLOPT_SSL_CIPHER_LIST, "DEFAULT:@SECLEVEL=2");
     curl_easy_setopt(curl, CURLOPT_SSL_VERIFYPEER, 1L);
     curl_easy_setopt(curl, CURLOPT_SSL_VERIFYHOST, 2L);
     // The pinned CA is the only trust anchor: no system bundle.
