@@ -1,6 +1,8 @@
 #include "unlocker/evidence.h"
 
 #include <strings.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include "core/json.h"
 #include "core/log.h"
@@ -195,7 +197,12 @@ void EvidenceCollector::start() {
     platform_ = configured_;
     return;
   }
-  pending_ = std::async(std::launch::async, [this]() { return detect(); });
+  pending_ = std::async(std::launch::async, [this]() {
+    // Needed only once the server's challenge is back: on a busy small
+    // instance this thread yields to the header read and the TLS setup.
+    (void)setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), 10);
+    return detect();
+  });
 }
 
 Result<Platform> EvidenceCollector::platform() {
