@@ -15,6 +15,7 @@
 
 #include "core/args.h"
 #include "core/crypto.h"
+#include "core/envelope.h"
 #include "core/file.h"
 #include "core/json.h"
 #include "core/log.h"
@@ -198,6 +199,20 @@ struct Released {
   SecretBuffer secret;
 };
 
+// Opens one envelope made for a throwaway key, so OpenSSL's first-use setup
+// of X25519, HKDF and AES-GCM is done before the server's answer arrives
+// (about 0.3 ms less between the answer and the keyslot check). The result
+// is discarded; a failure here shows again, and is reported, on the real one.
+void warm_up_envelope() {
+  auto client = X25519KeyPair::generate();
+  auto secret = SecretBuffer::random(32);
+  if (!client.is_ok() || !secret.is_ok()) return;
+  const Bytes nonce(32, 0);
+  const Bytes client_public(client->public_key.begin(), client->public_key.end());
+  auto wrapped = wrap_secret_for_client(secret.value(), client_public, "warm-up", nonce);
+  if (wrapped.is_ok()) (void)unwrap_secret(wrapped.value(), client.value(), "warm-up", nonce);
+}
+
 Result<Released> release_secret(const Args& args, const std::string& device, int* exit_code) {
   // Detect the platform (and fetch AWS's document, which does not depend
   // on the challenge) while the header is read.
@@ -209,7 +224,10 @@ Result<Released> release_secret(const Args& args, const std::string& device, int
   evidence.value()->start();
   // And the TLS client's one-time setup, off the critical path (about 2 ms
   // of OpenSSL initialisation on a small instance). Joined on return.
-  auto https_ready = std::async(std::launch::async, prepare_https);
+  auto https_ready = std::async(std::launch::async, [] {
+    prepare_https();
+    warm_up_envelope();
+  });
   auto deadline = args.get_int("deadline", 0, 0, 3600);
   if (!deadline.is_ok()) {
     *exit_code = kExitUsage;
