@@ -44,6 +44,7 @@ Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token, EvidenceColl
                                          TpmAttester* tpm, const RetryPolicy& policy) {
   const auto deadline = Clock::now() + std::chrono::milliseconds(policy.deadline_ms);
   Status worst;
+  bool last_round = false;
   for (int round = 1;; ++round) {
     bool all_refused = true;
     for (const auto& url : token.servers) {
@@ -71,9 +72,15 @@ Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token, EvidenceColl
     long wait = backoff_delay_ms(policy, round);
     long left = remaining_ms(deadline);
     if (left <= wait) {
-      log_warning(str_cat("volume ", token.volume_id, ": deadline of ", policy.deadline_ms / 1000,
-                          " s reached after ", round, " round(s)"));
-      return worst;
+      // Rather than stop early, one last round starts shortly before the
+      // deadline (a connection timeout before it, or half the time left).
+      if (last_round || left <= 0) {
+        log_warning(str_cat("volume ", token.volume_id, ": deadline of ",
+                            policy.deadline_ms / 1000, " s reached after ", round, " round(s)"));
+        return worst;
+      }
+      last_round = true;
+      wait = left - std::min(left / 2, policy.connect_timeout_ms);
     }
     log_info(str_cat("volume ", token.volume_id, ": retrying in ", wait, " ms (", left / 1000,
                      " s left)"));

@@ -28,7 +28,9 @@ struct RetryPolicy {
 // the next round. The most telling failure is
 // returned: a policy refusal over an untrusted server over an unreachable
 // one. A round in which every server refused ends the attempt (no
-// hammering); unreachable servers are retried until the deadline.
+// hammering); unreachable servers are retried until the deadline, with a
+// last round a connection timeout (or half the time left) before it when
+// the next backoff would pass it.
 // With `tpm` (a TPM-bound volume), every request carries a quote.
 Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token, EvidenceCollector& evidence,
                                          TpmAttester* tpm, const RetryPolicy& policy);
