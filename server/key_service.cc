@@ -80,19 +80,34 @@ KeyService::KeyService(Store& store, SecretBuffer kek, EvidenceTrust& trust, con
     : store_(store), kek_(std::move(kek)), evidence_(trust, clock), clock_(clock),
       options_(options) {}
 
-void KeyService::audit(const std::string& event, const std::string& outcome,
-                       const std::string& volume_id, const std::string& peer,
-                       const std::string& detail) {
+Status KeyService::write_audit(const std::string& event, const std::string& outcome,
+                               const std::string& volume_id, const std::string& peer,
+                               const std::string& detail) {
   std::string line = str_cat(event, " ", outcome, " volume=", volume_id.empty() ? "-" : volume_id,
                              " peer=", peer, detail.empty() ? "" : " detail=", detail);
-  if (outcome == "refused" || outcome == "error") {
+  Status s = store_.append_audit(AuditEvent{clock_.now_unix(), event, outcome, volume_id, peer,
+                                            detail});
+  if (!s.is_ok()) {
+    log_error(str_cat("audit write failed (", line, "): ", s.message()));
+  } else if (outcome == "refused" || outcome == "error") {
     log_warning(line);
   } else {
     log_info(line);
   }
-  Status s = store_.append_audit(AuditEvent{clock_.now_unix(), event, outcome, volume_id, peer,
-                                            detail});
-  if (!s.is_ok()) log_error(str_cat("audit write failed: ", s.message()));
+  return s;
+}
+
+void KeyService::audit(const std::string& event, const std::string& outcome,
+                       const std::string& volume_id, const std::string& peer,
+                       const std::string& detail) {
+  (void)write_audit(event, outcome, volume_id, peer, detail);  // failures are logged
+}
+
+// A secret leaves the server only once its release is in the audit log.
+ApiResponse KeyService::unaudited(const char* event, const std::string& volume_id) {
+  log_error(str_cat(event, " volume=", volume_id, ": not sent, the audit log cannot be written"));
+  return error_response(503, "audit_unavailable",
+                        "the audit log cannot be written; no key is released until it can");
 }
 
 Result<Json::Value> KeyService::parse_request(const char* event, std::string_view body,
@@ -264,7 +279,9 @@ ApiResponse KeyService::unlock(std::string_view body, const std::string& peer) {
     audit(kEvent, "refused", vid, peer, wrapped.status().message());
     return error_response(400, api::kErrBadRequest, "client public key unusable");
   }
-  audit(kEvent, "released", vid, peer, identity->summary());
+  if (!write_audit(kEvent, "released", vid, peer, identity->summary()).is_ok()) {
+    return unaudited(kEvent, vid);
+  }
   ApiResponse r;
   r.body["volume_id"] = vid;
   r.body["wrapped"] = wrapped->to_json();
@@ -385,8 +402,12 @@ ApiResponse KeyService::enroll_register(std::string_view body, const std::string
     audit(kEvent, "error", vid, peer, stored.message());
     return error_response(500, api::kErrInternal, "could not store volume");
   }
-  audit(kEvent, "ok", vid, peer,
-        str_cat(identity ? identity->summary() : std::string("no evidence"), ", by ", how));
+  if (!write_audit(kEvent, "ok", vid, peer,
+                   str_cat(identity ? identity->summary() : std::string("no evidence"), ", by ",
+                           how))
+           .is_ok()) {
+    return unaudited(kEvent, vid);  // the volume stays pending: never unlockable
+  }
   ApiResponse r;
   r.body["volume_id"] = vid;
   r.body["wrapped"] = wrapped->to_json();

@@ -57,8 +57,15 @@ class KeyService {
   bool check_tpm(const char* event, const std::string& vid, const std::string& peer,
                  const std::string& stored_policy, const VolumePolicy& policy,
                  const Json::Value& request, const Common& common, ApiResponse* refusal);
+  // Appends to the audit log, then logs the line. A failed append is logged
+  // and returned, so that a release can be withheld (write_audit); refusals
+  // and errors go on either way (audit).
+  Status write_audit(const std::string& event, const std::string& outcome,
+                     const std::string& volume_id, const std::string& peer,
+                     const std::string& detail);
   void audit(const std::string& event, const std::string& outcome, const std::string& volume_id,
              const std::string& peer, const std::string& detail);
+  ApiResponse unaudited(const char* event, const std::string& volume_id);
 
   Store& store_;
   SecretBuffer kek_;

@@ -4,6 +4,7 @@
 // activation: this machine has no device-mapper).
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <sqlite3.h>
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -677,6 +678,30 @@ TEST_F(KeygateTest, RevokedVolumeIsRefused) {
   EXPECT_TRUE(contains(r.err, "revoked")) << r.err;
   RunResult list = run({bin("keygate-server"), "volumes", "list", "--state-dir", server_.state});
   EXPECT_TRUE(contains(list.out, "revoked"));
+}
+
+// Every release is in the audit log before the key leaves: while the log
+// cannot be written (here another writer holds the database, as a stuck
+// process or a full disk would make it), nothing is released.
+TEST_F(KeygateTest, NoKeyIsReleasedWhileTheAuditLogCannotBeWritten) {
+  auto [vol, id] = enrolled_volume();
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((server_.state + "/keygate.db").c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, "BEGIN EXCLUSIVE", nullptr, nullptr, nullptr), SQLITE_OK);
+  // The server waits 5 s for the lock before it gives up on the write.
+  RunResult held = run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url",
+                        emulator_.url(), "--timeout", "20"});
+  ASSERT_EQ(sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(db);
+  EXPECT_EQ(held.exit_code, kExitUnreachable) << held.err;
+  EXPECT_TRUE(contains(held.err, "audit_unavailable")) << held.err;
+  EXPECT_FALSE(contains(held.out, "opens keyslot")) << held.out;
+  EXPECT_TRUE(contains(read_file(server_.process.log_path()), "not sent, the audit log cannot be written"));
+
+  // Once the log can be written again, the same volume unlocks, on the record.
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  RunResult audit = run({bin("keygate-server"), "audit", "--state-dir", server_.state});
+  EXPECT_TRUE(contains(audit.out, "unlock released volume=" + id)) << audit.out;
 }
 
 TEST_F(KeygateTest, EnrollmentTokenIsSingleUseAndBoundToItsAccount) {
