@@ -33,8 +33,7 @@
 #
 # The prefix is cached (KEYGATE_DEPS_DIR, default /var/cache/keygate/release-deps)
 # under a key made of the library build steps below, the patches and the
-# source versions;
-# a fresh machine builds it once (about 8 minutes on 2 cores).
+# source versions; a fresh machine builds it once (about 8 minutes on 2 cores).
 #
 # Usage: scripts/build-release.sh [BUILD_DIR]     (default: build-release)
 # Result: BUILD_DIR/dist/keygate (stripped) and BUILD_DIR/dist/keygate.debug.

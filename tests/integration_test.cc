@@ -696,7 +696,8 @@ TEST_F(KeygateTest, NoKeyIsReleasedWhileTheAuditLogCannotBeWritten) {
   EXPECT_EQ(held.exit_code, kExitUnreachable) << held.err;
   EXPECT_TRUE(contains(held.err, "audit_unavailable")) << held.err;
   EXPECT_FALSE(contains(held.out, "opens keyslot")) << held.out;
-  EXPECT_TRUE(contains(read_file(server_.process.log_path()), "not sent, the audit log cannot be written"));
+  EXPECT_TRUE(contains(read_file(server_.process.log_path()),
+                       "not sent, the audit log cannot be written"));
 
   // Once the log can be written again, the same volume unlocks, on the record.
   EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
