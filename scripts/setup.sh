@@ -22,12 +22,15 @@ packages=(
   # the cloud-init boot test: a debootstrap image and a NoCloud seed disk
   debootstrap dosfstools mtools
   # the static release build (scripts/build-release.sh): its libraries are
-  # built from Debian's source packages
-  dpkg-dev autoconf automake autoconf-archive autopoint libtool gettext libpopt-dev uuid-dev
-  libjson-c-dev file binutils
+  # built from Debian's source packages (TPM2-TSS's bootstrap needs libltdl's
+  # autoconf macros); scripts/fresh-check.sh proves this list on a new root
+  dpkg-dev autoconf automake autoconf-archive autopoint libtool libltdl-dev gettext libpopt-dev
+  uuid-dev libjson-c-dev file binutils
 )
-# Reference tools for bench/ (clevis + tang on the same machine).
-bench_packages=(clevis clevis-luks tang socat jose)
+# Reference tools for bench/ (clevis + tang on the same machine; clevis's
+# tpm2 pin and systemd units for bench/initramfs_size.sh, which downloads
+# clevis-initramfs and clevis-dracut without installing them).
+bench_packages=(clevis clevis-luks clevis-tpm2 clevis-systemd tang socat jose)
 
 missing=()
 for p in "${packages[@]}" ${KEYGATE_WITH_BENCH:+"${bench_packages[@]}"}; do
