@@ -1,11 +1,12 @@
 #include "core/json.h"
 
 #include <json/reader.h>
-#include <json/writer.h>
 
+#include <cmath>
+#include <cstdio>
 #include <exception>
 #include <memory>
-#include <sstream>
+#include <string>
 
 namespace keygate {
 
@@ -38,27 +39,147 @@ Result<Json::Value> parse_json_object(std::string_view text, size_t max_bytes) {
   }
 }
 
-std::string to_json(const Json::Value& value) {
-  try {
-    Json::StreamWriterBuilder builder;
-    builder["indentation"] = "";
-    builder["emitUTF8"] = true;
-    return Json::writeString(builder, value);
-  } catch (const std::exception&) {
-    return "null";
-  }
-}
+namespace {
 
-std::string to_pretty_json(const Json::Value& value) {
-  try {
-    Json::StreamWriterBuilder builder;
-    builder["indentation"] = "  ";
-    builder["emitUTF8"] = true;
-    return Json::writeString(builder, value);
-  } catch (const std::exception&) {
-    return "null";
+// JSON text of a Json::Value, byte for byte as jsoncpp's StreamWriterBuilder
+// writes it with emitUTF8 and the given indentation ("" compact, "  "
+// pretty), without its iostreams (the static keygate carries none; the unit
+// test compares the two on many documents). Object members in jsoncpp's
+// order, strings with ", \ and control characters escaped and every other
+// byte as it is, doubles with 17 significant digits.
+class JsonWriter {
+ public:
+  explicit JsonWriter(std::string indentation)
+      : unit_(std::move(indentation)), colon_(unit_.empty() ? ":" : " : ") {}
+
+  std::string write(const Json::Value& root) {
+    indented_ = true;
+    write_value(root);
+    return std::move(out_);
   }
-}
+
+ private:
+  void newline_and_indent() {
+    if (!unit_.empty()) {
+      out_ += '\n';
+      out_ += indent_;
+    }
+  }
+  void with_indent(std::string_view text) {
+    if (!indented_) newline_and_indent();
+    out_ += text;
+    indented_ = false;
+  }
+  // An array or object: "[]" or "{}" when empty (false: nothing to write
+  // inside), else its opening bracket and one more level of indentation.
+  bool open(const Json::Value& v, std::string_view empty) {
+    if (v.empty()) {
+      out_ += empty;
+      return false;
+    }
+    with_indent(empty.substr(0, 1));
+    indent_ += unit_;
+    return true;
+  }
+  void close(std::string_view bracket) {
+    indent_.resize(indent_.size() - unit_.size());
+    with_indent(bracket);
+  }
+  void quoted(const char* begin, const char* end) {
+    static constexpr char kHex[] = "0123456789abcdef";
+    out_ += '"';
+    for (const char* c = begin; c != end; ++c) {
+      auto byte = static_cast<unsigned char>(*c);
+      switch (byte) {
+        case '"': out_ += "\\\""; break;
+        case '\\': out_ += "\\\\"; break;
+        case '\b': out_ += "\\b"; break;
+        case '\f': out_ += "\\f"; break;
+        case '\n': out_ += "\\n"; break;
+        case '\r': out_ += "\\r"; break;
+        case '\t': out_ += "\\t"; break;
+        default:
+          if (byte < 0x20) {
+            out_ += "\\u00";
+            out_ += kHex[byte >> 4];
+            out_ += kHex[byte & 0xf];
+          } else {
+            out_ += static_cast<char>(byte);
+          }
+      }
+    }
+    out_ += '"';
+  }
+  void real(double v) {
+    if (!std::isfinite(v)) {
+      out_ += std::isnan(v) ? "null" : v < 0 ? "-1e+9999" : "1e+9999";
+      return;
+    }
+    char buf[40];
+    int n = snprintf(buf, sizeof(buf), "%.17g", v);
+    std::string text(buf, static_cast<size_t>(n > 0 ? n : 0));
+    for (char& c : text) {
+      if (c == ',') c = '.';  // a locale's decimal comma
+    }
+    if (text.find('.') == std::string::npos && text.find('e') == std::string::npos) text += ".0";
+    out_ += text;
+  }
+  void write_value(const Json::Value& v) {
+    switch (v.type()) {
+      case Json::nullValue: out_ += "null"; break;
+      case Json::intValue: out_ += std::to_string(v.asLargestInt()); break;
+      case Json::uintValue: out_ += std::to_string(v.asLargestUInt()); break;
+      case Json::realValue: real(v.asDouble()); break;
+      case Json::booleanValue: out_ += v.asBool() ? "true" : "false"; break;
+      case Json::stringValue: {
+        const char* begin = nullptr;
+        const char* end = nullptr;
+        if (v.getString(&begin, &end)) quoted(begin, end);
+        break;
+      }
+      case Json::arrayValue: {
+        if (!open(v, "[]")) break;
+        for (Json::ArrayIndex i = 0; i < v.size(); ++i) {
+          if (i > 0) out_ += ',';
+          if (!indented_) newline_and_indent();
+          indented_ = true;
+          write_value(v[i]);
+          indented_ = false;
+        }
+        close("]");
+        break;
+      }
+      case Json::objectValue: {
+        if (!open(v, "{}")) break;
+        bool first = true;
+        for (auto it = v.begin(); it != v.end(); ++it) {
+          if (!first) out_ += ',';
+          first = false;
+          indented_ = false;
+          std::string name = it.name();
+          newline_and_indent();
+          quoted(name.data(), name.data() + name.size());
+          out_ += colon_;
+          write_value(*it);
+        }
+        close("}");
+        break;
+      }
+    }
+  }
+
+  const std::string unit_;
+  const std::string colon_;
+  std::string indent_;
+  std::string out_;
+  bool indented_ = false;
+};
+
+}  // namespace
+
+std::string to_json(const Json::Value& value) { return JsonWriter("").write(value); }
+
+std::string to_pretty_json(const Json::Value& value) { return JsonWriter("  ").write(value); }
 
 Result<std::string> json_string(const Json::Value& obj, const char* key, size_t max_len) {
   if (!obj.isObject() || !obj.isMember(key)) {

@@ -2,8 +2,13 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <json/writer.h>
+
+#include <cmath>
 #include <cstring>
 #include <fstream>
+#include <limits>
+#include <random>
 
 #include "core/args.h"
 #include "core/crypto.h"
@@ -146,6 +151,65 @@ TEST(Json, ParsesObjectsAndRejectsGarbage) {
   std::string deep(200, '[');
   EXPECT_FALSE(parse_json_object("{\"a\":" + deep + "}").is_ok());
   EXPECT_FALSE(parse_json_object(std::string(100, ' ') + "{}", 50).is_ok());
+}
+
+// A document with every JSON type, nesting, every byte in strings and keys,
+// and awkward numbers; the same seed is the same document.
+Json::Value random_json(std::mt19937& rng, int depth) {
+  auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<unsigned>(n)); };
+  auto text = [&] {
+    std::string s;
+    int len = pick(12);
+    for (int i = 0; i < len; ++i) s += static_cast<char>(pick(256));
+    if (pick(3) == 0) s += "plain ascii, \"quoted\" and /slashed/";
+    return s;
+  };
+  static const double kReals[] = {0.0, -0.0, 0.1, 3.0, -2.5e-7, 1e300, 123456789.125,
+                                  std::numeric_limits<double>::infinity(),
+                                  -std::numeric_limits<double>::infinity(), std::nan("")};
+  int kind = depth >= 4 ? pick(6) : pick(8);
+  switch (kind) {
+    case 0: return Json::Value(Json::nullValue);
+    case 1: return Json::Value(pick(2) == 0);
+    case 2: return Json::Value(static_cast<Json::Int64>(rng()) - (pick(2) ? Json::Int64{1} << 40 : 0));
+    case 3: return Json::Value(static_cast<Json::UInt64>(std::numeric_limits<uint64_t>::max() - rng()));
+    case 4: return Json::Value(kReals[pick(10)]);
+    case 5: return Json::Value(text());
+    case 6: {
+      Json::Value a(Json::arrayValue);
+      for (int i = pick(6); i > 0; --i) a.append(random_json(rng, depth + 1));
+      return a;
+    }
+    default: {
+      Json::Value o(Json::objectValue);
+      for (int i = pick(6); i > 0; --i) o[text()] = random_json(rng, depth + 1);
+      return o;
+    }
+  }
+}
+
+TEST(Json, WriterMatchesJsoncppByteForByte) {
+  // core's writer replaces jsoncpp's StreamWriter (no iostreams in the static
+  // keygate); what it writes must not change.
+  Json::StreamWriterBuilder compact;
+  compact["indentation"] = "";
+  compact["emitUTF8"] = true;
+  Json::StreamWriterBuilder pretty;
+  pretty["indentation"] = "  ";
+  pretty["emitUTF8"] = true;
+  std::mt19937 rng(20261203);
+  for (int i = 0; i < 2000; ++i) {
+    Json::Value doc = random_json(rng, 0);
+    ASSERT_EQ(to_json(doc), Json::writeString(compact, doc)) << "document " << i;
+    ASSERT_EQ(to_pretty_json(doc), Json::writeString(pretty, doc)) << "document " << i;
+  }
+  Json::Value nested(Json::objectValue);
+  nested["a"]["b"] = Json::Value(Json::arrayValue);
+  nested["a"]["b"].append(1);
+  nested["a"]["b"].append(Json::Value(Json::objectValue));
+  nested["c"] = "x\ny";
+  EXPECT_EQ(to_json(nested), R"({"a":{"b":[1,{}]},"c":"x\ny"})");
+  EXPECT_EQ(to_pretty_json(nested), Json::writeString(pretty, nested));
 }
 
 TEST(Crypto, HkdfRfc5869TestCase1) {

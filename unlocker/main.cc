@@ -1,5 +1,6 @@
 // keygate: the instance-side unlocker. Runs in the initramfs (unlock) and at
 // enrollment time (enroll), and reports a volume's keygate state (status).
+#include <curl/curl.h>
 #include <openssl/crypto.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -9,7 +10,6 @@
 #include <cstdio>
 #include <optional>
 #include <future>
-#include <iostream>
 #include <string>
 #include <vector>
 
@@ -119,6 +119,8 @@ enroll options:
   --metadata-url URL, --platform NAME, --timeout SECONDS   as for unlock
 
 Common options:
+  --help, --version         this text; the version, the kind of build and the
+                            TLS and HTTP libraries
   --json                    status: print JSON
   --debug                   verbose logging, each line with the milliseconds
                             since start and each request with its timing
@@ -160,6 +162,13 @@ int exit_code_for(const Status& s) {
     case ErrorKind::kInternal: return kExitInternal;
   }
   return kExitInternal;
+}
+
+// One line of the command's result on standard output (stdio, not iostreams:
+// the static build carries no iostreams).
+void print_line(const std::string& line) {
+  fwrite(line.data(), 1, line.size(), stdout);
+  fputc('\n', stdout);
 }
 
 int fail(const Status& s, int code) {
@@ -305,10 +314,10 @@ int cmd_unlock(const Args& args) {
   if (!slot.is_ok()) return fail(slot.status(), kExitVolume);
   log_debug(str_cat(device, ": keyslot ", slot.value(), " opened"));
   if (verify_only) {
-    std::cout << device << ": key from server opens keyslot " << slot.value()
-              << " (verified, not activated)\n";
+    print_line(str_cat(device, ": key from server opens keyslot ", slot.value(),
+                       " (verified, not activated)"));
   } else {
-    std::cout << device << ": unlocked as /dev/mapper/" << name << "\n";
+    print_line(str_cat(device, ": unlocked as /dev/mapper/", name));
   }
   return kExitOk;
 }
@@ -362,22 +371,20 @@ int cmd_status(const Args& args) {
     out["keygate"] = t;
   }
   if (args.has("json")) {
-    std::cout << to_pretty_json(out) << "\n";
+    print_line(to_pretty_json(out));
   } else {
-    std::cout << "device:   " << out["device"].asString() << "\n"
-              << "uuid:     " << out["uuid"].asString() << "\n";
+    print_line(str_cat("device:   ", out["device"].asString()));
+    print_line(str_cat("uuid:     ", out["uuid"].asString()));
     for (const auto& s : out["keyslots"]) {
-      std::cout << "keyslot " << s["keyslot"].asInt() << ": " << s.get("kdf", "?").asString()
-                << "\n";
+      print_line(str_cat("keyslot ", s["keyslot"].asInt(), ": ", s.get("kdf", "?").asString()));
     }
     if (out.isMember("keygate")) {
       const Json::Value& t = out["keygate"];
-      std::cout << "keygate:  volume " << t["volume_id"].asString() << ", keyslot "
-                << t["keyslots"][0].asString() << ", CA sha256:" << t["ca_sha256"].asString()
-                << "\n";
-      for (const auto& s : t["servers"]) std::cout << "server:   " << s.asString() << "\n";
+      print_line(str_cat("keygate:  volume ", t["volume_id"].asString(), ", keyslot ",
+                         t["keyslots"][0].asString(), ", CA sha256:", t["ca_sha256"].asString()));
+      for (const auto& s : t["servers"]) print_line(str_cat("server:   ", s.asString()));
     } else {
-      std::cout << "keygate:  not enrolled\n";
+      print_line("keygate:  not enrolled");
     }
   }
   return kExitOk;
@@ -610,8 +617,8 @@ int cmd_enroll(const Args& args) {
     roll_back(*dev, format, keyslot, token_id);
     return fail(done.with_context("enrollment not completed"));
   }
-  std::cout << device << ": enrolled as volume " << enrollment->volume_id << " (keyslot "
-            << keyslot << ", token " << token_id << ")\n";
+  print_line(str_cat(device, ": enrolled as volume ", enrollment->volume_id, " (keyslot ", keyslot,
+                     ", token ", token_id, ")"));
   return kExitOk;
 }
 
@@ -695,8 +702,8 @@ int cmd_rotate(const Args& args) {
   Status removed = dev.remove_token(old_token_id);
   if (removed.is_ok()) removed = dev.destroy_keyslot(old.keyslot);
   if (!removed.is_ok()) return fail(removed.with_context("remove the old keyslot (run rotate again)"), kExitVolume);
-  std::cout << device << ": rotated from volume " << old.volume_id << " to volume "
-            << enrollment->volume_id << " (keyslot " << keyslot << ")\n";
+  print_line(str_cat(device, ": rotated from volume ", old.volume_id, " to volume ",
+                     enrollment->volume_id, " (keyslot ", keyslot, ")"));
   return kExitOk;
 }
 
@@ -771,7 +778,7 @@ int cmd_encrypt(const Args& args) {
     return fail(encrypted.with_context("encryption stopped; run the same command again to resume"),
                 kExitVolume);
   }
-  std::cout << image << ": encrypted in place (LUKS2); enrolling\n";
+  print_line(str_cat(image, ": encrypted in place (LUKS2); enrolling"));
   return cmd_enroll(args.with("passphrase-file", args.get("recovery-passphrase-file"),
                               {"enroll", image}));
 }
@@ -791,7 +798,7 @@ int main(int argc, char** argv) {
        "recovery-passphrase-file", "passphrase-file", "sector-size", "description",
        "reduce-device-size"},
       {"verify-only", "format", "no-recovery", "no-evidence", "tpm-seal", "json", "debug", "kmsg",
-       "help"});
+       "help", "version"});
   log_init("keygate", LogSink::kStderr, LogLevel::kInfo);
   if (!args.is_ok()) {
     log_error(args.status().message());
@@ -800,6 +807,12 @@ int main(int argc, char** argv) {
   }
   if (args->has("help")) {
     fputs(kUsage, stdout);
+    return kExitOk;
+  }
+  if (args->has("version")) {
+    // The build and the libraries it runs with: what a bug report needs.
+    printf("keygate %s (%s)\n%s\n", KEYGATE_VERSION,
+           KEYGATE_STATIC_BUILD ? "static release build" : "shared-library build", curl_version());
     return kExitOk;
   }
   log_init("keygate", args->has("kmsg") ? LogSink::kKmsg : LogSink::kStderr,
