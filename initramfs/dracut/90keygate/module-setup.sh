@@ -16,12 +16,22 @@
 #                      (libcryptsetup-token-keygate.so), after the network
 #                      is online. KEYGATE_TOKEN_PLUGIN overrides the plugin.
 
-# Installed with prefix /usr (packages) or /usr/local (cmake's default).
+# A static keygate (the release build) needs nothing beside it.
+keygate_is_static() { LC_ALL=C ldd "$1" 2>&1 | grep -qE 'statically linked|not a dynamic executable'; }
+
+# Installed with prefix /usr (packages) or /usr/local (cmake's default); where
+# both hold one, the static one is taken.
 for _kg_prefix in /usr /usr/local; do
-    [[ -n ${KEYGATE_BIN-} || ! -x $_kg_prefix/sbin/keygate ]] || KEYGATE_BIN=$_kg_prefix/sbin/keygate
     [[ -n ${KEYGATE_SCRIPTS-} || ! -x $_kg_prefix/share/keygate/keygate-unlock-volumes ]] ||
         KEYGATE_SCRIPTS=$_kg_prefix/share/keygate
 done
+if [[ -z ${KEYGATE_BIN-} ]]; then
+    for _kg_bin in /usr/sbin/keygate /usr/local/sbin/keygate; do
+        [[ -x $_kg_bin ]] || continue
+        [[ -n ${KEYGATE_BIN-} ]] || KEYGATE_BIN=$_kg_bin
+        if keygate_is_static "$_kg_bin"; then KEYGATE_BIN=$_kg_bin; break; fi
+    done
+fi
 
 check() {
     [[ -f ${KEYGATE_INITRAMFS_CONF:-/etc/keygate/initramfs.conf} ]] || return 255
@@ -75,14 +85,18 @@ install() {
     inst_simple "$conf" /etc/keygate/initramfs.conf
     # The key servers are reached before the root is mounted.
     echo "rd.neednet=1" >"${initdir}/etc/cmdline.d/90keygate.conf"
-    # glibc loads libgcc_s at run time; dependency scanning does not see it.
-    inst_libdir_file "libgcc_s.so*"
     # shellcheck disable=SC1090
     if [[ $(. "$conf" && echo "${KEYGATE_METHOD:-service}") == token ]]; then
+        # The plugin runs inside systemd-cryptsetup, a dynamic program: glibc
+        # loads libgcc_s at run time, which dependency scanning does not see.
+        inst_libdir_file "libgcc_s.so*"
         install_token_method
         return
     fi
-    inst_binary "${KEYGATE_BIN:-/usr/sbin/keygate}" /usr/sbin/keygate
+    local bin=${KEYGATE_BIN:-/usr/sbin/keygate}
+    inst_binary "$bin" /usr/sbin/keygate
+    # A shared build needs libgcc_s as above; a static one nothing.
+    keygate_is_static "$bin" || inst_libdir_file "libgcc_s.so*"
     inst_multiple blkid cut sed sleep
     inst_script "${KEYGATE_SCRIPTS:-/usr/share/keygate}/keygate-unlock-volumes" \
         /usr/sbin/keygate-unlock-volumes
