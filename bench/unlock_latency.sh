@@ -26,7 +26,7 @@ release=${KEYGATE_RELEASE_BUILD:-$root/build-release}
 KEYGATE_WITH_BENCH=1 ./scripts/setup.sh >/dev/null
 if [ ! -x "$bin/keygate" ]; then
   cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-  cmake --build "$build" -j "$(nproc)" --target keygate keygate-server keygate-metadata-emulator >/dev/null
+  cmake --build "$build" -j "$(nproc)" --target keygate keygate-server keygate-metadata-emulator
 fi
 [ -x "$release/dist/keygate" ] || ./scripts/build-release.sh "$release" >&2
 kg=$release/dist/keygate
@@ -36,56 +36,101 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-wait_port() { for _ in $(seq 100); do [ -s "$1" ] && { cat "$1"; return; }; sleep 0.1; done; echo "no port in $1" >&2; exit 1; }
-free_port() { shuf -i 20000-60000 -n 1; }
+die() { echo "bench: $*" >&2; exit 1; }
+# Shows a helper's log and stops the run: no step fails quietly.
+helper_failed() { echo "bench: $1 did not come up; its log ($2):" >&2; cat "$2" >&2 || true; exit 1; }
+wait_port() {  # port file, log, pid
+  for _ in $(seq 100); do
+    [ -s "$1" ] && { cat "$1"; return; }
+    kill -0 "$3" 2>/dev/null || break
+    sleep 0.1
+  done
+  helper_failed "the server writing $1" "$2"
+}
+# A port for a helper that cannot bind port 0 and report it (swtpm, tang
+# under socat): below the kernel's ephemeral range, so no outgoing connection
+# (or its TIME-WAIT) holds it, and in no socket state at all right now.
+ephemeral_low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range)
+free_port() {  # [count of consecutive ports]
+  local n=${1:-1} p i busy
+  for _ in $(seq 50); do
+    p=$(shuf -i 10000-$((ephemeral_low - n - 1)) -n 1)
+    busy=
+    for ((i = 0; i < n; i++)); do
+      [ -z "$(ss -Htan "( sport = :$((p + i)) or dport = :$((p + i)) )")" ] || busy=1
+    done
+    [ -z "$busy" ] && { echo "$p"; return; }
+  done
+  die "no free port below $ephemeral_low"
+}
+run_logged() {  # log, command...: output kept; shown if the command fails
+  local log=$1; shift
+  "$@" >"$log" 2>&1 || { echo "bench: failed: $*" >&2; cat "$log" >&2; exit 1; }
+}
 
 size=64M
 
 # --- keygate ---------------------------------------------------------------
-"$bin/keygate-metadata-emulator" init --state-dir "$work/emu" >/dev/null
+run_logged "$work/emu-init.log" "$bin/keygate-metadata-emulator" init --state-dir "$work/emu"
 "$bin/keygate-metadata-emulator" serve --state-dir "$work/emu" --listen 127.0.0.1:0 \
   --port-file "$work/emu.port" 2>"$work/emu.log" &
 pids+=($!)
+emu=http://127.0.0.1:$(wait_port "$work/emu.port" "$work/emu.log" "$!")
 "$bin/keygate-server" serve --state-dir "$work/srv" --listen 127.0.0.1:0 --port-file "$work/srv.port" \
   --aws-trust-dir "$work/emu/aws-trust" --log-level warning 2>"$work/srv.log" &
 pids+=($!)
-emu=http://127.0.0.1:$(wait_port "$work/emu.port")
-srv=https://127.0.0.1:$(wait_port "$work/srv.port")
+srv=https://127.0.0.1:$(wait_port "$work/srv.port" "$work/srv.log" "$!")
 "$bin/keygate-server" token create --state-dir "$work/srv" >"$work/token"
 truncate -s $size "$work/kg.img"
-"$bin/keygate" enroll "$work/kg.img" --format --no-recovery --server "$srv" --ca "$work/srv/ca.pem" \
-  --enrollment-token-file "$work/token" --metadata-url "$emu" >/dev/null 2>&1
+run_logged "$work/enroll-kg.log" "$bin/keygate" enroll "$work/kg.img" --format --no-recovery --server "$srv" \
+  --ca "$work/srv/ca.pem" --enrollment-token-file "$work/token" --metadata-url "$emu"
 
 # --- keygate with a TPM (swtpm) --------------------------------------------
-tpm_port=$(( $(free_port) & ~1 ))
+tpm_port=$(free_port 2)
 mkdir -p "$work/swtpm-state"
 swtpm socket --tpm2 --server type=tcp,port=$tpm_port,bindaddr=127.0.0.1 \
   --ctrl type=tcp,port=$((tpm_port + 1)),bindaddr=127.0.0.1 --tpmstate dir="$work/swtpm-state" \
-  --flags not-need-init,startup-clear 2>"$work/tpm.log" &
-pids+=($!)
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$((tpm_port + 1))") 2>/dev/null && break; sleep 0.1; done
+  --flags not-need-init,startup-clear >"$work/tpm.log" 2>&1 &
+tpm_pid=$!
+pids+=($tpm_pid)
+up=
+for _ in $(seq 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$((tpm_port + 1))") 2>/dev/null && { up=1; break; }
+  kill -0 "$tpm_pid" 2>/dev/null || break
+  sleep 0.1
+done
+[ -n "$up" ] || helper_failed "swtpm on ports $tpm_port and $((tpm_port + 1))" "$work/tpm.log"
 tcti="swtpm:host=127.0.0.1,port=$tpm_port"
 for kind in tpm tpm2f; do
   "$bin/keygate-server" token create --state-dir "$work/srv" >"$work/token-$kind"
   truncate -s $size "$work/$kind.img"
   extra=(); [ "$kind" = tpm2f ] && extra=(--tpm-seal)
-  "$bin/keygate" enroll "$work/$kind.img" --format --no-recovery --server "$srv" --ca "$work/srv/ca.pem" \
-    --enrollment-token-file "$work/token-$kind" --metadata-url "$emu" --tpm required --tcti "$tcti" \
-    "${extra[@]}" >/dev/null 2>&1
+  run_logged "$work/enroll-$kind.log" "$bin/keygate" enroll "$work/$kind.img" --format --no-recovery \
+    --server "$srv" --ca "$work/srv/ca.pem" --enrollment-token-file "$work/token-$kind" --metadata-url "$emu" \
+    --tpm required --tcti "$tcti" "${extra[@]}"
 done
 
 # --- clevis + tang ---------------------------------------------------------
 mkdir -p "$work/tang"
-/usr/libexec/tangd-keygen "$work/tang" >/dev/null
+run_logged "$work/tang-keygen.log" /usr/libexec/tangd-keygen "$work/tang"
 tang_port=$(free_port)
-socat TCP-LISTEN:"$tang_port",bind=127.0.0.1,reuseaddr,fork EXEC:"/usr/libexec/tangd $work/tang" 2>/dev/null &
-pids+=($!)
-for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$tang_port/adv" >/dev/null 2>&1 && break; sleep 0.1; done
+socat TCP-LISTEN:"$tang_port",bind=127.0.0.1,reuseaddr,fork EXEC:"/usr/libexec/tangd $work/tang" \
+  >"$work/tang.log" 2>&1 &
+tang_pid=$!
+pids+=($tang_pid)
+up=
+for _ in $(seq 100); do
+  curl -fsS "http://127.0.0.1:$tang_port/adv" >/dev/null 2>&1 && { up=1; break; }
+  kill -0 "$tang_pid" 2>/dev/null || break
+  sleep 0.1
+done
+[ -n "$up" ] || helper_failed "tang (socat) on port $tang_port" "$work/tang.log"
 truncate -s $size "$work/cl.img"
 printf 'bench passphrase' >"$work/pass"
-cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
-  --key-file "$work/pass" "$work/cl.img"
-clevis luks bind -y -d "$work/cl.img" -k "$work/pass" tang "{\"url\":\"http://127.0.0.1:$tang_port\"}" >/dev/null
+run_logged "$work/luksformat.log" cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 \
+  --pbkdf-force-iterations 1000 --key-file "$work/pass" "$work/cl.img"
+run_logged "$work/clevis-bind.log" clevis luks bind -y -d "$work/cl.img" -k "$work/pass" tang \
+  "{\"url\":\"http://127.0.0.1:$tang_port\"}"
 slot=$(clevis luks list -d "$work/cl.img" | sed -n 's/^\([0-9]*\): tang.*/\1/p' | head -1)
 
 once() {  # name, command...: one timed run, appended (microseconds) to $work/<name>
