@@ -32,7 +32,8 @@
 #               and FileVault2 metadata is not read (its regex parser is
 #               70 KB of glibc; keygate opens LUKS2 only)
 #   libcurl     HTTP and HTTPS only, OpenSSL, threaded resolver; no proxy (keygate
-#               never uses one), no HTTP authentication, no verbose strings
+#               never uses one), no HTTP authentication (verbose strings stay:
+#               they name why a connection failed)
 #   jsoncpp     static; one patch (scripts/patches/jsoncpp-no-iostreams.patch):
 #               no <iostream> and no string streams in the reader and value
 #               code, so the static keygate links no iostreams or locale
@@ -231,7 +232,7 @@ else
       --disable-netrc --disable-progress-meter --disable-unix-sockets --without-ca-bundle \
       --without-ca-path --without-ca-fallback --disable-proxy --disable-http-auth --disable-mime \
       --disable-doh --disable-dateparse --disable-get-easy-options --disable-headers-api \
-      --disable-websockets --disable-verbose --disable-tls-srp --disable-libcurl-option
+      --disable-websockets --disable-tls-srp --disable-libcurl-option
     step libcurl-build make -j"$jobs" -C lib
     step libcurl-install sh -c 'make -C lib install && make -C include install && make install-pkgconfigDATA'
   }

@@ -107,6 +107,8 @@ if [ "$full" = 1 ]; then
   run "scripts/test.sh (the README's test command)" "./scripts/test.sh"
 fi
 
-summary="$(date -u +%Y-%m-%dT%H:%MZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo none), library key $lib_key, $(( SECONDS - t0 )) s$([ "$full" = 1 ] && echo ", with scripts/test.sh")"
+extra=
+[ "$full" = 1 ] && extra=", with scripts/test.sh"
+summary="$(date -u +%Y-%m-%dT%H:%MZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo none), library key $lib_key, $(( SECONDS - t0 )) s$extra"
 echo "$summary" >"$stamp"
 say "passed: $summary (log: $log)"
