@@ -141,7 +141,9 @@ done
 size() { stat -c %s "$1"; }
 mb() { awk -v b="$1" 'BEGIN { printf "%.2f MB", b / 1e6 }'; }
 grow() { awk -v a="$1" -v b="$2" 'BEGIN { printf "+%.2f MB (+%.1f%%)", (a - b) / 1e6, 100 * (a - b) / b }'; }
-ratio() { awk -v k="$1" -v c="$2" -v b="$3" 'BEGIN { printf "%.2f", (k - b) / (c - b) }'; }
+ratio() { awk -v k="$1" -v c="$2" -v b="$3" 'BEGIN { printf "%.3f", (k - b) / (c - b) }'; }
+# The target: keygate adds less than a third of what clevis adds.
+target() { awk -v k="$1" -v c="$2" -v b="$3" 'BEGIN { print (3 * (k - b) < (c - b)) ? "holds" : "MISSED" }'; }
 ib=$(size "$work/itools-base.img") ik=$(size "$work/itools-keygate.img") ic=$(size "$work/itools-clevis.img")
 db=$(size "$work/dracut-base.img") dk=$(size "$work/dracut-keygate.img") dc=$(size "$work/dracut-clevis.img")
 kb=$(size "$keygate")
@@ -154,9 +156,13 @@ printf '%-44s %26s %26s\n' "baseline: encrypted root, passphrase only" "$(mb "$i
 printf '%-44s %26s %26s\n' "+ keygate (hook / module)" "$(grow "$ik" "$ib")" "$(grow "$dk" "$db")"
 printf '%-44s %26s %26s\n' "+ clevis (tang and tpm2 pins)" "$(grow "$ic" "$ib")" "$(grow "$dc" "$db")"
 printf '%-44s %26s %26s\n' "keygate's growth / clevis's growth" "$(ratio "$ik" "$ic" "$ib")" "$(ratio "$dk" "$dc" "$db")"
+printf '%-44s %26s %26s\n' "target: under 1/3" "$(target "$ik" "$ic" "$ib")" "$(target "$dk" "$dc" "$db")"
 printf '%-44s %26s %26s\n' "files added: keygate / clevis" \
   "$(wc -l <"$work/added-itools-keygate") / $(wc -l <"$work/added-itools-clevis")" \
   "$(wc -l <"$work/added-dracut-keygate") / $(wc -l <"$work/added-dracut-clevis")"
 echo
 printf 'release keygate, stripped: %d bytes (%.2f MiB); zstd -19 of it: %d bytes\n' "$kb" \
   "$(awk -v b="$kb" 'BEGIN { print b / 1048576 }')" "$(zstd -19 -q -c "$keygate" | wc -c)"
+for flavour in itools dracut; do
+  echo "files keygate adds ($flavour): $(tr '\n' ' ' <"$work/added-$flavour-keygate")"
+done
