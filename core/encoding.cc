@@ -1,5 +1,6 @@
 #include "core/encoding.h"
 
+#include <algorithm>
 #include <array>
 
 namespace keygate {
@@ -125,6 +126,25 @@ Result<Bytes> hex_decode(std::string_view text) {
     if (hi < 0 || lo < 0) return Status::error(ErrorKind::kInvalidArgument, "hex: invalid digit");
     out.push_back(static_cast<uint8_t>(hi << 4 | lo));
   }
+  return out;
+}
+
+std::string printable(std::string_view text, size_t max_len) {
+  static const char kHex[] = "0123456789abcdef";
+  std::string out;
+  const size_t n = std::min(text.size(), max_len);
+  out.reserve(n + 3);
+  for (size_t i = 0; i < n; ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out += "\\x";
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 15]);
+    }
+  }
+  if (text.size() > max_len) out += "...";
   return out;
 }
 

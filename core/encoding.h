@@ -37,4 +37,9 @@ inline std::string_view as_string_view(const Bytes& b) {
 }
 inline Bytes to_bytes(std::string_view s) { return Bytes(s.begin(), s.end()); }
 
+// `text` made safe for a log line or a terminal: printable ASCII kept, every
+// other byte (control characters, escapes, non-ASCII) written as \xNN, and
+// cut to `max_len` input bytes with "..." after.
+std::string printable(std::string_view text, size_t max_len);
+
 }  // namespace keygate

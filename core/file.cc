@@ -64,4 +64,12 @@ Result<std::string> read_small_file(const std::string& path, size_t max_size) {
   return out;
 }
 
+Status ensure_state_dir(const std::string& dir) {
+  if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    return Status::error(ErrorKind::kIo, str_cat("create state folder ", dir, ": ",
+                                                 strerror(errno)));
+  }
+  return Status::ok();
+}
+
 }  // namespace keygate

@@ -14,6 +14,9 @@ namespace keygate {
 // a crash leaves either the old file or the new one, never a torn one.
 Status write_file_atomically(const std::string& path, std::string_view data, unsigned mode);
 
+// Creates the state folder `dir` (0700) if missing.
+Status ensure_state_dir(const std::string& dir);
+
 // Reads from `fd` into `dst` until end of file or `capacity` bytes; returns
 // the count. `name` is for error messages. Does not close `fd`.
 Result<size_t> read_up_to(int fd, uint8_t* dst, size_t capacity, const std::string& name);

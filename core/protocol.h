@@ -35,6 +35,51 @@ constexpr char kErrNotEnrolled[] = "not_enrolled";
 constexpr char kErrTokenInvalid[] = "enrollment_token_invalid";
 constexpr char kErrTpmRequired[] = "tpm_required";
 constexpr char kErrInternal[] = "internal";
+constexpr char kErrBusy[] = "busy";  // 503: retry later
+constexpr char kErrAuditUnavailable[] = "audit_unavailable";  // 503: nothing released
+constexpr char kErrNotFound[] = "not_found";                  // no such endpoint
+constexpr char kErrMethodNotAllowed[] = "method_not_allowed";
+
+// Every code KeyService answers with (the router adds kErrNotFound and
+// kErrMethodNotAllowed for requests that reach no endpoint).
+constexpr const char* kServiceErrorCodes[] = {
+    kErrBadRequest, kErrTooLarge,    kErrNonceInvalid, kErrEvidenceInvalid, kErrPolicyDenied,
+    kErrRevoked,    kErrNotEnrolled, kErrTokenInvalid, kErrTpmRequired,     kErrInternal,
+    kErrBusy,       kErrAuditUnavailable};
+
+// Field names of the JSON bodies, both directions.
+namespace field {
+constexpr char kVolumeId[] = "volume_id";
+constexpr char kNonce[] = "nonce";
+constexpr char kExpiresIn[] = "expires_in";
+constexpr char kClientPublicKey[] = "client_public_key";
+constexpr char kEvidence[] = "evidence";
+constexpr char kTpm[] = "tpm";
+constexpr char kEnrollmentToken[] = "enrollment_token";
+constexpr char kDescription[] = "description";
+constexpr char kProof[] = "proof";
+constexpr char kWrapped[] = "wrapped";
+constexpr char kPolicy[] = "policy";
+constexpr char kState[] = "state";
+constexpr char kError[] = "error";
+constexpr char kCode[] = "code";
+constexpr char kMessage[] = "message";
+// Inside "evidence": one of these platform objects.
+constexpr char kAws[] = "aws";
+constexpr char kAwsSignature[] = "rsa2048";
+constexpr char kGcp[] = "gcp";
+constexpr char kGcpToken[] = "identity_token";
+constexpr char kAzure[] = "azure";
+constexpr char kAzureEncoding[] = "encoding";
+constexpr char kAzureSignature[] = "signature";
+// Inside "tpm" (server/tpm_policy.h).
+constexpr char kTpmAttest[] = "attest";
+constexpr char kTpmSignature[] = "signature";
+constexpr char kTpmPcrs[] = "pcrs";
+constexpr char kTpmAkPublic[] = "ak_public";
+constexpr char kTpmBank[] = "bank";
+constexpr char kTpmSealed[] = "sealed";
+}  // namespace field
 
 // How the binding value (envelope.h) travels in evidence a provider signs:
 //  - GCP identity token audience: "keygate:v1:" + base64url(binding), 54 chars;

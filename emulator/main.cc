@@ -30,7 +30,6 @@
 #include "core/json.h"
 #include "core/log.h"
 #include "emulator/pki.h"
-#include "server/state_files.h"
 
 using namespace keygate;
 using namespace keygate::emulator;
@@ -533,7 +532,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string state = args->get("state-dir");
-  Status made = server::ensure_state_dir(state);
+  Status made = ensure_state_dir(state);
   if (!made.is_ok()) {
     log_error(made.message());
     return 1;

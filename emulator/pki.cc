@@ -12,7 +12,6 @@
 
 #include "core/crypto.h"
 #include "core/file.h"
-#include "server/state_files.h"
 
 namespace keygate::emulator {
 namespace {
@@ -49,7 +48,7 @@ std::string certificate_pem(X509* cert) {
 
 Result<Signer> load_or_create_signer(const std::string& key_path, const std::string& cert_path,
                                      const CertSpec& spec, const Signer* issuer) {
-  KEYGATE_RETURN_IF_ERROR(server::ensure_state_dir(dirname_of(key_path)));
+  KEYGATE_RETURN_IF_ERROR(ensure_state_dir(dirname_of(key_path)));
   mkdir(dirname_of(cert_path).c_str(), 0755);
   Signer s;
   if (FILE* kf = fopen(key_path.c_str(), "r")) {

@@ -91,14 +91,6 @@ Result<SecretBuffer> pem_of_key(EVP_PKEY* key) {
 
 }  // namespace
 
-Status ensure_state_dir(const std::string& dir) {
-  if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
-    return Status::error(ErrorKind::kIo, str_cat("create state folder ", dir, ": ",
-                                                 strerror(errno)));
-  }
-  return Status::ok();
-}
-
 Result<SecretBuffer> load_or_create_kek(const std::string& path) {
   if (!file_exists(path)) {
     auto kek = SecretBuffer::random(kKekSize);

@@ -13,9 +13,6 @@
 
 namespace keygate::server {
 
-// Creates `dir` (0700) if missing.
-Status ensure_state_dir(const std::string& dir);
-
 // Reads the KEK at `path`, or creates one from the CSPRNG if the file does not
 // exist. Refuses a KEK file readable by group or others, or of the wrong size.
 Result<SecretBuffer> load_or_create_kek(const std::string& path);

@@ -268,4 +268,16 @@ TEST(Args, ParsesOptionsAndRejectsUnknown) {
 }
 
 }  // namespace
+TEST(Printable, EscapesEverythingATerminalWouldInterpret) {
+  EXPECT_EQ(printable("volume-1 ok", 64), "volume-1 ok");
+  // Escape sequences, newlines (forged log lines), DEL, non-ASCII, and the
+  // escape character itself come out as \xNN.
+  EXPECT_EQ(printable("\x1b[2J\nunlock released", 64), "\\x1b[2J\\x0aunlock released");
+  EXPECT_EQ(printable(std::string("a\0b", 3), 64), "a\\x00b");
+  EXPECT_EQ(printable("\x7f\xc3\xa9\\", 64), "\\x7f\\xc3\\xa9\\x5c");
+  // Bounded by input bytes, and says it was cut.
+  EXPECT_EQ(printable(std::string(100, 'x'), 10), std::string(10, 'x') + "...");
+  EXPECT_EQ(printable("", 10), "");
+}
+
 }  // namespace keygate
