@@ -5,7 +5,7 @@
 
 namespace keygate::server {
 
-Result<Identity> EvidenceVerifier::verify(const Json::Value& evidence, const Bytes& binding) const {
+Result<Identity> EvidenceVerifier::verify_identity(const Json::Value& evidence, const Bytes& binding) const {
   if (!evidence.isObject() || evidence.size() != 1) {
     return Status::error(ErrorKind::kInvalidArgument,
                          "evidence: exactly one of 'aws', 'gcp', 'azure' expected");
@@ -15,9 +15,9 @@ Result<Identity> EvidenceVerifier::verify(const Json::Value& evidence, const Byt
   if (!body.isObject()) {
     return Status::error(ErrorKind::kInvalidArgument, str_cat("evidence.", platform, ": not an object"));
   }
-  if (platform == "aws") {
+  if (platform == api::field::kAws) {
     // The document carries no nonce (see README, threat model).
-    auto sig = json_string(body, "rsa2048", api::kMaxEvidenceField);
+    auto sig = json_string(body, api::field::kAwsSignature, api::kMaxEvidenceField);
     if (!sig.is_ok()) return sig.status().with_context("evidence.aws");
     auto der = base64_decode(sig.value(), true);
     if (!der.is_ok()) return der.status().with_context("evidence.aws.rsa2048");
@@ -25,8 +25,8 @@ Result<Identity> EvidenceVerifier::verify(const Json::Value& evidence, const Byt
     if (!id.is_ok()) return id.status();
     return to_identity(id.value());
   }
-  if (platform == "gcp") {
-    auto token = json_string(body, "identity_token", api::kMaxEvidenceField);
+  if (platform == api::field::kGcp) {
+    auto token = json_string(body, api::field::kGcpToken, api::kMaxEvidenceField);
     if (!token.is_ok()) return token.status().with_context("evidence.gcp");
     if (trust_.gcp.empty()) {
       return Status::error(ErrorKind::kIntegrity, "GCP evidence: no Google JWK set is configured");
@@ -36,12 +36,12 @@ Result<Identity> EvidenceVerifier::verify(const Json::Value& evidence, const Byt
     check.max_age_seconds = trust_.max_age_seconds;
     return verify_gcp_identity_token(token.value(), *trust_.gcp.keys(), clock_, check);
   }
-  if (platform == "azure") {
-    auto encoding = json_string(body, "encoding", 16);
+  if (platform == api::field::kAzure) {
+    auto encoding = json_string(body, api::field::kAzureEncoding, 16);
     if (!encoding.is_ok() || encoding.value() != "pkcs7") {
       return Status::error(ErrorKind::kInvalidArgument, "evidence.azure: encoding must be pkcs7");
     }
-    auto sig = json_string(body, "signature", api::kMaxEvidenceField);
+    auto sig = json_string(body, api::field::kAzureSignature, api::kMaxEvidenceField);
     if (!sig.is_ok()) return sig.status().with_context("evidence.azure");
     auto der = base64_decode(sig.value(), true);
     if (!der.is_ok()) return der.status().with_context("evidence.azure.signature");

@@ -29,7 +29,7 @@ class EvidenceVerifier {
   // `binding` is binding_value(nonce, client key, volume id) of the request.
   // Errors: kInvalidArgument (malformed), kIntegrity (does not verify),
   // kRefused (stale, or bound to another challenge).
-  Result<Identity> verify(const Json::Value& evidence, const Bytes& binding) const;
+  Result<Identity> verify_identity(const Json::Value& evidence, const Bytes& binding) const;
 
  private:
   EvidenceTrust& trust_;

@@ -71,9 +71,9 @@ Status serve_https(KeyService& service, const HttpOptions& options) {
                                str_cat("request body larger than ", api::kMaxRequestBody,
                                        " bytes")));
     } else if (res.status == 404) {
-      send(res, error_response(404, "not_found", "no such endpoint"));
+      send(res, error_response(404, api::kErrNotFound, "no such endpoint"));
     } else if (res.status == 405) {
-      send(res, error_response(405, "method_not_allowed", "method not allowed"));
+      send(res, error_response(405, api::kErrMethodNotAllowed, "method not allowed"));
     } else {
       send(res, error_response(res.status, api::kErrBadRequest, "bad request"));
     }

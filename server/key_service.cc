@@ -12,26 +12,17 @@ namespace {
 
 std::string store_aad(const std::string& volume_id) { return "keygate-v1 store " + volume_id; }
 
-Result<Bytes> decode_fixed(const Json::Value& obj, const char* key, size_t size) {
+Checked<Bytes> decode_fixed(const Json::Value& obj, const char* key, size_t size) {
   auto text = json_string(obj, key, size * 2 + 8);
-  if (!text.is_ok()) return text.status();
+  if (!text.is_ok()) return bad_request(text.status().message());
   auto bytes = base64_decode(text.value());
   if (!bytes.is_ok() || bytes->size() != size) {
-    return Status::error(ErrorKind::kInvalidArgument,
-                         str_cat("field '", key, "' must be base64 of ", size, " bytes"));
+    return bad_request(str_cat("field '", key, "' must be base64 of ", size, " bytes"));
   }
-  return bytes;
+  return std::move(bytes).value();
 }
 
 }  // namespace
-
-ApiResponse error_response(int status, const char* code, std::string message) {
-  ApiResponse r;
-  r.status = status;
-  r.body["error"]["code"] = code;
-  r.body["error"]["message"] = std::move(message);
-  return r;
-}
 
 Result<Bytes> seal_volume_secret(const SecretBuffer& kek, const SecretBuffer& secret,
                                  const std::string& volume_id) {
@@ -70,9 +61,10 @@ Result<std::string> create_enrollment_token(Store& store, const EnrollmentTempla
   return token;
 }
 
-struct KeyService::Common {
+struct KeyService::Attested {
   Bytes nonce;
   Bytes client_public_key;
+  Bytes binding;  // binding_value(nonce, client key, volume id)
 };
 
 KeyService::KeyService(Store& store, SecretBuffer kek, EvidenceTrust& trust, const Clock& clock,
@@ -80,16 +72,15 @@ KeyService::KeyService(Store& store, SecretBuffer kek, EvidenceTrust& trust, con
     : store_(store), kek_(std::move(kek)), evidence_(trust, clock), clock_(clock),
       options_(options) {}
 
-Status KeyService::write_audit(const std::string& event, const std::string& outcome,
-                               const std::string& volume_id, const std::string& peer,
-                               const std::string& detail) {
-  std::string line = str_cat(event, " ", outcome, " volume=", volume_id.empty() ? "-" : volume_id,
-                             " peer=", peer, detail.empty() ? "" : " detail=", detail);
-  Status s = store_.append_audit(AuditEvent{clock_.now_unix(), event, outcome, volume_id, peer,
-                                            detail});
+Status KeyService::write_audit(const Call& call, const char* outcome, const std::string& detail) {
+  const std::string line =
+      str_cat(call.event, " ", outcome, " volume=", call.volume_id.empty() ? "-" : call.volume_id,
+              " peer=", call.peer, detail.empty() ? "" : " detail=", printable(detail, 1024));
+  Status s = store_.append_audit(
+      AuditEvent{clock_.now_unix(), call.event, outcome, call.volume_id, call.peer, detail});
   if (!s.is_ok()) {
     log_error(str_cat("audit write failed (", line, "): ", s.message()));
-  } else if (outcome == "refused" || outcome == "error") {
+  } else if (std::string_view(outcome) == "refused" || std::string_view(outcome) == "error") {
     log_warning(line);
   } else {
     log_info(line);
@@ -97,24 +88,89 @@ Status KeyService::write_audit(const std::string& event, const std::string& outc
   return s;
 }
 
-void KeyService::audit(const std::string& event, const std::string& outcome,
-                       const std::string& volume_id, const std::string& peer,
-                       const std::string& detail) {
-  (void)write_audit(event, outcome, volume_id, peer, detail);  // failures are logged
+// A secret leaves the server only once its release is in the audit trail.
+Refusal KeyService::unaudited(const Call& call) {
+  log_error(str_cat(call.event, " volume=", call.volume_id,
+                    ": not sent, the audit log cannot be written"));
+  Refusal r = server_error("the audit log cannot be written; no key is released until it can",
+                           "audit trail unavailable");
+  r.http_status = 503;
+  r.code = api::kErrAuditUnavailable;
+  r.audited = true;
+  return r;
 }
 
-// A secret leaves the server only once its release is in the audit log.
-ApiResponse KeyService::unaudited(const char* event, const std::string& volume_id) {
-  log_error(str_cat(event, " volume=", volume_id, ": not sent, the audit log cannot be written"));
-  return error_response(503, "audit_unavailable",
-                        "the audit log cannot be written; no key is released until it can");
+ApiResponse KeyService::answer(const Call& call, Checked<ApiResponse> outcome) {
+  if (outcome.ok()) return std::move(outcome.value());
+  const Refusal& r = outcome.refusal();
+  if (!r.audited) {
+    // A refusal is answered even when the trail cannot take it (logged).
+    (void)write_audit(call, r.server_fault ? "error" : "refused", r.audit_detail);
+  }
+  return r.response();
 }
 
-Result<Json::Value> KeyService::parse_request(const char* event, std::string_view body,
-                                              const std::string& peer) {
+Checked<Json::Value> KeyService::parse_request(std::string_view body) {
+  if (body.size() > api::kMaxRequestBody) {
+    Refusal r = bad_request(str_cat("request body larger than ", api::kMaxRequestBody, " bytes"));
+    r.code = api::kErrTooLarge;
+    return r;
+  }
   auto request = parse_json_object(body, api::kMaxRequestBody);
-  if (!request.is_ok()) audit(event, "refused", "", peer, request.status().message());
-  return request;
+  if (!request.is_ok()) return bad_request(request.status().message());
+  return std::move(request).value();
+}
+
+Checked<Json::Value> KeyService::parse_volume_request(Call& call, std::string_view body) {
+  auto request = parse_request(body);
+  if (!request.ok()) return request.refusal();
+  auto id = json_string(request.value(), api::field::kVolumeId, api::kMaxVolumeIdLength);
+  if (!id.is_ok() || !api::is_valid_volume_id(id.value())) {
+    return bad_request("field 'volume_id' missing or malformed");
+  }
+  call.volume_id = id.value();
+  return std::move(request.value());
+}
+
+Checked<KeyService::Attested> KeyService::parse_attested(const Json::Value& request,
+                                                         const std::string& volume_id) {
+  auto nonce = decode_fixed(request, api::field::kNonce, api::kNonceSize);
+  if (!nonce.ok()) return nonce.refusal();
+  auto key = decode_fixed(request, api::field::kClientPublicKey, kX25519KeySize);
+  if (!key.ok()) return key.refusal();
+  Attested a{std::move(nonce.value()), std::move(key.value()), {}};
+  a.binding = binding_value(a.nonce, a.client_public_key, volume_id);
+  return a;
+}
+
+std::optional<Refusal> KeyService::spend_nonce(const Bytes& nonce) {
+  auto fresh = store_.consume_nonce(nonce, clock_.now_unix());
+  if (!fresh.is_ok()) return server_error("store unavailable", fresh.status().message());
+  if (!fresh.value()) {
+    return refused(api::kErrNonceInvalid, "challenge nonce unknown, reused or expired",
+                   "nonce unknown, reused or expired");
+  }
+  return std::nullopt;
+}
+
+Checked<VolumeRecord> KeyService::load_volume(const std::string& volume_id) {
+  auto record = store_.get_volume(volume_id);
+  if (!record.is_ok()) {
+    // An unknown volume is told apart from a refused one only in the trail.
+    if (record.status().kind() == ErrorKind::kNotFound) {
+      return refused(api::kErrPolicyDenied, "not authorised for this volume", "unknown volume");
+    }
+    return server_error("store unavailable", record.status().message());
+  }
+  return std::move(record).value();
+}
+
+Checked<VolumePolicy> KeyService::stored_policy(const VolumeRecord& record) {
+  auto json = parse_json_object(record.policy_json);
+  if (!json.is_ok()) return server_error("stored policy unreadable", "stored policy unreadable");
+  auto policy = VolumePolicy::from_json(json.value());
+  if (!policy.is_ok()) return server_error("stored policy unreadable", policy.status().message());
+  return std::move(policy).value();
 }
 
 ApiResponse KeyService::challenge(const std::string& peer) {
@@ -122,340 +178,228 @@ ApiResponse KeyService::challenge(const std::string& peer) {
   const int64_t now = clock_.now_unix();
   Status s = store_.put_nonce(nonce, now, now + options_.nonce_ttl_seconds);
   if (!s.is_ok()) {
+    // Not audited: a challenge discloses and decides nothing.
     log_error(str_cat("challenge for ", peer, ": ", s.message()));
-    if (s.kind() == ErrorKind::kUnavailable) {
-      return error_response(503, "busy", "too many outstanding challenges; retry");
-    }
-    return error_response(500, api::kErrInternal, "could not record challenge");
+    return refusal_for(s, api::kErrInternal, "could not record challenge").response();
   }
   ApiResponse r;
-  r.body["nonce"] = base64_encode(nonce);
-  r.body["expires_in"] = options_.nonce_ttl_seconds;
+  r.body[api::field::kNonce] = base64_encode(nonce);
+  r.body[api::field::kExpiresIn] = options_.nonce_ttl_seconds;
   return r;
 }
 
-Result<KeyService::Common> KeyService::parse_common(const Json::Value& request) {
-  Common c;
-  auto nonce = decode_fixed(request, "nonce", api::kNonceSize);
-  if (!nonce.is_ok()) return nonce.status();
-  auto pub = decode_fixed(request, "client_public_key", kX25519KeySize);
-  if (!pub.is_ok()) return pub.status();
-  c.nonce = std::move(nonce).value();
-  c.client_public_key = std::move(pub).value();
-  return c;
-}
-
-Result<Identity> KeyService::verify_evidence(const Json::Value& evidence, const Common& common,
-                                             const std::string& volume_id) {
-  const Bytes binding = binding_value(common.nonce, common.client_public_key, volume_id);
-  return evidence_.verify(evidence, binding);
-}
-
-bool KeyService::check_tpm(const char* event, const std::string& vid, const std::string& peer,
-                           const std::string& stored_policy, const VolumePolicy& policy,
-                           const Json::Value& request, const Common& common, ApiResponse* refusal) {
-  const Bytes binding = binding_value(common.nonce, common.client_public_key, vid);
-  if (!request.isMember("tpm")) {
-    audit(event, "refused", vid, peer, "no TPM quote; the volume's policy requires one");
-    *refusal = error_response(403, api::kErrTpmRequired, "this volume's policy requires a TPM quote");
-    return false;
+std::optional<Refusal> KeyService::check_tpm(const Call& call, const VolumeRecord& record,
+                                             const VolumePolicy& policy, const Json::Value& request,
+                                             const Attested& attested) {
+  if (!request.isMember(api::field::kTpm)) {
+    return refused(api::kErrTpmRequired, "this volume's policy requires a TPM quote",
+                   "no TPM quote; the volume's policy requires one");
   }
-  auto checked = check_tpm_evidence(*policy.tpm, request["tpm"], binding);
+  auto checked = check_tpm_evidence(*policy.tpm, request[api::field::kTpm], attested.binding);
   if (!checked.is_ok()) {
-    audit(event, "refused", vid, peer, checked.status().message());
-    const int code = checked.status().kind() == ErrorKind::kInvalidArgument ? 400 : 403;
-    *refusal = error_response(code, code == 400 ? api::kErrBadRequest : api::kErrEvidenceInvalid,
-                              code == 400 ? checked.status().message() : "TPM quote did not verify");
-    return false;
+    return refusal_for(checked.status(), api::kErrEvidenceInvalid, "TPM quote did not verify");
   }
-  if (checked->mismatched.empty()) return true;
+  if (checked->mismatched.empty()) return std::nullopt;
   const int64_t now = clock_.now_unix();
   if (policy.tpm->accept_next_until == 0 || now > policy.tpm->accept_next_until) {
-    audit(event, "refused", vid, peer, "PCR values not accepted: " + checked->describe_mismatch());
-    *refusal = error_response(403, api::kErrPolicyDenied, "the TPM's PCR values are not accepted");
-    return false;
+    return refused(api::kErrPolicyDenied, "the TPM's PCR values are not accepted",
+                   "PCR values not accepted: " + checked->describe_mismatch());
   }
   // Accept-next: this boot's values become the baseline, once.
   VolumePolicy updated = policy;
   updated.tpm->accept_next_until = 0;
   updated.tpm->pcrs.clear();
   for (const auto& [pcr, value] : checked->values) updated.tpm->pcrs[pcr] = {value};
-  Status s = store_.update_volume_policy(vid, stored_policy, to_json(updated.to_json()), now);
+  Status s = store_.update_volume_policy(record.id, record.policy_json, to_json(updated.to_json()), now);
   if (!s.is_ok()) {
-    audit(event, s.kind() == ErrorKind::kConflict ? "refused" : "error", vid, peer,
-          "accept-next not applied: " + s.message());
-    *refusal = s.kind() == ErrorKind::kConflict
-                   ? error_response(403, api::kErrPolicyDenied, "the volume's policy changed; retry")
-                   : error_response(500, api::kErrInternal, "store unavailable");
-    return false;
+    return refusal_for(s.with_context("accept-next not applied"), api::kErrPolicyDenied,
+                       "the volume's policy changed; retry");
   }
-  audit("tpm.accept_next", "ok", vid, peer, "new PCR baseline: " + checked->describe_mismatch());
-  return true;
+  Call accepted{"tpm.accept_next", call.peer, call.volume_id};
+  (void)write_audit(accepted, "ok", "new PCR baseline: " + checked->describe_mismatch());
+  return std::nullopt;
 }
 
 ApiResponse KeyService::unlock(std::string_view body, const std::string& peer) {
-  const char* kEvent = "unlock";
-  auto request = parse_request(kEvent, body, peer);
-  if (!request.is_ok()) return error_response(400, api::kErrBadRequest, request.status().message());
-  auto volume_id = json_string(request.value(), "volume_id", api::kMaxVolumeIdLength);
-  if (!volume_id.is_ok() || !api::is_valid_volume_id(volume_id.value())) {
-    audit(kEvent, "refused", "", peer, "bad volume_id");
-    return error_response(400, api::kErrBadRequest, "field 'volume_id' missing or malformed");
-  }
-  const std::string& vid = volume_id.value();
-  auto common = parse_common(request.value());
-  if (!common.is_ok()) {
-    audit(kEvent, "refused", vid, peer, common.status().message());
-    return error_response(400, api::kErrBadRequest, common.status().message());
-  }
-  auto evidence = json_object(request.value(), "evidence", true);
-  if (!evidence.is_ok()) {
-    audit(kEvent, "refused", vid, peer, evidence.status().message());
-    return error_response(400, api::kErrBadRequest, evidence.status().message());
-  }
-  // The nonce is spent by this request whatever its outcome.
-  auto fresh = store_.consume_nonce(common->nonce, clock_.now_unix());
-  if (!fresh.is_ok()) {
-    audit(kEvent, "error", vid, peer, fresh.status().message());
-    return error_response(500, api::kErrInternal, "store unavailable");
-  }
-  if (!fresh.value()) {
-    audit(kEvent, "refused", vid, peer, "nonce unknown, reused or expired");
-    return error_response(403, api::kErrNonceInvalid, "challenge nonce unknown, reused or expired");
-  }
-  auto record = store_.get_volume(vid);
-  if (!record.is_ok()) {
-    if (record.status().kind() == ErrorKind::kNotFound) {
-      audit(kEvent, "refused", vid, peer, "unknown volume");
-      return error_response(403, api::kErrPolicyDenied, "not authorised for this volume");
-    }
-    audit(kEvent, "error", vid, peer, record.status().message());
-    return error_response(500, api::kErrInternal, "store unavailable");
-  }
+  Call call{"unlock", peer, ""};
+  return answer(call, serve_unlock(call, body));
+}
+
+Checked<ApiResponse> KeyService::serve_unlock(Call& call, std::string_view body) {
+  auto request = parse_volume_request(call, body);
+  if (!request.ok()) return request.refusal();
+  auto attested = parse_attested(request.value(), call.volume_id);
+  if (!attested.ok()) return attested.refusal();
+  auto evidence = json_object(request.value(), api::field::kEvidence, true);
+  if (!evidence.is_ok()) return bad_request(evidence.status().message());
+  if (auto spent = spend_nonce(attested->nonce)) return *spent;
+  auto record = load_volume(call.volume_id);
+  if (!record.ok()) return record.refusal();
   if (record->state == VolumeState::kRevoked) {
-    audit(kEvent, "refused", vid, peer, "volume revoked");
-    return error_response(403, api::kErrRevoked, "volume has been revoked");
+    return refused(api::kErrRevoked, "volume has been revoked", "volume revoked");
   }
   if (record->state != VolumeState::kActive) {
-    audit(kEvent, "refused", vid, peer, "enrollment not confirmed");
-    return error_response(403, api::kErrNotEnrolled, "volume enrollment was never confirmed");
+    return refused(api::kErrNotEnrolled, "volume enrollment was never confirmed",
+                   "enrollment not confirmed");
   }
-  auto identity = verify_evidence(evidence.value(), common.value(), vid);
+  auto identity = evidence_.verify_identity(evidence.value(), attested->binding);
   if (!identity.is_ok()) {
-    audit(kEvent, "refused", vid, peer, identity.status().message());
-    return error_response(403, api::kErrEvidenceInvalid, "instance evidence did not verify");
+    return refused(api::kErrEvidenceInvalid, "instance evidence did not verify",
+                   identity.status().message());
   }
-  auto policy_json = parse_json_object(record->policy_json);
-  if (!policy_json.is_ok()) {
-    audit(kEvent, "error", vid, peer, "stored policy unreadable");
-    return error_response(500, api::kErrInternal, "stored policy unreadable");
-  }
-  auto policy = VolumePolicy::from_json(policy_json.value());
-  if (!policy.is_ok()) {
-    audit(kEvent, "error", vid, peer, policy.status().message());
-    return error_response(500, api::kErrInternal, "stored policy unreadable");
-  }
+  auto policy = stored_policy(record.value());
+  if (!policy.ok()) return policy.refusal();
   Status allowed = evaluate_policy(policy.value(), identity.value());
   if (!allowed.is_ok()) {
-    audit(kEvent, "refused", vid, peer,
-          str_cat(allowed.message(), " (", identity->summary(), ")"));
-    return error_response(403, api::kErrPolicyDenied, "instance does not satisfy the volume's policy");
+    return refused(api::kErrPolicyDenied, "instance does not satisfy the volume's policy",
+                   str_cat(allowed.message(), " (", identity->summary(), ")"));
   }
   if (policy->tpm) {
-    ApiResponse refusal;
-    if (!check_tpm(kEvent, vid, peer, record->policy_json, policy.value(), request.value(),
-                   common.value(), &refusal)) {
-      return refusal;
+    if (auto r = check_tpm(call, record.value(), policy.value(), request.value(), attested.value())) {
+      return *r;
     }
   }
-  auto secret = open_volume_secret(kek_, record->sealed_secret, vid);
-  if (!secret.is_ok()) {
-    audit(kEvent, "error", vid, peer, secret.status().message());
-    return error_response(500, api::kErrInternal, "volume secret unavailable");
-  }
-  auto wrapped = wrap_secret_for_client(secret.value(), common->client_public_key, vid,
-                                        common->nonce);
-  if (!wrapped.is_ok()) {
-    audit(kEvent, "refused", vid, peer, wrapped.status().message());
-    return error_response(400, api::kErrBadRequest, "client public key unusable");
-  }
-  if (!write_audit(kEvent, "released", vid, peer, identity->summary()).is_ok()) {
-    return unaudited(kEvent, vid);
-  }
+  auto secret = open_volume_secret(kek_, record->sealed_secret, call.volume_id);
+  if (!secret.is_ok()) return server_error("volume secret unavailable", secret.status().message());
+  auto wrapped = wrap_secret_for_client(secret.value(), attested->client_public_key, call.volume_id,
+                                        attested->nonce);
+  if (!wrapped.is_ok()) return bad_request("client public key unusable");
+  if (!write_audit(call, "released", identity->summary()).is_ok()) return unaudited(call);
   ApiResponse r;
-  r.body["volume_id"] = vid;
-  r.body["wrapped"] = wrapped->to_json();
+  r.body[api::field::kVolumeId] = call.volume_id;
+  r.body[api::field::kWrapped] = wrapped->to_json();
   return r;
 }
 
+Checked<EnrollmentTemplate> KeyService::enrollment_template(const std::string& token,
+                                                            const std::optional<Identity>& identity,
+                                                            std::string* how) {
+  if (token.empty()) {
+    if (!identity) {
+      return refused(api::kErrTokenInvalid, "no enrollment token and no evidence",
+                     "no enrollment token and no evidence");
+    }
+    auto rule = match_enrollment_rule(options_.attestation_enrollment, *identity);
+    if (!rule) {
+      const char* why = "no enrollment token, and no attestation-enrollment rule admits this instance";
+      return refused(api::kErrTokenInvalid, why, str_cat(why, " (", identity->summary(), ")"));
+    }
+    *how = str_cat("attestation (rule ", *rule + 1, ")");
+    return options_.attestation_enrollment[*rule];
+  }
+  *how = "token";
+  auto tmpl_json = store_.consume_enrollment_token(sha256(token), clock_.now_unix());
+  if (!tmpl_json.is_ok()) {
+    return refusal_for(tmpl_json.status(), api::kErrTokenInvalid, tmpl_json.status().message());
+  }
+  auto tmpl_obj = parse_json_object(tmpl_json.value());
+  if (!tmpl_obj.is_ok()) return server_error("token template unreadable", tmpl_obj.status().message());
+  auto tmpl = EnrollmentTemplate::from_json(tmpl_obj.value());
+  if (!tmpl.is_ok()) return server_error("token template unreadable", tmpl.status().message());
+  return std::move(tmpl).value();
+}
+
 ApiResponse KeyService::enroll_register(std::string_view body, const std::string& peer) {
-  const char* kEvent = "enroll.register";
-  auto request = parse_request(kEvent, body, peer);
-  if (!request.is_ok()) return error_response(400, api::kErrBadRequest, request.status().message());
-  auto common = parse_common(request.value());
+  Call call{"enroll.register", peer, ""};
+  return answer(call, serve_register(call, body));
+}
+
+Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view body) {
+  auto request = parse_request(body);
+  if (!request.ok()) return request.refusal();
+  // Before enrollment there is no volume id: the binding covers "".
+  auto attested = parse_attested(request.value(), "");
+  if (!attested.ok()) return attested.refusal();
   // No token: enrollment by attestation, if a configured rule admits the
   // instance's verified identity.
-  auto token = json_optional_string(request.value(), "enrollment_token",
+  auto token = json_optional_string(request.value(), api::field::kEnrollmentToken,
                                     api::kMaxEnrollmentTokenLength);
-  auto evidence = json_object(request.value(), "evidence", false);
-  auto description = json_optional_string(request.value(), "description", 256);
-  for (const Status* s :
-       {&common.status(), &token.status(), &evidence.status(), &description.status()}) {
-    if (!s->is_ok()) {
-      audit(kEvent, "refused", "", peer, s->message());
-      return error_response(400, api::kErrBadRequest, s->message());
-    }
+  auto evidence = json_object(request.value(), api::field::kEvidence, false);
+  auto description = json_optional_string(request.value(), api::field::kDescription, 256);
+  for (const Status* s : {&token.status(), &evidence.status(), &description.status()}) {
+    if (!s->is_ok()) return bad_request(s->message());
   }
-  auto fresh = store_.consume_nonce(common->nonce, clock_.now_unix());
-  if (!fresh.is_ok()) {
-    audit(kEvent, "error", "", peer, fresh.status().message());
-    return error_response(500, api::kErrInternal, "store unavailable");
-  }
-  if (!fresh.value()) {
-    audit(kEvent, "refused", "", peer, "nonce unknown, reused or expired");
-    return error_response(403, api::kErrNonceInvalid, "challenge nonce unknown, reused or expired");
-  }
-  // Verify evidence before spending a use of the token.
+  if (auto spent = spend_nonce(attested->nonce)) return *spent;
+  // Evidence is verified before a use of the token is spent.
   std::optional<Identity> identity;
   if (!evidence->isNull()) {
-    // Before enrollment there is no volume id: the binding covers "".
-    auto verified = verify_evidence(evidence.value(), common.value(), "");
+    auto verified = evidence_.verify_identity(evidence.value(), attested->binding);
     if (!verified.is_ok()) {
-      audit(kEvent, "refused", "", peer, verified.status().message());
-      return error_response(403, api::kErrEvidenceInvalid, "instance evidence did not verify");
+      return refused(api::kErrEvidenceInvalid, "instance evidence did not verify",
+                     verified.status().message());
     }
     identity = std::move(verified).value();
   }
   std::optional<TpmPolicy> tpm_policy;
-  if (request->isMember("tpm")) {
-    auto t = tpm_policy_for_enrollment(request.value()["tpm"],
-                                       binding_value(common->nonce, common->client_public_key, ""));
-    if (!t.is_ok()) {
-      audit(kEvent, "refused", "", peer, t.status().message());
-      const bool malformed = t.status().kind() == ErrorKind::kInvalidArgument;
-      return error_response(malformed ? 400 : 403,
-                            malformed ? api::kErrBadRequest : api::kErrEvidenceInvalid,
-                            malformed ? t.status().message() : "TPM quote did not verify");
-    }
+  if (request->isMember(api::field::kTpm)) {
+    auto t = tpm_policy_for_enrollment(request.value()[api::field::kTpm], attested->binding);
+    if (!t.is_ok()) return refusal_for(t.status(), api::kErrEvidenceInvalid, "TPM quote did not verify");
     tpm_policy = std::move(t).value();
   }
-  Result<EnrollmentTemplate> tmpl = Status::error(ErrorKind::kInternal, "no template");
-  std::string how = "token";
-  if (token->empty()) {
-    const EnrollmentTemplate* rule = nullptr;
-    for (size_t i = 0; identity && i < options_.attestation_enrollment.size() && !rule; ++i) {
-      const EnrollmentTemplate& r = options_.attestation_enrollment[i];
-      if (r.platform != identity->platform) continue;
-      bool all = true;
-      for (const auto& [claim, value] : r.require) all = all && identity->claim(claim) == value;
-      if (all) {
-        rule = &r;
-        how = str_cat("attestation (rule ", i + 1, ")");
-      }
-    }
-    if (rule == nullptr) {
-      const char* why = identity ? "no enrollment token, and no attestation-enrollment rule admits this instance"
-                                 : "no enrollment token and no evidence";
-      audit(kEvent, "refused", "", peer, identity ? str_cat(why, " (", identity->summary(), ")") : why);
-      return error_response(403, api::kErrTokenInvalid, why);
-    }
-    tmpl = *rule;
-  } else {
-    auto tmpl_json = store_.consume_enrollment_token(sha256(token.value()), clock_.now_unix());
-    if (!tmpl_json.is_ok()) {
-      if (tmpl_json.status().kind() == ErrorKind::kRefused) {
-        audit(kEvent, "refused", "", peer, tmpl_json.status().message());
-        return error_response(403, api::kErrTokenInvalid, tmpl_json.status().message());
-      }
-      audit(kEvent, "error", "", peer, tmpl_json.status().message());
-      return error_response(500, api::kErrInternal, "store unavailable");
-    }
-    auto tmpl_obj = parse_json_object(tmpl_json.value());
-    if (!tmpl_obj.is_ok()) return error_response(500, api::kErrInternal, "token template unreadable");
-    tmpl = EnrollmentTemplate::from_json(tmpl_obj.value());
-    if (!tmpl.is_ok()) return error_response(500, api::kErrInternal, "token template unreadable");
-  }
+  std::string how;
+  auto tmpl = enrollment_template(token.value(), identity, &how);
+  if (!tmpl.ok()) return tmpl.refusal();
   auto policy = policy_for_enrollment(tmpl.value(), identity ? &*identity : nullptr);
   if (!policy.is_ok()) {
-    audit(kEvent, "refused", "", peer, policy.status().message());
-    int code = policy.status().kind() == ErrorKind::kRefused ? 403 : 400;
-    return error_response(code, code == 403 ? api::kErrPolicyDenied : api::kErrBadRequest,
-                          policy.status().message());
+    return refusal_for(policy.status(), api::kErrPolicyDenied, policy.status().message());
   }
   policy->tpm = tpm_policy;
-  const std::string vid = new_volume_id();
+  call.volume_id = new_volume_id();
   auto secret = SecretBuffer::random(api::kVolumeSecretSize);
-  if (!secret.is_ok()) return error_response(500, api::kErrInternal, "no randomness");
-  auto sealed = seal_volume_secret(kek_, secret.value(), vid);
-  if (!sealed.is_ok()) return error_response(500, api::kErrInternal, "could not seal secret");
-  auto wrapped =
-      wrap_secret_for_client(secret.value(), common->client_public_key, vid, common->nonce);
-  if (!wrapped.is_ok()) {
-    audit(kEvent, "refused", vid, peer, wrapped.status().message());
-    return error_response(400, api::kErrBadRequest, "client public key unusable");
-  }
+  if (!secret.is_ok()) return server_error("no randomness", secret.status().message());
+  auto sealed = seal_volume_secret(kek_, secret.value(), call.volume_id);
+  if (!sealed.is_ok()) return server_error("could not seal secret", sealed.status().message());
+  auto wrapped = wrap_secret_for_client(secret.value(), attested->client_public_key, call.volume_id,
+                                        attested->nonce);
+  if (!wrapped.is_ok()) return bad_request("client public key unusable");
   const int64_t now = clock_.now_unix();
-  VolumeRecord record{vid, VolumeState::kPending, to_json(policy->to_json()),
+  VolumeRecord record{call.volume_id, VolumeState::kPending, to_json(policy->to_json()),
                       std::move(sealed).value(), description.value(), now, now};
   Status stored = store_.insert_volume(record);
-  if (!stored.is_ok()) {
-    audit(kEvent, "error", vid, peer, stored.message());
-    return error_response(500, api::kErrInternal, "could not store volume");
-  }
-  if (!write_audit(kEvent, "ok", vid, peer,
-                   str_cat(identity ? identity->summary() : std::string("no evidence"), ", by ",
-                           how))
-           .is_ok()) {
-    return unaudited(kEvent, vid);  // the volume stays pending: never unlockable
+  if (!stored.is_ok()) return server_error("could not store volume", stored.message());
+  const std::string who = identity ? identity->summary() : std::string("no evidence");
+  if (!write_audit(call, "ok", str_cat(who, ", by ", how)).is_ok()) {
+    return unaudited(call);  // the volume stays pending: never unlockable
   }
   ApiResponse r;
-  r.body["volume_id"] = vid;
-  r.body["wrapped"] = wrapped->to_json();
-  r.body["policy"] = policy->to_json();
+  r.body[api::field::kVolumeId] = call.volume_id;
+  r.body[api::field::kWrapped] = wrapped->to_json();
+  r.body[api::field::kPolicy] = policy->to_json();
   return r;
 }
 
 ApiResponse KeyService::enroll_confirm(std::string_view body, const std::string& peer) {
-  const char* kEvent = "enroll.confirm";
-  auto request = parse_request(kEvent, body, peer);
-  if (!request.is_ok()) return error_response(400, api::kErrBadRequest, request.status().message());
-  auto volume_id = json_string(request.value(), "volume_id", api::kMaxVolumeIdLength);
-  if (!volume_id.is_ok() || !api::is_valid_volume_id(volume_id.value())) {
-    return error_response(400, api::kErrBadRequest, "field 'volume_id' missing or malformed");
-  }
-  const std::string& vid = volume_id.value();
-  auto proof = decode_fixed(request.value(), "proof", kSha256Size);
-  if (!proof.is_ok()) return error_response(400, api::kErrBadRequest, proof.status().message());
-  auto record = store_.get_volume(vid);
-  if (!record.is_ok()) {
-    audit(kEvent, "refused", vid, peer, record.status().message());
-    return error_response(403, api::kErrPolicyDenied, "not authorised for this volume");
-  }
-  auto secret = open_volume_secret(kek_, record->sealed_secret, vid);
-  if (!secret.is_ok()) {
-    audit(kEvent, "error", vid, peer, secret.status().message());
-    return error_response(500, api::kErrInternal, "volume secret unavailable");
-  }
-  if (!constant_time_equal(api::enrollment_confirmation(secret.value(), vid), proof.value())) {
-    audit(kEvent, "refused", vid, peer, "confirmation proof does not match");
-    return error_response(403, api::kErrPolicyDenied, "confirmation proof does not match");
+  Call call{"enroll.confirm", peer, ""};
+  return answer(call, serve_confirm(call, body));
+}
+
+Checked<ApiResponse> KeyService::serve_confirm(Call& call, std::string_view body) {
+  auto request = parse_volume_request(call, body);
+  if (!request.ok()) return request.refusal();
+  auto proof = decode_fixed(request.value(), api::field::kProof, kSha256Size);
+  if (!proof.ok()) return proof.refusal();
+  auto record = load_volume(call.volume_id);
+  if (!record.ok()) return record.refusal();
+  auto secret = open_volume_secret(kek_, record->sealed_secret, call.volume_id);
+  if (!secret.is_ok()) return server_error("volume secret unavailable", secret.status().message());
+  if (!constant_time_equal(api::enrollment_confirmation(secret.value(), call.volume_id),
+                           proof.value())) {
+    return refused(api::kErrPolicyDenied, "confirmation proof does not match",
+                   "confirmation proof does not match");
   }
   if (record->state == VolumeState::kRevoked) {
-    audit(kEvent, "refused", vid, peer, "volume revoked");
-    return error_response(403, api::kErrRevoked, "volume has been revoked");
+    return refused(api::kErrRevoked, "volume has been revoked", "volume revoked");
   }
   if (record->state == VolumeState::kPending) {
-    Status s = store_.transition_volume(vid, VolumeState::kPending, VolumeState::kActive,
+    Status s = store_.transition_volume(call.volume_id, VolumeState::kPending, VolumeState::kActive,
                                         clock_.now_unix());
-    if (!s.is_ok() && s.kind() != ErrorKind::kConflict) {
-      audit(kEvent, "error", vid, peer, s.message());
-      return error_response(500, api::kErrInternal, "could not confirm");
-    }
+    // A confirmation that raced another one finds the volume active: fine.
+    if (!s.is_ok() && s.kind() != ErrorKind::kConflict) return server_error("could not confirm", s.message());
   }
-  audit(kEvent, "ok", vid, peer, "");
+  (void)write_audit(call, "ok", "");
   ApiResponse r;
-  r.body["volume_id"] = vid;
-  r.body["state"] = "active";
+  r.body[api::field::kVolumeId] = call.volume_id;
+  r.body[api::field::kState] = "active";
   return r;
 }
 

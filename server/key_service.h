@@ -15,6 +15,7 @@
 #include "core/secret.h"
 #include "server/evidence.h"
 #include "server/policy.h"
+#include "server/refusal.h"
 #include "server/store.h"
 
 namespace keygate::server {
@@ -25,14 +26,6 @@ struct ServiceOptions {
   // claim of a rule may register a per-instance volume under that rule.
   std::vector<EnrollmentTemplate> attestation_enrollment;
 };
-
-struct ApiResponse {
-  int status = 200;
-  Json::Value body;
-};
-
-// {"error": {"code": code, "message": message}}
-ApiResponse error_response(int status, const char* code, std::string message);
 
 class KeyService {
  public:
@@ -45,27 +38,46 @@ class KeyService {
   ApiResponse enroll_confirm(std::string_view body, const std::string& peer);
 
  private:
-  struct Common;  // fields every attested request carries
-  Result<Common> parse_common(const Json::Value& request);
-  // Parses a request body; a malformed one is audited as refused.
-  Result<Json::Value> parse_request(const char* event, std::string_view body,
-                                    const std::string& peer);
-  Result<Identity> verify_evidence(const Json::Value& evidence, const Common& common,
-                                   const std::string& volume_id);
+  // One request as it is served: what the audit trail records of it.
+  struct Call {
+    const char* event;
+    const std::string& peer;
+    std::string volume_id;  // once known
+  };
+  struct Attested;  // the fields every attested request carries, and their binding
+
+  // Audits a refusal (or lets a served answer through) and answers.
+  ApiResponse answer(const Call& call, Checked<ApiResponse> outcome);
+  Checked<ApiResponse> serve_unlock(Call& call, std::string_view body);
+  Checked<ApiResponse> serve_register(Call& call, std::string_view body);
+  Checked<ApiResponse> serve_confirm(Call& call, std::string_view body);
+
+  Checked<Json::Value> parse_request(std::string_view body);
+  // A request about one volume: its body, and its volume_id (valid, and
+  // recorded in `call` for the trail).
+  Checked<Json::Value> parse_volume_request(Call& call, std::string_view body);
+  // nonce and client_public_key, and the binding value over them and
+  // `volume_id` (computed once, here).
+  Checked<Attested> parse_attested(const Json::Value& request, const std::string& volume_id);
+  // Spends the request's nonce (whatever the request's outcome).
+  std::optional<Refusal> spend_nonce(const Bytes& nonce);
+  Checked<VolumeRecord> load_volume(const std::string& volume_id);
+  Checked<VolumePolicy> stored_policy(const VolumeRecord& record);
   // The TPM part of an unlock: the quote, the PCR values, and an armed
-  // accept-next (applied here). False with `refusal` set when refused.
-  bool check_tpm(const char* event, const std::string& vid, const std::string& peer,
-                 const std::string& stored_policy, const VolumePolicy& policy,
-                 const Json::Value& request, const Common& common, ApiResponse* refusal);
-  // Appends to the audit log, then logs the line. A failed append is logged
-  // and returned, so that a release can be withheld (write_audit); refusals
-  // and errors go on either way (audit).
-  Status write_audit(const std::string& event, const std::string& outcome,
-                     const std::string& volume_id, const std::string& peer,
-                     const std::string& detail);
-  void audit(const std::string& event, const std::string& outcome, const std::string& volume_id,
-             const std::string& peer, const std::string& detail);
-  ApiResponse unaudited(const char* event, const std::string& volume_id);
+  // accept-next (applied here).
+  std::optional<Refusal> check_tpm(const Call& call, const VolumeRecord& record,
+                                   const VolumePolicy& policy, const Json::Value& request,
+                                   const Attested& attested);
+  // The template a registration enrolls under: a token's, or the first
+  // attestation-enrollment rule admitting `identity`. `how` says which.
+  Checked<EnrollmentTemplate> enrollment_template(const std::string& token,
+                                                  const std::optional<Identity>& identity,
+                                                  std::string* how);
+  // Appends to the audit trail, then logs the line. A failed append is
+  // logged and returned, so that a release can be withheld.
+  Status write_audit(const Call& call, const char* outcome, const std::string& detail);
+  // The refusal for a secret (or a registration) the trail could not record.
+  Refusal unaudited(const Call& call);
 
   Store& store_;
   SecretBuffer kek_;

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/json.h"
+#include "tpm/tpm2_format.h"
 
 namespace keygate::server {
 namespace {
@@ -131,7 +132,7 @@ Result<TpmPolicy> TpmPolicy::from_json(const Json::Value& v) {
   if (!p.isObject() || p.empty() || p.size() > 24) return bad("pcrs must name 1 to 24 PCRs");
   for (const auto& key : p.getMemberNames()) {
     if (key.empty() || key.size() > 2 || key.find_first_not_of("0123456789") != std::string::npos ||
-        std::stoul(key) > 23 || !p[key].isArray() || p[key].empty() || p[key].size() > 64) {
+        std::stoul(key) > tpm::kMaxPcrIndex || !p[key].isArray() || p[key].empty() || p[key].size() > 64) {
       return bad("bad PCR entry '" + key.substr(0, 8) + "'");
     }
     std::vector<Bytes> values;
@@ -303,13 +304,16 @@ Result<VolumePolicy> policy_for_enrollment(const EnrollmentTemplate& tmpl,
   return p;
 }
 
-Status evaluate_policy(const VolumePolicy& policy, const Identity& identity) {
-  KEYGATE_RETURN_IF_ERROR(policy.check_complete());
-  if (identity.platform != policy.platform) {
-    return Status::error(ErrorKind::kRefused, str_cat("platform mismatch (policy ", policy.platform,
+namespace {
+
+// Deny by default: the platform and every required claim present and equal.
+Status claims_match(const std::string& platform, const std::map<std::string, std::string>& require,
+                    const Identity& identity) {
+  if (identity.platform != platform) {
+    return Status::error(ErrorKind::kRefused, str_cat("platform mismatch (policy ", platform,
                                                       ", instance ", identity.platform, ")"));
   }
-  for (const auto& [c, want] : policy.require) {
+  for (const auto& [c, want] : require) {
     const std::string got = identity.claim(c);
     if (got != want) {
       return Status::error(ErrorKind::kRefused, str_cat(c, " mismatch (policy ", want,
@@ -317,6 +321,21 @@ Status evaluate_policy(const VolumePolicy& policy, const Identity& identity) {
     }
   }
   return Status::ok();
+}
+
+}  // namespace
+
+Status evaluate_policy(const VolumePolicy& policy, const Identity& identity) {
+  KEYGATE_RETURN_IF_ERROR(policy.check_complete());
+  return claims_match(policy.platform, policy.require, identity);
+}
+
+std::optional<size_t> match_enrollment_rule(const std::vector<EnrollmentTemplate>& rules,
+                                            const Identity& identity) {
+  for (size_t i = 0; i < rules.size(); ++i) {
+    if (claims_match(rules[i].platform, rules[i].require, identity).is_ok()) return i;
+  }
+  return std::nullopt;
 }
 
 }  // namespace keygate::server

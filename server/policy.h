@@ -97,4 +97,10 @@ Result<VolumePolicy> policy_for_enrollment(const EnrollmentTemplate& tmpl,
 // (the message is for the server's log, not for the client).
 Status evaluate_policy(const VolumePolicy& policy, const Identity& identity);
 
+// Enrollment by attestation: the index of the first rule whose platform is
+// the identity's and whose every claim the identity has, with that value;
+// none if no rule admits it (deny by default).
+std::optional<size_t> match_enrollment_rule(const std::vector<EnrollmentTemplate>& rules,
+                                            const Identity& identity);
+
 }  // namespace keygate::server

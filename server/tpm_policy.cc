@@ -1,6 +1,7 @@
 #include "server/tpm_policy.h"
 
 #include "core/json.h"
+#include "core/protocol.h"
 #include "tpm/tpm2_format.h"
 
 namespace keygate::server {
@@ -19,7 +20,7 @@ Result<Bytes> b64_field(const Json::Value& obj, const char* key) {
 }
 
 Result<std::map<uint32_t, Bytes>> pcr_values(const Json::Value& obj) {
-  const Json::Value& p = obj["pcrs"];
+  const Json::Value& p = obj[api::field::kTpmPcrs];
   if (!p.isObject() || p.empty() || p.size() > 24) {
     return Status::error(ErrorKind::kInvalidArgument, "tpm: 'pcrs' must map 1 to 24 PCRs to values");
   }
@@ -39,13 +40,16 @@ Result<std::map<uint32_t, Bytes>> pcr_values(const Json::Value& obj) {
   return out;
 }
 
-Result<tpm::Attest> verify(const Bytes& ak_public, uint16_t bank, const std::vector<uint32_t>& selection,
-                           const Json::Value& evidence, const Bytes& binding,
-                           std::map<uint32_t, Bytes>* values) {
+// The quote itself: signed by `ak_public`, over `selection` in `bank`, with
+// `binding` as its qualifying data; the PCR values it vouches for go to `values`.
+Result<tpm::Attest> verify_quote(const Bytes& ak_public, uint16_t bank,
+                                 const std::vector<uint32_t>& selection,
+                                 const Json::Value& evidence, const Bytes& binding,
+                                 std::map<uint32_t, Bytes>* values) {
   auto ak = tpm::parse_public(ak_public);
   if (!ak.is_ok()) return ak.status().with_context("registered attestation key");
-  auto attest = b64_field(evidence, "attest");
-  auto signature = b64_field(evidence, "signature");
+  auto attest = b64_field(evidence, api::field::kTpmAttest);
+  auto signature = b64_field(evidence, api::field::kTpmSignature);
   if (!attest.is_ok()) return attest.status();
   if (!signature.is_ok()) return signature.status();
   auto reported = pcr_values(evidence);
@@ -78,7 +82,7 @@ Result<TpmCheck> check_tpm_evidence(const TpmPolicy& policy, const Json::Value& 
   const uint16_t bank = tpm::hash_alg_from_name(policy.bank);
   if (bank == 0) return Status::error(ErrorKind::kInternal, "policy.tpm: unknown bank");
   TpmCheck out;
-  auto verified = verify(policy.ak_public, bank, policy.selection(), evidence, binding, &out.values);
+  auto verified = verify_quote(policy.ak_public, bank, policy.selection(), evidence, binding, &out.values);
   if (!verified.is_ok()) return verified.status();
   for (const auto& [pcr, accepted] : policy.pcrs) {
     const Bytes& got = out.values.at(pcr);
@@ -92,7 +96,7 @@ Result<TpmCheck> check_tpm_evidence(const TpmPolicy& policy, const Json::Value& 
 Result<TpmPolicy> tpm_policy_for_enrollment(const Json::Value& evidence, const Bytes& binding) {
   if (!evidence.isObject()) return Status::error(ErrorKind::kInvalidArgument, "tpm: not an object");
   TpmPolicy policy;
-  auto ak = b64_field(evidence, "ak_public");
+  auto ak = b64_field(evidence, api::field::kTpmAkPublic);
   if (!ak.is_ok()) return ak.status();
   auto parsed = tpm::parse_public(ak.value());
   if (!parsed.is_ok()) return parsed.status().with_context("tpm.ak_public");
@@ -101,7 +105,7 @@ Result<TpmPolicy> tpm_policy_for_enrollment(const Json::Value& evidence, const B
                          "tpm: the attestation key is not a restricted signing key (it could sign "
                          "forged quotes)");
   }
-  auto bank_name = json_string(evidence, "bank", 16);
+  auto bank_name = json_string(evidence, api::field::kTpmBank, 16);
   const uint16_t bank = bank_name.is_ok() ? tpm::hash_alg_from_name(bank_name.value()) : 0;
   if (bank == 0) return Status::error(ErrorKind::kInvalidArgument, "tpm: 'bank' must be sha1, sha256, sha384 or sha512");
   auto reported = pcr_values(evidence);
@@ -109,12 +113,12 @@ Result<TpmPolicy> tpm_policy_for_enrollment(const Json::Value& evidence, const B
   std::vector<uint32_t> selection;
   for (const auto& [pcr, value] : reported.value()) selection.push_back(pcr);
   std::map<uint32_t, Bytes> values;
-  auto verified = verify(ak.value(), bank, selection, evidence, binding, &values);
+  auto verified = verify_quote(ak.value(), bank, selection, evidence, binding, &values);
   if (!verified.is_ok()) return verified.status();
   policy.ak_public = std::move(ak).value();
   policy.bank = bank_name.value();
   for (auto& [pcr, value] : values) policy.pcrs[pcr] = {value};
-  policy.sealed = evidence["sealed"].isBool() && evidence["sealed"].asBool();
+  policy.sealed = evidence[api::field::kTpmSealed].isBool() && evidence[api::field::kTpmSealed].asBool();
   return policy;
 }
 

@@ -6,6 +6,7 @@
 #include "server/key_service.h"
 #include "server/state_files.h"
 #include "server/store.h"
+#include "tests/memory_store.h"
 
 namespace keygate::server {
 namespace {
@@ -28,13 +29,26 @@ class StoreTest : public ::testing::Test {
   std::unique_ptr<Store> store_;
 };
 
+// The contract of server/store.h, on SQLite and on the in-memory store the
+// KeyService unit tests use: the fake behaves like the real one.
+class StoreContract : public StoreTest, public ::testing::WithParamInterface<std::string> {
+ protected:
+  void SetUp() override {
+    StoreTest::SetUp();
+    if (GetParam() == "memory") store_ = std::make_unique<MemoryStore>();
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Stores, StoreContract, ::testing::Values("sqlite", "memory"),
+                         [](const auto& p) { return p.param; });
+
 TEST_F(StoreTest, FileIsPrivate) {
   struct stat st;
   ASSERT_EQ(stat((dir_ + "/keygate.db").c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 077, 0u);
 }
 
-TEST_F(StoreTest, NonceIsSingleUseAndExpires) {
+TEST_P(StoreContract, NonceIsSingleUseAndExpires) {
   Bytes n = random_bytes(32);
   ASSERT_TRUE(store_->put_nonce(n, 0, 100).is_ok());
   EXPECT_TRUE(store_->consume_nonce(n, 50).value());
@@ -70,7 +84,7 @@ TEST_F(StoreTest, NoncesAreNotWrittenToDisk) {
   EXPECT_EQ(count("/keygate.db") + count("/keygate.db-wal"), 1u);
 }
 
-TEST_F(StoreTest, EnrollmentTokenUsesAndExpiry) {
+TEST_P(StoreContract, EnrollmentTokenUsesAndExpiry) {
   Bytes h = sha256("token");
   ASSERT_TRUE(store_->create_enrollment_token(h, "{}", 100, 2).is_ok());
   EXPECT_TRUE(store_->consume_enrollment_token(h, 10).is_ok());
@@ -81,7 +95,7 @@ TEST_F(StoreTest, EnrollmentTokenUsesAndExpiry) {
   EXPECT_FALSE(store_->consume_enrollment_token(g, 101).is_ok());
 }
 
-TEST_F(StoreTest, VolumeLifecycle) {
+TEST_P(StoreContract, VolumeLifecycle) {
   VolumeRecord r{"vol-1", VolumeState::kPending, "{}", random_bytes(60), "d", 1, 1};
   ASSERT_TRUE(store_->insert_volume(r).is_ok());
   EXPECT_FALSE(store_->insert_volume(r).is_ok());  // duplicate id
@@ -100,7 +114,7 @@ TEST_F(StoreTest, VolumeLifecycle) {
   EXPECT_EQ(all.value()[0].sealed_secret, r.sealed_secret);
 }
 
-TEST_F(StoreTest, PolicyUpdateIsACompareAndSwap) {
+TEST_P(StoreContract, PolicyUpdateIsACompareAndSwap) {
   VolumeRecord r{"vol-1", VolumeState::kActive, "{\"v\":1}", random_bytes(60), "d", 1, 1};
   ASSERT_TRUE(store_->insert_volume(r).is_ok());
   ASSERT_TRUE(store_->update_volume_policy("vol-1", "{\"v\":1}", "{\"v\":2}", 5).is_ok());
@@ -112,7 +126,7 @@ TEST_F(StoreTest, PolicyUpdateIsACompareAndSwap) {
   EXPECT_EQ(store_->update_volume_policy("zzz", "{}", "{}", 6).kind(), ErrorKind::kNotFound);
 }
 
-TEST_F(StoreTest, AuditKeepsOrder) {
+TEST_P(StoreContract, AuditKeepsOrder) {
   for (int i = 0; i < 5; ++i) {
     ASSERT_TRUE(store_->append_audit(AuditEvent{i, "unlock", "refused", "v", "p", std::to_string(i)})
                     .is_ok());

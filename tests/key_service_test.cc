@@ -1,0 +1,327 @@
+// KeyService on the in-memory store, the real AWS evidence fixture and a
+// fixed clock: every refusal code the service answers, each one audited,
+// and no key out while the audit trail cannot take its release. No server,
+// no files; milliseconds.
+#include "server/key_service.h"
+
+#include <gtest/gtest.h>
+
+#include <cctype>
+#include <functional>
+#include <set>
+
+#include "core/crypto.h"
+#include "core/envelope.h"
+#include "core/json.h"
+#include "core/protocol.h"
+#include "tests/memory_store.h"
+#include "tests/test_files.h"
+
+namespace keygate::server {
+namespace {
+
+using test_files::read_file;
+using Op = MemoryStore::Op;
+
+constexpr int64_t kNow = 1771203600;  // inside the AWS document's certificate's validity
+const std::string kAws = test_files::kRealFixtures + "aws/";
+// The fixture's instance (ap-southeast-2.document.json).
+constexpr char kAccount[] = "189292791360";
+constexpr char kInstance[] = "i-0c5541936caf78c12";
+
+class KeyServiceTest : public ::testing::Test {
+ public:
+  void SetUp() override {
+    ASSERT_TRUE(trust_.aws
+                    .add_pem("ap-southeast-2", read_file(kAws + "cert-rsa2048-ap-southeast-2.pem"))
+                    .is_ok());
+    kek_ = SecretBuffer::random(32).value();
+    ServiceOptions options;
+    EnrollmentTemplate rule;
+    rule.platform = "aws";
+    rule.require = {{"account_id", kAccount}, {"image_id", "ami-0cbde744623b7506b"}};
+    options.attestation_enrollment = {rule};
+    service_ = std::make_unique<KeyService>(store_, SecretBuffer::copy_of(kek_.data(), 32).value(),
+                                            trust_, clock_, options);
+  }
+
+  Json::Value aws_evidence(bool altered = false) {
+    std::string b64 = read_file(kAws + "ap-southeast-2.rsa2048.b64");
+    while (!b64.empty() && (b64.back() == '\n' || b64.back() == '\r')) b64.pop_back();
+    if (altered) b64[b64.size() / 2] = b64[b64.size() / 2] == 'A' ? 'B' : 'A';
+    Json::Value e;
+    e[api::field::kAws][api::field::kAwsSignature] = b64;
+    return e;
+  }
+
+  // A request body with a fresh challenge's nonce and a client key.
+  Json::Value attested_request() {
+    ApiResponse c = service_->challenge("peer");
+    EXPECT_EQ(c.status, 200);
+    Json::Value req;
+    req[api::field::kNonce] = c.body[api::field::kNonce];
+    keys_ = X25519KeyPair::generate().value();
+    req[api::field::kClientPublicKey] =
+        base64_encode(keys_.public_key.data(), keys_.public_key.size());
+    return req;
+  }
+
+  Json::Value unlock_request(const std::string& volume_id) {
+    Json::Value req = attested_request();
+    req[api::field::kVolumeId] = volume_id;
+    req[api::field::kEvidence] = aws_evidence();
+    return req;
+  }
+
+  // A volume straight in the store, bound to `require` (the fixture's
+  // instance by default).
+  std::string add_volume(VolumeState state, std::map<std::string, std::string> require = {},
+                         bool with_tpm = false) {
+    VolumePolicy policy;
+    policy.platform = "aws";
+    policy.require = require.empty() ? std::map<std::string, std::string>{{"account_id", kAccount},
+                                                                          {"region", "ap-southeast-2"},
+                                                                          {"instance_id", kInstance}}
+                                     : require;
+    if (with_tpm) {
+      TpmPolicy tpm;
+      tpm.ak_public = Bytes(64, 1);
+      tpm.pcrs[7] = {Bytes(32, 0)};
+      policy.tpm = tpm;
+    }
+    const std::string id = new_volume_id();
+    auto secret = SecretBuffer::random(32).value();
+    VolumeRecord record{id, state, to_json(policy.to_json()),
+                        seal_volume_secret(kek_, secret, id).value(), "", kNow, kNow};
+    EXPECT_TRUE(store_.insert_volume(record).is_ok());
+    return id;
+  }
+
+  ApiResponse unlock(const Json::Value& req) { return service_->unlock(to_json(req), "peer"); }
+
+  std::vector<AuditEvent> audit() { return store_.recent_audit(1000).value(); }
+  // The trail's last event (a failure, and an empty event, if there is none).
+  AuditEvent last_audit() {
+    auto trail = audit();
+    if (trail.empty()) {
+      ADD_FAILURE() << "the audit trail is empty";
+      return AuditEvent{};
+    }
+    return trail.back();
+  }
+
+  FixedClock clock_{kNow};
+  EvidenceTrust trust_;
+  MemoryStore store_;
+  SecretBuffer kek_;
+  X25519KeyPair keys_;
+  std::unique_ptr<KeyService> service_;
+};
+
+std::string code_of(const ApiResponse& r) {
+  return r.body[api::field::kError][api::field::kCode].asString();
+}
+
+TEST_F(KeyServiceTest, ReleasesToTheBoundInstanceAfterAuditingIt) {
+  const std::string vid = add_volume(VolumeState::kActive);
+  ApiResponse r = unlock(unlock_request(vid));
+  ASSERT_EQ(r.status, 200) << to_json(r.body);
+  auto wrapped = WrappedSecret::from_json(r.body[api::field::kWrapped]);
+  ASSERT_TRUE(wrapped.is_ok());
+  ASSERT_FALSE(audit().empty());
+  EXPECT_EQ(last_audit().event, "unlock");
+  EXPECT_EQ(last_audit().outcome, "released");
+  EXPECT_EQ(last_audit().volume_id, vid);
+}
+
+// Every refusal a KeyService answers: its HTTP status, its code, and its
+// line on the audit trail (outcome "refused", or "error" for the server's
+// own failures). The table must name every code of core/protocol.h that
+// KeyService answers.
+struct RefusalCase {
+  const char* name;
+  int status;
+  const char* code;
+  const char* outcome;  // audit outcome; nullptr: the case is not audited (a challenge)
+  std::function<ApiResponse(KeyServiceTest&)> run;
+};
+
+void PrintTo(const RefusalCase& c, std::ostream* os) { *os << c.name; }
+
+std::vector<RefusalCase> refusal_cases() {
+  auto as = [](KeyServiceTest& t) -> KeyServiceTest& { return t; };
+  return {
+      {"garbage body", 400, api::kErrBadRequest, "refused",
+       [=](KeyServiceTest& t) { return as(t).service_->unlock("{not json", "peer"); }},
+      {"control characters in the volume id", 400, api::kErrBadRequest, "refused",
+       [=](KeyServiceTest& t) {
+         Json::Value req = as(t).unlock_request("x");
+         req[api::field::kVolumeId] = "\x1b[2J\n";
+         return as(t).unlock(req);
+       }},
+      {"oversized body", 400, api::kErrTooLarge, "refused",
+       [=](KeyServiceTest& t) {
+         return as(t).service_->unlock(std::string(api::kMaxRequestBody + 1, ' '), "peer");
+       }},
+      {"nonce reused", 403, api::kErrNonceInvalid, "refused",
+       [=](KeyServiceTest& t) {
+         Json::Value req = as(t).unlock_request(as(t).add_volume(VolumeState::kActive));
+         EXPECT_EQ(as(t).unlock(req).status, 200);
+         return as(t).unlock(req);
+       }},
+      {"altered evidence", 403, api::kErrEvidenceInvalid, "refused",
+       [=](KeyServiceTest& t) {
+         Json::Value req = as(t).unlock_request(as(t).add_volume(VolumeState::kActive));
+         req[api::field::kEvidence] = as(t).aws_evidence(true);
+         return as(t).unlock(req);
+       }},
+      {"another instance's volume", 403, api::kErrPolicyDenied, "refused",
+       [=](KeyServiceTest& t) {
+         return as(t).unlock(as(t).unlock_request(as(t).add_volume(
+             VolumeState::kActive,
+             {{"account_id", kAccount}, {"region", "ap-southeast-2"}, {"instance_id", "i-0other"}})));
+       }},
+      {"unknown volume", 403, api::kErrPolicyDenied, "refused",
+       [=](KeyServiceTest& t) { return as(t).unlock(as(t).unlock_request(new_volume_id())); }},
+      {"revoked volume", 403, api::kErrRevoked, "refused",
+       [=](KeyServiceTest& t) {
+         return as(t).unlock(as(t).unlock_request(as(t).add_volume(VolumeState::kRevoked)));
+       }},
+      {"enrollment never confirmed", 403, api::kErrNotEnrolled, "refused",
+       [=](KeyServiceTest& t) {
+         return as(t).unlock(as(t).unlock_request(as(t).add_volume(VolumeState::kPending)));
+       }},
+      {"no TPM quote for a TPM-bound volume", 403, api::kErrTpmRequired, "refused",
+       [=](KeyServiceTest& t) {
+         return as(t).unlock(as(t).unlock_request(as(t).add_volume(VolumeState::kActive, {}, true)));
+       }},
+      {"unknown enrollment token", 403, api::kErrTokenInvalid, "refused",
+       [=](KeyServiceTest& t) {
+         Json::Value req = as(t).attested_request();
+         req[api::field::kEnrollmentToken] = "kgt_nosuchtoken";
+         return as(t).service_->enroll_register(to_json(req), "peer");
+       }},
+      {"no token and no evidence", 403, api::kErrTokenInvalid, "refused",
+       [=](KeyServiceTest& t) {
+         return as(t).service_->enroll_register(to_json(as(t).attested_request()), "peer");
+       }},
+      {"store fails", 500, api::kErrInternal, "error",
+       [=](KeyServiceTest& t) {
+         Json::Value req = as(t).unlock_request(as(t).add_volume(VolumeState::kActive));
+         as(t).store_.fail(Op::kGetVolume, Status::error(ErrorKind::kIo, "store: disk I/O error"));
+         return as(t).unlock(req);
+       }},
+      {"too many outstanding challenges", 503, api::kErrBusy, nullptr,
+       [=](KeyServiceTest& t) {
+         as(t).store_.max_outstanding_nonces = 0;
+         return as(t).service_->challenge("peer");
+       }},
+  };
+}
+
+class KeyServiceRefusal : public KeyServiceTest,
+                          public ::testing::WithParamInterface<RefusalCase> {};
+
+TEST_P(KeyServiceRefusal, IsAnsweredWithItsCodeAndAudited) {
+  const RefusalCase& c = GetParam();
+  const size_t before = audit().size();
+  ApiResponse r = c.run(*this);
+  EXPECT_EQ(r.status, c.status) << to_json(r.body);
+  EXPECT_EQ(code_of(r), c.code);
+  EXPECT_FALSE(r.body.isMember(api::field::kWrapped));
+  auto trail = audit();
+  if (c.outcome == nullptr) {
+    EXPECT_EQ(trail.size(), before);
+    return;
+  }
+  ASSERT_GT(trail.size(), before) << "not audited";
+  EXPECT_EQ(trail.back().outcome, c.outcome);
+  EXPECT_FALSE(trail.back().detail.empty()) << "the trail does not say why";
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, KeyServiceRefusal, ::testing::ValuesIn(refusal_cases()),
+                         [](const ::testing::TestParamInfo<RefusalCase>& p) {
+                           std::string id;
+                           bool up = true;
+                           for (const char* c = p.param.name; *c; ++c) {
+                             if (!isalnum(static_cast<unsigned char>(*c))) {
+                               up = true;
+                               continue;
+                             }
+                             id += up ? static_cast<char>(toupper(*c)) : *c;
+                             up = false;
+                           }
+                           return id;
+                         });
+
+TEST(KeyServiceRefusalTable, HasACaseForEveryCodeTheServiceAnswers) {
+  std::set<std::string> covered = {api::kErrAuditUnavailable};  // its own tests, below
+  for (const RefusalCase& c : refusal_cases()) covered.insert(c.code);
+  for (const char* code : api::kServiceErrorCodes) {
+    EXPECT_EQ(covered.count(code), 1u) << "no case for error code " << code;
+  }
+}
+
+TEST_F(KeyServiceTest, NoKeyLeavesWhileTheAuditTrailCannotBeWritten) {
+  const std::string vid = add_volume(VolumeState::kActive);
+  Json::Value req = unlock_request(vid);
+  store_.fail(Op::kAppendAudit, Status::error(ErrorKind::kIo, "store: database is locked"));
+  ApiResponse r = unlock(req);
+  EXPECT_EQ(r.status, 503);
+  EXPECT_EQ(code_of(r), api::kErrAuditUnavailable);
+  EXPECT_FALSE(r.body.isMember(api::field::kWrapped));
+  // Once the trail takes writes again, the same volume opens (a new nonce).
+  store_.fail(Op::kAppendAudit, Status::ok());
+  EXPECT_EQ(unlock(unlock_request(vid)).status, 200);
+  EXPECT_EQ(last_audit().outcome, "released");
+}
+
+TEST_F(KeyServiceTest, RegistrationWithoutAuditLeavesTheVolumePending) {
+  Json::Value req = attested_request();
+  req[api::field::kEvidence] = aws_evidence();
+  store_.fail(Op::kAppendAudit, Status::error(ErrorKind::kIo, "store: database is locked"));
+  ApiResponse r = service_->enroll_register(to_json(req), "peer");
+  EXPECT_EQ(r.status, 503);
+  EXPECT_EQ(code_of(r), api::kErrAuditUnavailable);
+  auto volumes = store_.list_volumes().value();
+  ASSERT_EQ(volumes.size(), 1u);
+  EXPECT_EQ(volumes[0].state, VolumeState::kPending);
+}
+
+TEST_F(KeyServiceTest, EnrollsByAttestationRuleConfirmsAndUnlocks) {
+  Json::Value req = attested_request();
+  const Bytes nonce = base64_decode(req[api::field::kNonce].asString()).value();
+  req[api::field::kEvidence] = aws_evidence();
+  ApiResponse reg = service_->enroll_register(to_json(req), "peer");
+  ASSERT_EQ(reg.status, 200) << to_json(reg.body);
+  const std::string vid = reg.body[api::field::kVolumeId].asString();
+  EXPECT_NE(last_audit().detail.find("attestation (rule 1)"), std::string::npos)
+      << last_audit().detail;
+  auto secret = unwrap_secret(WrappedSecret::from_json(reg.body[api::field::kWrapped]).value(),
+                              keys_, vid, nonce);
+  ASSERT_TRUE(secret.is_ok()) << secret.status().message();
+  // Pending until confirmed.
+  EXPECT_EQ(code_of(unlock(unlock_request(vid))), api::kErrNotEnrolled);
+  Json::Value confirm;
+  confirm[api::field::kVolumeId] = vid;
+  confirm[api::field::kProof] = base64_encode(api::enrollment_confirmation(secret.value(), vid));
+  ApiResponse done = service_->enroll_confirm(to_json(confirm), "peer");
+  ASSERT_EQ(done.status, 200) << to_json(done.body);
+  EXPECT_EQ(unlock(unlock_request(vid)).status, 200);
+}
+
+TEST_F(KeyServiceTest, AWrongConfirmationProofIsRefusedAndAudited) {
+  const std::string vid = add_volume(VolumeState::kPending);
+  Json::Value confirm;
+  confirm[api::field::kVolumeId] = vid;
+  confirm[api::field::kProof] = base64_encode(Bytes(kSha256Size, 7));
+  ApiResponse r = service_->enroll_confirm(to_json(confirm), "peer");
+  EXPECT_EQ(r.status, 403);
+  EXPECT_EQ(code_of(r), api::kErrPolicyDenied);
+  EXPECT_EQ(last_audit().event, "enroll.confirm");
+  EXPECT_EQ(last_audit().outcome, "refused");
+  EXPECT_EQ(store_.get_volume(vid)->state, VolumeState::kPending);
+}
+
+}  // namespace
+}  // namespace keygate::server

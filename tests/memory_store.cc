@@ -1,0 +1,140 @@
+#include "tests/memory_store.h"
+
+#include <algorithm>
+
+namespace keygate::server {
+
+void MemoryStore::fail(Op op, Status status) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (status.is_ok()) {
+    failures_.erase(op);
+  } else {
+    failures_[op] = std::move(status);
+  }
+}
+
+Status MemoryStore::injected(Op op) {
+  auto it = failures_.find(op);
+  return it == failures_.end() ? Status::ok() : it->second;
+}
+
+Status MemoryStore::put_nonce(const Bytes& nonce, int64_t now, int64_t expires_at) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kPutNonce));
+  for (auto it = nonces_.begin(); it != nonces_.end();) {
+    it = it->second < now ? nonces_.erase(it) : std::next(it);
+  }
+  if (nonces_.size() >= max_outstanding_nonces) {
+    return Status::error(ErrorKind::kUnavailable, "too many outstanding challenges");
+  }
+  if (!nonces_.emplace(nonce, expires_at).second) {
+    return Status::error(ErrorKind::kIo, "store: insert nonce: not unique");
+  }
+  return Status::ok();
+}
+
+Result<bool> MemoryStore::consume_nonce(const Bytes& nonce, int64_t now) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kConsumeNonce));
+  auto it = nonces_.find(nonce);
+  if (it == nonces_.end()) return false;
+  const bool fresh = now <= it->second;
+  nonces_.erase(it);
+  return fresh;
+}
+
+Status MemoryStore::create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
+                                            int64_t expires_at, int uses) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kCreateToken));
+  if (!tokens_.emplace(token_hash, Token{template_json, expires_at, uses}).second) {
+    return Status::error(ErrorKind::kIo, "store: insert enrollment token: not unique");
+  }
+  return Status::ok();
+}
+
+Result<std::string> MemoryStore::consume_enrollment_token(const Bytes& token_hash, int64_t now) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kConsumeToken));
+  auto it = tokens_.find(token_hash);
+  if (it == tokens_.end() || it->second.uses_left <= 0 || it->second.expires_at < now) {
+    return Status::error(ErrorKind::kRefused, "enrollment token unknown, used up or expired");
+  }
+  --it->second.uses_left;
+  return it->second.template_json;
+}
+
+Status MemoryStore::insert_volume(const VolumeRecord& record) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kInsertVolume));
+  if (!volumes_.emplace(record.id, record).second) {
+    return Status::error(ErrorKind::kIo, "store: insert volume: not unique");
+  }
+  volume_order_.push_back(record.id);
+  return Status::ok();
+}
+
+Result<VolumeRecord> MemoryStore::get_volume(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kGetVolume));
+  auto it = volumes_.find(id);
+  if (it == volumes_.end()) return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
+  return it->second;
+}
+
+Status MemoryStore::transition_volume(const std::string& id, VolumeState from, VolumeState to,
+                                      int64_t now) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kTransitionVolume));
+  auto it = volumes_.find(id);
+  if (it == volumes_.end()) return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
+  if (it->second.state != from) {
+    return Status::error(ErrorKind::kConflict, str_cat("volume ", id, " is ",
+                                                       volume_state_name(it->second.state), ", not ",
+                                                       volume_state_name(from)));
+  }
+  it->second.state = to;
+  it->second.updated_at = now;
+  return Status::ok();
+}
+
+Status MemoryStore::update_volume_policy(const std::string& id, const std::string& expected,
+                                         const std::string& updated, int64_t now) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kUpdatePolicy));
+  auto it = volumes_.find(id);
+  if (it == volumes_.end()) return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
+  if (it->second.policy_json != expected) {
+    return Status::error(ErrorKind::kConflict, str_cat("volume ", id, ": policy changed meanwhile"));
+  }
+  it->second.policy_json = updated;
+  it->second.updated_at = now;
+  return Status::ok();
+}
+
+Result<std::vector<VolumeRecord>> MemoryStore::list_volumes() {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kListVolumes));
+  std::vector<VolumeRecord> out;
+  for (const auto& id : volume_order_) out.push_back(volumes_.at(id));
+  std::stable_sort(out.begin(), out.end(), [](const VolumeRecord& a, const VolumeRecord& b) {
+    return a.created_at != b.created_at ? a.created_at < b.created_at : a.id < b.id;
+  });
+  return out;
+}
+
+Status MemoryStore::append_audit(const AuditEvent& event) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kAppendAudit));
+  audit_.push_back(event);
+  return Status::ok();
+}
+
+Result<std::vector<AuditEvent>> MemoryStore::recent_audit(int limit) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kRecentAudit));
+  const size_t n = std::min(audit_.size(), static_cast<size_t>(std::max(limit, 0)));
+  return std::vector<AuditEvent>(audit_.end() - static_cast<std::ptrdiff_t>(n), audit_.end());
+}
+
+}  // namespace keygate::server

@@ -1,0 +1,66 @@
+// An in-memory Store for fast unit tests of KeyService, with failures that
+// can be injected per operation. It keeps the contract of server/store.h
+// (tests/store_test.cc runs the same contract cases on it and on SQLite).
+#pragma once
+
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "server/store.h"
+
+namespace keygate::server {
+
+class MemoryStore final : public Store {
+ public:
+  enum class Op {
+    kPutNonce,
+    kConsumeNonce,
+    kCreateToken,
+    kConsumeToken,
+    kInsertVolume,
+    kGetVolume,
+    kTransitionVolume,
+    kUpdatePolicy,
+    kListVolumes,
+    kAppendAudit,
+    kRecentAudit,
+  };
+  // Every later call of `op` fails with `status`; Status::ok() clears it.
+  void fail(Op op, Status status);
+  size_t max_outstanding_nonces = 200000;
+
+  Status put_nonce(const Bytes& nonce, int64_t now, int64_t expires_at) override;
+  Result<bool> consume_nonce(const Bytes& nonce, int64_t now) override;
+  Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
+                                 int64_t expires_at, int uses) override;
+  Result<std::string> consume_enrollment_token(const Bytes& token_hash, int64_t now) override;
+  Status insert_volume(const VolumeRecord& record) override;
+  Result<VolumeRecord> get_volume(const std::string& id) override;
+  Status transition_volume(const std::string& id, VolumeState from, VolumeState to,
+                           int64_t now) override;
+  Status update_volume_policy(const std::string& id, const std::string& expected,
+                              const std::string& updated, int64_t now) override;
+  Result<std::vector<VolumeRecord>> list_volumes() override;
+  Status append_audit(const AuditEvent& event) override;
+  Result<std::vector<AuditEvent>> recent_audit(int limit) override;
+
+ private:
+  Status injected(Op op);
+
+  struct Token {
+    std::string template_json;
+    int64_t expires_at;
+    int uses_left;
+  };
+  std::mutex mu_;
+  std::map<Op, Status> failures_;
+  std::map<Bytes, int64_t> nonces_;
+  std::map<Bytes, Token> tokens_;
+  std::map<std::string, VolumeRecord> volumes_;
+  std::vector<std::string> volume_order_;
+  std::vector<AuditEvent> audit_;
+};
+
+}  // namespace keygate::server
