@@ -71,4 +71,10 @@ Result<long> Args::get_int(const std::string& name, long fallback, long min, lon
   return v;
 }
 
+std::vector<std::string> Args::names() const {
+  std::vector<std::string> out;
+  for (const auto& [name, values] : values_) out.push_back(name);
+  return out;
+}
+
 }  // namespace keygate

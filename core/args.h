@@ -26,15 +26,8 @@ class Args {
   Result<long> get_int(const std::string& name, long fallback, long min, long max) const;
   const std::vector<std::string>& positional() const { return positional_; }
 
-  // A copy with `name` set to `value` (replacing earlier values) and, if
-  // given, other positional arguments. For commands built on other commands.
-  Args with(const std::string& name, const std::string& value,
-            std::vector<std::string> positional = {}) const {
-    Args a = *this;
-    a.values_[name] = {value};
-    if (!positional.empty()) a.positional_ = std::move(positional);
-    return a;
-  }
+  // Every option given, by name.
+  std::vector<std::string> names() const;
 
  private:
   std::map<std::string, std::vector<std::string>> values_;

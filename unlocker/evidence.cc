@@ -121,7 +121,7 @@ Result<Json::Value> collect_aws_evidence(const std::string& metadata_url, long t
     return unavailable("AWS identity signature", sig.value());
   }
   Json::Value evidence;
-  evidence["aws"]["rsa2048"] = sig->body;
+  evidence[api::field::kAws][api::field::kAwsSignature] = sig->body;
   return evidence;
 }
 
@@ -136,7 +136,7 @@ Result<Json::Value> collect_gcp_evidence(const std::string& metadata_url, const 
   if (!r.is_ok()) return r.status().with_context("GCP identity token");
   if (r->status != 200 || !is_jwt_text(r->body)) return unavailable("GCP identity token", r.value());
   Json::Value evidence;
-  evidence["gcp"]["identity_token"] = r->body;
+  evidence[api::field::kGcp][api::field::kGcpToken] = r->body;
   return evidence;
 }
 
@@ -158,8 +158,8 @@ Result<Json::Value> collect_azure_evidence(const std::string& metadata_url, cons
     return unavailable("Azure attested document", r.value());
   }
   Json::Value evidence;
-  evidence["azure"]["encoding"] = "pkcs7";
-  evidence["azure"]["signature"] = doc["signature"];
+  evidence[api::field::kAzure][api::field::kAzureEncoding] = "pkcs7";
+  evidence[api::field::kAzure][api::field::kAzureSignature] = doc["signature"];
   return evidence;
 }
 

@@ -56,7 +56,8 @@ class EvidenceCollector {
   void start();
   // The platform, detecting it if needed. kUnavailable if nothing answered.
   Result<Platform> platform();
-  // Evidence bound to `binding` (ARCHITECTURE.md's binding value).
+  // Evidence bound to `binding` (core/envelope.h's binding_value of the
+  // request's nonce, client key and volume id).
   Result<Json::Value> collect(const Bytes& binding);
 
  private:

@@ -12,8 +12,6 @@
 namespace keygate::unlocker {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
 int rank(ErrorKind k) {
   switch (k) {
     case ErrorKind::kRefused: return 4;
@@ -24,11 +22,22 @@ int rank(ErrorKind k) {
   }
 }
 
-long remaining_ms(Clock::time_point deadline) {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-}
+class SteadyRetryClock final : public RetryClock {
+ public:
+  long now_ms() override {
+    return static_cast<long>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                 std::chrono::steady_clock::now().time_since_epoch())
+                                 .count());
+  }
+  void sleep_ms(long ms) override { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+};
 
 }  // namespace
+
+RetryClock& steady_retry_clock() {
+  static SteadyRetryClock clock;
+  return clock;
+}
 
 long backoff_delay_ms(const RetryPolicy& policy, int round) {
   long base = policy.initial_backoff_ms;
@@ -40,22 +49,26 @@ long backoff_delay_ms(const RetryPolicy& policy, int round) {
   return base / 2 + static_cast<long>(r % static_cast<uint32_t>(std::max(base, 1L)));
 }
 
-Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token, EvidenceCollector& evidence,
-                                         TpmAttester* tpm, const RetryPolicy& policy) {
-  const auto deadline = Clock::now() + std::chrono::milliseconds(policy.deadline_ms);
+Result<SecretBuffer> ask_servers_until_deadline(const std::vector<std::string>& servers,
+                                                const std::string& volume_id,
+                                                const RetryPolicy& policy, RetryClock& clock,
+                                                const AskServer& ask) {
+  if (servers.empty()) return Status::error(ErrorKind::kInvalidArgument, "no key server configured");
+  const long deadline = clock.now_ms() + policy.deadline_ms;
   Status worst;
   bool last_round = false;
   for (int round = 1;; ++round) {
     bool all_refused = true;
-    for (const auto& url : token.servers) {
+    for (const auto& url : servers) {
       long request_ms = policy.request_timeout_ms;
-      if (policy.deadline_ms > 0) request_ms = std::min(request_ms, remaining_ms(deadline));
-      if (request_ms <= 0) break;
-      ServerEndpoint server{url, token.ca_pem, request_ms,
-                            std::min(policy.connect_timeout_ms, request_ms)};
-      auto secret = request_volume_secret(server, token.volume_id, evidence, tpm);
+      if (policy.deadline_ms > 0) request_ms = std::min(request_ms, deadline - clock.now_ms());
+      if (request_ms <= 0) {
+        all_refused = false;
+        break;
+      }
+      auto secret = ask(url, request_ms, std::min(policy.connect_timeout_ms, request_ms));
       if (secret.is_ok()) {
-        log_info(str_cat("volume ", token.volume_id, ": key released by ", url,
+        log_info(str_cat("volume ", volume_id, ": key released by ", url,
                          round > 1 ? str_cat(" (round ", round, ")") : ""));
         return secret;
       }
@@ -66,26 +79,38 @@ Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token, EvidenceColl
       }
     }
     if (worst.is_ok()) {
-      return Status::error(ErrorKind::kInvalidArgument, "no key server configured");
+      // The deadline passed before any server was asked.
+      return Status::error(ErrorKind::kUnavailable,
+                           str_cat("volume ", volume_id, ": deadline reached before a server was asked"));
     }
     if (all_refused || policy.deadline_ms <= 0) return worst;
     long wait = backoff_delay_ms(policy, round);
-    long left = remaining_ms(deadline);
+    const long left = deadline - clock.now_ms();
     if (left <= wait) {
       // Rather than stop early, one last round starts shortly before the
       // deadline (a connection timeout before it, or half the time left).
       if (last_round || left <= 0) {
-        log_warning(str_cat("volume ", token.volume_id, ": deadline of ",
-                            policy.deadline_ms / 1000, " s reached after ", round, " round(s)"));
+        log_warning(str_cat("volume ", volume_id, ": deadline of ", policy.deadline_ms / 1000,
+                            " s reached after ", round, " round(s)"));
         return worst;
       }
       last_round = true;
       wait = left - std::min(left / 2, policy.connect_timeout_ms);
     }
-    log_info(str_cat("volume ", token.volume_id, ": retrying in ", wait, " ms (", left / 1000,
+    log_info(str_cat("volume ", volume_id, ": retrying in ", wait, " ms (", left / 1000,
                      " s left)"));
-    std::this_thread::sleep_for(std::chrono::milliseconds(wait));
+    clock.sleep_ms(wait);
   }
+}
+
+Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token, EvidenceCollector& evidence,
+                                         TpmAttester* tpm, const RetryPolicy& policy) {
+  return ask_servers_until_deadline(
+      token.servers, token.volume_id, policy, steady_retry_clock(),
+      [&](const std::string& url, long request_ms, long connect_ms) {
+        ServerEndpoint server{url, token.ca_pem, request_ms, connect_ms};
+        return request_volume_secret(server, token.volume_id, evidence, tpm);
+      });
 }
 
 }  // namespace keygate::unlocker

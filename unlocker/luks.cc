@@ -17,8 +17,6 @@
 namespace keygate::unlocker {
 namespace {
 
-constexpr char kTokenType[] = "keygate";
-constexpr size_t kMaxServers = 8;
 
 Status cs_error(const std::string& what, const std::string& path, int rc) {
   ErrorKind kind = rc == -ENOMEM ? ErrorKind::kInternal : ErrorKind::kIo;
@@ -68,117 +66,6 @@ void log_callback(int level, const char* msg, void* usrptr) {
 void install_cryptsetup_logging(bool debug) {
   crypt_set_log_callback(nullptr, log_callback, debug ? reinterpret_cast<void*>(1) : nullptr);
   if (debug) crypt_set_debug_level(CRYPT_DEBUG_ALL);
-}
-
-Json::Value TokenTpm::to_json() const {
-  Json::Value v(Json::objectValue);
-  v["bank"] = bank;
-  v["pcrs"] = Json::Value(Json::arrayValue);
-  for (uint32_t p : pcrs) v["pcrs"].append(p);
-  if (ak_handle != 0) v["ak_handle"] = ak_handle;
-  if (!sealed.empty()) v["sealed"] = base64_encode(sealed);
-  return v;
-}
-
-Result<TokenTpm> TokenTpm::from_json(const Json::Value& v) {
-  auto bad = [](const char* what) {
-    return Status::error(ErrorKind::kInvalidArgument, str_cat("keygate token: tpm ", what));
-  };
-  if (!v.isObject()) return bad("is not an object");
-  TokenTpm t;
-  auto bank = json_string(v, "bank", 16);
-  if (!bank.is_ok() || (bank.value() != "sha1" && bank.value() != "sha256" &&
-                        bank.value() != "sha384" && bank.value() != "sha512")) {
-    return bad("bank");
-  }
-  t.bank = bank.value();
-  const Json::Value& pcrs = v["pcrs"];
-  if (!pcrs.isArray() || pcrs.empty() || pcrs.size() > 24) return bad("PCR list");
-  for (const auto& p : pcrs) {
-    if (!p.isUInt() || p.asUInt() > 23) return bad("PCR list");
-    if (!t.pcrs.empty() && p.asUInt() <= t.pcrs.back()) return bad("PCR list (ascending, no repeats)");
-    t.pcrs.push_back(p.asUInt());
-  }
-  if (v.isMember("ak_handle")) {
-    if (!v["ak_handle"].isUInt() || (v["ak_handle"].asUInt() >> 24) != 0x81) return bad("ak_handle");
-    t.ak_handle = v["ak_handle"].asUInt();
-  }
-  if (v.isMember("sealed")) {
-    auto blob = v["sealed"].isString() && v["sealed"].asString().size() < 4096
-                    ? base64_decode(v["sealed"].asString())
-                    : Result<Bytes>(Status::error(ErrorKind::kInvalidArgument, ""));
-    if (!blob.is_ok() || blob->empty()) return bad("sealed object");
-    t.sealed = std::move(blob).value();
-  }
-  return t;
-}
-
-Json::Value KeygateToken::to_json() const {
-  Json::Value v(Json::objectValue);
-  v["type"] = kTokenType;
-  v["keyslots"] = Json::Value(Json::arrayValue);
-  v["keyslots"].append(std::to_string(keyslot));
-  v["keygate_version"] = 1;
-  v["volume_id"] = volume_id;
-  v["servers"] = Json::Value(Json::arrayValue);
-  for (const auto& s : servers) v["servers"].append(s);
-  v["ca"] = ca_pem;
-  v["ca_sha256"] = ca_sha256;
-  v["attestation"] = attestation;
-  if (tpm) v["tpm"] = tpm->to_json();
-  return v;
-}
-
-Result<KeygateToken> KeygateToken::from_json(const Json::Value& v) {
-  KeygateToken t;
-  auto type = json_string(v, "type", 32);
-  if (!type.is_ok() || type.value() != kTokenType) {
-    return Status::error(ErrorKind::kInvalidArgument, "not a keygate token");
-  }
-  if (!v["keyslots"].isArray() || v["keyslots"].size() != 1 || !v["keyslots"][0].isString()) {
-    return Status::error(ErrorKind::kInvalidArgument, "keygate token: needs exactly one keyslot");
-  }
-  try {
-    t.keyslot = std::stoi(v["keyslots"][0].asString());
-  } catch (...) {
-    return Status::error(ErrorKind::kInvalidArgument, "keygate token: bad keyslot");
-  }
-  auto vid = json_string(v, "volume_id", api::kMaxVolumeIdLength);
-  auto ca = json_string(v, "ca", 8192);
-  auto fp = json_string(v, "ca_sha256", 64);
-  auto att = json_optional_string(v, "attestation", 32, "aws");
-  for (const Status* s : {&vid.status(), &ca.status(), &fp.status(), &att.status()}) {
-    if (!s->is_ok()) return s->with_context("keygate token");
-  }
-  if (!api::is_valid_volume_id(vid.value())) {
-    return Status::error(ErrorKind::kInvalidArgument, "keygate token: bad volume id");
-  }
-  t.volume_id = vid.value();
-  t.ca_pem = ca.value();
-  t.ca_sha256 = fp.value();
-  t.attestation = att.value();
-  auto actual = certificate_sha256_fingerprint(t.ca_pem);
-  if (!actual.is_ok() || actual.value() != t.ca_sha256) {
-    return Status::error(ErrorKind::kUntrusted,
-                         "keygate token: CA certificate does not match its pinned fingerprint");
-  }
-  const Json::Value& servers = v["servers"];
-  if (!servers.isArray() || servers.empty() || servers.size() > kMaxServers) {
-    return Status::error(ErrorKind::kInvalidArgument, "keygate token: needs 1 to 8 servers");
-  }
-  for (const auto& s : servers) {
-    if (!s.isString() || s.asString().rfind("https://", 0) != 0 || s.asString().size() > 256) {
-      return Status::error(ErrorKind::kInvalidArgument,
-                           "keygate token: every server must be an https:// URL");
-    }
-    t.servers.push_back(s.asString());
-  }
-  if (v.isMember("tpm")) {
-    auto tpm = TokenTpm::from_json(v["tpm"]);
-    if (!tpm.is_ok()) return tpm.status();
-    t.tpm = std::move(tpm).value();
-  }
-  return t;
 }
 
 LuksDevice::~LuksDevice() {
@@ -233,9 +120,7 @@ Result<std::optional<std::pair<int, KeygateToken>>> LuksDevice::find_keygate_tok
     const char* json = nullptr;
     int rc = crypt_token_json_get(cd_, id, &json);
     if (rc < 0) return cs_error("crypt_token_json_get", path_, rc);
-    auto parsed = parse_json_object(json, 16 * 1024);
-    if (!parsed.is_ok()) return parsed.status().with_context(str_cat(path_, " token ", id));
-    auto token = KeygateToken::from_json(parsed.value());
+    auto token = KeygateToken::parse(json);
     if (!token.is_ok()) return token.status().with_context(str_cat(path_, " token ", id));
     return std::optional<std::pair<int, KeygateToken>>(std::make_pair(id, std::move(token).value()));
   }

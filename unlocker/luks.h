@@ -1,4 +1,5 @@
-// A LUKS2 device through libcryptsetup, and keygate's LUKS2 token.
+// A LUKS2 device through libcryptsetup: keyslots, tokens, activation, offline
+// encryption. The keygate token itself is token.h.
 #pragma once
 
 #include <json/value.h>
@@ -11,38 +12,11 @@
 
 #include "core/secret.h"
 #include "core/status.h"
+#include "unlocker/token.h"
 
 struct crypt_device;
 
 namespace keygate::unlocker {
-
-// A volume bound to the instance's TPM: unlocks carry a quote over these
-// PCRs; with `sealed`, the keyslot secret is the server's secret followed by
-// a share only this TPM unseals (at these PCR values).
-struct TokenTpm {
-  std::string bank = "sha256";
-  std::vector<uint32_t> pcrs;
-  uint32_t ak_handle = 0;  // a provider's persistent attestation key; 0: keygate's template
-  std::vector<uint8_t> sealed;  // TPM2B_PUBLIC || TPM2B_PRIVATE; empty: no second factor
-
-  Json::Value to_json() const;
-  static Result<TokenTpm> from_json(const Json::Value& v);
-};
-
-// The `keygate` LUKS2 token: everything an unlock needs, stored in the header.
-struct KeygateToken {
-  std::vector<std::string> servers;  // tried in order
-  std::string volume_id;
-  std::string ca_pem;     // the CA the servers' TLS certificates chain to
-  std::string ca_sha256;  // its pinned fingerprint
-  int keyslot = -1;
-  std::string attestation = "aws";  // the platform at enrollment (informational)
-  std::optional<TokenTpm> tpm;
-
-  Json::Value to_json() const;  // LUKS2 token JSON, "type": "keygate"
-  // Validates every field, including that ca_pem's fingerprint is ca_sha256.
-  static Result<KeygateToken> from_json(const Json::Value& v);
-};
 
 // Keyslot cost for the 32-byte random secret: PBKDF2 at the minimum, since a
 // password KDF adds nothing to a high-entropy key.

@@ -1,31 +1,30 @@
-// keygate: the instance-side unlocker. Runs in the initramfs (unlock) and at
-// enrollment time (enroll), and reports a volume's keygate state (status).
+// keygate: the instance-side unlocker. Runs in the initramfs (unlock,
+// keyscript) and at enrollment time (enroll, encrypt, rotate), and reports a
+// volume's keygate state (status). This file is the command table and the
+// reading of each command's options; the work is in release.h (getting a
+// volume's key) and enroll.h (registering one).
 #include <curl/curl.h>
 #include <openssl/crypto.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <optional>
-#include <future>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "core/args.h"
-#include "core/crypto.h"
-#include "core/envelope.h"
 #include "core/file.h"
 #include "core/json.h"
 #include "core/log.h"
-#include "core/protocol.h"
-#include "unlocker/evidence.h"
-#include "unlocker/failover.h"
-#include "unlocker/http_client.h"
+#include "unlocker/enroll.h"
 #include "unlocker/luks.h"
 #include "unlocker/memory.h"
-#include "unlocker/server_client.h"
+#include "unlocker/release.h"
+#include "tpm/tpm2_format.h"
 #include "unlocker/tpm_attest.h"
 
 using namespace keygate;
@@ -73,6 +72,10 @@ unlock options:
                             0: one pass over the servers; the initramfs uses
                             120). A round in which every server refused ends
                             at once.
+  The settings above (but --verify-only) may also come from the environment:
+  KEYGATE_METADATA_URL, KEYGATE_PLATFORM, KEYGATE_TCTI, KEYGATE_TIMEOUT,
+  KEYGATE_DEADLINE; an option given wins. The token plugin (cryptsetup open
+  --token-only) reads the same variables, with the same defaults.
 
 enroll options:
   --server URL              key server, https:// (repeatable; tried in order)
@@ -138,32 +141,6 @@ Exit status:
   6  volume error (not LUKS2, no keygate token, key does not open the keyslot)
 )";
 
-enum ExitCode {
-  kExitOk = 0,
-  kExitInternal = 1,
-  kExitUsage = 2,
-  kExitRefused = 3,
-  kExitUnreachable = 4,
-  kExitUntrusted = 5,
-  kExitVolume = 6,
-};
-
-int exit_code_for(const Status& s) {
-  switch (s.kind()) {
-    case ErrorKind::kOk: return kExitOk;
-    case ErrorKind::kInvalidArgument: return kExitUsage;
-    case ErrorKind::kRefused: return kExitRefused;
-    case ErrorKind::kUnavailable: return kExitUnreachable;
-    case ErrorKind::kUntrusted:
-    case ErrorKind::kIntegrity: return kExitUntrusted;
-    case ErrorKind::kNotFound:
-    case ErrorKind::kConflict:
-    case ErrorKind::kIo: return kExitVolume;
-    case ErrorKind::kInternal: return kExitInternal;
-  }
-  return kExitInternal;
-}
-
 // One line of the command's result on standard output (stdio, not iostreams:
 // the static build carries no iostreams).
 void print_line(const std::string& line) {
@@ -171,199 +148,99 @@ void print_line(const std::string& line) {
   fputc('\n', stdout);
 }
 
-int fail(const Status& s, int code) {
+int fail(const Status& s) {
   log_error(s.message());
-  return code;
-}
-int fail(const Status& s) { return fail(s, exit_code_for(s)); }
-
-long timeout_ms(const Args& args) {
-  auto t = args.get_int("timeout", 5, 1, 600);
-  return t.is_ok() ? t.value() * 1000 : 5000;
+  return exit_code(outcome_for(s));
 }
 
-// The evidence source for --metadata-url and --platform.
-Result<std::unique_ptr<EvidenceCollector>> evidence_collector(const Args& args) {
-  std::optional<Platform> platform;
-  if (args.has("platform")) {
-    auto p = parse_platform(args.get("platform"));
-    if (!p.is_ok()) return p.status();
-    platform = p.value();
-  }
-  return std::make_unique<EvidenceCollector>(args.get("metadata-url", kDefaultMetadataUrl), platform,
-                                             timeout_ms(args));
+Status usage_error(std::string message) {
+  return Status::error(ErrorKind::kInvalidArgument, std::move(message));
 }
 
-// The TPM interface: --tcti, else $KEYGATE_TCTI, else the kernel's resource manager.
-std::string tcti(const Args& args) {
-  const char* env = getenv("KEYGATE_TCTI");
-  return args.get("tcti", env != nullptr && *env != '\0' ? env : tpm::kDefaultTcti);
+// Configuration files the operator names: unreadable is a usage error.
+Result<std::string> read_config_file(const Args& args, const char* option, size_t max) {
+  auto text = read_small_file(args.get(option), max);
+  if (!text.is_ok()) return usage_error(str_cat("--", option, ": ", text.status().message()));
+  return text;
+}
+Result<SecretBuffer> read_secret_option(const Args& args, const char* option, size_t max,
+                                        bool trim_newline) {
+  auto secret = read_secret_file(args.get(option), max, trim_newline);
+  if (!secret.is_ok()) return usage_error(str_cat("--", option, ": ", secret.status().message()));
+  return secret;
+}
+// The enrollment token: none means enrollment by attestation.
+Result<SecretBuffer> enrollment_token(const Args& args) {
+  if (!args.has("enrollment-token-file")) return SecretBuffer();
+  return read_secret_option(args, "enrollment-token-file", 256, true);
 }
 
-// Reads DEVICE's keygate token and gets its secret from the key servers.
-// On failure, `exit_code` says why.
-struct Released {
-  std::optional<LuksDevice> device;
-  KeygateToken token;
-  SecretBuffer secret;
-};
-
-// Opens one envelope made for a throwaway key, so OpenSSL's first-use setup
-// of X25519, HKDF and AES-GCM is done before the server's answer arrives
-// (about 0.5 ms less between the answer and the keyslot check). The result
-// is discarded; a failure here shows again, and is reported, on the real one.
-void warm_up_envelope() {
-  auto client = X25519KeyPair::generate();
-  auto secret = SecretBuffer::random(32);
-  if (!client.is_ok() || !secret.is_ok()) return;
-  const Bytes nonce(32, 0);
-  const Bytes client_public(client->public_key.begin(), client->public_key.end());
-  auto wrapped = wrap_secret_for_client(secret.value(), client_public, "warm-up", nonce);
-  if (wrapped.is_ok()) (void)unwrap_secret(wrapped.value(), client.value(), "warm-up", nonce);
-}
-
-Result<Released> release_secret(const Args& args, const std::string& device, int* exit_code) {
-  // Detect the platform (and fetch AWS's document, which does not depend
-  // on the challenge) while the header is read.
-  auto evidence = evidence_collector(args);
-  if (!evidence.is_ok()) {
-    *exit_code = kExitUsage;
-    return evidence.status();
-  }
-  evidence.value()->start();
-  // And OpenSSL's one-time setup for the TLS client and the envelope, off
-  // the critical path (2 to 3 ms on a small instance). Joined on return.
-  auto https_ready = std::async(std::launch::async, [] {
-    prepare_https();
-    warm_up_envelope();
+Result<ReleaseSettings> release_settings(const Args& args) {
+  return read_release_settings([&args](const char* name) -> std::optional<std::string> {
+    if (!args.has(name)) return std::nullopt;
+    return args.get(name);
   });
-  auto deadline = args.get_int("deadline", 0, 0, 3600);
-  if (!deadline.is_ok()) {
-    *exit_code = kExitUsage;
-    return deadline.status();
-  }
-  auto dev = LuksDevice::open(device);
-  if (!dev.is_ok()) {
-    *exit_code = kExitVolume;
-    return dev.status();
-  }
-  auto found = dev->find_keygate_token();
-  if (!found.is_ok()) {
-    *exit_code =
-        found.status().kind() == ErrorKind::kUntrusted ? kExitUntrusted : kExitVolume;
-    return found.status();
-  }
-  if (!found->has_value()) {
-    *exit_code = kExitVolume;
-    return Status::error(ErrorKind::kNotFound, str_cat(device, ": no keygate token"));
-  }
-  Released out;
-  out.token = std::move(found.value()->second);
-  log_debug(str_cat(device, ": keygate token for volume ", out.token.volume_id, ", keyslot ",
-                    out.token.keyslot));
-  std::unique_ptr<TpmAttester> tpm;
-  if (out.token.tpm) {
-    // The attestation key is made while the server is asked for a nonce.
-    tpm = std::make_unique<TpmAttester>(tcti(args), *out.token.tpm);
-    tpm->start();
-  }
-  RetryPolicy policy;
-  policy.deadline_ms = deadline.value() * 1000;
-  policy.request_timeout_ms = timeout_ms(args);
-  auto secret = fetch_volume_secret(out.token, *evidence.value(), tpm.get(), policy);
-  if (!secret.is_ok()) {
-    *exit_code = exit_code_for(secret.status());
-    return secret.status();
-  }
-  out.secret = std::move(secret).value();
-  if (tpm && !out.token.tpm->sealed.empty()) {
-    // Two-factor: the keyslot opens with the server's secret and the TPM's share.
-    auto share = tpm->unseal_share();
-    if (!share.is_ok()) {
-      *exit_code = exit_code_for(share.status());
-      return share.status();
-    }
-    auto both = combine_shares(out.secret, share.value());
-    if (!both.is_ok()) return both.status();
-    out.secret = std::move(both).value();
-  }
-  out.device = std::move(dev).value();
-  return out;
 }
 
 int cmd_unlock(const Args& args) {
   prepare_heap_for_unlock();
   const auto& pos = args.positional();
-  if (pos.size() < 2 || pos.size() > 3) {
-    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate unlock DEVICE [NAME]"),
-                kExitUsage);
-  }
-  const std::string device = pos[1];
   const bool verify_only = args.has("verify-only");
-  std::string name = pos.size() == 3 ? pos[2] : "";
-  if (!verify_only && name.empty()) {
-    return fail(Status::error(ErrorKind::kInvalidArgument,
-                              "unlock needs a mapping NAME, or --verify-only"),
-                kExitUsage);
+  if (pos.size() < 2 || pos.size() > 3) return fail(usage_error("usage: keygate unlock DEVICE [NAME]"));
+  if (verify_only == (pos.size() == 3)) {
+    return fail(usage_error(verify_only ? "unlock --verify-only takes no mapping NAME"
+                                        : "unlock needs a mapping NAME, or --verify-only"));
   }
-  if (verify_only) name.clear();
-  int code = kExitInternal;
-  auto released = release_secret(args, device, &code);
-  if (!released.is_ok()) return fail(released.status(), code);
-  auto slot = released->device->activate(name, released->token.keyslot, released->secret);
-  if (!slot.is_ok()) return fail(slot.status(), kExitVolume);
+  const std::string& device = pos[1];
+  const std::string name = verify_only ? "" : pos[2];
+  auto settings = release_settings(args);
+  if (!settings.is_ok()) return fail(settings.status());
+  auto released = release_volume(device, settings.value());
+  if (!released.is_ok()) return fail(released.status());
+  auto slot = released->device.activate(name, released->token.keyslot, released->passphrase);
+  if (!slot.is_ok()) return fail(as_volume_failure(slot.status()));
   log_debug(str_cat(device, ": keyslot ", slot.value(), " opened"));
-  if (verify_only) {
-    print_line(str_cat(device, ": key from server opens keyslot ", slot.value(),
-                       " (verified, not activated)"));
-  } else {
-    print_line(str_cat(device, ": unlocked as /dev/mapper/", name));
-  }
-  return kExitOk;
+  print_line(verify_only ? str_cat(device, ": key from server opens keyslot ", slot.value(),
+                                   " (verified, not activated)")
+                         : str_cat(device, ": unlocked as /dev/mapper/", name));
+  return exit_code(Outcome::kOk);
 }
 
 // crypttab keyscript mode: the key goes to standard output, which cryptsetup
 // reads through a pipe. Never to a terminal.
 int cmd_keyscript(const Args& args) {
-  if (args.positional().size() != 2) {
-    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate keyscript DEVICE"),
-                kExitUsage);
-  }
+  if (args.positional().size() != 2) return fail(usage_error("usage: keygate keyscript DEVICE"));
   if (isatty(STDOUT_FILENO)) {
-    return fail(Status::error(ErrorKind::kInvalidArgument,
-                              "keyscript writes the volume key to standard output; refusing to "
-                              "write it to a terminal"),
-                kExitUsage);
+    return fail(usage_error("keyscript writes the volume key to standard output; refusing to "
+                            "write it to a terminal"));
   }
   prepare_heap_for_unlock();
-  int code = kExitInternal;
-  auto released = release_secret(args, args.positional()[1], &code);
-  if (!released.is_ok()) return fail(released.status(), code);
+  auto settings = release_settings(args);
+  if (!settings.is_ok()) return fail(settings.status());
+  auto released = release_volume(args.positional()[1], settings.value());
+  if (!released.is_ok()) return fail(released.status());
   // Check before handing it over, so a wrong key falls back to the prompt.
-  auto slot = released->device->activate("", released->token.keyslot, released->secret);
-  if (!slot.is_ok()) return fail(slot.status(), kExitVolume);
-  const uint8_t* p = released->secret.data();
-  size_t left = released->secret.size();
+  auto slot = released->device.activate("", released->token.keyslot, released->passphrase);
+  if (!slot.is_ok()) return fail(as_volume_failure(slot.status()));
+  const uint8_t* p = released->passphrase.data();
+  size_t left = released->passphrase.size();
   while (left > 0) {
     ssize_t n = write(STDOUT_FILENO, p, left);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return fail(Status::error(ErrorKind::kIo, "keyscript: write failed"), kExitVolume);
+    if (n <= 0) return fail(Status::error(ErrorKind::kIo, "keyscript: write failed"));
     p += n;
     left -= static_cast<size_t>(n);
   }
-  return kExitOk;
+  return exit_code(Outcome::kOk);
 }
 
 int cmd_status(const Args& args) {
-  if (args.positional().size() != 2) {
-    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate status DEVICE"),
-                kExitUsage);
-  }
+  if (args.positional().size() != 2) return fail(usage_error("usage: keygate status DEVICE"));
   auto dev = LuksDevice::open(args.positional()[1]);
-  if (!dev.is_ok()) return fail(dev.status(), kExitVolume);
+  if (!dev.is_ok()) return fail(as_volume_failure(dev.status()));
   Json::Value out = dev->describe();
   auto found = dev->find_keygate_token();
-  if (!found.is_ok()) return fail(found.status(), kExitVolume);
+  if (!found.is_ok()) return fail(as_volume_failure(found.status()));
   if (found->has_value()) {
     Json::Value t = found.value()->second.to_json();
     t.removeMember("ca");
@@ -372,393 +249,193 @@ int cmd_status(const Args& args) {
   }
   if (args.has("json")) {
     print_line(to_pretty_json(out));
-  } else {
-    print_line(str_cat("device:   ", out["device"].asString()));
-    print_line(str_cat("uuid:     ", out["uuid"].asString()));
-    for (const auto& s : out["keyslots"]) {
-      print_line(str_cat("keyslot ", s["keyslot"].asInt(), ": ", s.get("kdf", "?").asString()));
-    }
-    if (out.isMember("keygate")) {
-      const Json::Value& t = out["keygate"];
-      print_line(str_cat("keygate:  volume ", t["volume_id"].asString(), ", keyslot ",
-                         t["keyslots"][0].asString(), ", CA sha256:", t["ca_sha256"].asString()));
-      for (const auto& s : t["servers"]) print_line(str_cat("server:   ", s.asString()));
-    } else {
-      print_line("keygate:  not enrolled");
-    }
+    return exit_code(Outcome::kOk);
   }
-  return kExitOk;
+  print_line(str_cat("device:   ", out["device"].asString()));
+  print_line(str_cat("uuid:     ", out["uuid"].asString()));
+  for (const auto& s : out["keyslots"]) {
+    print_line(str_cat("keyslot ", s["keyslot"].asInt(), ": ", s.get("kdf", "?").asString()));
+  }
+  if (!out.isMember("keygate")) {
+    print_line("keygate:  not enrolled");
+    return exit_code(Outcome::kOk);
+  }
+  const Json::Value& t = out["keygate"];
+  print_line(str_cat("keygate:  volume ", t["volume_id"].asString(), ", keyslot ",
+                     t["keyslots"][0].asString(), ", CA sha256:", t["ca_sha256"].asString()));
+  for (const auto& s : t["servers"]) print_line(str_cat("server:   ", s.asString()));
+  return exit_code(Outcome::kOk);
 }
 
-// Undoes a partial enrollment so the device is as it was.
-void roll_back(LuksDevice& dev, bool formatted, int keyslot, int token_id) {
-  if (formatted) {
-    Status s = dev.erase_header();
-    if (!s.is_ok()) log_error(str_cat("rollback: ", s.message()));
-    else log_warning(str_cat(dev.path(), ": rolled back: LUKS header erased, device blank again"));
-    return;
+// --tpm, --tpm-pcrs, --tpm-bank, --tpm-ak-handle, --tpm-seal.
+Status read_tpm_options(const Args& args, EnrollRequest* r) {
+  const std::string mode = args.get("tpm", "off");
+  if (mode == "off") r->tpm_mode = TpmMode::kOff;
+  else if (mode == "auto") r->tpm_mode = TpmMode::kAuto;
+  else if (mode == "required") r->tpm_mode = TpmMode::kRequired;
+  else return usage_error("--tpm must be off, auto or required");
+  r->tpm_seal = args.has("tpm-seal");
+  if (r->tpm_seal && r->tpm_mode == TpmMode::kOff && args.has("tpm")) {
+    return usage_error("--tpm-seal needs the TPM: not with --tpm off");
   }
-  if (token_id >= 0) {
-    Status s = dev.remove_token(token_id);
-    if (!s.is_ok()) log_error(str_cat("rollback: ", s.message()));
+  r->tpm.bank = args.get("tpm-bank", "sha256");
+  if (tpm::hash_alg_from_name(r->tpm.bank) == 0) {
+    return usage_error("--tpm-bank must be sha1, sha256, sha384 or sha512");
   }
-  if (keyslot >= 0) {
-    Status s = dev.destroy_keyslot(keyslot);
-    if (!s.is_ok()) log_error(str_cat("rollback: ", s.message()));
+  auto pcrs = parse_pcr_list(args.get("tpm-pcrs", "0,4,7"));
+  if (!pcrs.is_ok()) return pcrs.status().with_context("--tpm-pcrs");
+  r->tpm.pcrs = pcrs.value();
+  if (args.has("tpm-ak-handle")) {
+    const std::string text = args.get("tpm-ak-handle");
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long handle = strtoul(text.c_str(), &end, 0);
+    if (text.empty() || errno != 0 || *end != '\0' || handle > 0xffffffffUL || (handle >> 24) != 0x81) {
+      return usage_error("--tpm-ak-handle must be a persistent handle 0x81xxxxxx");
+    }
+    r->tpm.ak_handle = static_cast<uint32_t>(handle);
   }
-  log_warning(str_cat(dev.path(), ": rolled back: keygate keyslot and token removed"));
+  return Status::ok();
 }
 
-// Phase 1 of an enrollment: registers with the first server that answers.
-// A refusal or a bad request ends it (the next server would answer the same).
-Result<Enrollment> register_with_first_server(const std::vector<std::string>& servers,
-                                              const std::string& ca, const Args& args,
-                                              const SecretBuffer& token, EvidenceCollector* evidence,
-                                              TpmAttester* tpm, const std::string& description,
-                                              std::string* used_server) {
-  Status last = Status::error(ErrorKind::kInvalidArgument, "no key server given");
-  for (const auto& url : servers) {
-    auto r = register_volume(ServerEndpoint{url, ca, timeout_ms(args)}, token, evidence, tpm,
-                             description);
-    if (r.is_ok()) {
-      *used_server = url;
-      log_info(str_cat("registered volume ", r->volume_id, " with ", url));
-      return r;
-    }
-    last = r.status();
-    log_warning(last.message());
-    if (last.kind() != ErrorKind::kUnavailable && last.kind() != ErrorKind::kUntrusted) break;
+// What enroll and encrypt share: servers, CA, token, evidence, TPM, settings.
+Status read_enroll_options(const Args& args, const std::string& device, EnrollRequest* r) {
+  r->device = device;
+  if (!args.has("server")) return usage_error("needs at least one --server https://HOST:PORT");
+  if (!args.has("ca")) return usage_error("needs --ca FILE (the key servers' CA certificate)");
+  auto ca = read_config_file(args, "ca", 64 * 1024);
+  if (!ca.is_ok()) return ca.status();
+  auto servers = args.get_all("server");
+  auto choice = choose_servers(servers, args.has("token-server") ? args.get_all("token-server") : servers,
+                               ca.value());
+  if (!choice.is_ok()) return choice.status();
+  r->servers = std::move(choice).value();
+  auto token = enrollment_token(args);
+  if (!token.is_ok()) return token.status();
+  r->enrollment_token = std::move(token).value();
+  r->with_evidence = !args.has("no-evidence");
+  if (r->enrollment_token.empty() && !r->with_evidence) {
+    return usage_error("--no-evidence needs --enrollment-token-file (without evidence there is "
+                       "nothing to enroll by attestation)");
   }
-  return last;
+  r->description = args.get("description");
+  auto settings = release_settings(args);
+  if (!settings.is_ok()) return settings.status();
+  r->settings = settings.value();
+  return read_tpm_options(args, r);
+}
+
+int report_enrolled(const std::string& device, const Result<Enrolled>& e) {
+  if (!e.is_ok()) return fail(e.status());
+  print_line(str_cat(device, ": enrolled as volume ", e->volume_id, " (keyslot ", e->keyslot,
+                     ", token ", e->token_id, ")"));
+  return exit_code(Outcome::kOk);
 }
 
 int cmd_enroll(const Args& args) {
-  if (args.positional().size() != 2) {
-    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate enroll DEVICE ..."),
-                kExitUsage);
-  }
+  if (args.positional().size() != 2) return fail(usage_error("usage: keygate enroll DEVICE ..."));
   const std::string device = args.positional()[1];
-  const bool format = args.has("format");
-  auto servers = args.get_all("server");
-  auto usage = [](const std::string& m) {
-    return fail(Status::error(ErrorKind::kInvalidArgument, m), kExitUsage);
-  };
-  if (servers.empty()) return usage("enroll needs at least one --server https://HOST:PORT");
-  if (servers.size() > 8) return usage("at most 8 --server");
-  auto token_servers = args.has("token-server") ? args.get_all("token-server") : servers;
-  if (token_servers.size() > 8) return usage("at most 8 --token-server");
-  for (const auto& list : {servers, token_servers}) {
-    for (const auto& s : list) {
-      if (s.rfind("https://", 0) != 0) return usage(str_cat("server ", s, ": must be https://"));
+  EnrollRequest r;
+  r.format = args.has("format");
+  if (r.format && !args.has("recovery-passphrase-file") && !args.has("no-recovery")) {
+    return fail(usage_error("--format needs --recovery-passphrase-file FILE, or --no-recovery"));
+  }
+  if (!r.format) {
+    for (const char* only : {"recovery-passphrase-file", "no-recovery", "sector-size"}) {
+      if (args.has(only)) return fail(usage_error(str_cat("--", only, " goes with --format")));
     }
-  }
-  if (!args.has("ca")) return usage("enroll needs --ca FILE (the key servers' CA certificate)");
-  if (!args.has("enrollment-token-file") && args.has("no-evidence")) {
-    return usage("enroll needs --enrollment-token-file, or instance evidence (enrollment by "
-                 "attestation, where the server's rules allow it)");
-  }
-  if (format && !args.has("recovery-passphrase-file") && !args.has("no-recovery")) {
-    return usage("--format needs --recovery-passphrase-file FILE, or --no-recovery");
-  }
-  if (!format && !args.has("passphrase-file")) {
-    return usage("enrolling an existing LUKS2 volume needs --passphrase-file (or --format)");
+    if (!args.has("passphrase-file")) {
+      return fail(usage_error("enrolling an existing LUKS2 volume needs --passphrase-file (or --format)"));
+    }
+  } else if (args.has("passphrase-file")) {
+    return fail(usage_error("--passphrase-file is for an existing volume, not with --format"));
   }
   auto sector = args.get_int("sector-size", 512, 512, 4096);
   if (!sector.is_ok() || (sector.value() != 512 && sector.value() != 4096)) {
-    return usage("--sector-size must be 512 or 4096");
+    return fail(usage_error("--sector-size must be 512 or 4096"));
   }
-
-  // Read every input and check the device before anything is changed.
-  auto ca_pem = read_small_file(args.get("ca"), 64 * 1024);
-  if (!ca_pem.is_ok()) return fail(ca_pem.status(), kExitUsage);
-  const std::string& ca = ca_pem.value();
-  auto fingerprint = certificate_sha256_fingerprint(ca);
-  if (!fingerprint.is_ok()) return fail(fingerprint.status().with_context(args.get("ca")), kExitUsage);
-  // No token file: enrollment by attestation (an empty token).
-  auto token = args.has("enrollment-token-file")
-                   ? read_secret_file(args.get("enrollment-token-file"), 256, true)
-                   : Result<SecretBuffer>(SecretBuffer());
-  if (!token.is_ok()) return fail(token.status(), kExitUsage);
-  std::optional<SecretBuffer> recovery, existing;
+  r.sector_size = static_cast<int>(sector.value());
+  Status options = read_enroll_options(args, device, &r);
+  if (!options.is_ok()) return fail(options);
   if (args.has("recovery-passphrase-file")) {
-    auto r = read_secret_file(args.get("recovery-passphrase-file"), 512, false);
-    if (!r.is_ok()) return fail(r.status(), kExitUsage);
-    recovery = std::move(r).value();
+    auto recovery = read_secret_option(args, "recovery-passphrase-file", 512, false);
+    if (!recovery.is_ok()) return fail(recovery.status());
+    r.recovery = std::move(recovery).value();
   }
-  if (!format) {
-    auto p = read_secret_file(args.get("passphrase-file"), 512, false);
-    if (!p.is_ok()) return fail(p.status(), kExitUsage);
-    existing = std::move(p).value();
+  if (!r.format) {
+    auto existing = read_secret_option(args, "passphrase-file", 512, false);
+    if (!existing.is_ok()) return fail(existing.status());
+    r.existing = std::move(existing).value();
   }
-  std::optional<LuksDevice> dev;
-  if (format) {
-    Status blank = check_device_blank(device);
-    if (!blank.is_ok()) return fail(blank, kExitVolume);
-  } else {
-    auto opened = LuksDevice::open(device);
-    if (!opened.is_ok()) return fail(opened.status(), kExitVolume);
-    dev = std::move(opened).value();
-    auto found = dev->find_keygate_token();
-    if (!found.is_ok()) return fail(found.status(), kExitVolume);
-    if (found->has_value()) {
-      return fail(Status::error(ErrorKind::kConflict,
-                                str_cat(device, " is already enrolled (volume ",
-                                        found.value()->second.volume_id, ")")),
-                  kExitVolume);
-    }
-    auto ok = dev->activate("", -1, *existing);
-    if (!ok.is_ok()) {
-      return fail(Status::error(ErrorKind::kRefused,
-                                str_cat(device, ": the --passphrase-file passphrase opens no keyslot")),
-                  kExitVolume);
-    }
-  }
-
-  std::unique_ptr<EvidenceCollector> evidence;
-  if (!args.has("no-evidence")) {
-    auto e = evidence_collector(args);
-    if (!e.is_ok()) return fail(e.status(), kExitUsage);
-    evidence = std::move(e).value();
-    auto platform = evidence->platform();
-    if (!platform.is_ok()) return fail(platform.status(), kExitUnreachable);
-    log_info(str_cat("platform: ", platform_name(platform.value())));
-  }
-  // The TPM: --tpm off (default), auto (use one if present), required;
-  // --tpm-seal adds the second factor and implies required.
-  const std::string tpm_mode = args.has("tpm-seal") ? "required" : args.get("tpm", "off");
-  if (tpm_mode != "off" && tpm_mode != "auto" && tpm_mode != "required") {
-    return usage("--tpm must be off, auto or required");
-  }
-  std::unique_ptr<TpmAttester> tpm;
-  std::optional<SecretBuffer> tpm_share;
-  if (tpm_mode != "off") {
-    TokenTpm config;
-    config.bank = args.get("tpm-bank", "sha256");
-    auto pcrs = parse_pcr_list(args.get("tpm-pcrs", "0,4,7"));
-    if (!pcrs.is_ok()) return fail(pcrs.status(), kExitUsage);
-    config.pcrs = pcrs.value();
-    if (args.has("tpm-ak-handle")) {
-      config.ak_handle = static_cast<uint32_t>(strtoul(args.get("tpm-ak-handle").c_str(), nullptr, 0));
-      if ((config.ak_handle >> 24) != 0x81) return usage("--tpm-ak-handle must be a persistent handle 0x81xxxxxx");
-    }
-    if (config.bank != "sha1" && config.bank != "sha256" && config.bank != "sha384" && config.bank != "sha512") {
-      return usage("--tpm-bank must be sha1, sha256, sha384 or sha512");
-    }
-    tpm = std::make_unique<TpmAttester>(tcti(args), config);
-    Status ready = tpm->ready();
-    if (!ready.is_ok()) {
-      if (tpm_mode == "required") return fail(ready, kExitVolume);
-      log_info(str_cat("no TPM used (--tpm auto): ", ready.message()));
-      tpm.reset();
-    } else if (args.has("tpm-seal")) {
-      auto share = tpm->seal_new_share();
-      if (!share.is_ok()) return fail(share.status().with_context("seal the TPM share"), kExitVolume);
-      tpm_share = std::move(share).value();
-    }
-    if (tpm) log_info(str_cat("TPM: quotes over ", config.bank, " PCRs ", args.get("tpm-pcrs", "0,4,7"),
-                               tpm_share ? ", second factor sealed" : ""));
-  }
-  // Phase 1: register with the first server that answers.
-  std::string used_server;
-  auto registered = register_with_first_server(servers, ca, args, token.value(), evidence.get(),
-                                               tpm.get(), args.get("description"), &used_server);
-  if (!registered.is_ok()) return fail(registered.status());
-  std::optional<Enrollment> enrollment = std::move(registered).value();
-
-  // Phase 2: keyslot and token on the device, checked, then confirmed.
-  int keyslot = -1, token_id = -1;
-  if (format) {
-    auto formatted = LuksDevice::format(device, static_cast<int>(sector.value()));
-    if (!formatted.is_ok()) return fail(formatted.status(), kExitVolume);
-    dev = std::move(formatted).value();
-  }
-  auto finish = [&]() -> Status {
-    // The keyslot's passphrase: the server's secret, or with a TPM share
-    // the two together.
-    std::optional<SecretBuffer> combined;
-    if (tpm_share) {
-      auto both = combine_shares(enrollment->secret, *tpm_share);
-      if (!both.is_ok()) return both.status();
-      combined = std::move(both).value();
-    }
-    const SecretBuffer& passphrase = combined ? *combined : enrollment->secret;
-    auto slot = format ? dev->add_keyslot_after_format(passphrase, KeyslotCost::kHighEntropySecret)
-                       : dev->add_keyslot(*existing, passphrase, KeyslotCost::kHighEntropySecret);
-    if (!slot.is_ok()) return slot.status();
-    keyslot = slot.value();
-    if (format && recovery) {
-      auto r = dev->add_keyslot_after_format(*recovery, KeyslotCost::kRecoveryPassphrase);
-      if (!r.is_ok()) return r.status().with_context("recovery keyslot");
-      log_info(str_cat("recovery passphrase in keyslot ", r.value()));
-    }
-    KeygateToken t;
-    t.servers = token_servers;
-    t.volume_id = enrollment->volume_id;
-    t.ca_pem = ca;
-    t.ca_sha256 = fingerprint.value();
-    t.keyslot = keyslot;
-    if (evidence) {
-      auto platform = evidence->platform();
-      t.attestation = platform.is_ok() ? platform_name(platform.value()) : "none";
-    } else {
-      t.attestation = "none";
-    }
-    if (tpm) t.tpm = tpm->config();
-    auto id = dev->add_token(t);
-    if (!id.is_ok()) return id.status();
-    token_id = id.value();
-    auto check = dev->activate("", keyslot, passphrase);
-    if (!check.is_ok()) return check.status().with_context("verify new keyslot");
-    ServerEndpoint server{used_server, ca, timeout_ms(args)};
-    return confirm_volume(server, enrollment->volume_id, enrollment->secret);
-  };
-  Status done = finish();
-  if (!done.is_ok()) {
-    roll_back(*dev, format, keyslot, token_id);
-    return fail(done.with_context("enrollment not completed"));
-  }
-  print_line(str_cat(device, ": enrolled as volume ", enrollment->volume_id, " (keyslot ", keyslot,
-                     ", token ", token_id, ")"));
-  return kExitOk;
+  return report_enrolled(device, enroll_volume(r));
 }
 
 // Replaces DEVICE's keygate keyslot with one for a newly registered volume:
 // an image's root volume moves from the image-group key every instance of
-// the image shares to a key of its own. The old key opens the volume until
-// the new keyslot, token and server record are all in place.
+// the image shares to a key of its own.
 int cmd_rotate(const Args& args) {
-  if (args.positional().size() != 2) {
-    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate rotate DEVICE ..."), kExitUsage);
-  }
-  const std::string device = args.positional()[1];
-  // No token file: the new volume is registered by attestation.
-  auto token = args.has("enrollment-token-file")
-                   ? read_secret_file(args.get("enrollment-token-file"), 256, true)
-                   : Result<SecretBuffer>(SecretBuffer());
-  if (!token.is_ok()) return fail(token.status(), kExitUsage);
-  // The current key, exactly as a boot gets it.
-  int code = kExitInternal;
-  auto released = release_secret(args, device, &code);
-  if (!released.is_ok()) return fail(released.status().with_context("current key"), code);
-  const KeygateToken old = released->token;
-  LuksDevice& dev = *released->device;
-  auto found = dev.find_keygate_token();
-  if (!found.is_ok() || !found->has_value()) return fail(Status::error(ErrorKind::kNotFound, "token vanished"), kExitVolume);
-  const int old_token_id = found.value()->first;
-  // Servers and CA: from the command line, else the volume's own.
-  std::string ca = old.ca_pem;
+  if (args.positional().size() != 2) return fail(usage_error("usage: keygate rotate DEVICE ..."));
+  RotateRequest r;
+  r.device = args.positional()[1];
+  if (args.has("server")) r.servers = args.get_all("server");
+  if (args.has("token-server")) r.token_servers = args.get_all("token-server");
   if (args.has("ca")) {
-    auto pem = read_small_file(args.get("ca"), 64 * 1024);
-    if (!pem.is_ok()) return fail(pem.status(), kExitUsage);
-    ca = pem.value();
+    auto ca = read_config_file(args, "ca", 64 * 1024);
+    if (!ca.is_ok()) return fail(ca.status());
+    r.ca_pem = ca.value();
   }
-  auto fingerprint = certificate_sha256_fingerprint(ca);
-  if (!fingerprint.is_ok()) return fail(fingerprint.status(), kExitUsage);
-  auto servers = args.has("server") ? args.get_all("server") : old.servers;
-  auto token_servers = args.has("token-server") ? args.get_all("token-server") : servers;
-
-  auto evidence = evidence_collector(args);
-  if (!evidence.is_ok()) return fail(evidence.status(), kExitUsage);
-  std::unique_ptr<TpmAttester> tpm;
-  if (old.tpm) {
-    if (!old.tpm->sealed.empty()) {
-      return fail(Status::error(ErrorKind::kInvalidArgument,
-                                "rotating a two-factor (TPM-sealed) volume is not supported; enroll it again"),
-                  kExitUsage);
-    }
-    tpm = std::make_unique<TpmAttester>(tcti(args), *old.tpm);
-  }
-  std::string used_server;
-  auto registered = register_with_first_server(
-      servers, ca, args, token.value(), evidence.value().get(), tpm.get(),
-      args.get("description", "rotated from " + old.volume_id), &used_server);
-  if (!registered.is_ok()) return fail(registered.status());
-  std::optional<Enrollment> enrollment = std::move(registered).value();
-  int keyslot = -1, token_id = -1;
-  auto finish = [&]() -> Status {
-    auto slot = dev.add_keyslot(released->secret, enrollment->secret, KeyslotCost::kHighEntropySecret);
-    if (!slot.is_ok()) return slot.status();
-    keyslot = slot.value();
-    KeygateToken t = old;
-    t.servers = token_servers;
-    t.volume_id = enrollment->volume_id;
-    t.ca_pem = ca;
-    t.ca_sha256 = fingerprint.value();
-    t.keyslot = keyslot;
-    auto id = dev.add_token(t);
-    if (!id.is_ok()) return id.status();
-    token_id = id.value();
-    auto check = dev.activate("", keyslot, enrollment->secret);
-    if (!check.is_ok()) return check.status().with_context("verify new keyslot");
-    return confirm_volume(ServerEndpoint{used_server, ca, timeout_ms(args)}, enrollment->volume_id,
-                          enrollment->secret);
-  };
-  Status done = finish();
-  if (!done.is_ok()) {
-    roll_back(dev, false, keyslot, token_id);
-    return fail(done.with_context("rotation not completed; the old key still opens the volume"));
-  }
-  // Only now does the shared key go.
-  Status removed = dev.remove_token(old_token_id);
-  if (removed.is_ok()) removed = dev.destroy_keyslot(old.keyslot);
-  if (!removed.is_ok()) return fail(removed.with_context("remove the old keyslot (run rotate again)"), kExitVolume);
-  print_line(str_cat(device, ": rotated from volume ", old.volume_id, " to volume ",
-                     enrollment->volume_id, " (keyslot ", keyslot, ")"));
-  return kExitOk;
+  auto token = enrollment_token(args);
+  if (!token.is_ok()) return fail(token.status());
+  r.enrollment_token = std::move(token).value();
+  r.description = args.get("description");
+  auto settings = release_settings(args);
+  if (!settings.is_ok()) return fail(settings.status());
+  r.settings = settings.value();
+  auto rotated = rotate_volume(r);
+  if (!rotated.is_ok()) return fail(rotated.status());
+  print_line(str_cat(r.device, ": rotated from volume ", rotated->old_volume_id, " to volume ",
+                     rotated->volume_id, " (keyslot ", rotated->keyslot, ")"));
+  return exit_code(Outcome::kOk);
 }
 
 // Image builders: encrypts an unmounted image in place, then enrolls it with
 // the recovery passphrase as the existing passphrase.
 int cmd_encrypt(const Args& args) {
-  auto usage = [](const std::string& m) {
-    return fail(Status::error(ErrorKind::kInvalidArgument, m), kExitUsage);
-  };
-  if (args.positional().size() != 2) return usage("usage: keygate encrypt IMAGE ...");
+  if (args.positional().size() != 2) return fail(usage_error("usage: keygate encrypt IMAGE ..."));
   const std::string image = args.positional()[1];
   if (!args.has("recovery-passphrase-file")) {
-    return usage("encrypt needs --recovery-passphrase-file (the passphrase that opens the image "
-                 "when no key server can)");
+    return fail(usage_error("encrypt needs --recovery-passphrase-file (the passphrase that opens "
+                            "the image when no key server can)"));
   }
   // Enrollment's inputs are checked first: nothing is encrypted for a run
-  // that could not enroll. (No token: enrollment by attestation.)
-  if (args.get_all("server").empty() || !args.has("ca")) {
-    return usage("encrypt enrolls the image too: give --server and --ca (and "
-                 "--enrollment-token-file, or instance evidence)");
-  }
-  if (!args.has("enrollment-token-file") && args.has("no-evidence")) {
-    return usage("encrypt --no-evidence needs --enrollment-token-file");
-  }
-  for (const char* file : {"ca", "enrollment-token-file"}) {
-    if (args.has(file) && args.get(file) != "-" && access(args.get(file).c_str(), R_OK) != 0) {
-      return usage(str_cat("--", file, " ", args.get(file), ": not readable"));
-    }
-  }
-  auto recovery = read_secret_file(args.get("recovery-passphrase-file"), 512, false);
-  if (!recovery.is_ok()) return fail(recovery.status(), kExitUsage);
+  // that could not enroll.
+  EnrollRequest r;
+  Status options = read_enroll_options(args, image, &r);
+  if (!options.is_ok()) return fail(options.with_context("encrypt enrolls the image too"));
+  auto recovery = read_secret_option(args, "recovery-passphrase-file", 512, false);
+  if (!recovery.is_ok()) return fail(recovery.status());
 
   struct stat st;
-  if (stat(image.c_str(), &st) != 0) return usage(str_cat(image, ": ", strerror(errno)));
+  if (stat(image.c_str(), &st) != 0) return fail(usage_error(str_cat(image, ": ", strerror(errno))));
   const bool resuming = LuksDevice::open(image).is_ok();
   uint64_t reduce = 16u << 20;
   if (S_ISBLK(st.st_mode) && !args.has("reduce-device-size") && !resuming) {
-    return usage(str_cat(image, " is a block device: shrink its filesystem by 16 MiB and pass "
-                         "--reduce-device-size 16777216 to confirm the last 16 MiB are unused"));
+    return fail(usage_error(str_cat(image, " is a block device: shrink its filesystem by 16 MiB and pass "
+                                    "--reduce-device-size 16777216 to confirm the last 16 MiB are unused")));
   }
   if (args.has("reduce-device-size")) {
-    auto r = args.get_int("reduce-device-size", 16 << 20, 2 << 20, 1L << 30);
-    if (!r.is_ok()) return fail(r.status(), kExitUsage);
-    reduce = static_cast<uint64_t>(r.value());
+    auto size = args.get_int("reduce-device-size", 16 << 20, 2 << 20, 1L << 30);
+    if (!size.is_ok()) return fail(size.status());
+    reduce = static_cast<uint64_t>(size.value());
   }
   if (!resuming) {
-    Status blank = check_device_blank(image);
-    if (blank.is_ok()) {
-      return usage(str_cat(image, " holds no filesystem to encrypt; use keygate enroll --format"));
+    if (check_device_blank(image).is_ok()) {
+      return fail(usage_error(str_cat(image, " holds no filesystem to encrypt; use keygate enroll --format")));
     }
     if (S_ISREG(st.st_mode) && !args.has("reduce-device-size")) {
       // Room for the header at the end, so no byte of the image is lost.
       if (truncate(image.c_str(), st.st_size + static_cast<off_t>(reduce)) != 0) {
-        return fail(Status::error(ErrorKind::kIo, str_cat("grow ", image, ": ", strerror(errno))),
-                    kExitVolume);
+        return fail(Status::error(ErrorKind::kIo, str_cat("grow ", image, ": ", strerror(errno))));
       }
       log_info(str_cat(image, ": grown by ", reduce >> 20, " MiB for the LUKS2 header"));
     }
@@ -775,13 +452,50 @@ int cmd_encrypt(const Args& args) {
         }
       });
   if (!encrypted.is_ok()) {
-    return fail(encrypted.with_context("encryption stopped; run the same command again to resume"),
-                kExitVolume);
+    return fail(Status::error(ErrorKind::kIo, str_cat(encrypted.message(),
+                                                      " (encryption stopped; run the same command "
+                                                      "again to resume)")));
   }
   print_line(str_cat(image, ": encrypted in place (LUKS2); enrolling"));
-  return cmd_enroll(args.with("passphrase-file", args.get("recovery-passphrase-file"),
-                              {"enroll", image}));
+  r.existing = std::move(recovery).value();
+  return report_enrolled(image, enroll_volume(r));
 }
+
+// The options each command takes (beside the common ones); any other is an
+// error that names it.
+const std::set<std::string> kReleaseOptions = {"metadata-url", "platform", "tcti", "timeout", "deadline"};
+const std::set<std::string> kEnrollOptions = {
+    "metadata-url", "platform", "tcti", "timeout", "server", "token-server", "ca",
+    "enrollment-token-file", "no-evidence", "description", "tpm", "tpm-pcrs", "tpm-bank",
+    "tpm-ak-handle", "tpm-seal"};
+
+struct Command {
+  const char* name;
+  int (*run)(const Args&);
+  std::set<std::string> options;
+};
+
+std::set<std::string> with(std::set<std::string> a, std::initializer_list<const char*> more) {
+  for (const char* m : more) a.insert(m);
+  return a;
+}
+
+const std::vector<Command>& commands() {
+  static const std::vector<Command> table = {
+      {"unlock", cmd_unlock, with(kReleaseOptions, {"verify-only"})},
+      {"keyscript", cmd_keyscript, kReleaseOptions},
+      {"status", cmd_status, {"json"}},
+      {"enroll", cmd_enroll,
+       with(kEnrollOptions, {"format", "recovery-passphrase-file", "no-recovery", "sector-size",
+                             "passphrase-file"})},
+      {"rotate", cmd_rotate,
+       with(kReleaseOptions, {"server", "token-server", "ca", "enrollment-token-file", "description"})},
+      {"encrypt", cmd_encrypt, with(kEnrollOptions, {"recovery-passphrase-file", "reduce-device-size"})},
+  };
+  return table;
+}
+
+const std::set<std::string> kCommonOptions = {"debug", "kmsg", "help", "version"};
 
 }  // namespace
 
@@ -794,7 +508,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> argv_list(argv + 1, argv + argc);
   auto args = Args::parse(
       argv_list,
-      {"metadata-url", "platform", "tcti", "tpm", "tpm-pcrs", "tpm-bank", "tpm-ak-handle", "timeout", "deadline", "server", "token-server", "ca", "enrollment-token-file",
+      {"metadata-url", "platform", "tcti", "tpm", "tpm-pcrs", "tpm-bank", "tpm-ak-handle",
+       "timeout", "deadline", "server", "token-server", "ca", "enrollment-token-file",
        "recovery-passphrase-file", "passphrase-file", "sector-size", "description",
        "reduce-device-size"},
       {"verify-only", "format", "no-recovery", "no-evidence", "tpm-seal", "json", "debug", "kmsg",
@@ -803,17 +518,17 @@ int main(int argc, char** argv) {
   if (!args.is_ok()) {
     log_error(args.status().message());
     fputs(kUsage, stderr);
-    return kExitUsage;
+    return exit_code(Outcome::kConfig);
   }
   if (args->has("help")) {
     fputs(kUsage, stdout);
-    return kExitOk;
+    return exit_code(Outcome::kOk);
   }
   if (args->has("version")) {
     // The build and the libraries it runs with: what a bug report needs.
     printf("keygate %s (%s)\n%s\n", KEYGATE_VERSION,
            KEYGATE_STATIC_BUILD ? "static release build" : "shared-library build", curl_version());
-    return kExitOk;
+    return exit_code(Outcome::kOk);
   }
   log_init("keygate", args->has("kmsg") ? LogSink::kKmsg : LogSink::kStderr,
            args->has("debug") ? LogLevel::kDebug : LogLevel::kInfo);
@@ -821,15 +536,18 @@ int main(int argc, char** argv) {
   const auto& pos = args->positional();
   if (pos.empty()) {
     fputs(kUsage, stderr);
-    return kExitUsage;
+    return exit_code(Outcome::kConfig);
   }
-  if (pos[0] == "unlock") return cmd_unlock(args.value());
-  if (pos[0] == "enroll") return cmd_enroll(args.value());
-  if (pos[0] == "status") return cmd_status(args.value());
-  if (pos[0] == "keyscript") return cmd_keyscript(args.value());
-  if (pos[0] == "encrypt") return cmd_encrypt(args.value());
-  if (pos[0] == "rotate") return cmd_rotate(args.value());
-  log_error(str_cat("unknown command '", pos[0], "'"));
+  for (const Command& command : commands()) {
+    if (pos[0] != command.name) continue;
+    for (const auto& name : args->names()) {
+      if (command.options.count(name) == 0 && kCommonOptions.count(name) == 0) {
+        return fail(usage_error(str_cat(command.name, " does not take --", name)));
+      }
+    }
+    return command.run(args.value());
+  }
+  log_error(str_cat("unknown command '", printable(pos[0], 64), "'"));
   fputs(kUsage, stderr);
-  return kExitUsage;
+  return exit_code(Outcome::kConfig);
 }

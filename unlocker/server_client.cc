@@ -34,10 +34,16 @@ Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server
     if (!parsed.is_ok()) return parsed.status().with_context(str_cat(req.url, ": response"));
     return parsed;
   }
+  // A hostile server's words reach the console: printable, bounded.
   std::string code = "unknown", message;
-  if (parsed.is_ok() && parsed->isMember("error") && parsed.value()["error"].isObject()) {
-    code = parsed.value()["error"].get("code", "unknown").asString().substr(0, 64);
-    message = parsed.value()["error"].get("message", "").asString().substr(0, 200);
+  const Json::Value* error = parsed.is_ok() && parsed->isMember(api::field::kError)
+                                 ? &parsed.value()[api::field::kError]
+                                 : nullptr;
+  if (error != nullptr && error->isObject()) {
+    const Json::Value& c = (*error)[api::field::kCode];
+    const Json::Value& m = (*error)[api::field::kMessage];
+    if (c.isString()) code = printable(c.asString(), 64);
+    if (m.isString()) message = printable(m.asString(), 200);
   }
   std::string what = str_cat(req.url, ": HTTP ", res->status, " ", code,
                              message.empty() ? "" : ": ", message);
@@ -55,7 +61,7 @@ Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server
 Result<Challenge> get_challenge(HttpSession& session, const ServerEndpoint& server) {
   auto res = post_json(session, server, api::kChallengePath, std::string("{}"));
   if (!res.is_ok()) return res.status();
-  auto nonce_text = json_string(res.value(), "nonce", 128);
+  auto nonce_text = json_string(res.value(), api::field::kNonce, 128);
   if (!nonce_text.is_ok()) return nonce_text.status().with_context("challenge");
   auto nonce = base64_decode(nonce_text.value());
   if (!nonce.is_ok() || nonce->size() != api::kNonceSize) {
@@ -66,7 +72,7 @@ Result<Challenge> get_challenge(HttpSession& session, const ServerEndpoint& serv
 
 Result<SecretBuffer> open_envelope(const Json::Value& response, const X25519KeyPair& keys,
                                    const std::string& volume_id, const Bytes& nonce) {
-  auto wrapped_json = json_object(response, "wrapped", true);
+  auto wrapped_json = json_object(response, api::field::kWrapped, true);
   if (!wrapped_json.is_ok()) return wrapped_json.status().with_context("server response");
   auto wrapped = WrappedSecret::from_json(wrapped_json.value());
   if (!wrapped.is_ok()) {
@@ -94,18 +100,18 @@ Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
     auto keys = X25519KeyPair::generate();
     if (!keys.is_ok()) return keys.status();
     Json::Value req;
-    req["volume_id"] = volume_id;
-    req["nonce"] = base64_encode(challenge->nonce);
-    req["client_public_key"] = base64_encode(keys->public_key.data(), keys->public_key.size());
+    req[api::field::kVolumeId] = volume_id;
+    req[api::field::kNonce] = base64_encode(challenge->nonce);
+    req[api::field::kClientPublicKey] = base64_encode(keys->public_key.data(), keys->public_key.size());
     const Bytes client_public(keys->public_key.begin(), keys->public_key.end());
     const Bytes binding = binding_value(challenge->nonce, client_public, volume_id);
     auto collected = evidence.collect(binding);
     if (!collected.is_ok()) return collected.status();
-    req["evidence"] = collected.value();
+    req[api::field::kEvidence] = collected.value();
     if (tpm != nullptr) {
       auto quote = tpm->evidence(binding, false);
       if (!quote.is_ok()) return quote.status();
-      req["tpm"] = quote.value();
+      req[api::field::kTpm] = quote.value();
     }
     auto res = post_json(session, server, api::kUnlockPath, to_json(req));
     if (!res.is_ok()) {
@@ -137,27 +143,27 @@ Result<Enrollment> register_volume(const ServerEndpoint& server,
   auto keys = X25519KeyPair::generate();
   if (!keys.is_ok()) return keys.status();
   Json::Value req;
-  req["nonce"] = base64_encode(challenge->nonce);
-  req["client_public_key"] = base64_encode(keys->public_key.data(), keys->public_key.size());
+  req[api::field::kNonce] = base64_encode(challenge->nonce);
+  req[api::field::kClientPublicKey] = base64_encode(keys->public_key.data(), keys->public_key.size());
   if (evidence != nullptr) {
     // No volume id exists yet: the binding covers "".
     const Bytes client_public(keys->public_key.begin(), keys->public_key.end());
     auto collected = evidence->collect(binding_value(challenge->nonce, client_public, ""));
     if (!collected.is_ok()) return collected.status();
-    req["evidence"] = collected.value();
+    req[api::field::kEvidence] = collected.value();
   }
   if (tpm != nullptr) {
     const Bytes client_public(keys->public_key.begin(), keys->public_key.end());
     auto quote = tpm->evidence(binding_value(challenge->nonce, client_public, ""), true);
     if (!quote.is_ok()) return quote.status();
-    req["tpm"] = quote.value();
+    req[api::field::kTpm] = quote.value();
   }
-  if (!description.empty()) req["description"] = description;
+  if (!description.empty()) req[api::field::kDescription] = description;
   // Splice the token into the body inside secret memory:
   // {...,"enrollment_token":"TOKEN"}
   std::string head = to_json(req);
   head.pop_back();  // the closing brace
-  const std::string key = ",\"enrollment_token\":\"";
+  const std::string key = str_cat(",\"", api::field::kEnrollmentToken, "\":\"");
   const std::string tail = "\"}";
   auto body = SecretBuffer::allocate(head.size() + key.size() + enrollment_token.size() +
                                      tail.size());
@@ -174,20 +180,20 @@ Result<Enrollment> register_volume(const ServerEndpoint& server,
   memcpy(p, tail.data(), tail.size());
   auto res = post_json(session, server, api::kEnrollRegisterPath, body->data(), body->size());
   if (!res.is_ok()) return res.status();
-  auto volume_id = json_string(res.value(), "volume_id", api::kMaxVolumeIdLength);
+  auto volume_id = json_string(res.value(), api::field::kVolumeId, api::kMaxVolumeIdLength);
   if (!volume_id.is_ok() || !api::is_valid_volume_id(volume_id.value())) {
     return Status::error(ErrorKind::kInvalidArgument, "register: malformed volume id");
   }
   auto secret = open_envelope(res.value(), keys.value(), volume_id.value(), challenge->nonce);
   if (!secret.is_ok()) return secret.status();
-  return Enrollment{volume_id.value(), std::move(secret).value(), res.value()["policy"]};
+  return Enrollment{volume_id.value(), std::move(secret).value(), res.value()[api::field::kPolicy]};
 }
 
 Status confirm_volume(const ServerEndpoint& server, const std::string& volume_id,
                       const SecretBuffer& secret) {
   Json::Value req;
-  req["volume_id"] = volume_id;
-  req["proof"] = base64_encode(api::enrollment_confirmation(secret, volume_id));
+  req[api::field::kVolumeId] = volume_id;
+  req[api::field::kProof] = base64_encode(api::enrollment_confirmation(secret, volume_id));
   HttpSession session;
   auto res = post_json(session, server, api::kEnrollConfirmPath, to_json(req));
   if (!res.is_ok()) return res.status();

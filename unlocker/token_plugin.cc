@@ -4,12 +4,11 @@
 // cryptsetup_token_open() for the keyslot passphrase, activates the keyslot
 // itself, and frees the buffer through cryptsetup_token_buffer_free().
 //
-// Settings come from the environment (the plugin has no command line):
-//   KEYGATE_METADATA_URL  metadata service (default http://169.254.169.254)
-//   KEYGATE_PLATFORM      aws, gcp or azure (default: detected)
-//   KEYGATE_TCTI          the TPM of TPM-bound volumes (default device:/dev/tpmrm0)
-//   KEYGATE_DEADLINE      seconds to keep retrying unreachable servers
-//                         (default 30; 0: one pass)
+// Settings come from the environment (the plugin has no command line), the
+// same variables and defaults as the keygate command's (release.h):
+// KEYGATE_METADATA_URL, KEYGATE_PLATFORM, KEYGATE_TCTI, KEYGATE_TIMEOUT,
+// KEYGATE_DEADLINE (seconds to keep retrying unreachable servers; default 0,
+// one pass; keygate's dracut module sets the initramfs's deadline).
 #include <libcryptsetup.h>
 #include <openssl/crypto.h>
 #include <sys/mman.h>
@@ -17,40 +16,33 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
-#include <future>
+#include <optional>
 #include <string>
 
-#include "core/json.h"
 #include "core/log.h"
-#include "unlocker/evidence.h"
-#include "unlocker/tpm_attest.h"
-#include "unlocker/failover.h"
-#include "unlocker/luks.h"
+#include "unlocker/release.h"
+#include "unlocker/token.h"
 
 using namespace keygate;
 using namespace keygate::unlocker;
 
 namespace {
 
-std::string env_or(const char* name, const char* fallback) {
-  const char* v = getenv(name);
-  return v != nullptr && *v != '\0' ? v : fallback;
-}
-
 Result<KeygateToken> load_token(crypt_device* cd, int token) {
   const char* json = nullptr;
-  int rc = crypt_token_json_get(cd, token, &json);
-  if (rc < 0) return Status::error(ErrorKind::kNotFound, "token not readable");
-  auto parsed = parse_json_object(json, 16 * 1024);
-  if (!parsed.is_ok()) return parsed.status();
-  return KeygateToken::from_json(parsed.value());
+  if (crypt_token_json_get(cd, token, &json) < 0 || json == nullptr) {
+    return Status::error(ErrorKind::kNotFound, "token not readable");
+  }
+  return KeygateToken::parse(json);
 }
 
-int errno_for(ErrorKind kind) {
-  switch (kind) {
-    case ErrorKind::kUnavailable: return -EAGAIN;  // try other tokens or the passphrase
-    case ErrorKind::kRefused: return -EPERM;
-    case ErrorKind::kInvalidArgument: return -EINVAL;
+// libcryptsetup's reading of a failure: -EAGAIN lets it try other tokens or
+// the passphrase; -EPERM is a refusal; -EINVAL bad configuration.
+int errno_for(Outcome outcome) {
+  switch (outcome) {
+    case Outcome::kUnreachable: return -EAGAIN;
+    case Outcome::kRefused: return -EPERM;
+    case Outcome::kConfig: return -EINVAL;
     default: return -EIO;
   }
 }
@@ -73,40 +65,19 @@ __attribute__((visibility("default"))) int cryptsetup_token_open(crypt_device* c
     log_error(parsed.status().message());
     return -EINVAL;
   }
-  const std::string metadata_url = env_or("KEYGATE_METADATA_URL", kDefaultMetadataUrl);
-  long deadline_s = strtol(env_or("KEYGATE_DEADLINE", "30").c_str(), nullptr, 10);
-  RetryPolicy policy;
-  policy.deadline_ms = deadline_s > 0 && deadline_s <= 3600 ? deadline_s * 1000 : 0;
-  std::optional<Platform> platform;
-  if (const char* p = getenv("KEYGATE_PLATFORM"); p != nullptr && *p != '\0') {
-    auto parsed_platform = parse_platform(p);
-    if (!parsed_platform.is_ok()) {
-      log_error(parsed_platform.status().message());
-      return -EINVAL;
-    }
-    platform = parsed_platform.value();
+  auto settings = read_release_settings([](const char*) { return std::optional<std::string>(); });
+  if (!settings.is_ok()) {
+    log_error(str_cat(settings.status().message(), " (bad configuration, keygate's exit status ",
+                      exit_code(Outcome::kConfig), ")"));
+    return -EINVAL;
   }
-  EvidenceCollector evidence(metadata_url, platform, 5000);
-  evidence.start();
-  std::unique_ptr<TpmAttester> tpm;
-  if (parsed->tpm) {
-    tpm = std::make_unique<TpmAttester>(env_or("KEYGATE_TCTI", tpm::kDefaultTcti), *parsed->tpm);
-    tpm->start();
-  }
-  auto secret = fetch_volume_secret(parsed.value(), evidence, tpm.get(), policy);
-  if (secret.is_ok() && tpm && !parsed->tpm->sealed.empty()) {
-    auto share = tpm->unseal_share();
-    if (!share.is_ok()) {
-      log_error(share.status().message());
-      return errno_for(share.status().kind());
-    }
-    auto both = combine_shares(secret.value(), share.value());
-    if (!both.is_ok()) return -ENOMEM;
-    secret = std::move(both).value();
-  }
+  Release release(settings.value());
+  auto secret = release.passphrase_for(parsed.value());
   if (!secret.is_ok()) {
-    log_error(secret.status().message());
-    return errno_for(secret.status().kind());
+    const Outcome outcome = outcome_for(secret.status());
+    log_error(str_cat(secret.status().message(), " (", outcome_name(outcome),
+                      ", keygate's exit status ", exit_code(outcome), ")"));
+    return errno_for(outcome);
   }
   // Ownership passes to libcryptsetup, which returns it through
   // cryptsetup_token_buffer_free (wiped there).
@@ -129,16 +100,12 @@ __attribute__((visibility("default"))) void cryptsetup_token_buffer_free(void* b
 
 __attribute__((visibility("default"))) int cryptsetup_token_validate(crypt_device* /*cd*/,
                                                                      const char* json) {
-  auto parsed = parse_json_object(json ? json : "", 16 * 1024);
-  if (!parsed.is_ok()) return -EINVAL;
-  return KeygateToken::from_json(parsed.value()).is_ok() ? 0 : -EINVAL;
+  return KeygateToken::parse(json ? json : "").is_ok() ? 0 : -EINVAL;
 }
 
 __attribute__((visibility("default"))) void cryptsetup_token_dump(crypt_device* cd,
                                                                   const char* json) {
-  auto parsed = parse_json_object(json ? json : "", 16 * 1024);
-  if (!parsed.is_ok()) return;
-  auto token = KeygateToken::from_json(parsed.value());
+  auto token = KeygateToken::parse(json ? json : "");
   if (!token.is_ok()) return;
   std::string text = str_cat("\tVolume:     ", token->volume_id, "\n\tCA sha256:  ",
                              token->ca_sha256, "\n");

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "core/protocol.h"
 #include "tpm/tpm2_format.h"
 
 namespace keygate::unlocker {
@@ -57,13 +58,13 @@ Result<Json::Value> TpmAttester::evidence(const Bytes& binding, bool enrollment)
   auto q = tpm_->quote(bank, config_.pcrs, binding);
   if (!q.is_ok()) return q.status();
   Json::Value e(Json::objectValue);
-  e["attest"] = base64_encode(q->attest);
-  e["signature"] = base64_encode(q->signature);
-  for (const auto& [pcr, value] : q->pcr_values) e["pcrs"][std::to_string(pcr)] = hex_encode(value);
+  e[api::field::kTpmAttest] = base64_encode(q->attest);
+  e[api::field::kTpmSignature] = base64_encode(q->signature);
+  for (const auto& [pcr, value] : q->pcr_values) e[api::field::kTpmPcrs][std::to_string(pcr)] = hex_encode(value);
   if (enrollment) {
-    e["ak_public"] = base64_encode(tpm_->attestation_key(config_.ak_handle).value());
-    e["bank"] = config_.bank;
-    e["sealed"] = !config_.sealed.empty();
+    e[api::field::kTpmAkPublic] = base64_encode(tpm_->attestation_key(config_.ak_handle).value());
+    e[api::field::kTpmBank] = config_.bank;
+    e[api::field::kTpmSealed] = !config_.sealed.empty();
   }
   return e;
 }
@@ -107,9 +108,9 @@ Result<std::vector<uint32_t>> parse_pcr_list(const std::string& text) {
     size_t comma = text.find(',', pos);
     std::string item = text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     if (item.empty() || item.size() > 2 || item.find_first_not_of("0123456789") != std::string::npos ||
-        std::stoul(item) > 23) {
+        std::stoul(item) > tpm::kMaxPcrIndex) {
       return Status::error(ErrorKind::kInvalidArgument,
-                           str_cat("PCR list '", text, "': comma-separated indexes 0 to 23"));
+                           str_cat("PCR list '", text, "': comma-separated indexes 0 to ", tpm::kMaxPcrIndex));
     }
     out.push_back(static_cast<uint32_t>(std::stoul(item)));
     if (comma == std::string::npos) break;

@@ -13,7 +13,7 @@
 #include "core/secret.h"
 #include "core/status.h"
 #include "tpm/tpm_client.h"
-#include "unlocker/luks.h"
+#include "unlocker/token.h"
 
 namespace keygate::unlocker {
 
@@ -54,7 +54,7 @@ class TpmAttester {
 // The keyslot passphrase of a two-factor volume: server secret || TPM share.
 Result<SecretBuffer> combine_shares(const SecretBuffer& server_secret, const SecretBuffer& tpm_share);
 
-// "0,4,7" -> {0, 4, 7} (ascending, unique, each at most 23).
+// "0,4,7" -> {0, 4, 7} (ascending, unique, each at most tpm::kMaxPcrIndex).
 Result<std::vector<uint32_t>> parse_pcr_list(const std::string& text);
 
 }  // namespace keygate::unlocker

@@ -1,0 +1,250 @@
+// The server under bad input and a failing audit trail, and every way a
+// volume is enrolled: tokens, image groups, --format, encrypt, attestation
+// (fixture: keygate_fixture.h).
+#include "tests/keygate_fixture.h"
+
+namespace keygate::testing {
+namespace {
+
+TEST_F(KeygateTest, OversizedAndMalformedBodiesGet400AndServerKeepsServing) {
+  auto cli = api_client(server_);
+  std::string huge(api::kMaxRequestBody + 1024, 'x');
+  auto big = cli->Post(api::kUnlockPath, huge, "application/json");
+  ASSERT_TRUE(big);
+  EXPECT_EQ(big->status, 400);
+  EXPECT_TRUE(contains(big->body, "request_too_large")) << big->body;
+
+  for (const std::string& body :
+       {std::string("{not json"), std::string("[]"), std::string("{\"volume_id\":5}"),
+        std::string("{\"volume_id\":\"../x\",\"nonce\":\"AA==\"}"),
+        std::string("{\"volume_id\":\"abc\",\"nonce\":\"!!\",\"client_public_key\":\"\"}"),
+        std::string("\x00\x01\x02", 3)}) {
+    auto r = api_client(server_)->Post(api::kUnlockPath, body, "application/json");
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, 400) << body;
+    EXPECT_TRUE(parse_json_object(r->body).is_ok()) << r->body;
+    EXPECT_TRUE(contains(r->body, "\"error\""));
+  }
+  auto reg = api_client(server_)->Post(api::kEnrollRegisterPath, "{}", "application/json");
+  ASSERT_TRUE(reg);
+  EXPECT_EQ(reg->status, 400);
+  // Still serving.
+  EXPECT_EQ(fresh_nonce(server_).size(), api::kNonceSize);
+  auto [vol, id] = enrolled_volume();
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+}
+
+TEST_F(KeygateTest, RevokedVolumeIsRefused) {
+  auto [vol, id] = enrolled_volume();
+  ASSERT_EQ(unlock(vol, emulator_).exit_code, 0);
+  RunResult revoke =
+      run({bin("keygate-server"), "volumes", "revoke", id, "--state-dir", server_.state});
+  ASSERT_EQ(revoke.exit_code, 0) << revoke.err;
+  RunResult r = unlock(vol, emulator_);
+  EXPECT_EQ(r.exit_code, kExitRefused) << r.err;
+  EXPECT_TRUE(contains(r.err, "revoked")) << r.err;
+  RunResult list = run({bin("keygate-server"), "volumes", "list", "--state-dir", server_.state});
+  EXPECT_TRUE(contains(list.out, "revoked"));
+}
+
+// Every release is in the audit log before the key leaves: while the log
+// cannot be written (here another writer holds the database, as a stuck
+// process or a full disk would make it), nothing is released.
+TEST_F(KeygateTest, NoKeyIsReleasedWhileTheAuditLogCannotBeWritten) {
+  auto [vol, id] = enrolled_volume();
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((server_.state + "/keygate.db").c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, "BEGIN EXCLUSIVE", nullptr, nullptr, nullptr), SQLITE_OK);
+  // The server waits 5 s for the lock before it gives up on the write.
+  RunResult held = run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url",
+                        emulator_.url(), "--timeout", "20"});
+  ASSERT_EQ(sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(db);
+  EXPECT_EQ(held.exit_code, kExitUnreachable) << held.err;
+  EXPECT_TRUE(contains(held.err, "audit_unavailable")) << held.err;
+  EXPECT_FALSE(contains(held.out, "opens keyslot")) << held.out;
+  EXPECT_TRUE(contains(read_file(server_.process.log_path()),
+                       "not sent, the audit log cannot be written"));
+
+  // Once the log can be written again, the same volume unlocks, on the record.
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  RunResult audit = run({bin("keygate-server"), "audit", "--state-dir", server_.state});
+  EXPECT_TRUE(contains(audit.out, "unlock released volume=" + id)) << audit.out;
+}
+
+TEST_F(KeygateTest, EnrollmentTokenIsSingleUseAndBoundToItsAccount) {
+  std::string token = make_token(server_);
+  std::string a = new_volume_file(), b = new_volume_file();
+  ASSERT_EQ(enroll_format(a, server_, token, emulator_).exit_code, 0);
+  RunResult reuse = enroll_format(b, server_, token, emulator_);
+  EXPECT_EQ(reuse.exit_code, kExitRefused) << reuse.err;
+  EXPECT_TRUE(contains(reuse.err, "enrollment_token_invalid")) << reuse.err;
+  // Nothing was written to the blank device.
+  EXPECT_TRUE(unlocker::check_device_blank(b).is_ok());
+
+  std::string other_account = make_token(server_, {"--account", "444455556666"});
+  RunResult wrong = enroll_format(b, server_, other_account, emulator_);
+  EXPECT_EQ(wrong.exit_code, kExitRefused) << wrong.err;
+  EXPECT_TRUE(unlocker::check_device_blank(b).is_ok());
+}
+
+TEST_F(KeygateTest, ImageGroupVolumeEnrolledOfflineOpensOnAnyInstanceOfTheImage) {
+  Identity builder;
+  std::string token = make_token(server_, {"--image-group", "--account", builder.account,
+                                           "--region", builder.region, "--image-id",
+                                           "ami-0golden000000001"});
+  std::string vol = new_volume_file();
+  RunResult e = run({bin("keygate"), "enroll", vol, "--format", "--no-recovery", "--no-evidence",
+                     "--server", server_.url(), "--ca", server_.ca(), "--enrollment-token-file",
+                     token});
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  Identity launched;
+  launched.image = "ami-0golden000000001";
+  launched.instance = "i-0ddddddddddddddd1";
+  Emulator emu = start_emulator(launched, dir_ + "/emu");
+  EXPECT_EQ(unlock(vol, emu).exit_code, 0);
+  Identity other_image = launched;
+  other_image.image = "ami-0other0000000001";
+  Emulator emu2 = start_emulator(other_image, dir_ + "/emu");
+  EXPECT_EQ(unlock(vol, emu2).exit_code, kExitRefused);
+}
+
+TEST_F(KeygateTest, FormatRefusesDeviceWithFilesystemAndServerDownLeavesDeviceUntouched) {
+  std::string vol = new_volume_file();
+  ASSERT_EQ(run({"mke2fs", "-q", "-F", "-t", "ext4", vol}).exit_code, 0);
+  std::string before = read_file(vol);
+  RunResult r = enroll_format(vol, server_, make_token(server_), emulator_);
+  EXPECT_EQ(r.exit_code, kExitVolume) << r.err;
+  EXPECT_TRUE(contains(r.err, "not blank")) << r.err;
+  EXPECT_EQ(read_file(vol), before);
+
+  // Existing LUKS2 volume, server unreachable: no keyslot or token added.
+  std::string luks = new_volume_file();
+  std::string pass = dir_ + "/" + unique("pass");
+  write_file(pass, "pw");
+  ASSERT_EQ(run({"cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf",
+                 "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", pass, luks})
+                .exit_code,
+            0);
+  std::string header_before = read_file(luks).substr(0, 1 << 20);
+  RunResult down = run({bin("keygate"), "enroll", luks, "--server", "https://127.0.0.1:1", "--ca",
+                        server_.ca(), "--enrollment-token-file", make_token(server_),
+                        "--metadata-url", emulator_.url(), "--passphrase-file", pass});
+  EXPECT_EQ(down.exit_code, kExitUnreachable) << down.err;
+  EXPECT_EQ(read_file(luks).substr(0, 1 << 20), header_before);
+}
+
+TEST_F(KeygateTest, EncryptInPlaceThenEnrollForImageBuilders) {
+  // An ext4 image with data, encrypted in place and enrolled as an
+  // image-group volume, the way an image builder would.
+  std::string fsroot = dir_ + "/" + unique("fsroot");
+  ASSERT_EQ(run({"mkdir", "-p", fsroot}).exit_code, 0);
+  write_file(fsroot + "/data.txt", "plaintext that must not survive encryption");
+  std::string image = dir_ + "/" + unique("image") + ".img";
+  ASSERT_EQ(run({"truncate", "-s", "24M", image}).exit_code, 0);
+  ASSERT_EQ(run({"mke2fs", "-q", "-F", "-t", "ext4", "-d", fsroot, image}).exit_code, 0);
+  std::string recovery = dir_ + "/" + unique("recovery");
+  write_file(recovery, "image recovery passphrase");
+  Identity id;
+  std::string token = make_token(server_, {"--image-group", "--account", id.account, "--region",
+                                           id.region, "--image-id", id.image});
+  std::vector<std::string> argv = {bin("keygate"), "encrypt", image, "--recovery-passphrase-file",
+                                   recovery, "--no-evidence", "--server", server_.url(), "--ca",
+                                   server_.ca(), "--enrollment-token-file", token};
+  RunResult r = run(argv);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.err, "100%")) << r.err;  // progress is shown
+  EXPECT_FALSE(contains(read_file(image), "plaintext that must not survive")) << "plaintext left";
+  EXPECT_EQ(unlock(image, emulator_).exit_code, 0);
+  RunResult rec = run({"cryptsetup", "open", "--test-passphrase", "--key-file", recovery, image});
+  EXPECT_EQ(rec.exit_code, 0) << rec.err;
+  // The recovery keyslot's cost is bounded so small instances can open it.
+  RunResult dump = run({"cryptsetup", "luksDump", image});
+  EXPECT_TRUE(contains(dump.out, "argon2id")) << dump.out;
+  EXPECT_TRUE(contains(dump.out, "Memory:     32768")) << dump.out;
+
+  // Encrypting again is refused; a blank image is not "encrypted".
+  RunResult again = run(argv);
+  EXPECT_NE(again.exit_code, 0);
+  EXPECT_TRUE(contains(again.err, "already")) << again.err;
+  std::string blank = new_volume_file();
+  argv[2] = blank;
+  RunResult empty = run(argv);
+  EXPECT_EQ(empty.exit_code, 2) << empty.err;
+  EXPECT_TRUE(contains(empty.err, "no filesystem")) << empty.err;
+}
+
+TEST_F(KeygateTest, MetadataEmulatorSpeaksImdsV2) {
+  httplib::Client cli("127.0.0.1", emulator_.port);
+  // IMDSv2 only: no token, no answer.
+  auto anon = cli.Get("/latest/dynamic/instance-identity/document");
+  ASSERT_TRUE(anon);
+  EXPECT_EQ(anon->status, 401);
+  auto no_ttl = cli.Put("/latest/api/token", "", "text/plain");
+  ASSERT_TRUE(no_ttl);
+  EXPECT_EQ(no_ttl->status, 400);
+  httplib::Headers fwd = {{"X-aws-ec2-metadata-token-ttl-seconds", "60"},
+                          {"X-Forwarded-For", "10.0.0.1"}};
+  auto forwarded = cli.Put("/latest/api/token", fwd, "", "text/plain");
+  ASSERT_TRUE(forwarded);
+  EXPECT_EQ(forwarded->status, 403);
+  auto token = cli.Put("/latest/api/token", {{"X-aws-ec2-metadata-token-ttl-seconds", "60"}}, "",
+                       "text/plain");
+  ASSERT_TRUE(token);
+  ASSERT_EQ(token->status, 200);
+  auto doc = cli.Get("/latest/dynamic/instance-identity/document",
+                     {{"X-aws-ec2-metadata-token", token->body}});
+  ASSERT_TRUE(doc);
+  EXPECT_EQ(doc->status, 200);
+  EXPECT_EQ(doc->body.rfind("{\n  \"accountId\" : \"123456789012\",\n", 0), 0u) << doc->body;
+  EXPECT_TRUE(contains(doc->body, "\"region\" : \"us-east-1\""));
+  auto bad_token = cli.Get("/latest/meta-data/instance-id", {{"X-aws-ec2-metadata-token", "nope"}});
+  ASSERT_TRUE(bad_token);
+  EXPECT_EQ(bad_token->status, 401);
+}
+
+TEST_F(KeygateTest, EnrollmentByAttestationFollowsTheServersRules) {
+  const std::string config = dir_ + "/" + unique("attest") + ".json";
+  write_file(config, R"({"enroll_by_attestation": [{"platform": "aws",
+      "require": {"account_id": "123456789012", "region": "us-east-1"}}]})");
+  Server server = start_server("attest", {"--config", config});
+  ASSERT_GT(server.port, 0) << read_file(server.process.log_path());
+  auto enroll_without_token = [&](const Emulator& emu) {
+    std::string vol = new_volume_file();
+    RunResult r = run({bin("keygate"), "enroll", vol, "--format", "--no-recovery", "--server",
+                       server.url(), "--ca", server.ca(), "--metadata-url", emu.url()});
+    return std::make_pair(vol, r);
+  };
+  // An instance of the rule's account enrolls with no token, per instance.
+  auto [vol, ok] = enroll_without_token(emulator_);
+  ASSERT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  RunResult list = run({bin("keygate-server"), "volumes", "list", "--json", "--state-dir", server.state});
+  EXPECT_TRUE(contains(list.out, "\"instance_id\" : \"i-0aaaaaaaaaaaaaaa1\"")) << list.out;
+  RunResult audit = run({bin("keygate-server"), "audit", "--state-dir", server.state});
+  EXPECT_TRUE(contains(audit.out, "by attestation (rule 1)")) << audit.out;
+  // Another account is not admitted, and the device stays blank.
+  Identity other;
+  other.account = "999999999999";
+  Emulator stranger = start_emulator(other, dir_ + "/emu");
+  auto [blank, refused] = enroll_without_token(stranger);
+  EXPECT_EQ(refused.exit_code, kExitRefused) << refused.err;
+  EXPECT_TRUE(contains(refused.err, "enrollment_token_invalid")) << refused.err;
+  EXPECT_FALSE(unlocker::LuksDevice::open(blank).is_ok());
+  // A rule that binds no account is refused at start-up.
+  const std::string loose = dir_ + "/" + unique("loose") + ".json";
+  write_file(loose, R"({"enroll_by_attestation": [{"platform": "aws", "require": {"region": "us-east-1"}}]})");
+  RunResult bad = run({bin("keygate-server"), "serve", "--config", loose, "--state-dir",
+                       dir_ + "/" + unique("loose-state"), "--listen", "127.0.0.1:0"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_TRUE(contains(bad.err, "must require 'account_id'")) << bad.err;
+  // No token and no evidence is a usage error.
+  RunResult usage = run({bin("keygate"), "enroll", new_volume_file(), "--format", "--no-recovery",
+                         "--no-evidence", "--server", server.url(), "--ca", server.ca()});
+  EXPECT_EQ(usage.exit_code, 2) << usage.err;
+  server.process.stop();
+}
+
+
+}  // namespace
+}  // namespace keygate::testing
