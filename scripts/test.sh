@@ -29,7 +29,7 @@ for f in usr/local/sbin/keygate usr/local/bin/keygate-server \
          usr/local/lib/systemd/system/keygate-volumes.service \
          usr/share/initramfs-tools/hooks/keygate usr/share/initramfs-tools/scripts/init-premount/keygate \
          usr/lib/dracut/modules.d/90keygate/module-setup.sh \
-         usr/lib/python3/dist-packages/cc_keygate.py etc/cloud/cloud.cfg.d/90_keygate.cfg \
+         usr/lib/python3/dist-packages/cc_keygate.py usr/lib/python3/dist-packages/keygate_cloud_schema.py etc/cloud/cloud.cfg.d/90_keygate.cfg \
          usr/local/bin/keygate-cloud-config \
          "${plugin_dir#/}/libcryptsetup-token-keygate.so"; do
   [ -e "build/install-root/$f" ] || { echo "install layout: missing $f" >&2; exit 1; }
