@@ -174,7 +174,9 @@ Result<Enrolled> enroll_volume(const EnrollRequest& r) {
       tpm_share = std::move(share).value();
     }
     if (tpm) {
-      log_info(str_cat("TPM: quotes over ", r.tpm.bank, " PCRs ", r.tpm.pcrs.size(),
+      std::string pcrs;
+      for (uint32_t pcr : r.tpm.pcrs) pcrs += str_cat(pcrs.empty() ? "" : ",", pcr);
+      log_info(str_cat("TPM: quotes over ", r.tpm.bank, " PCRs ", pcrs,
                        tpm_share ? ", second factor sealed" : ""));
     }
   }
