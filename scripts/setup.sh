@@ -6,7 +6,10 @@ set -euo pipefail
 packages=(
   build-essential cmake pkg-config
   libssl-dev libcryptsetup-dev libblkid-dev libcurl4-openssl-dev libjsoncpp-dev
-  libcpp-httplib-dev libsqlite3-dev libgtest-dev libgmock-dev
+  libsqlite3-dev libgtest-dev libgmock-dev
+  # the server's HTTPS front (Boost.Beast and Asio, headers only); cpp-httplib
+  # for the metadata emulator and the tests' clients
+  libboost1.81-dev libcpp-httplib-dev
   # vTPM: TPM2-TSS (ESAPI, device and swtpm TCTIs), tpm2-tools for tests
   libtss2-dev tpm2-tools
   # the cloud-init module and its tests (Debian's cloud-init, its Python)

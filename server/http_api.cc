@@ -1,116 +1,403 @@
 #include "server/http_api.h"
 
-#include <httplib.h>
 #include <openssl/ssl.h>
-#include <pthread.h>
-#include <signal.h>
+#include <sys/resource.h>
 
+#include <array>
+#include <atomic>
+#include <optional>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+#include <chrono>
+#include <csignal>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <thread>
+#include <vector>
 
+#include "core/file.h"
 #include "core/json.h"
 #include "core/log.h"
 #include "core/protocol.h"
-#include "server/state_files.h"
 
 namespace keygate::server {
 namespace {
 
-void send(httplib::Response& res, const ApiResponse& api) {
-  res.status = api.status;
-  res.set_header("Cache-Control", "no-store");
-  res.set_content(to_json(api.body), "application/json");
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace ssl = asio::ssl;
+using tcp = asio::ip::tcp;
+using Request = http::request<http::string_body>;
+using Response = http::response<http::string_body>;
+
+constexpr size_t kMaxHeaderBytes = 8 * 1024;
+// After a refused request the connection is closed; what the client is still
+// sending is read and dropped first (up to this much, within a second), so
+// that the close does not reset the connection before the answer is read.
+constexpr size_t kMaxDrainBytes = 1 << 20;
+
+// TLS 1.3, and TLS 1.2 with ECDHE key exchange and AEAD ciphers only.
+constexpr char kTls12Ciphers[] =
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
+
+int per_core(int configured) {
+  if (configured > 0) return configured;
+  return static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
 }
+
+// Open connections, in total and per source address.
+class ConnectionCounts {
+ public:
+  ConnectionCounts(int total, int per_source) : max_total_(total), max_per_source_(per_source) {}
+
+  // False (nothing counted) when either cap is reached.
+  bool admit(const std::string& source) {
+    std::lock_guard<std::mutex> lock(mu_);
+    int& mine = per_source_[source];
+    if (total_ >= max_total_ || mine >= max_per_source_) {
+      if (mine == 0) per_source_.erase(source);
+      return false;
+    }
+    ++mine;
+    ++total_;
+    return true;
+  }
+  void release(const std::string& source) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = per_source_.find(source);
+    if (it != per_source_.end() && --it->second <= 0) per_source_.erase(it);
+    --total_;
+  }
+
+ private:
+  std::mutex mu_;
+  const int max_total_, max_per_source_;
+  int total_ = 0;
+  std::map<std::string, int> per_source_;
+};
+
+struct Front {
+  KeyService& service;
+  const HttpOptions& options;
+  ssl::context& tls;
+  asio::thread_pool& workers;
+  ConnectionCounts counts;
+  std::atomic<uint64_t> refused_connections{0};
+};
 
 using ServiceCall = ApiResponse (KeyService::*)(std::string_view, const std::string&);
 
-httplib::Server::Handler post_handler(KeyService& service, ServiceCall call) {
-  return [&service, call](const httplib::Request& req, httplib::Response& res) {
-    send(res, (service.*call)(req.body, req.remote_addr));
-  };
+// The API's routes: (path, call). A challenge takes no body.
+struct Route {
+  const char* path;
+  ServiceCall call;
+};
+const Route kRoutes[] = {
+    {api::kUnlockPath, &KeyService::unlock},
+    {api::kEnrollRegisterPath, &KeyService::enroll_register},
+    {api::kEnrollConfirmPath, &KeyService::enroll_confirm},
+};
+constexpr char kHealthPath[] = "/v1/health";
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(tcp::socket socket, Front& front, std::string peer)
+      : stream_(std::move(socket), front.tls), front_(front), peer_(std::move(peer)) {}
+  ~Session() { front_.counts.release(peer_); }
+
+  void start() {
+    beast::get_lowest_layer(stream_).socket().set_option(tcp::no_delay(true));
+    beast::get_lowest_layer(stream_).expires_after(
+        std::chrono::milliseconds(front_.options.handshake_timeout_ms));
+    stream_.async_handshake(ssl::stream_base::server,
+                            [self = shared_from_this()](beast::error_code ec) {
+                              if (ec) return self->close();
+                              self->read_request();
+                            });
+  }
+
+ private:
+  void read_request() {
+    parser_.emplace();
+    parser_->header_limit(kMaxHeaderBytes);
+    parser_->body_limit(api::kMaxRequestBody);
+    beast::get_lowest_layer(stream_).expires_after(
+        std::chrono::milliseconds(front_.options.request_timeout_ms));
+    http::async_read(stream_, buffer_, *parser_,
+                     [self = shared_from_this()](beast::error_code ec, size_t) {
+                       self->on_read(ec);
+                     });
+  }
+
+  void on_read(beast::error_code ec) {
+    if (ec == http::error::end_of_stream || ec == asio::error::eof ||
+        ec == ssl::error::stream_truncated) {
+      return shutdown();
+    }
+    if (ec == beast::error::timeout || ec == asio::error::operation_aborted) return close();
+    if (ec == http::error::body_limit) {
+      return refuse(error_response(400, api::kErrTooLarge,
+                                   str_cat("request body larger than ", api::kMaxRequestBody,
+                                           " bytes")));
+    }
+    if (ec == http::error::header_limit) {
+      return refuse(error_response(400, api::kErrBadRequest, "request header too large"));
+    }
+    if (ec) {
+      // Garbage, a bad chunk, a broken TLS record: if HTTP, it gets an answer.
+      if (ec.category() == http::make_error_code(http::error::bad_target).category()) {
+        return refuse(error_response(400, api::kErrBadRequest, "malformed HTTP request"));
+      }
+      return close();
+    }
+    handle(parser_->release());
+  }
+
+  void handle(Request request) {
+    keep_alive_ = request.keep_alive() &&
+                  ++served_ < front_.options.max_requests_per_connection;
+    const std::string_view target(request.target().data(), request.target().size());
+    const bool post = request.method() == http::verb::post;
+    if (target == kHealthPath) {
+      if (request.method() != http::verb::get) return answer(not_allowed());
+      ApiResponse ok;
+      ok.body["status"] = "ok";
+      return answer(ok);
+    }
+    if (target == api::kChallengePath) {
+      if (!post) return answer(not_allowed());
+      return on_worker([](KeyService& s, std::string_view, const std::string& peer) {
+        return s.challenge(peer);
+      }, std::move(request));
+    }
+    for (const Route& route : kRoutes) {
+      if (target != route.path) continue;
+      if (!post) return answer(not_allowed());
+      const ServiceCall call = route.call;
+      return on_worker([call](KeyService& s, std::string_view body, const std::string& peer) {
+        return (s.*call)(body, peer);
+      }, std::move(request));
+    }
+    answer(error_response(404, api::kErrNotFound, "no such endpoint"));
+  }
+
+  static ApiResponse not_allowed() {
+    return error_response(405, api::kErrMethodNotAllowed, "method not allowed");
+  }
+
+  // The key service runs on the worker pool; the answer is written back on
+  // this connection's strand.
+  template <typename Work>
+  void on_worker(Work work, Request request) {
+    auto self = shared_from_this();
+    asio::post(front_.workers, [self, work, request = std::move(request)]() mutable {
+      ApiResponse response;
+      try {
+        response = work(self->front_.service, request.body(), self->peer_);
+      } catch (const std::exception&) {
+        response = error_response(500, api::kErrInternal, "internal error");
+      }
+      asio::post(self->stream_.get_executor(),
+                 [self, response = std::move(response)]() { self->answer(response); });
+    });
+  }
+
+  void answer(const ApiResponse& api) { write(api, false); }
+  // Answers, then drains what the client still sends, then closes.
+  void refuse(const ApiResponse& api) {
+    keep_alive_ = false;
+    write(api, true);
+  }
+
+  void write(const ApiResponse& api, bool drain_after) {
+    response_.emplace();
+    response_->version(11);
+    response_->result(static_cast<unsigned>(api.status));
+    response_->set(http::field::content_type, "application/json");
+    response_->set(http::field::cache_control, "no-store");
+    response_->keep_alive(keep_alive_);
+    response_->body() = to_json(api.body);
+    response_->prepare_payload();
+    beast::get_lowest_layer(stream_).expires_after(
+        std::chrono::milliseconds(front_.options.write_timeout_ms));
+    http::async_write(stream_, *response_,
+                      [self = shared_from_this(), drain_after](beast::error_code ec, size_t) {
+                        if (ec) return self->close();
+                        if (drain_after) return self->drain(0);
+                        if (!self->keep_alive_) return self->shutdown();
+                        self->read_request();
+                      });
+  }
+
+  void drain(size_t drained) {
+    if (drained == 0) beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(1));
+    if (drained >= kMaxDrainBytes) return close();
+    stream_.async_read_some(asio::buffer(scratch_),
+                            [self = shared_from_this(), drained](beast::error_code ec, size_t n) {
+                              if (ec) return self->close();
+                              self->drain(drained + n);
+                            });
+  }
+
+  void shutdown() {
+    beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(1));
+    stream_.async_shutdown([self = shared_from_this()](beast::error_code) { self->close(); });
+  }
+
+  void close() {
+    beast::error_code ignored;
+    beast::get_lowest_layer(stream_).socket().shutdown(tcp::socket::shutdown_both, ignored);
+    beast::get_lowest_layer(stream_).close();
+  }
+
+  beast::ssl_stream<beast::tcp_stream> stream_;
+  Front& front_;
+  const std::string peer_;
+  beast::flat_buffer buffer_{kMaxHeaderBytes + api::kMaxRequestBody};
+  std::optional<http::request_parser<http::string_body>> parser_;
+  std::optional<Response> response_;
+  std::array<char, 16 * 1024> scratch_{};
+  int served_ = 0;
+  bool keep_alive_ = false;
+};
+
+class Listener : public std::enable_shared_from_this<Listener> {
+ public:
+  Listener(asio::io_context& io, tcp::acceptor acceptor, Front& front)
+      : io_(io), acceptor_(std::move(acceptor)), front_(front) {}
+
+  void accept() {
+    acceptor_.async_accept(asio::make_strand(io_),
+                           [self = shared_from_this()](beast::error_code ec, tcp::socket socket) {
+                             self->on_accept(ec, std::move(socket));
+                           });
+  }
+  void stop() {
+    beast::error_code ignored;
+    acceptor_.close(ignored);
+  }
+
+ private:
+  void on_accept(beast::error_code ec, tcp::socket socket) {
+    if (ec == asio::error::operation_aborted) return;  // stopped
+    if (!ec) {
+      beast::error_code peer_ec;
+      auto remote = socket.remote_endpoint(peer_ec);
+      std::string peer = peer_ec ? "?" : remote.address().to_string();
+      if (front_.counts.admit(peer)) {
+        std::make_shared<Session>(std::move(socket), front_, std::move(peer))->start();
+      } else {
+        // Over a cap: closed at once, so the connections that fit get in.
+        if (front_.refused_connections++ % 1000 == 0) {
+          log_warning(str_cat("connection from ", peer, " refused: too many open connections"));
+        }
+        socket.close(peer_ec);
+      }
+    } else if (ec == asio::error::no_descriptors) {
+      log_warning("accept: out of file descriptors");
+    }
+    accept();
+  }
+
+  asio::io_context& io_;
+  tcp::acceptor acceptor_;
+  Front& front_;
+};
+
+// Connections need descriptors: as many as the hard limit allows.
+void raise_descriptor_limit() {
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+    limit.rlim_cur = limit.rlim_max;
+    (void)setrlimit(RLIMIT_NOFILE, &limit);
+  }
+}
+
+Status load_tls(ssl::context& tls, const HttpOptions& options) {
+  beast::error_code ec;
+  tls.set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 |
+                      ssl::context::no_sslv3 | ssl::context::no_tlsv1 |
+                      ssl::context::no_tlsv1_1 | ssl::context::single_dh_use,
+                  ec);
+  SSL_CTX* ctx = tls.native_handle();
+  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+  SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+  // An idle connection keeps no 17 KiB read and write buffers.
+  SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+  if (SSL_CTX_set_cipher_list(ctx, kTls12Ciphers) != 1) {
+    return Status::error(ErrorKind::kInternal, "TLS: cipher list not supported");
+  }
+  if (!ec) tls.use_certificate_chain_file(options.cert_file, ec);
+  if (!ec) tls.use_private_key_file(options.key_file, ssl::context::pem, ec);
+  if (ec) {
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat("TLS: cannot load ", options.cert_file, " / ", options.key_file,
+                                 ": ", ec.message()));
+  }
+  return Status::ok();
 }
 
 }  // namespace
 
 Status serve_https(KeyService& service, const HttpOptions& options) {
-  // Block termination signals in every thread; one thread waits for them.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  signal(SIGPIPE, SIG_IGN);
+  std::signal(SIGPIPE, SIG_IGN);
+  raise_descriptor_limit();
+  ssl::context tls(ssl::context::tls_server);
+  KEYGATE_RETURN_IF_ERROR(load_tls(tls, options));
 
-  httplib::SSLServer server(options.cert_file.c_str(), options.key_file.c_str());
-  if (!server.is_valid()) {
-    return Status::error(ErrorKind::kInvalidArgument,
-                         str_cat("TLS: cannot load ", options.cert_file, " / ", options.key_file));
+  // Declared before the I/O context: sessions it still holds when it is
+  // destroyed count themselves out of `front`.
+  asio::thread_pool workers(static_cast<size_t>(per_core(options.workers)));
+  Front front{service, options, tls, workers,
+              ConnectionCounts(options.max_connections, options.max_connections_per_source)};
+  const int io_threads = per_core(options.io_threads);
+  asio::io_context io(io_threads);
+  beast::error_code ec;
+  auto address = asio::ip::make_address(options.host, ec);
+  if (ec) return Status::error(ErrorKind::kInvalidArgument, str_cat("--listen: bad address ", options.host));
+  tcp::acceptor acceptor(io);
+  const tcp::endpoint endpoint(address, static_cast<unsigned short>(options.port));
+  acceptor.open(endpoint.protocol(), ec);
+  if (!ec) acceptor.set_option(asio::socket_base::reuse_address(true), ec);
+  if (!ec) acceptor.bind(endpoint, ec);
+  if (!ec) acceptor.listen(options.backlog, ec);
+  if (ec) {
+    return Status::error(ErrorKind::kIo,
+                         str_cat("cannot bind ", options.host, ":", options.port, ": ", ec.message()));
   }
-  SSL_CTX_set_min_proto_version(server.ssl_context(), TLS1_2_VERSION);
-  server.set_payload_max_length(api::kMaxRequestBody);
-  server.set_read_timeout(5, 0);
-  server.set_write_timeout(5, 0);
-  server.set_keep_alive_max_count(20);
-  // Responses go out in several writes; without this, Nagle + delayed ACK
-  // add 40 ms to every request.
-  server.set_tcp_nodelay(true);
-
-  server.Post(api::kChallengePath, [&service](const httplib::Request& req, httplib::Response& res) {
-    send(res, service.challenge(req.remote_addr));
-  });
-  server.Post(api::kUnlockPath, post_handler(service, &KeyService::unlock));
-  server.Post(api::kEnrollRegisterPath, post_handler(service, &KeyService::enroll_register));
-  server.Post(api::kEnrollConfirmPath, post_handler(service, &KeyService::enroll_confirm));
-  server.Get("/v1/health", [](const httplib::Request&, httplib::Response& res) {
-    res.set_content("{\"status\":\"ok\"}", "application/json");
-  });
-  server.set_error_handler(httplib::Server::HandlerWithResponse(
-      [](const httplib::Request&, httplib::Response& res) {
-    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
-    if (res.status == 413) {
-      send(res, error_response(400, api::kErrTooLarge,
-                               str_cat("request body larger than ", api::kMaxRequestBody,
-                                       " bytes")));
-    } else if (res.status == 404) {
-      send(res, error_response(404, api::kErrNotFound, "no such endpoint"));
-    } else if (res.status == 405) {
-      send(res, error_response(405, api::kErrMethodNotAllowed, "method not allowed"));
-    } else {
-      send(res, error_response(res.status, api::kErrBadRequest, "bad request"));
-    }
-    return httplib::Server::HandlerResponse::Handled;
-  }));
-  server.set_exception_handler(
-      [](const httplib::Request&, httplib::Response& res, std::exception_ptr) {
-        send(res, error_response(500, api::kErrInternal, "internal error"));
-      });
-
-  int port = options.port;
-  if (port == 0) {
-    port = server.bind_to_any_port(options.host);
-    if (port <= 0) {
-      return Status::error(ErrorKind::kIo, str_cat("cannot bind ", options.host));
-    }
-  } else if (!server.bind_to_port(options.host, port)) {
-    return Status::error(ErrorKind::kIo, str_cat("cannot bind ", options.host, ":", port));
-  }
+  const int port = acceptor.local_endpoint().port();
   if (!options.port_file.empty()) {
     KEYGATE_RETURN_IF_ERROR(
         write_file_atomically(options.port_file, std::to_string(port) + "\n", 0644));
   }
-  std::thread waiter([&server, signals]() {
-    int sig = 0;
-    sigwait(&signals, &sig);
+
+  auto listener = std::make_shared<Listener>(io, std::move(acceptor), front);
+  listener->accept();
+
+  asio::signal_set signals(io, SIGTERM, SIGINT);
+  signals.async_wait([&](beast::error_code, int sig) {
     log_info(str_cat("signal ", sig, ": shutting down"));
-    server.stop();
+    listener->stop();
+    io.stop();
   });
-  log_info(str_cat("listening on https://", options.host, ":", port));
-  bool ok = server.listen_after_bind();
-  if (waiter.joinable()) {
-    // listen ended without a signal (error): wake the waiter.
-    pthread_kill(waiter.native_handle(), SIGTERM);
-    waiter.join();
-  }
-  if (!ok) return Status::error(ErrorKind::kIo, "server stopped with an error");
+  log_info(str_cat("listening on https://", options.host, ":", port, " (", io_threads,
+                   " I/O threads, ", per_core(options.workers), " workers)"));
+  std::vector<std::thread> threads;
+  for (int i = 1; i < io_threads; ++i) threads.emplace_back([&io] { io.run(); });
+  io.run();
+  for (auto& t : threads) t.join();
+  workers.join();
   return Status::ok();
 }
 

@@ -1,4 +1,10 @@
-// HTTPS front of the key server (cpp-httplib over OpenSSL, TLS 1.2+).
+// HTTPS front of the key server: asynchronous (Boost.Beast on Asio), so an
+// idle or slow connection holds no thread. Each connection has a deadline
+// for its whole TLS handshake and for each whole request (headers and body,
+// not per byte); bodies are bounded while they are read, whatever their
+// transfer encoding; connections are capped in total and per source address
+// (beyond the cap a new one is closed at once); the key service runs on a
+// bounded pool of workers apart from the I/O threads.
 #pragma once
 
 #include <string>
@@ -10,10 +16,20 @@ namespace keygate::server {
 
 struct HttpOptions {
   std::string host = "127.0.0.1";
-  int port = 8443;                // 0: any free port
-  std::string port_file;          // if set, the bound port is written here
+  int port = 8443;        // 0: any free port
+  std::string port_file;  // if set, the bound port is written here
   std::string cert_file;
   std::string key_file;
+
+  int backlog = 4096;                    // the kernel caps it at net.core.somaxconn
+  long handshake_timeout_ms = 5000;      // TCP accept to the end of the TLS handshake
+  long request_timeout_ms = 10000;       // a whole request, and the wait for it on a kept-alive connection
+  long write_timeout_ms = 5000;          // a whole response
+  int max_connections = 8192;            // open at once, in total
+  int max_connections_per_source = 128;  // open at once from one address
+  int max_requests_per_connection = 100;
+  int io_threads = 0;  // 0: one per core (TLS handshakes run here)
+  int workers = 0;     // 0: one per core (verification and store)
 };
 
 // Serves until SIGTERM or SIGINT. Returns an error if it cannot bind or load

@@ -41,6 +41,7 @@ class Background {
   // SIGTERM, then SIGKILL after 5 s; waits for exit.
   void stop();
   bool running() const { return pid_ > 0; }
+  pid_t pid() const { return pid_; }
   const std::string& log_path() const { return log_; }
 
  private:
