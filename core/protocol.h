@@ -36,6 +36,7 @@ constexpr char kErrTokenInvalid[] = "enrollment_token_invalid";
 constexpr char kErrTpmRequired[] = "tpm_required";
 constexpr char kErrInternal[] = "internal";
 constexpr char kErrBusy[] = "busy";  // 503: retry later
+constexpr char kErrRateLimited[] = "rate_limited";  // 429 with Retry-After
 constexpr char kErrAuditUnavailable[] = "audit_unavailable";  // 503: nothing released
 constexpr char kErrNotFound[] = "not_found";                  // no such endpoint
 constexpr char kErrMethodNotAllowed[] = "method_not_allowed";
@@ -45,7 +46,7 @@ constexpr char kErrMethodNotAllowed[] = "method_not_allowed";
 constexpr const char* kServiceErrorCodes[] = {
     kErrBadRequest, kErrTooLarge,    kErrNonceInvalid, kErrEvidenceInvalid, kErrPolicyDenied,
     kErrRevoked,    kErrNotEnrolled, kErrTokenInvalid, kErrTpmRequired,     kErrInternal,
-    kErrBusy,       kErrAuditUnavailable};
+    kErrBusy,       kErrAuditUnavailable, kErrRateLimited};
 
 // Field names of the JSON bodies, both directions.
 namespace field {

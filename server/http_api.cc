@@ -226,6 +226,9 @@ class Session : public std::enable_shared_from_this<Session> {
     response_->result(static_cast<unsigned>(api.status));
     response_->set(http::field::content_type, "application/json");
     response_->set(http::field::cache_control, "no-store");
+    if (api.retry_after_seconds > 0) {
+      response_->set(http::field::retry_after, std::to_string(api.retry_after_seconds));
+    }
     response_->keep_alive(keep_alive_);
     response_->body() = to_json(api.body);
     response_->prepare_payload();

@@ -70,7 +70,29 @@ struct KeyService::Attested {
 KeyService::KeyService(Store& store, SecretBuffer kek, EvidenceTrust& trust, const Clock& clock,
                        ServiceOptions options)
     : store_(store), kek_(std::move(kek)), evidence_(trust, clock), clock_(clock),
-      options_(options) {}
+      options_(options), per_source_(options.per_source), per_instance_(options.per_instance) {}
+
+std::optional<Refusal> KeyService::limit(RateLimiter& limiter, const std::string& key,
+                                         const char* what) {
+  const RateLimiter::Decision d = limiter.take(key, clock_.monotonic_ms());
+  if (d.allowed) return std::nullopt;
+  Refusal r;
+  r.http_status = 429;
+  r.code = api::kErrRateLimited;
+  r.retry_after_seconds = static_cast<int>(std::max<int64_t>(1, (d.retry_after_ms + 999) / 1000));
+  r.client_message = str_cat("too many requests from this ", what, "; retry in ",
+                             r.retry_after_seconds, " s");
+  r.audit_detail = str_cat("rate limit per ", what, " (", printable(key, 128),
+                           ") reached; the rest of this burst is refused unaudited");
+  r.audited = !d.burst_start;
+  return r;
+}
+
+std::optional<Refusal> KeyService::limit_instance(const Identity& identity) {
+  const PlatformSpec* spec = platform_spec(identity.platform);
+  const std::string instance = spec != nullptr ? identity.claim(spec->instance_claim) : "";
+  return limit(per_instance_, str_cat(identity.platform, ":", instance), "instance");
+}
 
 Status KeyService::write_audit(const Call& call, const char* outcome, const std::string& detail) {
   const std::string line =
@@ -174,6 +196,8 @@ Checked<VolumePolicy> KeyService::stored_policy(const VolumeRecord& record) {
 }
 
 ApiResponse KeyService::challenge(const std::string& peer) {
+  const Call call{"challenge", peer, ""};
+  if (auto r = limit(per_source_, source_key(peer), "address")) return answer(call, *r);
   Bytes nonce = random_bytes(api::kNonceSize);
   const int64_t now = clock_.now_unix();
   Status s = store_.put_nonce(nonce, now, now + options_.nonce_ttl_seconds);
@@ -226,6 +250,7 @@ ApiResponse KeyService::unlock(std::string_view body, const std::string& peer) {
 }
 
 Checked<ApiResponse> KeyService::serve_unlock(Call& call, std::string_view body) {
+  if (auto r = limit(per_source_, source_key(call.peer), "address")) return *r;
   auto request = parse_volume_request(call, body);
   if (!request.ok()) return request.refusal();
   auto attested = parse_attested(request.value(), call.volume_id);
@@ -247,6 +272,7 @@ Checked<ApiResponse> KeyService::serve_unlock(Call& call, std::string_view body)
     return refused(api::kErrEvidenceInvalid, "instance evidence did not verify",
                    identity.status().message());
   }
+  if (auto r = limit_instance(identity.value())) return *r;
   auto policy = stored_policy(record.value());
   if (!policy.ok()) return policy.refusal();
   Status allowed = evaluate_policy(policy.value(), identity.value());
@@ -305,6 +331,7 @@ ApiResponse KeyService::enroll_register(std::string_view body, const std::string
 }
 
 Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view body) {
+  if (auto r = limit(per_source_, source_key(call.peer), "address")) return *r;
   auto request = parse_request(body);
   if (!request.ok()) return request.refusal();
   // Before enrollment there is no volume id: the binding covers "".
@@ -329,6 +356,7 @@ Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view bod
                      verified.status().message());
     }
     identity = std::move(verified).value();
+    if (auto r = limit_instance(*identity)) return *r;
   }
   std::optional<TpmPolicy> tpm_policy;
   if (request->isMember(api::field::kTpm)) {
@@ -374,6 +402,7 @@ ApiResponse KeyService::enroll_confirm(std::string_view body, const std::string&
 }
 
 Checked<ApiResponse> KeyService::serve_confirm(Call& call, std::string_view body) {
+  if (auto r = limit(per_source_, source_key(call.peer), "address")) return *r;
   auto request = parse_volume_request(call, body);
   if (!request.ok()) return request.refusal();
   auto proof = decode_fixed(request.value(), api::field::kProof, kSha256Size);

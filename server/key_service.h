@@ -15,6 +15,7 @@
 #include "core/secret.h"
 #include "server/evidence.h"
 #include "server/policy.h"
+#include "server/rate_limit.h"
 #include "server/refusal.h"
 #include "server/store.h"
 
@@ -25,6 +26,10 @@ struct ServiceOptions {
   // Enrollment without a token: an instance whose verified identity has every
   // claim of a rule may register a per-instance volume under that rule.
   std::vector<EnrollmentTemplate> attestation_enrollment;
+  // Every request from one source address, and the unlocks and
+  // registrations of one verified instance (rate_limit.h).
+  RateLimit per_source{50, 100};
+  RateLimit per_instance{1, 20};
 };
 
 class KeyService {
@@ -73,6 +78,9 @@ class KeyService {
   Checked<EnrollmentTemplate> enrollment_template(const std::string& token,
                                                   const std::optional<Identity>& identity,
                                                   std::string* how);
+  // A 429 when `key`'s bucket is empty (audited once per burst).
+  std::optional<Refusal> limit(RateLimiter& limiter, const std::string& key, const char* what);
+  std::optional<Refusal> limit_instance(const Identity& identity);
   // Appends to the audit trail, then logs the line. A failed append is
   // logged and returned, so that a release can be withheld.
   Status write_audit(const Call& call, const char* outcome, const std::string& detail);
@@ -84,6 +92,8 @@ class KeyService {
   EvidenceVerifier evidence_;
   const Clock& clock_;
   ServiceOptions options_;
+  RateLimiter per_source_;
+  RateLimiter per_instance_;
 };
 
 // Seals a volume secret under the KEK, bound to the volume id.

@@ -50,7 +50,10 @@ Common options:
                    gcp_jwks_files, azure_trust_dirs, evidence_max_age,
                    tls_san, nonce_ttl, enroll_by_attestation (rules that
                    let matching instances enroll without a token; see
-                   README) (options on the command line win)
+                   README), rate_limits (per_source, per_instance: each
+                   {"per_second": R, "burst": B}; default 50/s burst 100
+                   per address, 1/s burst 20 per instance; 0: off)
+                   (options on the command line win)
 
 serve options:
   --listen HOST:PORT        address to bind (default 127.0.0.1:8443; port 0: any)
@@ -129,7 +132,36 @@ struct Settings {
   long nonce_ttl = 60;
   long evidence_max_age = 300;
   std::vector<EnrollmentTemplate> attestation_enrollment;
+  RateLimit per_source = ServiceOptions().per_source;
+  RateLimit per_instance = ServiceOptions().per_instance;
 };
+
+// "rate_limits": {"per_source": {"per_second": 50, "burst": 100},
+//                 "per_instance": {"per_second": 1, "burst": 20}}
+// (per_second 0: no limit).
+Status read_rate_limits(const Json::Value& c, Settings* s) {
+  const Json::Value& limits = c["rate_limits"];
+  if (limits.isNull()) return Status::ok();
+  auto bad = [](const std::string& what) {
+    return Status::error(ErrorKind::kInvalidArgument, str_cat("rate_limits: ", what));
+  };
+  if (!limits.isObject()) return bad("must be an object");
+  for (const auto& name : limits.getMemberNames()) {
+    RateLimit* target = name == "per_source" ? &s->per_source
+                        : name == "per_instance" ? &s->per_instance : nullptr;
+    if (target == nullptr) return bad(str_cat("unknown key '", printable(name, 32), "'"));
+    const Json::Value& l = limits[name];
+    if (!l.isObject() || !l["per_second"].isNumeric() || !l["burst"].isNumeric() || l.size() != 2) {
+      return bad(str_cat(name, " needs exactly per_second and burst, as numbers"));
+    }
+    const double rate = l["per_second"].asDouble(), burst = l["burst"].asDouble();
+    if (!(rate >= 0 && rate <= 1e6) || !(burst >= 1 && burst <= 1e6)) {
+      return bad(str_cat(name, ": per_second from 0 (no limit) to 1e6, burst from 1 to 1e6"));
+    }
+    *target = RateLimit{rate, burst};
+  }
+  return Status::ok();
+}
 
 // "enroll_by_attestation": [{"platform": "aws", "require": {...}}, ...]
 // Each rule admits per-instance enrollment without a token, so it must at
@@ -185,7 +217,7 @@ Result<Settings> load_settings(const Args& args) {
       static const std::set<std::string> kKeys = {
           "listen",         "state_dir",        "aws_trust_dirs", "gcp_jwks_files",
           "azure_trust_dirs", "evidence_max_age", "tls_san",        "nonce_ttl",
-          "enroll_by_attestation"};
+          "enroll_by_attestation", "rate_limits"};
       if (!kKeys.count(key)) {
         return Status::error(ErrorKind::kInvalidArgument,
                              str_cat(args.get("config"), ": unknown key '", key, "'"));
@@ -195,6 +227,8 @@ Result<Settings> load_settings(const Args& args) {
     if (c.isMember("state_dir")) s.state_dir = c["state_dir"].asString();
     if (c.isMember("nonce_ttl")) s.nonce_ttl = c["nonce_ttl"].asInt();
     if (c.isMember("evidence_max_age")) s.evidence_max_age = c["evidence_max_age"].asInt();
+    Status limits = read_rate_limits(c, &s);
+    if (!limits.is_ok()) return limits.with_context(args.get("config"));
     Status rules = read_attestation_rules(c, &s.attestation_enrollment);
     if (!rules.is_ok()) return rules.with_context(args.get("config"));
     for (auto [key, list] : {std::pair{"aws_trust_dirs", &s.aws_trust_dirs},
@@ -286,6 +320,11 @@ int cmd_serve(const Args& args, const Settings& s) {
   ServiceOptions options;
   options.nonce_ttl_seconds = static_cast<int>(s.nonce_ttl);
   options.attestation_enrollment = s.attestation_enrollment;
+  options.per_source = s.per_source;
+  options.per_instance = s.per_instance;
+  log_info(str_cat("rate limits: per source ", s.per_source.per_second, "/s (burst ",
+                   s.per_source.burst, "), per instance ", s.per_instance.per_second, "/s (burst ",
+                   s.per_instance.burst, ")"));
   if (!s.attestation_enrollment.empty()) {
     log_info(str_cat("enrollment by attestation: ", s.attestation_enrollment.size(), " rule(s)"));
   }

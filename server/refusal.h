@@ -18,6 +18,7 @@ namespace keygate::server {
 struct ApiResponse {
   int status = 200;
   Json::Value body;
+  int retry_after_seconds = 0;  // > 0: sent as Retry-After
 };
 
 // {"error": {"code": code, "message": message}}
@@ -35,7 +36,13 @@ struct Refusal {
   // could not be written).
   bool audited = false;
 
-  ApiResponse response() const { return error_response(http_status, code, client_message); }
+  int retry_after_seconds = 0;
+
+  ApiResponse response() const {
+    ApiResponse r = error_response(http_status, code, client_message);
+    r.retry_after_seconds = retry_after_seconds;
+    return r;
+  }
 };
 
 // 400: the request is malformed; the client is told what (`detail`, which

@@ -140,5 +140,36 @@ TEST_F(KeygateTest, DeadlineEndsWhenAllServersRefuseOrTimeRunsOut) {
 }
 
 
+TEST_F(KeygateTest, RateLimitedUnlockRetriesAndSucceedsOnceTheBucketRefills) {
+  // One instance: two requests at once, then one every two seconds.
+  const std::string config = dir_ + "/" + unique("limits") + ".json";
+  write_file(config, R"({"rate_limits": {"per_instance": {"per_second": 0.5, "burst": 2}}})");
+  Server limited = start_server("limited", {"--config", config});
+  ASSERT_GT(limited.port, 0) << read_file(limited.process.log_path());
+  auto [vol, id] = enrolled_volume(&limited);  // the registration takes one
+  ASSERT_FALSE(id.empty());
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);  // the second
+  // Over the rate, one pass: 429, which the unlocker counts as "retry".
+  RunResult once = unlock(vol, emulator_);
+  EXPECT_EQ(once.exit_code, kExitUnreachable) << once.err;
+  EXPECT_TRUE(contains(once.err, "HTTP 429 rate_limited")) << once.err;
+  // With a deadline it retries and gets in when the bucket has refilled.
+  RunResult retried = run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url",
+                           emulator_.url(), "--deadline", "15"});
+  EXPECT_EQ(retried.exit_code, 0) << retried.err;
+  EXPECT_TRUE(contains(retried.err, "429")) << retried.err;
+  EXPECT_LT(retried.seconds, 15.0);
+  // The burst is on the audit trail once, not once per refused request.
+  RunResult audit = run({bin("keygate-server"), "audit", "--state-dir", limited.state, "--limit", "100"});
+  size_t bursts = 0;
+  for (size_t at = audit.out.find("rate limit per instance"); at != std::string::npos;
+       at = audit.out.find("rate limit per instance", at + 1)) {
+    ++bursts;
+  }
+  EXPECT_GE(bursts, 1u);
+  EXPECT_LE(bursts, 2u) << audit.out;
+  limited.process.stop();
+}
+
 }  // namespace
 }  // namespace keygate::testing

@@ -41,6 +41,11 @@ class KeyServiceTest : public ::testing::Test {
     rule.platform = "aws";
     rule.require = {{"account_id", kAccount}, {"image_id", "ami-0cbde744623b7506b"}};
     options.attestation_enrollment = {rule};
+    options_ = options;
+    restart_service(options);
+  }
+
+  void restart_service(const ServiceOptions& options) {
     service_ = std::make_unique<KeyService>(store_, SecretBuffer::copy_of(kek_.data(), 32).value(),
                                             trust_, clock_, options);
   }
@@ -111,6 +116,7 @@ class KeyServiceTest : public ::testing::Test {
   }
 
   FixedClock clock_{kNow};
+  ServiceOptions options_;
   EvidenceTrust trust_;
   MemoryStore store_;
   SecretBuffer kek_;
@@ -210,6 +216,17 @@ std::vector<RefusalCase> refusal_cases() {
          Json::Value req = as(t).unlock_request(as(t).add_volume(VolumeState::kActive));
          as(t).store_.fail(Op::kGetVolume, Status::error(ErrorKind::kIo, "store: disk I/O error"));
          return as(t).unlock(req);
+       }},
+      {"one instance unlocking faster than its rate", 429, api::kErrRateLimited, "refused",
+       [=](KeyServiceTest& t) {
+         ServiceOptions o = as(t).options_;
+         o.per_instance = RateLimit{1, 1};
+         as(t).restart_service(o);
+         const std::string vid = as(t).add_volume(VolumeState::kActive);
+         EXPECT_EQ(as(t).unlock(as(t).unlock_request(vid)).status, 200);
+         ApiResponse r = as(t).unlock(as(t).unlock_request(vid));
+         EXPECT_GE(r.retry_after_seconds, 1);
+         return r;
        }},
       {"too many outstanding challenges", 503, api::kErrBusy, nullptr,
        [=](KeyServiceTest& t) {
@@ -321,6 +338,51 @@ TEST_F(KeyServiceTest, AWrongConfirmationProofIsRefusedAndAudited) {
   EXPECT_EQ(last_audit().event, "enroll.confirm");
   EXPECT_EQ(last_audit().outcome, "refused");
   EXPECT_EQ(store_.get_volume(vid)->state, VolumeState::kPending);
+}
+
+TEST_F(KeyServiceTest, ARateLimitBurstIsAuditedOnceAndTheBucketRefills) {
+  ServiceOptions o = options_;
+  o.per_source = RateLimit{1, 2};  // two at once, then one a second
+  restart_service(o);
+  EXPECT_EQ(service_->challenge("198.51.100.7").status, 200);
+  EXPECT_EQ(service_->challenge("198.51.100.7").status, 200);
+  const size_t before = audit().size();
+  ApiResponse limited = service_->challenge("198.51.100.7");
+  EXPECT_EQ(limited.status, 429);
+  EXPECT_EQ(code_of(limited), api::kErrRateLimited);
+  EXPECT_EQ(limited.retry_after_seconds, 1);
+  ASSERT_EQ(audit().size(), before + 1);
+  EXPECT_EQ(last_audit().event, "challenge");
+  EXPECT_NE(last_audit().detail.find("rate limit per address"), std::string::npos);
+  // The rest of the burst: refused, not audited.
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(service_->challenge("198.51.100.7").status, 429);
+  EXPECT_EQ(audit().size(), before + 1);
+  // Another address is not held back; the first gets in once the bucket refills.
+  EXPECT_EQ(service_->challenge("198.51.100.8").status, 200);
+  clock_.advance_ms(999);
+  EXPECT_EQ(service_->challenge("198.51.100.7").status, 429);
+  clock_.advance_ms(1);
+  EXPECT_EQ(service_->challenge("198.51.100.7").status, 200);
+  // A new burst is audited again.
+  EXPECT_EQ(service_->challenge("198.51.100.7").status, 429);
+  EXPECT_EQ(audit().size(), before + 2);
+}
+
+TEST(RateLimit, SourcesAreKeyedByAddressAndIpv6ByItsSlash64) {
+  EXPECT_EQ(source_key("198.51.100.7"), "198.51.100.7");
+  EXPECT_EQ(source_key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+  EXPECT_EQ(source_key("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::/64");
+  EXPECT_EQ(source_key("::ffff:198.51.100.7"), "198.51.100.7");
+}
+
+TEST(RateLimit, KeepsAtMostItsKeyCount) {
+  RateLimiter limiter(RateLimit{1, 1}, 100);
+  for (int i = 0; i < 1000; ++i) EXPECT_TRUE(limiter.take(std::to_string(i), 0).allowed);
+  // The newest keys are still remembered: spent.
+  EXPECT_FALSE(limiter.take("999", 0).allowed);
+  // Disabled: everything passes.
+  RateLimiter off(RateLimit{0, 0});
+  for (int i = 0; i < 100; ++i) EXPECT_TRUE(off.take("x", 0).allowed);
 }
 
 }  // namespace

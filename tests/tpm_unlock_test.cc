@@ -33,9 +33,13 @@ class TpmUnlockTest : public ::testing::Test {
     dir_ = make_temp_dir("keygate-tpm-unlock");
     ASSERT_EQ(run({bin("keygate-metadata-emulator"), "init", "--state-dir", dir_ + "/emu"}).exit_code, 0);
     const std::string port_file = dir_ + "/server.port";
+    // These tests send one instance's altered quotes by the dozen: the
+    // per-instance rate limit is off for them.
+    const std::string config = dir_ + "/server.json";
+    write_file(config, R"({"rate_limits": {"per_instance": {"per_second": 0, "burst": 1}}})");
     server_ = Background({bin("keygate-server"), "serve", "--state-dir", dir_ + "/server", "--listen",
                           "127.0.0.1:0", "--port-file", port_file, "--aws-trust-dir",
-                          dir_ + "/emu/aws-trust"},
+                          dir_ + "/emu/aws-trust", "--config", config},
                          dir_ + "/server.log");
     port_ = wait_for_port_file(port_file, server_);
     ASSERT_GT(port_, 0) << read_file(dir_ + "/server.log");
