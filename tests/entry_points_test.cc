@@ -141,6 +141,29 @@ TEST_F(EntryPointsTest, SettingsComeFromTheSameVariablesAndMalformedOnesAreRefus
   EXPECT_TRUE(contains(stray.err, "unlock does not take --format")) << stray.err;
 }
 
+// The plugin runs unattended at boot (systemd-cryptsetup, no settings but
+// what its unit gives): without KEYGATE_DEADLINE it must wait for a key
+// server that is not up yet, as the cloud-init boot does.
+TEST_F(EntryPointsTest, TokenPluginWaitsForAKeyServerThatComesUpLate) {
+  Server late = start_server("late");
+  ASSERT_GT(late.port, 0);
+  auto [vol, id] = enrolled_volume(&late);
+  ASSERT_FALSE(id.empty());
+  const int port = late.port;
+  const std::string state = late.state;
+  late.process.stop();
+  std::thread restart([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(3000));
+    late = start_server("late", {"--listen", "127.0.0.1:" + std::to_string(port)}, state);
+  });
+  RunResult opened = cryptsetup_with_plugin("open --test-passphrase --token-only -v '" + vol + "'",
+                                            "KEYGATE_METADATA_URL=" + emulator_.url());
+  restart.join();
+  EXPECT_EQ(opened.exit_code, 0) << opened.err;
+  EXPECT_TRUE(contains(opened.err, "retrying in")) << opened.err;
+  late.process.stop();
+}
+
 int listen_on_loopback(int* port) {
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
   sockaddr_in addr{};

@@ -75,7 +75,8 @@ unlock options:
   The settings above (but --verify-only) may also come from the environment:
   KEYGATE_METADATA_URL, KEYGATE_PLATFORM, KEYGATE_TCTI, KEYGATE_TIMEOUT,
   KEYGATE_DEADLINE; an option given wins. The token plugin (cryptsetup open
-  --token-only) reads the same variables, with the same defaults.
+  --token-only) reads the same variables, with the same defaults but a 30 s
+  deadline (it runs unattended at boot).
 
 enroll options:
   --server URL              key server, https:// (repeatable; tried in order)
@@ -176,7 +177,7 @@ Result<SecretBuffer> enrollment_token(const Args& args) {
 }
 
 Result<ReleaseSettings> release_settings(const Args& args) {
-  return read_release_settings([&args](const char* name) -> std::optional<std::string> {
+  return read_release_settings(EntryPoint::kCommand, [&args](const char* name) -> std::optional<std::string> {
     if (!args.has(name)) return std::nullopt;
     return args.get(name);
   });

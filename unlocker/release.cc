@@ -95,7 +95,7 @@ const char* outcome_name(Outcome o) {
   return "internal error";
 }
 
-Result<ReleaseSettings> read_release_settings(const OptionLookup& option) {
+Result<ReleaseSettings> read_release_settings(EntryPoint entry, const OptionLookup& option) {
   ReleaseSettings s;
   if (auto url = lookup(option, "metadata-url", "KEYGATE_METADATA_URL"); url.value) {
     if (url.value->rfind("http://", 0) != 0 || url.value->size() > 256) {
@@ -116,7 +116,10 @@ Result<ReleaseSettings> read_release_settings(const OptionLookup& option) {
                          ReleaseSettings::kMaxTimeoutSeconds);
   if (!timeout.is_ok()) return timeout.status();
   auto deadline = seconds(lookup(option, "deadline", "KEYGATE_DEADLINE"),
-                          ReleaseSettings::kDefaultDeadlineSeconds, 0,
+                          entry == EntryPoint::kTokenPlugin
+                              ? ReleaseSettings::kPluginDefaultDeadlineSeconds
+                              : ReleaseSettings::kDefaultDeadlineSeconds,
+                          0,
                           ReleaseSettings::kMaxDeadlineSeconds);
   if (!deadline.is_ok()) return deadline.status();
   s.request_timeout_ms = timeout.value() * 1000;

@@ -43,14 +43,23 @@ Status as_volume_failure(const Status& status);
 // sees only libcryptsetup's errno).
 const char* outcome_name(Outcome o);
 
+// Who asks: the defaults differ in one respect only, the deadline.
+enum class EntryPoint {
+  kCommand,      // keygate unlock / keyscript / rotate: run by scripts that
+                 // pass their own deadline (the initramfs: 120 s); by hand,
+                 // one pass over the servers
+  kTokenPlugin,  // libcryptsetup's plugin: run unattended at boot by
+                 // systemd-cryptsetup, often before the key server answers
+};
+
 // What a release runs with. Each setting is taken from the command line
 // (`--metadata-url` ...), else from the environment (KEYGATE_METADATA_URL,
 // KEYGATE_PLATFORM, KEYGATE_TCTI, KEYGATE_TIMEOUT, KEYGATE_DEADLINE: the only
-// settings the token plugin has), else these defaults. The boot scripts
-// pass their own deadline (120 s by default, /etc/keygate/initramfs.conf).
+// settings the token plugin has), else these defaults.
 struct ReleaseSettings {
   static constexpr long kDefaultTimeoutSeconds = 5;
-  static constexpr long kDefaultDeadlineSeconds = 0;  // one pass over the servers
+  static constexpr long kDefaultDeadlineSeconds = 0;         // kCommand: one pass
+  static constexpr long kPluginDefaultDeadlineSeconds = 30;  // kTokenPlugin
   static constexpr long kMaxTimeoutSeconds = 600;
   static constexpr long kMaxDeadlineSeconds = 3600;
 
@@ -66,7 +75,7 @@ using OptionLookup = std::function<std::optional<std::string>(const char* option
 
 // Reads the settings as above; a malformed value is kInvalidArgument naming
 // the option or variable it came from (never silently a default).
-Result<ReleaseSettings> read_release_settings(const OptionLookup& option);
+Result<ReleaseSettings> read_release_settings(EntryPoint entry, const OptionLookup& option);
 
 // One release. Construction starts platform detection (and AWS's document
 // fetch) and the TLS set-up on threads, so they overlap reading the header.

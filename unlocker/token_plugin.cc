@@ -7,8 +7,9 @@
 // Settings come from the environment (the plugin has no command line), the
 // same variables and defaults as the keygate command's (release.h):
 // KEYGATE_METADATA_URL, KEYGATE_PLATFORM, KEYGATE_TCTI, KEYGATE_TIMEOUT,
-// KEYGATE_DEADLINE (seconds to keep retrying unreachable servers; default 0,
-// one pass; keygate's dracut module sets the initramfs's deadline).
+// KEYGATE_DEADLINE (seconds to keep retrying unreachable servers; default
+// 30: the plugin runs unattended at boot, where the command's default of
+// one pass would give up before the network is ready).
 #include <libcryptsetup.h>
 #include <openssl/crypto.h>
 #include <sys/mman.h>
@@ -65,7 +66,8 @@ __attribute__((visibility("default"))) int cryptsetup_token_open(crypt_device* c
     log_error(parsed.status().message());
     return -EINVAL;
   }
-  auto settings = read_release_settings([](const char*) { return std::optional<std::string>(); });
+  auto settings = read_release_settings(EntryPoint::kTokenPlugin,
+                                        [](const char*) { return std::optional<std::string>(); });
   if (!settings.is_ok()) {
     log_error(str_cat(settings.status().message(), " (bad configuration, keygate's exit status ",
                       exit_code(Outcome::kConfig), ")"));
