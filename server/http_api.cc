@@ -51,10 +51,13 @@ constexpr char kTls12Ciphers[] =
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
 
-int per_core(int configured) {
+int per_core(int configured, int per = 1) {
   if (configured > 0) return configured;
-  return static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
+  return per * static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
 }
+// Workers wait on the store's fsync as well as compute: four per core, so
+// that releases arriving together share one audit commit (group commit).
+int worker_count(const HttpOptions& o) { return per_core(o.workers, 4); }
 
 // Open connections, in total and per source address.
 class ConnectionCounts {
@@ -361,7 +364,7 @@ Status serve_https(KeyService& service, const HttpOptions& options) {
 
   // Declared before the I/O context: sessions it still holds when it is
   // destroyed count themselves out of `front`.
-  asio::thread_pool workers(static_cast<size_t>(per_core(options.workers)));
+  asio::thread_pool workers(static_cast<size_t>(worker_count(options)));
   Front front{service, options, tls, workers,
               ConnectionCounts(options.max_connections, options.max_connections_per_source)};
   const int io_threads = per_core(options.io_threads);
@@ -395,7 +398,7 @@ Status serve_https(KeyService& service, const HttpOptions& options) {
     io.stop();
   });
   log_info(str_cat("listening on https://", options.host, ":", port, " (", io_threads,
-                   " I/O threads, ", per_core(options.workers), " workers)"));
+                   " I/O threads, ", worker_count(options), " workers)"));
   std::vector<std::thread> threads;
   for (int i = 1; i < io_threads; ++i) threads.emplace_back([&io] { io.run(); });
   io.run();

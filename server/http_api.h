@@ -29,7 +29,7 @@ struct HttpOptions {
   int max_connections_per_source = 128;  // open at once from one address
   int max_requests_per_connection = 100;
   int io_threads = 0;  // 0: one per core (TLS handshakes run here)
-  int workers = 0;     // 0: one per core (verification and store)
+  int workers = 0;     // 0: four per core (verification, and the store's fsync)
 };
 
 // Serves until SIGTERM or SIGINT. Returns an error if it cannot bind or load

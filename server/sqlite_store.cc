@@ -1,6 +1,8 @@
 #include <sqlite3.h>
 #include <sys/stat.h>
 
+#include <condition_variable>
+#include <memory>
 #include <mutex>
 
 #include "server/store.h"
@@ -263,20 +265,32 @@ class SqliteStore final : public Store {
     return out;
   }
 
+  // Group commit: concurrent appends share one transaction and one fsync.
+  // The first caller with no commit in progress takes every event queued so
+  // far and commits them together; the others wait for the commit that holds
+  // theirs. Each caller returns only once its own event is durable (or the
+  // whole group failed: nothing of it is written).
   Status append_audit(const AuditEvent& e) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(db_,
-           "INSERT INTO audit(time, event, outcome, volume_id, peer, detail) "
-           "VALUES(?, ?, ?, ?, ?, ?)");
-    if (!s.ok()) return db_error("prepare audit insert");
-    s.bind(1, e.time);
-    s.bind(2, e.event);
-    s.bind(3, e.outcome);
-    s.bind(4, e.volume_id);
-    s.bind(5, e.peer);
-    s.bind(6, e.detail);
-    if (s.step() != SQLITE_DONE) return db_error("insert audit");
-    return Status::ok();
+    std::unique_lock<std::mutex> lock(audit_mu_);
+    std::shared_ptr<AuditGroup> mine = open_group_;
+    mine->events.push_back(e);
+    while (!mine->done) {
+      if (committing_) {
+        audit_cv_.wait(lock);
+        continue;
+      }
+      committing_ = true;
+      std::shared_ptr<AuditGroup> group = std::move(open_group_);
+      open_group_ = std::make_shared<AuditGroup>();
+      lock.unlock();
+      Status status = commit_audit_group(group->events);
+      lock.lock();
+      group->status = std::move(status);
+      group->done = true;
+      committing_ = false;
+      audit_cv_.notify_all();
+    }
+    return mine->status;
   }
 
   Result<std::vector<AuditEvent>> recent_audit(int limit) override {
@@ -315,8 +329,48 @@ class SqliteStore final : public Store {
     return r;
   }
 
+  Status commit_audit_group(const std::vector<AuditEvent>& events) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK) {
+      return db_error("begin audit group");
+    }
+    Status status;
+    {
+      Stmt s(db_,
+             "INSERT INTO audit(time, event, outcome, volume_id, peer, detail) "
+             "VALUES(?, ?, ?, ?, ?, ?)");
+      if (!s.ok()) status = db_error("prepare audit insert");
+      for (size_t i = 0; status.is_ok() && i < events.size(); ++i) {
+        const AuditEvent& e = events[i];
+        sqlite3_reset(s.get());
+        s.bind(1, e.time);
+        s.bind(2, e.event);
+        s.bind(3, e.outcome);
+        s.bind(4, e.volume_id);
+        s.bind(5, e.peer);
+        s.bind(6, e.detail);
+        if (s.step() != SQLITE_DONE) status = db_error("insert audit");
+      }
+    }
+    if (status.is_ok() && sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
+      status = db_error("commit audit group");
+    }
+    if (!status.is_ok()) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+    return status;
+  }
+
+  struct AuditGroup {
+    std::vector<AuditEvent> events;
+    bool done = false;
+    Status status;
+  };
+
   sqlite3* db_;
   std::mutex mu_;
+  std::mutex audit_mu_;
+  std::condition_variable audit_cv_;
+  std::shared_ptr<AuditGroup> open_group_ = std::make_shared<AuditGroup>();
+  bool committing_ = false;
   size_t outstanding_nonces_ = 0;
 };
 
