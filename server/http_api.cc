@@ -9,6 +9,7 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/ssl.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/thread_pool.hpp>
@@ -116,28 +117,47 @@ constexpr char kHealthPath[] = "/v1/health";
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(tcp::socket socket, Front& front, std::string peer)
-      : stream_(std::move(socket), front.tls), front_(front), peer_(std::move(peer)) {}
+      : socket_(std::move(socket)), idle_timer_(socket_.get_executor()), front_(front),
+        peer_(std::move(peer)) {}
   ~Session() { front_.counts.release(peer_); }
 
+  // No TLS state is made for a connection until its first bytes arrive: an
+  // idle connection costs its socket and a timer, not a TLS engine and its
+  // buffers. The handshake deadline runs from the accept.
   void start() {
-    beast::get_lowest_layer(stream_).socket().set_option(tcp::no_delay(true));
-    beast::get_lowest_layer(stream_).expires_after(
-        std::chrono::milliseconds(front_.options.handshake_timeout_ms));
-    stream_.async_handshake(ssl::stream_base::server,
-                            [self = shared_from_this()](beast::error_code ec) {
-                              if (ec) return self->close();
-                              self->read_request();
-                            });
+    beast::error_code ignored;
+    socket_.set_option(tcp::no_delay(true), ignored);
+    handshake_deadline_ = std::chrono::steady_clock::now() +
+                          std::chrono::milliseconds(front_.options.handshake_timeout_ms);
+    idle_timer_.expires_at(handshake_deadline_);
+    idle_timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (!ec && !self->stream_) self->close();
+    });
+    socket_.async_wait(tcp::socket::wait_read, [self = shared_from_this()](beast::error_code ec) {
+      self->idle_timer_.cancel();
+      if (ec || !self->socket_.is_open()) return self->close();
+      self->handshake();
+    });
   }
 
  private:
+  void handshake() {
+    stream_.emplace(std::move(socket_), front_.tls);
+    beast::get_lowest_layer(*stream_).expires_at(handshake_deadline_);
+    stream_->async_handshake(ssl::stream_base::server,
+                             [self = shared_from_this()](beast::error_code ec) {
+                               if (ec) return self->close();
+                               self->read_request();
+                             });
+  }
+
   void read_request() {
     parser_.emplace();
     parser_->header_limit(kMaxHeaderBytes);
     parser_->body_limit(api::kMaxRequestBody);
-    beast::get_lowest_layer(stream_).expires_after(
+    beast::get_lowest_layer(*stream_).expires_after(
         std::chrono::milliseconds(front_.options.request_timeout_ms));
-    http::async_read(stream_, buffer_, *parser_,
+    http::async_read(*stream_, buffer_, *parser_,
                      [self = shared_from_this()](beast::error_code ec, size_t) {
                        self->on_read(ec);
                      });
@@ -211,7 +231,7 @@ class Session : public std::enable_shared_from_this<Session> {
       } catch (const std::exception&) {
         response = error_response(500, api::kErrInternal, "internal error");
       }
-      asio::post(self->stream_.get_executor(),
+      asio::post(self->stream_->get_executor(),
                  [self, response = std::move(response)]() { self->answer(response); });
     });
   }
@@ -235,9 +255,9 @@ class Session : public std::enable_shared_from_this<Session> {
     response_->keep_alive(keep_alive_);
     response_->body() = to_json(api.body);
     response_->prepare_payload();
-    beast::get_lowest_layer(stream_).expires_after(
+    beast::get_lowest_layer(*stream_).expires_after(
         std::chrono::milliseconds(front_.options.write_timeout_ms));
-    http::async_write(stream_, *response_,
+    http::async_write(*stream_, *response_,
                       [self = shared_from_this(), drain_after](beast::error_code ec, size_t) {
                         if (ec) return self->close();
                         if (drain_after) return self->drain(0);
@@ -247,9 +267,9 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void drain(size_t drained) {
-    if (drained == 0) beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(1));
+    if (drained == 0) beast::get_lowest_layer(*stream_).expires_after(std::chrono::seconds(1));
     if (drained >= kMaxDrainBytes) return close();
-    stream_.async_read_some(asio::buffer(scratch_),
+    stream_->async_read_some(asio::buffer(scratch_),
                             [self = shared_from_this(), drained](beast::error_code ec, size_t n) {
                               if (ec) return self->close();
                               self->drain(drained + n);
@@ -257,17 +277,21 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void shutdown() {
-    beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(1));
-    stream_.async_shutdown([self = shared_from_this()](beast::error_code) { self->close(); });
+    beast::get_lowest_layer(*stream_).expires_after(std::chrono::seconds(1));
+    stream_->async_shutdown([self = shared_from_this()](beast::error_code) { self->close(); });
   }
 
   void close() {
     beast::error_code ignored;
-    beast::get_lowest_layer(stream_).socket().shutdown(tcp::socket::shutdown_both, ignored);
-    beast::get_lowest_layer(stream_).close();
+    tcp::socket& socket = stream_ ? beast::get_lowest_layer(*stream_).socket() : socket_;
+    socket.shutdown(tcp::socket::shutdown_both, ignored);
+    socket.close(ignored);
   }
 
-  beast::ssl_stream<beast::tcp_stream> stream_;
+  tcp::socket socket_;  // until the first bytes arrive; then moved into stream_
+  asio::steady_timer idle_timer_;
+  std::chrono::steady_clock::time_point handshake_deadline_;
+  std::optional<beast::ssl_stream<beast::tcp_stream>> stream_;
   Front& front_;
   const std::string peer_;
   beast::flat_buffer buffer_{kMaxHeaderBytes + api::kMaxRequestBody};

@@ -244,13 +244,18 @@ std::optional<Refusal> KeyService::check_tpm(const Call& call, const VolumeRecor
   return std::nullopt;
 }
 
+ApiResponse KeyService::serve(const char* event, std::string_view body, const std::string& peer,
+                              Step step) {
+  Call call{event, peer, ""};
+  if (auto r = limit(per_source_, source_key(peer), "address")) return answer(call, *r);
+  return answer(call, (this->*step)(call, body));
+}
+
 ApiResponse KeyService::unlock(std::string_view body, const std::string& peer) {
-  Call call{"unlock", peer, ""};
-  return answer(call, serve_unlock(call, body));
+  return serve("unlock", body, peer, &KeyService::serve_unlock);
 }
 
 Checked<ApiResponse> KeyService::serve_unlock(Call& call, std::string_view body) {
-  if (auto r = limit(per_source_, source_key(call.peer), "address")) return *r;
   auto request = parse_volume_request(call, body);
   if (!request.ok()) return request.refusal();
   auto attested = parse_attested(request.value(), call.volume_id);
@@ -326,12 +331,10 @@ Checked<EnrollmentTemplate> KeyService::enrollment_template(const std::string& t
 }
 
 ApiResponse KeyService::enroll_register(std::string_view body, const std::string& peer) {
-  Call call{"enroll.register", peer, ""};
-  return answer(call, serve_register(call, body));
+  return serve("enroll.register", body, peer, &KeyService::serve_register);
 }
 
 Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view body) {
-  if (auto r = limit(per_source_, source_key(call.peer), "address")) return *r;
   auto request = parse_request(body);
   if (!request.ok()) return request.refusal();
   // Before enrollment there is no volume id: the binding covers "".
@@ -397,12 +400,10 @@ Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view bod
 }
 
 ApiResponse KeyService::enroll_confirm(std::string_view body, const std::string& peer) {
-  Call call{"enroll.confirm", peer, ""};
-  return answer(call, serve_confirm(call, body));
+  return serve("enroll.confirm", body, peer, &KeyService::serve_confirm);
 }
 
 Checked<ApiResponse> KeyService::serve_confirm(Call& call, std::string_view body) {
-  if (auto r = limit(per_source_, source_key(call.peer), "address")) return *r;
   auto request = parse_volume_request(call, body);
   if (!request.ok()) return request.refusal();
   auto proof = decode_fixed(request.value(), api::field::kProof, kSha256Size);

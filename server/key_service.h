@@ -53,6 +53,9 @@ class KeyService {
 
   // Audits a refusal (or lets a served answer through) and answers.
   ApiResponse answer(const Call& call, Checked<ApiResponse> outcome);
+  // One request: the source address's rate limit, then `step`, answered.
+  using Step = Checked<ApiResponse> (KeyService::*)(Call& call, std::string_view body);
+  ApiResponse serve(const char* event, std::string_view body, const std::string& peer, Step step);
   Checked<ApiResponse> serve_unlock(Call& call, std::string_view body);
   Checked<ApiResponse> serve_register(Call& call, std::string_view body);
   Checked<ApiResponse> serve_confirm(Call& call, std::string_view body);

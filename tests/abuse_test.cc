@@ -96,8 +96,10 @@ TEST_F(AbuseTest, IdleSlowAndOversizedClientsStarveNoUnlock) {
   constexpr int kIdle = 1000, kSlowTls = 25, kSlowHttp = 25, kUploads = 8;
   constexpr long kUploadBytes = 64L << 20;
   // The server's deadlines (http_api.h): 5 s for a handshake, 10 s for a
-  // request; closed by then, with a second's slack for a loaded machine.
+  // request; closed by then, with slack for a loaded machine. The slow
+  // clients look once a second, so they see a close up to a second late.
   constexpr int kHandshakeDeadlineMs = 5000 + 1500, kRequestDeadlineMs = 10000 + 1500;
+  constexpr int kSlowClientLagMs = 1000 + 500;
 
   // 1,000 idle TCP connections, 100 from each of ten addresses (under the
   // per-address cap, so the server holds them all).
@@ -216,13 +218,19 @@ TEST_F(AbuseTest, IdleSlowAndOversizedClientsStarveNoUnlock) {
   stop = true;
   slow.join();
   EXPECT_EQ(slow_closed.load(), kSlowTls + kSlowHttp);
-  EXPECT_LT(slow_tls_worst.load() * 1000, kHandshakeDeadlineMs);
-  EXPECT_LT(slow_http_worst.load() * 1000, kHandshakeDeadlineMs + kRequestDeadlineMs);
+  EXPECT_LT(slow_tls_worst.load() * 1000, kHandshakeDeadlineMs + kSlowClientLagMs);
+  EXPECT_LT(slow_http_worst.load() * 1000, kRequestDeadlineMs + kSlowClientLagMs);
 
   // Bounded memory: 1,000 connections and 512 MiB offered did not pile up.
+  // (AddressSanitizer's shadow memory and quarantine triple a process's.)
+#if defined(__SANITIZE_ADDRESS__)
+  constexpr long kPeakRssBoundKib = 3 * 64 * 1024;
+#else
+  constexpr long kPeakRssBoundKib = 64 * 1024;
+#endif
   const long peak = peak_rss_kib(server_.process.pid());
   EXPECT_GT(peak, 0);
-  EXPECT_LT(peak, 160 * 1024) << "server peak RSS " << peak << " KiB";
+  EXPECT_LT(peak, kPeakRssBoundKib) << "server peak RSS " << peak << " KiB";
   std::cerr << "server peak RSS: " << peak / 1024 << " MiB\n";
   // Still serving.
   EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);

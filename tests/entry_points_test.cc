@@ -145,23 +145,14 @@ TEST_F(EntryPointsTest, SettingsComeFromTheSameVariablesAndMalformedOnesAreRefus
 // what its unit gives): without KEYGATE_DEADLINE it must wait for a key
 // server that is not up yet, as the cloud-init boot does.
 TEST_F(EntryPointsTest, TokenPluginWaitsForAKeyServerThatComesUpLate) {
-  Server late = start_server("late");
-  ASSERT_GT(late.port, 0);
-  auto [vol, id] = enrolled_volume(&late);
-  ASSERT_FALSE(id.empty());
-  const int port = late.port;
-  const std::string state = late.state;
-  late.process.stop();
-  std::thread restart([&] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(3000));
-    late = start_server("late", {"--listen", "127.0.0.1:" + std::to_string(port)}, state);
-  });
-  RunResult opened = cryptsetup_with_plugin("open --test-passphrase --token-only -v '" + vol + "'",
+  DownServer late = enrolled_then_down("late");
+  std::thread restart = restart_later(late, 3000);
+  RunResult opened = cryptsetup_with_plugin("open --test-passphrase --token-only -v '" + late.volume + "'",
                                             "KEYGATE_METADATA_URL=" + emulator_.url());
   restart.join();
   EXPECT_EQ(opened.exit_code, 0) << opened.err;
   EXPECT_TRUE(contains(opened.err, "retrying in")) << opened.err;
-  late.process.stop();
+  late.server.process.stop();
 }
 
 int listen_on_loopback(int* port) {

@@ -6,12 +6,9 @@ namespace keygate::testing {
 namespace {
 
 TEST_F(KeygateTest, ClientPinnedToAnotherCaRefusesToTalk) {
-  Server first = start_server("pin-a");
-  ASSERT_GT(first.port, 0);
-  auto [vol, vol_id] = enrolled_volume(&first);
-  ASSERT_FALSE(vol_id.empty());
-  const int port = first.port;
-  first.process.stop();
+  DownServer first = enrolled_then_down("pin-a");
+  const std::string& vol = first.volume;
+  const int port = first.server.port;
   // An impostor with its own CA takes over the address.
   Server impostor = start_server("pin-b", {"--listen", "127.0.0.1:" + std::to_string(port)});
   ASSERT_EQ(impostor.port, port) << read_file(impostor.process.log_path());
@@ -23,12 +20,8 @@ TEST_F(KeygateTest, ClientPinnedToAnotherCaRefusesToTalk) {
 }
 
 TEST_F(KeygateTest, ServerDownFailsFastWithUnreachableCode) {
-  Server doomed = start_server("down");
-  ASSERT_GT(doomed.port, 0);
-  auto [vol, vol_id] = enrolled_volume(&doomed);
-  ASSERT_FALSE(vol_id.empty());
-  doomed.process.stop();
-  RunResult r = unlock(vol, emulator_);
+  DownServer doomed = enrolled_then_down("down");
+  RunResult r = unlock(doomed.volume, emulator_);
   EXPECT_EQ(r.exit_code, kExitUnreachable) << r.err;
   EXPECT_TRUE(contains(r.err, "Could not connect") || contains(r.err, "Couldn't connect") ||
               contains(r.err, "Connection refused"))
@@ -94,18 +87,9 @@ TEST_F(KeygateTest, SilentOrKilledFirstServerCostsUnderTwoSeconds) {
 }
 
 TEST_F(KeygateTest, DeadlineRetriesUntilTheServerComesBack) {
-  Server flaky = start_server("flaky");
-  ASSERT_GT(flaky.port, 0);
-  auto [vol, vol_id] = enrolled_volume(&flaky);
-  ASSERT_FALSE(vol_id.empty());
-  const int port = flaky.port;
-  const std::string state = flaky.state;
-  flaky.process.stop();
-  std::thread restart([&] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(2500));
-    flaky = start_server("flaky", {"--listen", "127.0.0.1:" + std::to_string(port)}, state);
-  });
-  RunResult r = run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url",
+  DownServer flaky = enrolled_then_down("flaky");
+  std::thread restart = restart_later(flaky, 2500);
+  RunResult r = run({bin("keygate"), "unlock", flaky.volume, "--verify-only", "--metadata-url",
                      emulator_.url(), "--deadline", "30"});
   restart.join();
   EXPECT_EQ(r.exit_code, 0) << r.err;
@@ -126,12 +110,8 @@ TEST_F(KeygateTest, DeadlineEndsWhenAllServersRefuseOrTimeRunsOut) {
 
   // Unreachable until the deadline: hands over after about the deadline (a
   // last round starts at most a second before it, never earlier).
-  Server gone = start_server("gone");
-  ASSERT_GT(gone.port, 0);
-  auto [vol2, vol2_id] = enrolled_volume(&gone);
-  ASSERT_FALSE(vol2_id.empty());
-  gone.process.stop();
-  RunResult timeout = run({bin("keygate"), "unlock", vol2, "--verify-only", "--metadata-url",
+  DownServer gone = enrolled_then_down("gone");
+  RunResult timeout = run({bin("keygate"), "unlock", gone.volume, "--verify-only", "--metadata-url",
                            emulator_.url(), "--deadline", "3"});
   EXPECT_EQ(timeout.exit_code, kExitUnreachable) << timeout.err;
   EXPECT_TRUE(contains(timeout.err, "deadline")) << timeout.err;

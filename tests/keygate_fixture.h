@@ -19,6 +19,7 @@
 #include <memory>
 #include <regex>
 #include <thread>
+#include <tuple>
 
 #include "core/crypto.h"
 #include "core/envelope.h"
@@ -172,6 +173,30 @@ class KeygateTest : public ::testing::Test {
     std::regex re("enrolled as volume ([0-9a-f-]+)");
     EXPECT_TRUE(std::regex_search(r.out, m, re)) << r.out;
     return {vol, m.size() > 1 ? m[1].str() : ""};
+  }
+
+  // A server of its own with one volume enrolled on it, then stopped: a key
+  // server that is down, its port and state kept for a restart.
+  struct DownServer {
+    std::string name;
+    Server server;
+    std::string volume, volume_id;
+  };
+  DownServer enrolled_then_down(const std::string& name) {
+    DownServer d{name, start_server(name), "", ""};
+    EXPECT_GT(d.server.port, 0);
+    std::tie(d.volume, d.volume_id) = enrolled_volume(&d.server);
+    EXPECT_FALSE(d.volume_id.empty());
+    d.server.process.stop();
+    return d;
+  }
+  // Starts it again, on its port and with its state, `delay_ms` from now.
+  std::thread restart_later(DownServer& d, int delay_ms) {
+    return std::thread([this, &d, delay_ms] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+      d.server = start_server(d.name, {"--listen", "127.0.0.1:" + std::to_string(d.server.port)},
+                              d.server.state);
+    });
   }
 
   RunResult unlock(const std::string& volume, const Emulator& emu) {
