@@ -316,6 +316,7 @@ class Listener : public std::enable_shared_from_this<Listener> {
   void stop() {
     beast::error_code ignored;
     acceptor_.close(ignored);
+    retry_.cancel();
   }
 
  private:
@@ -334,8 +335,15 @@ class Listener : public std::enable_shared_from_this<Listener> {
         }
         socket.close(peer_ec);
       }
-    } else if (ec == asio::error::no_descriptors) {
-      log_warning("accept: out of file descriptors");
+    } else {
+      // Out of descriptors or memory: the same error would come back at
+      // once, so wait a little (open connections close by their deadlines).
+      if (accept_errors_++ % 100 == 0) log_warning(str_cat("accept: ", ec.message()));
+      retry_.expires_after(std::chrono::milliseconds(50));
+      retry_.async_wait([self = shared_from_this()](beast::error_code wait_ec) {
+        if (!wait_ec) self->accept();
+      });
+      return;
     }
     accept();
   }
@@ -343,6 +351,8 @@ class Listener : public std::enable_shared_from_this<Listener> {
   asio::io_context& io_;
   tcp::acceptor acceptor_;
   Front& front_;
+  asio::steady_timer retry_{io_};
+  uint64_t accept_errors_ = 0;
 };
 
 // Connections need descriptors: as many as the hard limit allows.

@@ -13,6 +13,7 @@
 
 #include <csignal>
 #include <fstream>
+#include <sstream>
 
 #include "tests/keygate_fixture.h"
 
@@ -291,6 +292,54 @@ TEST_F(AbuseTest, TlsPolicyRefusesOldProtocolsAndWeakSuites) {
   ASSERT_EQ(s_client({"-tls1_2", "-sess_out", session}).exit_code, 0);
   RunResult resumed = s_client({"-tls1_2", "-sess_in", session});
   EXPECT_TRUE(contains(resumed.out, "Reused, TLSv1.2")) << resumed.out;
+}
+
+// Out of descriptors, accept() fails at once, every time: the server must
+// wait rather than spin, and serve again when connections close.
+TEST_F(AbuseTest, RunningOutOfDescriptorsNeitherSpinsNorStopsTheServer) {
+  const std::string state = dir_ + "/" + unique("few-fds");
+  const std::string port_file = state + ".port";
+  Background server({"prlimit", "--nofile=64:64", "--", bin("keygate-server"), "serve",
+                     "--state-dir", state, "--listen", "127.0.0.1:0", "--port-file", port_file,
+                     "--aws-trust-dir", dir_ + "/emu/aws-trust"},
+                    state + ".log");
+  const int port = wait_for_port_file(port_file, server);
+  ASSERT_GT(port, 0) << read_file(state + ".log");
+  auto cpu_seconds = [&] {
+    std::ifstream in("/proc/" + std::to_string(server.pid()) + "/stat");
+    std::string line;
+    std::getline(in, line);
+    std::istringstream fields(line.substr(line.rfind(')') + 2));
+    std::string f;
+    long utime = 0, stime = 0;
+    for (int i = 3; i <= 15 && fields >> f; ++i) {
+      if (i == 14) utime = std::stol(f);
+      if (i == 15) stime = std::stol(f);
+    }
+    return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  };
+  // More idle connections than the server has descriptors.
+  std::vector<int> idle;
+  for (int i = 0; i < 100; ++i) {
+    int fd = connect_from("127.0.0." + std::to_string(50 + i / 50), port);
+    if (fd >= 0) idle.push_back(fd);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const double before = cpu_seconds();
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  const double spent = cpu_seconds() - before;
+  EXPECT_LT(spent, 0.5) << "the server spun on accept() for " << spent << " s of 2";
+  EXPECT_TRUE(contains(read_file(state + ".log"), "accept: ")) << read_file(state + ".log");
+  for (int fd : idle) close(fd);
+  // Serving again: a challenge over TLS.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  httplib::SSLClient cli("127.0.0.1", port);
+  cli.set_ca_cert_path((state + "/ca.pem").c_str());
+  cli.enable_server_certificate_verification(true);
+  auto res = cli.Post(api::kChallengePath, "{}", "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200);
+  server.stop();
 }
 
 }  // namespace
