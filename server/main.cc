@@ -532,9 +532,12 @@ int cmd_audit(const Args& args, const Settings& s) {
     char when[32];
     time_t t = static_cast<time_t>(e.time);
     strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", gmtime(&t));
-    printf("%s %s %s volume=%s peer=%s %s\n", when, e.event.c_str(),
-           e.outcome.c_str(), e.volume_id.empty() ? "-" : e.volume_id.c_str(), e.peer.c_str(),
-           e.detail.c_str());
+    // One record, one line: whatever a record holds is escaped for the
+    // terminal (a detail can quote what a client sent).
+    printf("%s %s %s volume=%s peer=%s %s\n", when, printable(e.event, 64).c_str(),
+           printable(e.outcome, 32).c_str(),
+           e.volume_id.empty() ? "-" : printable(e.volume_id, 64).c_str(),
+           printable(e.peer, 64).c_str(), printable(e.detail, 4096).c_str());
   }
   return 0;
 }

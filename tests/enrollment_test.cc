@@ -3,6 +3,8 @@
 // (fixture: keygate_fixture.h).
 #include "tests/keygate_fixture.h"
 
+#include <sstream>
+
 namespace keygate::testing {
 namespace {
 
@@ -28,6 +30,27 @@ TEST_F(KeygateTest, OversizedAndMalformedBodiesGet400AndServerKeepsServing) {
   auto reg = api_client(server_)->Post(api::kEnrollRegisterPath, "{}", "application/json");
   ASSERT_TRUE(reg);
   EXPECT_EQ(reg->status, 400);
+  // A client's words in a refusal's detail: an evidence platform named with
+  // a terminal escape and a newline, as if to forge an "unlock released".
+  Json::Value forged;
+  forged[api::field::kNonce] = base64_encode(fresh_nonce(server_));
+  forged[api::field::kClientPublicKey] = base64_encode(Bytes(32, 9));
+  forged[api::field::kEvidence]["\x1b[2J\n2026-01-01T00:00:00Z unlock released"] = Json::Value(Json::objectValue);
+  auto forged_res = api_client(server_)->Post(api::kEnrollRegisterPath, to_json(forged), "application/json");
+  ASSERT_TRUE(forged_res);
+  EXPECT_EQ(forged_res->status, 403) << forged_res->body;
+  // Each refusal is one line of the audit view, escaped: what a client sent
+  // cannot forge a record or reach the terminal.
+  RunResult audit = run({bin("keygate-server"), "audit", "--state-dir", server_.state});
+  ASSERT_EQ(audit.exit_code, 0);
+  std::istringstream lines(audit.out);
+  int records = 0;
+  for (std::string line; std::getline(lines, line); ++records) {
+    EXPECT_TRUE(std::regex_search(line, std::regex("^\\d{4}-\\d{2}-\\d{2}T"))) << line;
+    for (unsigned char c : line) EXPECT_TRUE(c >= 0x20 && c < 0x7f) << line;
+  }
+  EXPECT_GE(records, 8) << audit.out;
+  EXPECT_TRUE(contains(audit.out, "\\x1b[2J\\x0a")) << audit.out;
   // Still serving.
   EXPECT_EQ(fresh_nonce(server_).size(), api::kNonceSize);
   auto [vol, id] = enrolled_volume();
