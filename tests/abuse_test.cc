@@ -297,6 +297,12 @@ TEST_F(AbuseTest, TlsPolicyRefusesOldProtocolsAndWeakSuites) {
 // Out of descriptors, accept() fails at once, every time: the server must
 // wait rather than spin, and serve again when connections close.
 TEST_F(AbuseTest, RunningOutOfDescriptorsNeitherSpinsNorStopsTheServer) {
+#if defined(__SANITIZE_ADDRESS__)
+  // The sanitizer runtime opens a pipe to check memory it reports on; with
+  // no descriptor left it reports valid objects as invalid ("memory cannot
+  // be printed") and stops the server. The normal and release passes run it.
+  GTEST_SKIP() << "needs file descriptors the sanitizer runtime would not have";
+#endif
   const std::string state = dir_ + "/" + unique("few-fds");
   const std::string port_file = state + ".port";
   Background server({"prlimit", "--nofile=64:64", "--", bin("keygate-server"), "serve",
