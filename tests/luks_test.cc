@@ -169,4 +169,18 @@ TEST_F(LuksTest, OpenRefusesNonLuks) {
 }
 
 }  // namespace
+TEST(ServerUrls, NewServersAreStrictAndTokensKeepWhatEarlierVersionsWrote) {
+  EXPECT_TRUE(check_server_list({"https://keys.internal:8443"}, "--server").is_ok());
+  for (const char* bad : {"http://keys:8443", "https://", "https://keys /x", "https://k\x1b[2J"}) {
+    EXPECT_FALSE(check_server_url(bad).is_ok()) << bad;
+    EXPECT_FALSE(check_server_list({bad}, "--server").is_ok()) << bad;
+  }
+  // A query or user name: refused for a new enrollment, still read in a
+  // token an earlier keygate wrote.
+  EXPECT_FALSE(check_server_list({"https://u@keys:8443"}, "--server").is_ok());
+  EXPECT_TRUE(check_server_url("https://u@keys:8443").is_ok());
+  EXPECT_FALSE(check_server_list({}, "--server").is_ok());
+  EXPECT_FALSE(check_server_list(std::vector<std::string>(9, "https://k"), "--server").is_ok());
+}
+
 }  // namespace keygate::unlocker

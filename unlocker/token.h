@@ -21,12 +21,13 @@ constexpr size_t kMaxTokenServers = 8;
 constexpr size_t kMaxServerUrlLength = 256;
 constexpr size_t kMaxTokenJson = 16 * 1024;
 
-// A key server URL: https:// only (an http:// one would carry the
-// enrollment token and the evidence in clear text), at most 256 printable
-// ASCII characters, no query, fragment or user name. kInvalidArgument naming
-// the URL otherwise.
+// A key server URL, as a token holds it: https:// only (an http:// one
+// would carry the enrollment token and the evidence in clear text), at most
+// 256 printable ASCII characters. kInvalidArgument naming the URL otherwise.
 Status check_server_url(const std::string& url);
-// 1 to kMaxTokenServers URLs, each as above; `option` names them in errors.
+// Servers given for a new enrollment: 1 to kMaxTokenServers URLs, each as
+// above and with no query, fragment or user name (tokens written before
+// that rule still parse); `option` names them in errors.
 Status check_server_list(const std::vector<std::string>& urls, const char* option);
 
 // A volume bound to the instance's TPM: unlocks carry a quote over these
