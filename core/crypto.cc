@@ -5,6 +5,7 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/core_names.h>
 #include <openssl/kdf.h>
 #include <openssl/pem.h>
 #include <openssl/rand.h>
@@ -30,6 +31,30 @@ Status crypto_error(const char* what) {
   return Status::error(ErrorKind::kInternal, str_cat("OpenSSL ", what, " failed"));
 }
 
+// The algorithms, fetched from OpenSSL's provider once: a fetch per call
+// (what EVP_sha256() and friends do in OpenSSL 3) costs more than the small
+// operations themselves.
+const EVP_MD* sha256_md() {
+  static const EVP_MD* md = [] {
+    const EVP_MD* m = EVP_MD_fetch(nullptr, "SHA2-256", nullptr);
+    return m != nullptr ? m : EVP_sha256();
+  }();
+  return md;
+}
+
+const EVP_CIPHER* aes_256_gcm() {
+  static const EVP_CIPHER* cipher = [] {
+    const EVP_CIPHER* c = EVP_CIPHER_fetch(nullptr, "AES-256-GCM", nullptr);
+    return c != nullptr ? c : EVP_aes_256_gcm();
+  }();
+  return cipher;
+}
+
+EVP_KDF* hkdf_kdf() {
+  static EVP_KDF* kdf = EVP_KDF_fetch(nullptr, "HKDF", nullptr);
+  return kdf;
+}
+
 }  // namespace
 
 Bytes random_bytes(size_t n) {
@@ -44,14 +69,14 @@ Bytes random_bytes(size_t n) {
 Bytes sha256(std::string_view data) {
   Bytes out(kSha256Size);
   unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), out.data(), &len, EVP_sha256(), nullptr);
+  EVP_Digest(data.data(), data.size(), out.data(), &len, sha256_md(), nullptr);
   return out;
 }
 
 Bytes hmac_sha256(const SecretBuffer& key, std::string_view data) {
   Bytes out(kSha256Size);
   unsigned int len = 0;
-  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
+  HMAC(sha256_md(), key.data(), static_cast<int>(key.size()),
        reinterpret_cast<const unsigned char*>(data.data()), data.size(), out.data(), &len);
   return out;
 }
@@ -70,7 +95,7 @@ Result<Bytes> aes_gcm_seal(const SecretBuffer& key, const uint8_t* plaintext, si
   Bytes out = random_bytes(kGcmIvSize);
   out.resize(kGcmIvSize + size + kGcmTagSize);
   int len = 0;
-  if (EVP_EncryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, key.data(), out.data()) != 1 ||
+  if (EVP_EncryptInit_ex(ctx.get(), aes_256_gcm(), nullptr, key.data(), out.data()) != 1 ||
       EVP_EncryptUpdate(ctx.get(), nullptr, &len, reinterpret_cast<const uint8_t*>(aad.data()),
                         static_cast<int>(aad.size())) != 1 ||
       EVP_EncryptUpdate(ctx.get(), out.data() + kGcmIvSize, &len, plaintext,
@@ -98,7 +123,7 @@ Result<SecretBuffer> aes_gcm_open(const SecretBuffer& key, const Bytes& sealed,
   if (!ctx) return crypto_error("EVP_CIPHER_CTX_new");
   Bytes tag(sealed.end() - kGcmTagSize, sealed.end());
   int len = 0;
-  if (EVP_DecryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, key.data(), sealed.data()) != 1 ||
+  if (EVP_DecryptInit_ex(ctx.get(), aes_256_gcm(), nullptr, key.data(), sealed.data()) != 1 ||
       EVP_DecryptUpdate(ctx.get(), nullptr, &len, reinterpret_cast<const uint8_t*>(aad.data()),
                         static_cast<int>(aad.size())) != 1 ||
       EVP_DecryptUpdate(ctx.get(), plain->data(), &len, sealed.data() + kGcmIvSize,
@@ -114,17 +139,22 @@ Result<SecretBuffer> aes_gcm_open(const SecretBuffer& key, const Bytes& sealed,
 
 Result<SecretBuffer> hkdf_sha256(const SecretBuffer& ikm, const Bytes& salt, std::string_view info,
                                  size_t length) {
-  std::unique_ptr<EVP_PKEY_CTX, PkeyCtxFree> pctx(EVP_PKEY_CTX_new_id(EVP_PKEY_HKDF, nullptr));
+  EVP_KDF* kdf = hkdf_kdf();
+  if (kdf == nullptr) return crypto_error("HKDF fetch");
+  std::unique_ptr<EVP_KDF_CTX, decltype(&EVP_KDF_CTX_free)> kctx(EVP_KDF_CTX_new(kdf),
+                                                                 EVP_KDF_CTX_free);
   auto out = SecretBuffer::allocate(length);
   if (!out.is_ok()) return out.status();
-  size_t out_len = length;
-  if (!pctx || EVP_PKEY_derive_init(pctx.get()) != 1 ||
-      EVP_PKEY_CTX_set_hkdf_md(pctx.get(), EVP_sha256()) != 1 ||
-      EVP_PKEY_CTX_set1_hkdf_salt(pctx.get(), salt.data(), static_cast<int>(salt.size())) != 1 ||
-      EVP_PKEY_CTX_set1_hkdf_key(pctx.get(), ikm.data(), static_cast<int>(ikm.size())) != 1 ||
-      EVP_PKEY_CTX_add1_hkdf_info(pctx.get(), reinterpret_cast<const uint8_t*>(info.data()),
-                                  static_cast<int>(info.size())) != 1 ||
-      EVP_PKEY_derive(pctx.get(), out->data(), &out_len) != 1 || out_len != length) {
+  char digest[] = "SHA2-256";
+  const OSSL_PARAM params[] = {
+      OSSL_PARAM_construct_utf8_string(OSSL_KDF_PARAM_DIGEST, digest, 0),
+      OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_KEY, const_cast<uint8_t*>(ikm.data()), ikm.size()),
+      OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_SALT, const_cast<uint8_t*>(salt.data()),
+                                        salt.size()),
+      OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_INFO, const_cast<char*>(info.data()),
+                                        info.size()),
+      OSSL_PARAM_construct_end()};
+  if (!kctx || EVP_KDF_derive(kctx.get(), out->data(), length, params) != 1) {
     return crypto_error("HKDF-SHA256");
   }
   return std::move(out).value();
@@ -132,14 +162,14 @@ Result<SecretBuffer> hkdf_sha256(const SecretBuffer& ikm, const Bytes& salt, std
 
 Result<X25519KeyPair> X25519KeyPair::generate() {
   X25519KeyPair kp;
-  auto priv = SecretBuffer::random(kX25519KeySize);
-  if (!priv.is_ok()) return priv.status();
-  kp.private_key = std::move(priv).value();
-  std::unique_ptr<EVP_PKEY, PkeyFree> key(EVP_PKEY_new_raw_private_key(
-      EVP_PKEY_X25519, nullptr, kp.private_key.data(), kp.private_key.size()));
+  EVP_PKEY* raw = nullptr;
+  std::unique_ptr<EVP_PKEY_CTX, PkeyCtxFree> ctx(EVP_PKEY_CTX_new_id(EVP_PKEY_X25519, nullptr));
+  if (!ctx || EVP_PKEY_keygen_init(ctx.get()) != 1 || EVP_PKEY_keygen(ctx.get(), &raw) != 1) {
+    return crypto_error("X25519 key generation");
+  }
+  kp.key = std::shared_ptr<EVP_PKEY>(raw, EVP_PKEY_free);
   size_t len = kX25519KeySize;
-  if (!key || EVP_PKEY_get_raw_public_key(key.get(), kp.public_key.data(), &len) != 1 ||
-      len != kX25519KeySize) {
+  if (EVP_PKEY_get_raw_public_key(raw, kp.public_key.data(), &len) != 1 || len != kX25519KeySize) {
     return crypto_error("X25519 key generation");
   }
   return kp;
@@ -149,11 +179,10 @@ Result<SecretBuffer> X25519KeyPair::shared_secret(const Bytes& peer_public) cons
   if (peer_public.size() != kX25519KeySize) {
     return Status::error(ErrorKind::kInvalidArgument, "X25519 public key must be 32 bytes");
   }
-  std::unique_ptr<EVP_PKEY, PkeyFree> key(EVP_PKEY_new_raw_private_key(
-      EVP_PKEY_X25519, nullptr, private_key.data(), private_key.size()));
+  if (!key) return Status::error(ErrorKind::kInternal, "X25519 key pair without a key");
   std::unique_ptr<EVP_PKEY, PkeyFree> peer(
       EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, nullptr, peer_public.data(), peer_public.size()));
-  if (!key || !peer) return crypto_error("X25519 key import");
+  if (!peer) return crypto_error("X25519 key import");
   std::unique_ptr<EVP_PKEY_CTX, PkeyCtxFree> ctx(EVP_PKEY_CTX_new(key.get(), nullptr));
   auto out = SecretBuffer::allocate(kX25519KeySize);
   if (!out.is_ok()) return out.status();

@@ -1,15 +1,19 @@
 // Small, typed wrappers over OpenSSL 3 for the primitives keygate uses.
-// Key material always travels in SecretBuffer.
+// Key material always travels in SecretBuffer; a private key stays inside
+// OpenSSL's key object, in OpenSSL's secure heap.
 #pragma once
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 
 #include "core/encoding.h"
 #include "core/secret.h"
 #include "core/status.h"
+
+struct evp_pkey_st;  // OpenSSL's EVP_PKEY
 
 namespace keygate {
 
@@ -41,8 +45,11 @@ Result<SecretBuffer> aes_gcm_open(const SecretBuffer& key, const Bytes& sealed,
 Result<SecretBuffer> hkdf_sha256(const SecretBuffer& ikm, const Bytes& salt, std::string_view info,
                                  size_t length);
 
+// An ephemeral X25519 key pair. The private key never leaves OpenSSL's key
+// object, which keeps it in OpenSSL's secure heap once
+// init_openssl_secure_heap() has run (locked, not dumped, wiped on free).
 struct X25519KeyPair {
-  SecretBuffer private_key;
+  std::shared_ptr<evp_pkey_st> key;  // EVP_PKEY
   std::array<uint8_t, kX25519KeySize> public_key{};
 
   static Result<X25519KeyPair> generate();

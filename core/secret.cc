@@ -12,8 +12,78 @@
 
 #include <cerrno>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 namespace keygate {
+namespace {
+
+// Locked, non-dumpable, non-inherited anonymous memory of `size` bytes.
+void* map_secret_pages(size_t size) {
+  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+  // Locking can fail under a small RLIMIT_MEMLOCK; the memory is still
+  // excluded from dumps and wiped, so carry on rather than fail an unlock.
+  (void)mlock(p, size);
+  (void)madvise(p, size, MADV_DONTDUMP);
+#ifdef MADV_WIPEONFORK
+  (void)madvise(p, size, MADV_WIPEONFORK);
+#endif
+  return p;
+}
+
+// The pool of small-secret slots: chunks of such pages, carved into slots,
+// never unmapped (its size follows the most secrets alive at once); a slot
+// is wiped whole before it goes back on the free list.
+class SlotPool {
+ public:
+  static SlotPool& instance() {
+    static SlotPool* pool = new SlotPool;  // never destroyed: buffers may outlive statics
+    return *pool;
+  }
+
+  uint8_t* take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.empty() && !grow()) return nullptr;
+    uint8_t* slot = free_.back();
+    free_.pop_back();
+    ++in_use_;
+    return slot;
+  }
+
+  void give_back(uint8_t* slot) {
+    secure_wipe(slot, kSecretSlotSize);
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(slot);
+    --in_use_;
+  }
+
+  size_t in_use() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return in_use_;
+  }
+
+ private:
+  static constexpr size_t kChunkSize = 64 * 1024;
+
+  bool grow() {
+    auto* chunk = static_cast<uint8_t*>(map_secret_pages(kChunkSize));
+    if (chunk == nullptr) return false;
+    free_.reserve(free_.size() + kChunkSize / kSecretSlotSize);
+    for (size_t off = kChunkSize; off >= kSecretSlotSize; off -= kSecretSlotSize) {
+      free_.push_back(chunk + off - kSecretSlotSize);
+    }
+    return true;
+  }
+
+  std::mutex mu_;
+  std::vector<uint8_t*> free_;
+  size_t in_use_ = 0;
+};
+
+}  // namespace
+
+size_t secret_slots_in_use() { return SlotPool::instance().in_use(); }
 
 void secure_wipe(void* data, size_t size) {
   if (data != nullptr && size > 0) OPENSSL_cleanse(data, size);
@@ -43,9 +113,13 @@ SecretBuffer& SecretBuffer::operator=(SecretBuffer&& other) noexcept {
 
 void SecretBuffer::release() {
   if (data_ == nullptr) return;
-  secure_wipe(data_, mapped_);
-  munlock(data_, mapped_);
-  munmap(data_, mapped_);
+  if (mapped_ == 0) {
+    SlotPool::instance().give_back(data_);
+  } else {
+    secure_wipe(data_, mapped_);
+    munlock(data_, mapped_);
+    munmap(data_, mapped_);
+  }
   data_ = nullptr;
   size_ = 0;
   mapped_ = 0;
@@ -53,19 +127,21 @@ void SecretBuffer::release() {
 
 Result<SecretBuffer> SecretBuffer::allocate(size_t size) {
   SecretBuffer buf;
+  if (size <= kSecretSlotSize) {
+    // Slots are wiped when returned, so a new one is all zeros.
+    buf.data_ = SlotPool::instance().take();
+    if (buf.data_ == nullptr) {
+      return Status::error(ErrorKind::kInternal, str_cat("mmap secret pool: ", strerror(errno)));
+    }
+    buf.size_ = size;
+    return buf;
+  }
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  const size_t mapped = ((size == 0 ? 1 : size) + page - 1) / page * page;
-  void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) {
+  const size_t mapped = (size + page - 1) / page * page;
+  void* p = map_secret_pages(mapped);
+  if (p == nullptr) {
     return Status::error(ErrorKind::kInternal, str_cat("mmap secret buffer: ", strerror(errno)));
   }
-  // Locking can fail under a small RLIMIT_MEMLOCK; the buffer is still
-  // excluded from dumps and wiped, so carry on rather than fail an unlock.
-  (void)mlock(p, mapped);
-  (void)madvise(p, mapped, MADV_DONTDUMP);
-#ifdef MADV_WIPEONFORK
-  (void)madvise(p, mapped, MADV_WIPEONFORK);
-#endif
   buf.data_ = static_cast<uint8_t*>(p);
   buf.size_ = size;
   buf.mapped_ = mapped;
@@ -126,6 +202,16 @@ Result<SecretBuffer> read_secret_file(const std::string& path, size_t max_size,
   }
   buf->truncate(used);
   return std::move(buf).value();
+}
+
+Status init_openssl_secure_heap() {
+  if (CRYPTO_secure_malloc_initialized()) return Status::ok();
+  // 2 MiB in 32-byte units: a private key takes one or two, so the heap
+  // holds the keys of far more handshakes than the server lets run at once.
+  if (CRYPTO_secure_malloc_init(2 << 20, 32) == 0) {
+    return Status::error(ErrorKind::kInternal, "OpenSSL secure heap: could not be set up");
+  }
+  return Status::ok();
 }
 
 void disable_core_dumps() {

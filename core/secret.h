@@ -1,8 +1,11 @@
 // SecretBuffer: the one type that holds key material, passphrases and tokens.
-// Memory is page-aligned, locked (mlock), excluded from core dumps
-// (MADV_DONTDUMP), not inherited by children (MADV_WIPEONFORK), and wiped
-// before it is unmapped. Move-only; it cannot be printed or converted to a
-// string, so no secret can reach a log line by accident.
+// Its memory is locked (mlock), excluded from core dumps (MADV_DONTDUMP), not
+// inherited by children (MADV_WIPEONFORK), and wiped when the buffer goes.
+// Small buffers (up to kSecretSlotSize bytes: keys, tokens, passphrases) are
+// slots of a pool of such pages, so a secret costs no system call; a larger
+// one is a mapping of its own, unmapped after the wipe. Move-only; it cannot
+// be printed or converted to a string, so no secret can reach a log line by
+// accident.
 #pragma once
 
 #include <cstddef>
@@ -12,6 +15,8 @@
 #include "core/status.h"
 
 namespace keygate {
+
+constexpr size_t kSecretSlotSize = 256;
 
 class SecretBuffer {
  public:
@@ -44,8 +49,11 @@ class SecretBuffer {
   void release();
   uint8_t* data_ = nullptr;
   size_t size_ = 0;
-  size_t mapped_ = 0;
+  size_t mapped_ = 0;  // 0: a pool slot
 };
+
+// How many pool slots are handed out (for tests: every buffer returns its slot).
+size_t secret_slots_in_use();
 
 // Reads a whole file (or "-" for standard input) into a SecretBuffer, at most
 // `max_size` bytes. With `strip_newline`, one trailing "\n" is dropped, so a
@@ -55,6 +63,12 @@ Result<SecretBuffer> read_secret_file(const std::string& path, size_t max_size,
 
 // Disables core dumps for this process (RLIMIT_CORE=0 and PR_SET_DUMPABLE=0).
 void disable_core_dumps();
+
+// Gives OpenSSL a secure heap (locked, not dumped, guard pages, wiped on
+// free) for the private keys it holds: the TLS key, each handshake's
+// ephemeral key and X25519KeyPair's. Call once, at start, before any key
+// exists. Fails if the heap cannot be set up.
+Status init_openssl_secure_heap();
 
 // Wipes memory in a way the compiler will not elide.
 void secure_wipe(void* data, size_t size);

@@ -9,6 +9,10 @@
 #include <fstream>
 #include <limits>
 #include <random>
+#include <set>
+#include <vector>
+
+#include <openssl/crypto.h>
 
 #include "core/args.h"
 #include "core/crypto.h"
@@ -57,17 +61,87 @@ TEST(SecretBuffer, IsMoveOnlyAndLeavesSourceEmpty) {
   EXPECT_EQ(c.size(), 4u);
 }
 
-TEST(SecretBuffer, MemoryIsLockedAndPageAligned) {
-  auto s = SecretBuffer::random(32);
-  ASSERT_TRUE(s.is_ok());
-  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  EXPECT_EQ(reinterpret_cast<uintptr_t>(s->data()) % page, 0u);
-  unsigned char resident = 0;
-  ASSERT_EQ(mincore(s->data(), page, &resident), 0);
-  EXPECT_EQ(resident & 1, 1);
-  // Two random secrets differ.
-  auto t = SecretBuffer::random(32);
-  EXPECT_FALSE(s->equals(t.value()));
+// The kernel's flags for the mapping holding `p` (/proc/self/smaps VmFlags).
+std::string mapping_flags(const void* p) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  std::string line;
+  bool inside = false;
+  while (std::getline(smaps, line)) {
+    unsigned long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find(':') > line.find(' ')) {
+      inside = addr >= lo && addr < hi;
+    } else if (inside && line.rfind("VmFlags:", 0) == 0) {
+      return line;
+    }
+  }
+  return "";
+}
+
+bool has_flag(const std::string& flags, const char* flag) {
+  return flags.find(std::string(" ") + flag) != std::string::npos;
+}
+
+TEST(SecretBuffer, MemoryIsLockedUndumpedAndWipedOnFork) {
+  // A small secret (a pool slot) and a large one (a mapping of its own).
+  for (size_t size : {size_t{32}, kSecretSlotSize, size_t{3 * 4096 + 1}}) {
+    auto s = SecretBuffer::random(size);
+    ASSERT_TRUE(s.is_ok());
+    const std::string flags = mapping_flags(s->data());
+    ASSERT_FALSE(flags.empty()) << size;
+    EXPECT_TRUE(has_flag(flags, "lo")) << size << ": not locked: " << flags;
+    EXPECT_TRUE(has_flag(flags, "dd")) << size << ": would be in a core dump: " << flags;
+    EXPECT_TRUE(has_flag(flags, "wf")) << size << ": inherited by a child: " << flags;
+    // Two random secrets differ.
+    auto t = SecretBuffer::random(size);
+    EXPECT_FALSE(s->equals(t.value()));
+  }
+}
+
+TEST(SecretBuffer, PoolSlotsComeBackWipedAndAreReused) {
+  const size_t before = secret_slots_in_use();
+  std::vector<SecretBuffer> held;
+  std::set<const uint8_t*> addresses;
+  for (int i = 0; i < 600; ++i) {  // more than one chunk of slots
+    auto s = SecretBuffer::copy_of("0123456789abcdef0123456789abcdef", 32);
+    ASSERT_TRUE(s.is_ok());
+    addresses.insert(s->data());
+    held.push_back(std::move(s).value());
+  }
+  EXPECT_EQ(addresses.size(), 600u);  // no slot handed out twice
+  EXPECT_EQ(secret_slots_in_use(), before + 600);
+  held.clear();
+  EXPECT_EQ(secret_slots_in_use(), before);
+  // A slot handed out again holds nothing of its last secret.
+  for (int i = 0; i < 600; ++i) {
+    auto s = SecretBuffer::allocate(kSecretSlotSize);
+    ASSERT_TRUE(s.is_ok());
+    if (addresses.count(s->data()) == 0) continue;
+    for (size_t b = 0; b < kSecretSlotSize; ++b) ASSERT_EQ(s->data()[b], 0) << b;
+    held.push_back(std::move(s).value());
+  }
+  EXPECT_FALSE(held.empty());
+}
+
+TEST(SecretBuffer, OpenSslKeysLiveInTheSecureHeap) {
+  ASSERT_TRUE(init_openssl_secure_heap().is_ok());
+  ASSERT_EQ(CRYPTO_secure_malloc_initialized(), 1);
+  // OpenSSL keeps some of its own state there for good (its random
+  // generator's): set up by a first key, before counting.
+  ASSERT_TRUE(X25519KeyPair::generate().is_ok());
+  const size_t before = CRYPTO_secure_used();
+  {
+    auto kp = X25519KeyPair::generate();
+    ASSERT_TRUE(kp.is_ok());
+    EXPECT_GT(CRYPTO_secure_used(), before) << "the private key is not in the secure heap";
+    auto peer = X25519KeyPair::generate();
+    ASSERT_TRUE(peer.is_ok());
+    auto a = kp->shared_secret(Bytes(peer->public_key.begin(), peer->public_key.end()));
+    auto b = peer->shared_secret(Bytes(kp->public_key.begin(), kp->public_key.end()));
+    ASSERT_TRUE(a.is_ok() && b.is_ok());
+    EXPECT_TRUE(a->equals(b.value()));
+  }
+  EXPECT_EQ(CRYPTO_secure_used(), before) << "a key was not freed";
 }
 
 TEST(SecretBuffer, TruncateWipesTail) {

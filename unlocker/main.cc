@@ -516,6 +516,9 @@ int main(int argc, char** argv) {
       {"verify-only", "format", "no-recovery", "no-evidence", "tpm-seal", "json", "debug", "kmsg",
        "help", "version"});
   log_init("keygate", LogSink::kStderr, LogLevel::kInfo);
+  // Without it the keys OpenSSL holds are in its normal heap (still wiped on
+  // free, and core dumps are off): not a reason to stop a boot.
+  if (Status heap = init_openssl_secure_heap(); !heap.is_ok()) log_warning(heap.message());
   if (!args.is_ok()) {
     log_error(args.status().message());
     fputs(kUsage, stderr);
