@@ -559,6 +559,11 @@ int main(int argc, char** argv) {
   std::vector<std::string> argv_list(argv + 1, argv + argc);
   auto args = Args::parse(argv_list, kValueOptions, kFlagOptions);
   log_init("keygate-server", LogSink::kStderr, LogLevel::kInfo);
+  // Before any key exists: the TLS key and every handshake's live there.
+  if (Status heap = init_openssl_secure_heap(); !heap.is_ok()) {
+    log_error(heap.message());
+    return 1;
+  }
   if (!args.is_ok()) {
     log_error(args.status().message());
     fputs(kUsage, stderr);
