@@ -2,8 +2,10 @@
 #include <sys/stat.h>
 
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 
 #include "server/store.h"
 
@@ -26,18 +28,6 @@ Result<VolumeState> parse_state(const std::string& s) {
   if (s == "revoked") return VolumeState::kRevoked;
   return Status::error(ErrorKind::kInternal, str_cat("store: unknown volume state '", s, "'"));
 }
-
-// Challenge nonces live only in this process's memory: they are short-lived
-// and single-use, need no durability (a restarted server's clients ask
-// again), and keeping them off disk saves two fsyncs per unlock.
-constexpr char kVolatileSchema[] = R"sql(
-ATTACH DATABASE ':memory:' AS volatile;
-CREATE TABLE volatile.nonces (
-  nonce BLOB PRIMARY KEY,
-  expires_at INTEGER NOT NULL
-);
-CREATE INDEX volatile.nonces_expiry ON nonces(expires_at);
-)sql";
 
 constexpr char kSchema[] = R"sql(
 CREATE TABLE IF NOT EXISTS volumes (
@@ -66,13 +56,52 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 )sql";
 
+// The store's prepared statements, each compiled once: parsing the SQL
+// again for every request cost more than running it. Used under the store's
+// lock only.
+class StmtCache {
+ public:
+  explicit StmtCache(sqlite3* db) : db_(db) {}
+  ~StmtCache() { clear(); }
+  StmtCache(const StmtCache&) = delete;
+  StmtCache& operator=(const StmtCache&) = delete;
+
+  // The statement for `sql` (a string literal: its address is the key), or
+  // nullptr if it does not compile.
+  sqlite3_stmt* get(const char* sql) {
+    auto it = cache_.find(sql);
+    if (it != cache_.end()) return it->second;
+    sqlite3_stmt* stmt = nullptr;
+    if (sqlite3_prepare_v3(db_, sql, -1, SQLITE_PREPARE_PERSISTENT, &stmt, nullptr) != SQLITE_OK) {
+      sqlite3_finalize(stmt);
+      return nullptr;
+    }
+    cache_.emplace(sql, stmt);
+    return stmt;
+  }
+  void clear() {
+    for (auto& [sql, stmt] : cache_) sqlite3_finalize(stmt);
+    cache_.clear();
+  }
+
+ private:
+  sqlite3* db_;
+  std::unordered_map<const char*, sqlite3_stmt*> cache_;
+};
+
+// One use of a cached statement: reset, and its bindings cleared, when done.
 class Stmt {
  public:
-  Stmt(sqlite3* db, const char* sql) { rc_ = sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr); }
-  ~Stmt() { sqlite3_finalize(stmt_); }
+  Stmt(StmtCache& cache, const char* sql) : stmt_(cache.get(sql)) {}
+  ~Stmt() {
+    if (stmt_ != nullptr) {
+      sqlite3_reset(stmt_);
+      sqlite3_clear_bindings(stmt_);
+    }
+  }
   Stmt(const Stmt&) = delete;
   Stmt& operator=(const Stmt&) = delete;
-  bool ok() const { return rc_ == SQLITE_OK; }
+  bool ok() const { return stmt_ != nullptr; }
   sqlite3_stmt* get() { return stmt_; }
   void bind(int i, const std::string& s) {
     sqlite3_bind_text(stmt_, i, s.data(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
@@ -97,57 +126,70 @@ class Stmt {
 
  private:
   sqlite3_stmt* stmt_ = nullptr;
-  int rc_ = SQLITE_ERROR;
 };
 
-// Bounds the memory a flood of challenge requests can take.
-constexpr size_t kMaxOutstandingNonces = 200000;
-
-class SqliteStore final : public Store {
+// Challenge nonces live only in this process's memory, not in the
+// database: they are short-lived and single-use, need no durability (a
+// restarted server's clients ask again), and a table of their own, under a
+// lock of its own, means a challenge never waits for an audit commit's fsync.
+class NonceTable {
  public:
-  explicit SqliteStore(sqlite3* db) : db_(db) {}
-  ~SqliteStore() override { sqlite3_close(db_); }
+  // Bounds the memory a flood of challenge requests can take.
+  static constexpr size_t kMaxOutstanding = 200000;
 
-  Status put_nonce(const Bytes& nonce, int64_t now, int64_t expires_at) override {
+  Status put(const Bytes& nonce, int64_t now, int64_t expires_at) {
     std::lock_guard<std::mutex> lock(mu_);
-    {
-      Stmt purge(db_, "DELETE FROM volatile.nonces WHERE expires_at < ?");
-      if (!purge.ok()) return db_error("prepare purge");
-      purge.bind(1, now);
-      if (purge.step() != SQLITE_DONE) return db_error("purge nonces");
-      outstanding_nonces_ -= static_cast<size_t>(sqlite3_changes(db_));
+    // Expired nonces are forgotten as new ones are recorded.
+    while (!by_expiry_.empty() && by_expiry_.begin()->first < now) {
+      live_.erase(by_expiry_.begin()->second);
+      by_expiry_.erase(by_expiry_.begin());
     }
-    if (outstanding_nonces_ >= kMaxOutstandingNonces) {
+    if (live_.size() >= kMaxOutstanding) {
       return Status::error(ErrorKind::kUnavailable, "too many outstanding challenges");
     }
-    Stmt s(db_, "INSERT INTO volatile.nonces(nonce, expires_at) VALUES(?, ?)");
-    if (!s.ok()) return db_error("prepare nonce insert");
-    s.bind(1, nonce);
-    s.bind(2, expires_at);
-    if (s.step() != SQLITE_DONE) return db_error("insert nonce");
-    ++outstanding_nonces_;
+    std::string key(nonce.begin(), nonce.end());
+    if (live_.count(key) != 0) return Status::error(ErrorKind::kInternal, "challenge nonce issued twice");
+    live_.emplace(key, by_expiry_.emplace(expires_at, key));
     return Status::ok();
   }
 
-  Result<bool> consume_nonce(const Bytes& nonce, int64_t now) override {
+  // True once for a nonce issued and not yet expired at `now`.
+  bool consume(const Bytes& nonce, int64_t now) {
     std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(db_, "DELETE FROM volatile.nonces WHERE nonce = ? RETURNING expires_at");
-    if (!s.ok()) return db_error("prepare nonce delete");
-    s.bind(1, nonce);
-    int rc = s.step();
-    if (rc == SQLITE_DONE) return false;
-    if (rc != SQLITE_ROW) return db_error("consume nonce");
-    int64_t expires_at = s.integer(0);
-    while (s.step() == SQLITE_ROW) {
-    }
-    --outstanding_nonces_;
+    auto it = live_.find(std::string(nonce.begin(), nonce.end()));
+    if (it == live_.end()) return false;
+    const int64_t expires_at = it->second->first;
+    by_expiry_.erase(it->second);
+    live_.erase(it);
     return now <= expires_at;
+  }
+
+ private:
+  std::mutex mu_;
+  std::multimap<int64_t, std::string> by_expiry_;
+  std::unordered_map<std::string, std::multimap<int64_t, std::string>::iterator> live_;
+};
+
+class SqliteStore final : public Store {
+ public:
+  explicit SqliteStore(sqlite3* db) : db_(db), stmts_(db) {}
+  ~SqliteStore() override {
+    stmts_.clear();  // a database with statements left open does not close
+    sqlite3_close(db_);
+  }
+
+  Status put_nonce(const Bytes& nonce, int64_t now, int64_t expires_at) override {
+    return nonces_.put(nonce, now, expires_at);
+  }
+
+  Result<bool> consume_nonce(const Bytes& nonce, int64_t now) override {
+    return nonces_.consume(nonce, now);
   }
 
   Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
                                  int64_t expires_at, int uses) override {
     std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(db_,
+    Stmt s(stmts_,
            "INSERT INTO enrollment_tokens(token_hash, template, expires_at, uses_left) "
            "VALUES(?, ?, ?, ?)");
     if (!s.ok()) return db_error("prepare token insert");
@@ -161,7 +203,7 @@ class SqliteStore final : public Store {
 
   Result<std::string> consume_enrollment_token(const Bytes& token_hash, int64_t now) override {
     std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(db_,
+    Stmt s(stmts_,
            "UPDATE enrollment_tokens SET uses_left = uses_left - 1 "
            "WHERE token_hash = ? AND uses_left > 0 AND expires_at >= ? RETURNING template");
     if (!s.ok()) return db_error("prepare token use");
@@ -180,7 +222,7 @@ class SqliteStore final : public Store {
 
   Status insert_volume(const VolumeRecord& r) override {
     std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(db_,
+    Stmt s(stmts_,
            "INSERT INTO volumes(id, state, policy, sealed_secret, description, created_at, "
            "updated_at) VALUES(?, ?, ?, ?, ?, ?, ?)");
     if (!s.ok()) return db_error("prepare volume insert");
@@ -197,7 +239,7 @@ class SqliteStore final : public Store {
 
   Result<VolumeRecord> get_volume(const std::string& id) override {
     std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(db_,
+    Stmt s(stmts_,
            "SELECT id, state, policy, sealed_secret, description, created_at, updated_at "
            "FROM volumes WHERE id = ?");
     if (!s.ok()) return db_error("prepare volume select");
@@ -213,7 +255,7 @@ class SqliteStore final : public Store {
   Status transition_volume(const std::string& id, VolumeState from, VolumeState to,
                            int64_t now) override {
     std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(db_, "UPDATE volumes SET state = ?, updated_at = ? WHERE id = ? AND state = ?");
+    Stmt s(stmts_, "UPDATE volumes SET state = ?, updated_at = ? WHERE id = ? AND state = ?");
     if (!s.ok()) return db_error("prepare transition");
     s.bind(1, std::string(volume_state_name(to)));
     s.bind(2, now);
@@ -221,7 +263,7 @@ class SqliteStore final : public Store {
     s.bind(4, std::string(volume_state_name(from)));
     if (s.step() != SQLITE_DONE) return db_error("update volume state");
     if (sqlite3_changes(db_) == 1) return Status::ok();
-    Stmt q(db_, "SELECT state FROM volumes WHERE id = ?");
+    Stmt q(stmts_, "SELECT state FROM volumes WHERE id = ?");
     q.bind(1, id);
     if (q.step() != SQLITE_ROW) {
       return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
@@ -234,7 +276,7 @@ class SqliteStore final : public Store {
   Status update_volume_policy(const std::string& id, const std::string& expected,
                               const std::string& updated, int64_t now) override {
     std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(db_, "UPDATE volumes SET policy = ?, updated_at = ? WHERE id = ? AND policy = ?");
+    Stmt s(stmts_, "UPDATE volumes SET policy = ?, updated_at = ? WHERE id = ? AND policy = ?");
     if (!s.ok()) return db_error("prepare policy update");
     s.bind(1, updated);
     s.bind(2, now);
@@ -242,7 +284,7 @@ class SqliteStore final : public Store {
     s.bind(4, expected);
     if (s.step() != SQLITE_DONE) return db_error("update volume policy");
     if (sqlite3_changes(db_) == 1) return Status::ok();
-    Stmt q(db_, "SELECT 1 FROM volumes WHERE id = ?");
+    Stmt q(stmts_, "SELECT 1 FROM volumes WHERE id = ?");
     q.bind(1, id);
     if (q.step() != SQLITE_ROW) return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
     return Status::error(ErrorKind::kConflict, str_cat("volume ", id, ": policy changed meanwhile"));
@@ -250,7 +292,7 @@ class SqliteStore final : public Store {
 
   Result<std::vector<VolumeRecord>> list_volumes() override {
     std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(db_,
+    Stmt s(stmts_,
            "SELECT id, state, policy, sealed_secret, description, created_at, updated_at "
            "FROM volumes ORDER BY created_at, id");
     if (!s.ok()) return db_error("prepare volume list");
@@ -295,7 +337,7 @@ class SqliteStore final : public Store {
 
   Result<std::vector<AuditEvent>> recent_audit(int limit) override {
     std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(db_,
+    Stmt s(stmts_,
            "SELECT time, event, outcome, volume_id, peer, detail FROM "
            "(SELECT * FROM audit ORDER BY seq DESC LIMIT ?) ORDER BY seq");
     if (!s.ok()) return db_error("prepare audit select");
@@ -336,7 +378,7 @@ class SqliteStore final : public Store {
     }
     Status status;
     {
-      Stmt s(db_,
+      Stmt s(stmts_,
              "INSERT INTO audit(time, event, outcome, volume_id, peer, detail) "
              "VALUES(?, ?, ?, ?, ?, ?)");
       if (!s.ok()) status = db_error("prepare audit insert");
@@ -366,12 +408,13 @@ class SqliteStore final : public Store {
   };
 
   sqlite3* db_;
+  StmtCache stmts_;
   std::mutex mu_;
   std::mutex audit_mu_;
   std::condition_variable audit_cv_;
   std::shared_ptr<AuditGroup> open_group_ = std::make_shared<AuditGroup>();
   bool committing_ = false;
-  size_t outstanding_nonces_ = 0;
+  NonceTable nonces_;
 };
 
 }  // namespace
@@ -392,8 +435,7 @@ Result<std::unique_ptr<Store>> open_sqlite_store(const std::string& path) {
   char* err = nullptr;
   const char* pragmas = "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;";
   if (sqlite3_exec(db, pragmas, nullptr, nullptr, &err) != SQLITE_OK ||
-      sqlite3_exec(db, kSchema, nullptr, nullptr, &err) != SQLITE_OK ||
-      sqlite3_exec(db, kVolatileSchema, nullptr, nullptr, &err) != SQLITE_OK) {
+      sqlite3_exec(db, kSchema, nullptr, nullptr, &err) != SQLITE_OK) {
     std::string msg = err ? err : sqlite3_errmsg(db);
     sqlite3_free(err);
     sqlite3_close(db);
