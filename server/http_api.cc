@@ -375,6 +375,11 @@ Status load_tls(ssl::context& tls, const HttpOptions& options) {
   SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
   // An idle connection keeps no 17 KiB read and write buffers.
   SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+  // Resumption by stateless tickets only: no session cache to grow with a
+  // boot storm's thousands of first contacts, and one ticket per connection
+  // (OpenSSL's default is two; a booting instance resumes at most once).
+  SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+  SSL_CTX_set_num_tickets(ctx, 1);
   if (SSL_CTX_set_cipher_list(ctx, kTls12Ciphers) != 1) {
     return Status::error(ErrorKind::kInternal, "TLS: cipher list not supported");
   }

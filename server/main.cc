@@ -52,7 +52,10 @@ Common options:
                    let matching instances enroll without a token; see
                    README), rate_limits (per_source, per_instance: each
                    {"per_second": R, "burst": B}; default 50/s burst 100
-                   per address, 1/s burst 20 per instance; 0: off)
+                   per address, 1/s burst 20 per instance; 0: off),
+                   connections ({"max": N, "per_source": M}: connections
+                   open at once, in all and from one address; default
+                   8192 and 128; past them a new one is closed at once)
                    (options on the command line win)
 
 serve options:
@@ -134,7 +137,29 @@ struct Settings {
   std::vector<EnrollmentTemplate> attestation_enrollment;
   RateLimit per_source = ServiceOptions().per_source;
   RateLimit per_instance = ServiceOptions().per_instance;
+  int max_connections = HttpOptions().max_connections;
+  int max_connections_per_source = HttpOptions().max_connections_per_source;
 };
+
+// "connections": {"max": 8192, "per_source": 128}
+Status read_connection_caps(const Json::Value& c, Settings* s) {
+  const Json::Value& caps = c["connections"];
+  if (caps.isNull()) return Status::ok();
+  auto bad = [](const std::string& what) {
+    return Status::error(ErrorKind::kInvalidArgument, str_cat("connections: ", what));
+  };
+  if (!caps.isObject()) return bad("must be an object");
+  for (const auto& name : caps.getMemberNames()) {
+    if (name != "max" && name != "per_source") return bad(str_cat("unknown key '", printable(name, 32), "'"));
+    if (!caps[name].isInt() || caps[name].asInt() < 1 || caps[name].asInt() > 1000000) {
+      return bad(str_cat(name, " must be a whole number from 1 to 1000000"));
+    }
+  }
+  if (caps.isMember("max")) s->max_connections = caps["max"].asInt();
+  if (caps.isMember("per_source")) s->max_connections_per_source = caps["per_source"].asInt();
+  if (s->max_connections_per_source > s->max_connections) return bad("per_source is more than max");
+  return Status::ok();
+}
 
 // "rate_limits": {"per_source": {"per_second": 50, "burst": 100},
 //                 "per_instance": {"per_second": 1, "burst": 20}}
@@ -217,7 +242,7 @@ Result<Settings> load_settings(const Args& args) {
       static const std::set<std::string> kKeys = {
           "listen",         "state_dir",        "aws_trust_dirs", "gcp_jwks_files",
           "azure_trust_dirs", "evidence_max_age", "tls_san",        "nonce_ttl",
-          "enroll_by_attestation", "rate_limits"};
+          "enroll_by_attestation", "rate_limits", "connections"};
       if (!kKeys.count(key)) {
         return Status::error(ErrorKind::kInvalidArgument,
                              str_cat(args.get("config"), ": unknown key '", key, "'"));
@@ -229,6 +254,8 @@ Result<Settings> load_settings(const Args& args) {
     if (c.isMember("evidence_max_age")) s.evidence_max_age = c["evidence_max_age"].asInt();
     Status limits = read_rate_limits(c, &s);
     if (!limits.is_ok()) return limits.with_context(args.get("config"));
+    Status caps = read_connection_caps(c, &s);
+    if (!caps.is_ok()) return caps.with_context(args.get("config"));
     Status rules = read_attestation_rules(c, &s.attestation_enrollment);
     if (!rules.is_ok()) return rules.with_context(args.get("config"));
     for (auto [key, list] : {std::pair{"aws_trust_dirs", &s.aws_trust_dirs},
@@ -272,6 +299,8 @@ int cmd_serve(const Args& args, const Settings& s) {
     return fail(Status::error(ErrorKind::kInvalidArgument, "--listen: bad port"));
   }
   http.port_file = args.get("port-file");
+  http.max_connections = s.max_connections;
+  http.max_connections_per_source = s.max_connections_per_source;
   http.cert_file = s.state_dir + "/server.pem";
   http.key_file = s.state_dir + "/server.key";
 
@@ -322,9 +351,15 @@ int cmd_serve(const Args& args, const Settings& s) {
   options.attestation_enrollment = s.attestation_enrollment;
   options.per_source = s.per_source;
   options.per_instance = s.per_instance;
-  log_info(str_cat("rate limits: per source ", s.per_source.per_second, "/s (burst ",
-                   s.per_source.burst, "), per instance ", s.per_instance.per_second, "/s (burst ",
-                   s.per_instance.burst, ")"));
+  auto limit = [](const RateLimit& l) {
+    if (l.per_second <= 0) return std::string("off");
+    char text[96];
+    std::snprintf(text, sizeof text, "%g/s (burst %g)", l.per_second, l.burst);
+    return std::string(text);
+  };
+  log_info(str_cat("rate limits: per source ", limit(s.per_source), ", per instance ",
+                   limit(s.per_instance), "; connections at most ", s.max_connections,
+                   ", from one address ", s.max_connections_per_source));
   if (!s.attestation_enrollment.empty()) {
     log_info(str_cat("enrollment by attestation: ", s.attestation_enrollment.size(), " rule(s)"));
   }

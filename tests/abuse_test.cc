@@ -262,6 +262,43 @@ TEST_F(AbuseTest, ConnectionsOverTheCapOfOneAddressAreClosedAtOnce) {
   for (int fd : held) close(fd);
 }
 
+// The caps come from the configuration ("connections"), and the total cap
+// holds across addresses.
+TEST_F(AbuseTest, ConfiguredConnectionCapsHoldPerAddressAndInAll) {
+  const std::string config = dir_ + "/" + unique("caps") + ".json";
+  write_file(config, R"({"connections": {"per_source": 3, "max": 5}})");
+  Server capped = start_server("caps", {"--config", config});
+  ASSERT_GT(capped.port, 0) << read_file(capped.process.log_path());
+  EXPECT_TRUE(contains(read_file(capped.process.log_path()),
+                       "connections at most 5, from one address 3"));
+  std::vector<int> held;
+  for (int i = 0; i < 3; ++i) held.push_back(connect_from("127.0.0.50", capped.port));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  int over = connect_from("127.0.0.50", capped.port);
+  EXPECT_TRUE(closed_by_peer(over, 2000)) << "the 4th connection from one address was held";
+  close(over);
+  for (int i = 0; i < 2; ++i) held.push_back(connect_from("127.0.0.51", capped.port));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  for (int fd : held) EXPECT_FALSE(closed_by_peer(fd, 100)) << "a connection within the caps was closed";
+  int sixth = connect_from("127.0.0.52", capped.port);
+  EXPECT_TRUE(closed_by_peer(sixth, 2000)) << "the 6th connection in all was held";
+  close(sixth);
+  for (int fd : held) close(fd);
+  capped.process.stop();
+
+  // A cap that makes no sense is refused at start, with the reason.
+  for (const char* bad : {R"({"connections": {"per_source": 0}})",
+                          R"({"connections": {"per_source": 10, "max": 5}})",
+                          R"({"connections": {"per_sourse": 10}})",
+                          R"({"connections": {"max": "many"}})"}) {
+    write_file(config, bad);
+    RunResult r = run({bin("keygate-server"), "serve", "--state-dir", dir_ + "/" + unique("caps-bad"),
+                       "--listen", "127.0.0.1:0", "--config", config});
+    EXPECT_NE(r.exit_code, 0) << bad;
+    EXPECT_TRUE(contains(r.err, "connections: ")) << bad << ": " << r.err;
+  }
+}
+
 // The TLS policy (http_api.cc): TLS 1.3, or TLS 1.2 with ECDHE and AEAD
 // suites only; sessions resume when the client offers one.
 TEST_F(AbuseTest, TlsPolicyRefusesOldProtocolsAndWeakSuites) {
@@ -292,6 +329,20 @@ TEST_F(AbuseTest, TlsPolicyRefusesOldProtocolsAndWeakSuites) {
   ASSERT_EQ(s_client({"-tls1_2", "-sess_out", session}).exit_code, 0);
   RunResult resumed = s_client({"-tls1_2", "-sess_in", session});
   EXPECT_TRUE(contains(resumed.out, "Reused, TLSv1.2")) << resumed.out;
+  // TLS 1.3: one ticket per connection (the client waits a second for it,
+  // as it comes after the handshake), and it resumes.
+  const std::string s_client13 = "openssl s_client -connect " + connect + " -CAfile '" + server_.ca() +
+                                 "' -verify_return_error -tls1_3 ";
+  RunResult first = run({"sh", "-c", "sleep 1 | " + s_client13 + "-sess_out '" + session + "13'"});
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  size_t tickets = 0;
+  for (size_t at = first.out.find("New Session Ticket"); at != std::string::npos;
+       at = first.out.find("New Session Ticket", at + 1)) {
+    ++tickets;
+  }
+  EXPECT_EQ(tickets, 1u) << first.out;
+  RunResult again = run({"sh", "-c", "sleep 1 | " + s_client13 + "-sess_in '" + session + "13'"});
+  EXPECT_TRUE(contains(again.out, "Reused, TLSv1.3")) << again.out;
 }
 
 // Out of descriptors, accept() fails at once, every time: the server must
