@@ -64,7 +64,8 @@ class SlotPool {
   }
 
  private:
-  static constexpr size_t kChunkSize = 64 * 1024;
+  // 64 slots; locking a chunk faults its pages in, so it starts small.
+  static constexpr size_t kChunkSize = 16 * 1024;
 
   bool grow() {
     auto* chunk = static_cast<uint8_t*>(map_secret_pages(kChunkSize));
@@ -204,11 +205,10 @@ Result<SecretBuffer> read_secret_file(const std::string& path, size_t max_size,
   return std::move(buf).value();
 }
 
-Status init_openssl_secure_heap() {
+Status init_openssl_secure_heap(size_t bytes) {
   if (CRYPTO_secure_malloc_initialized()) return Status::ok();
-  // 2 MiB in 32-byte units: a private key takes one or two, so the heap
-  // holds the keys of far more handshakes than the server lets run at once.
-  if (CRYPTO_secure_malloc_init(2 << 20, 32) == 0) {
+  // In 32-byte units: a private key takes one or two.
+  if (CRYPTO_secure_malloc_init(bytes, 32) == 0) {
     return Status::error(ErrorKind::kInternal, "OpenSSL secure heap: could not be set up");
   }
   return Status::ok();

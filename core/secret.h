@@ -67,8 +67,12 @@ void disable_core_dumps();
 // Gives OpenSSL a secure heap (locked, not dumped, guard pages, wiped on
 // free) for the private keys it holds: the TLS key, each handshake's
 // ephemeral key and X25519KeyPair's. Call once, at start, before any key
-// exists. Fails if the heap cannot be set up.
-Status init_openssl_secure_heap();
+// exists. `bytes` (a power of two) is locked at once, page by page: the
+// unlocker, which holds a few keys, asks for little. Fails if the heap
+// cannot be set up.
+constexpr size_t kSecureHeapServer = 2 << 20;  // the keys of thousands of handshakes at once
+constexpr size_t kSecureHeapClient = 32 << 10;
+Status init_openssl_secure_heap(size_t bytes);
 
 // Wipes memory in a way the compiler will not elide.
 void secure_wipe(void* data, size_t size);

@@ -595,7 +595,7 @@ int main(int argc, char** argv) {
   auto args = Args::parse(argv_list, kValueOptions, kFlagOptions);
   log_init("keygate-server", LogSink::kStderr, LogLevel::kInfo);
   // Before any key exists: the TLS key and every handshake's live there.
-  if (Status heap = init_openssl_secure_heap(); !heap.is_ok()) {
+  if (Status heap = init_openssl_secure_heap(kSecureHeapServer); !heap.is_ok()) {
     log_error(heap.message());
     return 1;
   }

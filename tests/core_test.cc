@@ -124,7 +124,7 @@ TEST(SecretBuffer, PoolSlotsComeBackWipedAndAreReused) {
 }
 
 TEST(SecretBuffer, OpenSslKeysLiveInTheSecureHeap) {
-  ASSERT_TRUE(init_openssl_secure_heap().is_ok());
+  ASSERT_TRUE(init_openssl_secure_heap(kSecureHeapClient).is_ok());
   ASSERT_EQ(CRYPTO_secure_malloc_initialized(), 1);
   // OpenSSL keeps some of its own state there for good (its random
   // generator's): set up by a first key, before counting.

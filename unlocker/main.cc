@@ -518,7 +518,7 @@ int main(int argc, char** argv) {
   log_init("keygate", LogSink::kStderr, LogLevel::kInfo);
   // Without it the keys OpenSSL holds are in its normal heap (still wiped on
   // free, and core dumps are off): not a reason to stop a boot.
-  if (Status heap = init_openssl_secure_heap(); !heap.is_ok()) log_warning(heap.message());
+  if (Status heap = init_openssl_secure_heap(kSecureHeapClient); !heap.is_ok()) log_warning(heap.message());
   if (!args.is_ok()) {
     log_error(args.status().message());
     fputs(kUsage, stderr);
