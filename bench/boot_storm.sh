@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Boot storm: how many unlocks a second keygate-server gives, and at what
+# latency, with tang's recovery exchange under the same load generator in
+# the same run.
+#
+#   keygate: keygate-server (this build, embedded SQLite store, every release
+#            committed to the audit trail before its key leaves) behind real
+#            TLS; for each unlock keygate-boot-storm opens a new TCP and TLS
+#            connection (no resumption, as at boot), asks for a challenge,
+#            sends an unlock with AWS-format evidence signed by the metadata
+#            emulator, and checks the secret unwraps to the volume's.
+#   tang:    Debian's tang as shipped, socket-activated the way its
+#            tangd.socket (Accept=yes) and tangd@.service run it, through
+#            systemd-socket-activate; each exchange is a new connection and a
+#            POST /rec/<kid>, checked the way clevis checks it.
+#
+# Rows: closed loop (N clients back to back: the maximum) and open loop
+# (unlocks started at a fixed rate, latency from the scheduled start).
+# The generator runs on the same 2 cores as the servers.
+#
+# Usage: bench/boot_storm.sh [COUNT]   (default 10000 per row;
+#        KEYGATE_BUILD=dir, default build/; RATES="500 1000": the open-loop
+#        rows' offered unlocks per second; CLIENTS=32 closed-loop clients)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+count=${1:-10000}
+rates=${RATES:-500 1000}
+clients=${CLIENTS:-32}
+build=${KEYGATE_BUILD:-$root/build}
+bin=$build/bin
+
+KEYGATE_WITH_BENCH=1 ./scripts/setup.sh >/dev/null
+if [ ! -x "$bin/keygate-boot-storm" ] || [ ! -x "$bin/keygate-server" ]; then
+  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+  cmake --build "$build" -j "$(nproc)" --target keygate-server keygate-metadata-emulator keygate-boot-storm
+fi
+
+work=$(mktemp -d /tmp/keygate-storm-XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+die() { echo "bench: $*" >&2; exit 1; }
+helper_failed() { echo "bench: $1 did not come up; its log ($2):" >&2; cat "$2" >&2 || true; exit 1; }
+wait_port() {  # port file, log, pid
+  for _ in $(seq 100); do
+    [ -s "$1" ] && { cat "$1"; return; }
+    kill -0 "$3" 2>/dev/null || break
+    sleep 0.1
+  done
+  helper_failed "the server writing $1" "$2"
+}
+run_logged() {  # log, command...: output kept; shown if the command fails
+  local log=$1; shift
+  "$@" >"$log" 2>&1 || { echo "bench: failed: $*" >&2; cat "$log" >&2; exit 1; }
+}
+# A port below the kernel's ephemeral range that nothing uses, for tang
+# (systemd-socket-activate cannot report a port it chose).
+ephemeral_low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range)
+free_port() {
+  local p
+  for _ in $(seq 50); do
+    p=$(shuf -i 10000-$((ephemeral_low - 1)) -n 1)
+    [ -z "$(ss -Htan "( sport = :$p or dport = :$p )")" ] && { echo "$p"; return; }
+  done
+  die "no free port below $ephemeral_low"
+}
+
+# --- keygate -----------------------------------------------------------------
+run_logged "$work/emu-init.log" "$bin/keygate-metadata-emulator" init --state-dir "$work/emu"
+"$bin/keygate-metadata-emulator" serve --state-dir "$work/emu" --listen 127.0.0.1:0 \
+  --port-file "$work/emu.port" 2>"$work/emu.log" &
+pids+=($!)
+emu=http://127.0.0.1:$(wait_port "$work/emu.port" "$work/emu.log" "$!")
+# Every unlock comes from one address and one instance document, where a
+# real storm comes from a thousand: the per-source and per-instance rate
+# limits would refuse nearly all of them, and the per-address connection
+# cap (128) whatever an open loop has in flight beyond it. This run raises
+# them out of the way (the limiter and the counting still run).
+cat >"$work/server.json" <<'EOF'
+{
+  "rate_limits": {
+    "per_source": {"per_second": 1000000, "burst": 1000000},
+    "per_instance": {"per_second": 1000000, "burst": 1000000}
+  },
+  "connections": {"max": 8192, "per_source": 8192}
+}
+EOF
+"$bin/keygate-server" serve --state-dir "$work/srv" --config "$work/server.json" --listen 127.0.0.1:0 \
+  --port-file "$work/srv.port" --aws-trust-dir "$work/emu/aws-trust" --log-level warning \
+  2>"$work/srv.log" &
+srv_pid=$!
+pids+=($srv_pid)
+srv=https://127.0.0.1:$(wait_port "$work/srv.port" "$work/srv.log" "$srv_pid")
+"$bin/keygate-server" token create --state-dir "$work/srv" --uses 10 >"$work/token"
+
+# --- tang ----------------------------------------------------------------------
+mkdir -p "$work/tang"
+run_logged "$work/tang-keygen.log" /usr/libexec/tangd-keygen "$work/tang"
+tang_port=$(free_port)
+systemd-socket-activate --inetd --accept --listen "127.0.0.1:$tang_port" \
+  /usr/libexec/tangd "$work/tang" >"$work/tang.log" 2>&1 &
+tang_pid=$!
+pids+=($tang_pid)
+up=
+for _ in $(seq 100); do
+  curl -fsS "http://127.0.0.1:$tang_port/adv" >/dev/null 2>&1 && { up=1; break; }
+  kill -0 "$tang_pid" 2>/dev/null || break
+  sleep 0.1
+done
+[ -n "$up" ] || helper_failed "tang on port $tang_port" "$work/tang.log"
+tang=http://127.0.0.1:$tang_port
+
+# --- runs ----------------------------------------------------------------------
+storm() { "$bin/keygate-boot-storm" "$@" --count "$count" 2>>"$work/errors.log"; }
+kg=(keygate --url "$srv" --ca "$work/srv/ca.pem" --metadata-url "$emu" --token-file "$work/token"
+    --server-pid "$srv_pid")
+failed=0
+{
+  storm "${kg[@]}" --mode closed --concurrency "$clients" --header || failed=1
+  for rate in $rates; do storm "${kg[@]}" --mode open --rate "$rate" || failed=1; done
+  # tang's errors (past the generator's 10 s bound) are its result, not a failed run.
+  storm tang --url "$tang" --mode closed --concurrency "$clients" || true
+  for rate in $rates; do storm tang --url "$tang" --mode open --rate "$rate" || true; done
+} >"$work/rows.tsv"
+
+echo "Boot storm: $count unlocks per row, $(nproc) cores shared by the servers and the generator"
+echo "(kernel $(uname -r), tang $(dpkg-query -W -f='${Version}' tang), OpenSSL $(openssl version | awk '{print $2}'))"
+echo
+column -t -s $'\t' "$work/rows.tsv"
+if [ -s "$work/errors.log" ]; then
+  echo
+  echo "errors reported by the generator:"
+  sort "$work/errors.log" | uniq -c | sort -rn | head -10
+fi
+exit "$failed"
