@@ -34,6 +34,18 @@ Status write_file_atomically(const std::string& path, std::string_view data, uns
     unlink(tmp.c_str());
     return Status::error(ErrorKind::kIo, str_cat("rename to ", path, ": ", strerror(errno)));
   }
+  return sync_parent_dir(path);
+}
+
+Status sync_parent_dir(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return Status::error(ErrorKind::kIo, str_cat("open ", dir, ": ", strerror(errno)));
+  const bool ok = fsync(fd) == 0;
+  const int err = errno;
+  close(fd);
+  if (!ok) return Status::error(ErrorKind::kIo, str_cat("sync ", dir, ": ", strerror(err)));
   return Status::ok();
 }
 

@@ -10,9 +10,14 @@
 
 namespace keygate {
 
-// Writes `data` to `path` via a temporary file, fsync and rename, with `mode`:
-// a crash leaves either the old file or the new one, never a torn one.
+// Writes `data` to `path` via a temporary file, fsync, rename and an fsync
+// of the folder, with `mode`: a crash or power loss leaves either the old
+// file or the new one, never a torn one.
 Status write_file_atomically(const std::string& path, std::string_view data, unsigned mode);
+
+// fsyncs the folder holding `path`, so that a name made or changed in it
+// survives a power loss.
+Status sync_parent_dir(const std::string& path);
 
 // Creates the state folder `dir` (0700) if missing.
 Status ensure_state_dir(const std::string& dir);

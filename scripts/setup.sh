@@ -17,6 +17,9 @@ packages=(
   # the TPM parser fuzz target (libFuzzer)
   clang libclang-rt-14-dev
   cryptsetup-bin e2fsprogs openssl curl ca-certificates
+  # the state-file crash test kills the server at every write, fsync and
+  # rename of its first start (strace's fault injection)
+  strace
   # end-to-end boot test: Debian's kernel under QEMU with a real initramfs
   qemu-system-x86 initramfs-tools cryptsetup-initramfs busybox kmod cpio zstd
   swtpm swtpm-tools python3

@@ -89,24 +89,66 @@ Result<SecretBuffer> pem_of_key(EVP_PKEY* key) {
   return SecretBuffer::copy_of(data, static_cast<size_t>(len));
 }
 
+// Writes all of `kek` to `fd` and syncs it.
+bool write_and_sync(int fd, const SecretBuffer& kek) {
+  size_t done = 0;
+  while (done < kek.size()) {
+    ssize_t n = write(fd, kek.data() + done, kek.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    done += static_cast<size_t>(n);
+  }
+  return fsync(fd) == 0;
+}
+
+// Gives `path` the new KEK only once it is whole: written and synced in a
+// file with no name (O_TMPFILE), then linked in, which fails if another
+// start made one first. A crash at any step leaves no file or the whole
+// one, never an empty or short one. Where O_TMPFILE or /proc is missing, a
+// named temporary file does the same, linked and then removed.
+Status create_kek_file(const std::string& path, const SecretBuffer& kek) {
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash);
+  int fd = open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+  if (fd >= 0) {
+    const std::string proc = str_cat("/proc/self/fd/", fd);
+    const bool written = write_and_sync(fd, kek);
+    const bool linked = written && linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, path.c_str(),
+                                          AT_SYMLINK_FOLLOW) == 0;
+    const int err = errno;
+    close(fd);
+    if (linked) return sync_parent_dir(path);
+    if (!written || err == EEXIST) {
+      return Status::error(err == EEXIST ? ErrorKind::kConflict : ErrorKind::kIo,
+                           str_cat("write KEK ", path, ": ", strerror(err)));
+    }
+    // linkat through /proc failed for want of /proc: the named way below.
+  }
+  const std::string tmp = str_cat(path, ".new-", hex_encode(random_bytes(6)));
+  fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return Status::error(ErrorKind::kIo, str_cat("create ", tmp, ": ", strerror(errno)));
+  const bool written = write_and_sync(fd, kek);
+  close(fd);
+  const bool linked = written && link(tmp.c_str(), path.c_str()) == 0;
+  const int err = errno;
+  unlink(tmp.c_str());
+  if (!linked) {
+    return Status::error(err == EEXIST ? ErrorKind::kConflict : ErrorKind::kIo,
+                         str_cat("write KEK ", path, ": ", strerror(err)));
+  }
+  return sync_parent_dir(path);
+}
+
 }  // namespace
 
 Result<SecretBuffer> load_or_create_kek(const std::string& path) {
   if (!file_exists(path)) {
     auto kek = SecretBuffer::random(kKekSize);
     if (!kek.is_ok()) return kek.status();
-    int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (fd < 0) {
-      return Status::error(ErrorKind::kIo, str_cat("create KEK ", path, ": ", strerror(errno)));
-    }
-    bool ok = write(fd, kek->data(), kek->size()) == static_cast<ssize_t>(kek->size()) &&
-              fsync(fd) == 0;
-    close(fd);
-    if (!ok) {
-      unlink(path.c_str());
-      return Status::error(ErrorKind::kIo, str_cat("write KEK ", path));
-    }
-    return kek;
+    Status created = create_kek_file(path, kek.value());
+    if (created.is_ok()) return kek;
+    // Another start made it first: use that one.
+    if (created.kind() != ErrorKind::kConflict) return created;
   }
   struct stat st;
   if (stat(path.c_str(), &st) != 0) {
@@ -115,6 +157,14 @@ Result<SecretBuffer> load_or_create_kek(const std::string& path) {
   if ((st.st_mode & 077) != 0) {
     return Status::error(ErrorKind::kInvalidArgument,
                          str_cat("KEK ", path, " is readable by group or others; chmod 600 it"));
+  }
+  if (st.st_size == 0) {
+    // Only an older keygate-server, stopped while writing its first KEK,
+    // left one empty; no secret was sealed under it.
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat("KEK ", path, " is empty (a first start of an older keygate-server "
+                                 "was stopped while writing it); if 'keygate-server volumes list' "
+                                 "shows no volume, delete it and start again"));
   }
   auto kek = read_secret_file(path, kKekSize, false);
   if (!kek.is_ok()) return kek.status().with_context("KEK");

@@ -1,0 +1,102 @@
+// A server killed at any step of its first start (making the store, the KEK
+// and the TLS material) leaves a state folder the next start takes up.
+//
+// strace's fault injection kills the first start at one file-changing
+// system call at a time (each write, pwrite, fsync, rename, link, unlink and
+// truncate, every invocation of each, as a traced clean start counts them),
+// then a normal start must come up on the same folder with a whole KEK and
+// TLS material that belongs together.
+#include <sys/stat.h>
+
+#include <map>
+#include <sstream>
+
+#include "tests/keygate_fixture.h"
+
+namespace keygate::testing {
+namespace {
+
+constexpr char kSteps[] = "write,pwrite64,fsync,fdatasync,rename,link,linkat,unlink,unlinkat,ftruncate";
+
+class StateCrashTest : public KeygateTest {
+ protected:
+  // The first start of a server on `state`, under strace with `strace_args`,
+  // until it is killed or writes its port file (then it is killed: strace
+  // itself, sent a signal, can take long to let a multi-threaded tracee go).
+  // True if it was killed before it listened.
+  bool first_start(const std::string& state, const std::vector<std::string>& strace_args) {
+    const std::string port = state + ".port";
+    std::string command = "strace -f -qq";
+    for (const auto& a : strace_args) command += " '" + a + "'";
+    command += " '" + bin("keygate-server") + "' serve --state-dir '" + state +
+               "' --listen 127.0.0.1:0 --port-file '" + port + "' --aws-trust-dir '" + dir_ +
+               "/emu/aws-trust' >>'" + state + ".first.log' 2>&1 & pid=$!; "
+               "while [ ! -s '" + port + "' ] && kill -0 $pid 2>/dev/null; do sleep 0.02; done; "
+               "if [ -s '" + port + "' ]; then kill -KILL $(pgrep -P $pid); wait $pid; echo listened; "
+               "else wait $pid; echo killed; fi";
+    RunResult r = run({"bash", "-c", command});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    unlink(port.c_str());
+    return contains(r.out, "killed");
+  }
+
+  // A normal start on `state` comes up, and what it left is whole.
+  void expect_next_start_works(const std::string& state, const std::string& step) {
+    Server s = start_server("after-" + step, {}, state);
+    ASSERT_GT(s.port, 0) << "after a kill at " << step << ":\n" << read_file(s.process.log_path());
+    s.process.stop();
+    struct stat st {};
+    ASSERT_EQ(stat((state + "/kek").c_str(), &st), 0) << step;
+    EXPECT_EQ(st.st_size, 32) << "after a kill at " << step;
+    RunResult verify = run({"openssl", "verify", "-CAfile", state + "/ca.pem", state + "/server.pem"});
+    EXPECT_EQ(verify.exit_code, 0) << "after a kill at " << step << ": " << verify.out << verify.err;
+    RunResult key = run({"bash", "-c", "[ \"$(openssl x509 -noout -pubkey -in '" + state +
+                                           "/server.pem')\" = \"$(openssl pkey -pubout -in '" + state +
+                                           "/server.key')\" ]"});
+    EXPECT_EQ(key.exit_code, 0) << "after a kill at " << step << ": server.key does not match server.pem";
+  }
+};
+
+TEST_F(StateCrashTest, FirstStartKilledAtEveryStepLeavesAStartableState) {
+  // A clean traced first start: how many of each step it makes.
+  const std::string counted = dir_ + "/" + unique("counted");
+  const std::string trace_log = counted + ".trace";
+  ASSERT_FALSE(first_start(counted, {"-e", std::string("trace=") + kSteps, "-o", trace_log}));
+  // strace's log is whole once it holds the start's last line (seen, now
+  // and then, to land a moment after strace's exit was reported).
+  std::string trace;
+  for (int i = 0; i < 100 && !contains(trace = read_file(trace_log), "info: listening"); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(contains(trace, "info: listening")) << trace;
+  std::map<std::string, int> counts;
+  std::string main_pid;
+  std::istringstream lines(trace);
+  for (std::string line; std::getline(lines, line);) {
+    const size_t space = line.find(' '), paren = line.find('(');
+    if (space == std::string::npos || paren == std::string::npos || paren < space) continue;
+    const std::string pid = line.substr(0, space);
+    if (main_pid.empty()) main_pid = pid;
+    if (pid != main_pid) continue;  // strace counts per thread; the state is made on the main one
+    ++counts[line.substr(space + 1, paren - space - 1)];
+  }
+  ASSERT_GT(counts["write"] + counts["pwrite64"], 20) << "the trace saw the state being made";
+
+  int kills = 0;
+  for (const auto& [call, count] : counts) {
+    for (int n = 1; n <= count; ++n) {
+      const std::string step = str_cat(call, " #", n);
+      const std::string state = dir_ + "/" + unique("killed");
+      if (first_start(state, {"-o", "/dev/null", "-e", "trace=" + call, "-e",
+                              str_cat("inject=", call, ":signal=KILL:when=", n)})) {
+        ++kills;
+      }
+      expect_next_start_works(state, step);
+      if (HasFailure()) return;  // one broken step is enough to read
+    }
+  }
+  EXPECT_GT(kills, 40) << "the first starts were not killed where they should have been";
+}
+
+}  // namespace
+}  // namespace keygate::testing
