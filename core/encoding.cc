@@ -148,4 +148,74 @@ std::string printable(std::string_view text, size_t max_len) {
   return out;
 }
 
+namespace {
+
+// The length of the well-formed UTF-8 sequence at `text[i]`, 0 if none, and
+// its code point in `*cp`.
+size_t utf8_sequence(std::string_view text, size_t i, uint32_t* cp) {
+  const auto b0 = static_cast<unsigned char>(text[i]);
+  if (b0 < 0x80) {
+    *cp = b0;
+    return 1;
+  }
+  size_t len;
+  uint32_t min;
+  if (b0 >= 0xc2 && b0 <= 0xdf) {
+    len = 2, min = 0x80, *cp = b0 & 0x1f;
+  } else if (b0 >= 0xe0 && b0 <= 0xef) {
+    len = 3, min = 0x800, *cp = b0 & 0x0f;
+  } else if (b0 >= 0xf0 && b0 <= 0xf4) {
+    len = 4, min = 0x10000, *cp = b0 & 0x07;
+  } else {
+    return 0;
+  }
+  if (text.size() - i < len) return 0;
+  for (size_t k = 1; k < len; ++k) {
+    const auto b = static_cast<unsigned char>(text[i + k]);
+    if ((b & 0xc0) != 0x80) return 0;
+    *cp = *cp << 6 | (b & 0x3f);
+  }
+  if (*cp < min || *cp > 0x10ffff || (*cp >= 0xd800 && *cp <= 0xdfff)) return 0;
+  return len;
+}
+
+}  // namespace
+
+bool is_utf8(std::string_view text) {
+  uint32_t cp;
+  for (size_t i = 0; i < text.size();) {
+    const size_t n = utf8_sequence(text, i, &cp);
+    if (n == 0) return false;
+    i += n;
+  }
+  return true;
+}
+
+std::string to_utf8_lossy(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  uint32_t cp;
+  for (size_t i = 0; i < text.size();) {
+    const size_t n = utf8_sequence(text, i, &cp);
+    if (n == 0) {
+      out += "\xEF\xBF\xBD";
+      ++i;
+    } else {
+      out.append(text.substr(i, n));
+      i += n;
+    }
+  }
+  return out;
+}
+
+bool is_display_text(std::string_view text) {
+  uint32_t cp;
+  for (size_t i = 0; i < text.size();) {
+    const size_t n = utf8_sequence(text, i, &cp);
+    if (n == 0 || cp < 0x20 || (cp >= 0x7f && cp < 0xa0)) return false;
+    i += n;
+  }
+  return true;
+}
+
 }  // namespace keygate

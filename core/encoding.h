@@ -42,4 +42,16 @@ inline Bytes to_bytes(std::string_view s) { return Bytes(s.begin(), s.end()); }
 // cut to `max_len` input bytes with "..." after.
 std::string printable(std::string_view text, size_t max_len);
 
+// Whether `text` is well-formed UTF-8 (RFC 3629: shortest forms only, no
+// surrogates, nothing above U+10FFFF).
+bool is_utf8(std::string_view text);
+
+// `text` with every byte that is not part of a well-formed UTF-8 sequence
+// replaced by U+FFFD, so that what is written as JSON or shown is UTF-8.
+std::string to_utf8_lossy(std::string_view text);
+
+// Whether `text` is UTF-8 with no control character (C0, DEL, C1): text a
+// person wrote for a person to read, such as a volume's description.
+bool is_display_text(std::string_view text);
+
 }  // namespace keygate

@@ -1,5 +1,7 @@
 #include "core/json.h"
 
+#include "core/encoding.h"
+
 #include <json/reader.h>
 
 #include <cmath>
@@ -14,6 +16,9 @@ Result<Json::Value> parse_json_object(std::string_view text, size_t max_bytes) {
   if (text.size() > max_bytes) {
     return Status::error(ErrorKind::kInvalidArgument,
                          str_cat("JSON document larger than ", max_bytes, " bytes"));
+  }
+  if (!is_utf8(text)) {
+    return Status::error(ErrorKind::kInvalidArgument, "malformed JSON: not UTF-8");
   }
   try {
     Json::CharReaderBuilder builder;
@@ -86,6 +91,13 @@ class JsonWriter {
     with_indent(bracket);
   }
   void quoted(const char* begin, const char* end) {
+    // JSON text is UTF-8 (RFC 8259): bytes that are not become U+FFFD.
+    const std::string_view text(begin, static_cast<size_t>(end - begin));
+    if (!is_utf8(text)) {
+      const std::string valid = to_utf8_lossy(text);
+      quoted(valid.data(), valid.data() + valid.size());
+      return;
+    }
     static constexpr char kHex[] = "0123456789abcdef";
     out_ += '"';
     for (const char* c = begin; c != end; ++c) {
@@ -193,6 +205,19 @@ Result<std::string> json_string(const Json::Value& obj, const char* key, size_t 
   if (s.size() > max_len) {
     return Status::error(ErrorKind::kInvalidArgument,
                          str_cat("field '", key, "' longer than ", max_len, " bytes"));
+  }
+  // The document is UTF-8, but a \u escape of a lone surrogate is not.
+  if (!is_utf8(s)) {
+    return Status::error(ErrorKind::kInvalidArgument, str_cat("field '", key, "' is not UTF-8"));
+  }
+  return s;
+}
+
+Result<std::string> json_optional_text(const Json::Value& obj, const char* key, size_t max_len) {
+  auto s = json_optional_string(obj, key, max_len);
+  if (s.is_ok() && !is_display_text(s.value())) {
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat("field '", key, "' holds a control character"));
   }
   return s;
 }

@@ -30,6 +30,9 @@ Result<std::string> json_string(const Json::Value& obj, const char* key, size_t 
 // Like json_string, but a missing or null member yields `fallback`.
 Result<std::string> json_optional_string(const Json::Value& obj, const char* key, size_t max_len,
                                          std::string fallback = "");
+// Like json_optional_string (empty if missing), for text a person reads:
+// refused if it holds a control character (C0, DEL, C1).
+Result<std::string> json_optional_text(const Json::Value& obj, const char* key, size_t max_len);
 // An integer member within [min, max].
 Result<int64_t> json_int(const Json::Value& obj, const char* key, int64_t min, int64_t max);
 // An object member (may be absent when `required` is false: yields null).

@@ -23,6 +23,8 @@ constexpr size_t kVolumeSecretSize = 32;
 constexpr size_t kMaxVolumeIdLength = 64;
 constexpr size_t kMaxEnrollmentTokenLength = 128;
 constexpr size_t kMaxEvidenceField = 16 * 1024;
+// A volume's description: UTF-8 text without control characters.
+constexpr size_t kMaxDescriptionLength = 256;
 
 // Error codes carried in {"error": {"code": ..., "message": ...}}.
 constexpr char kErrBadRequest[] = "bad_request";

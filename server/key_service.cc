@@ -345,7 +345,8 @@ Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view bod
   auto token = json_optional_string(request.value(), api::field::kEnrollmentToken,
                                     api::kMaxEnrollmentTokenLength);
   auto evidence = json_object(request.value(), api::field::kEvidence, false);
-  auto description = json_optional_string(request.value(), api::field::kDescription, 256);
+  auto description = json_optional_text(request.value(), api::field::kDescription,
+                                        api::kMaxDescriptionLength);
   for (const Status* s : {&token.status(), &evidence.status(), &description.status()}) {
     if (!s->is_ok()) return bad_request(s->message());
   }

@@ -448,7 +448,8 @@ int cmd_volumes_list(const Args& args, const Settings& s) {
   }
   printf("%-36s  %-8s  %s\n", "VOLUME", "STATE", "POLICY");
   for (const auto& v : volumes.value()) {
-    printf("%-36s  %-8s  %s\n", v.id.c_str(), volume_state_name(v.state), v.policy_json.c_str());
+    printf("%-36s  %-8s  %s\n", printable(v.id, 64).c_str(), volume_state_name(v.state),
+           printable(v.policy_json, 4096).c_str());
   }
   return 0;
 }

@@ -236,7 +236,7 @@ Json::Value random_json(std::mt19937& rng, int depth) {
     int len = pick(12);
     for (int i = 0; i < len; ++i) s += static_cast<char>(pick(256));
     if (pick(3) == 0) s += "plain ascii, \"quoted\" and /slashed/";
-    return s;
+    return to_utf8_lossy(s);  // JSON strings are UTF-8; other bytes: Json.WriterWritesOnlyUtf8
   };
   static const double kReals[] = {0.0, -0.0, 0.1, 3.0, -2.5e-7, 1e300, 123456789.125,
                                   std::numeric_limits<double>::infinity(),
@@ -352,6 +352,56 @@ TEST(Printable, EscapesEverythingATerminalWouldInterpret) {
   // Bounded by input bytes, and says it was cut.
   EXPECT_EQ(printable(std::string(100, 'x'), 10), std::string(10, 'x') + "...");
   EXPECT_EQ(printable("", 10), "");
+}
+
+TEST(Utf8, AcceptsWellFormedAndRefusesTheRest) {
+  for (const char* ok : {"", "ascii", "caf\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x94\x91", "\xef\xbf\xbd",
+                         "\xf4\x8f\xbf\xbf"}) {
+    EXPECT_TRUE(is_utf8(ok)) << printable(ok, 64);
+  }
+  for (const char* bad : {"\xff\xfe", "\x80", "\xc3", "\xc0\xaf" /* overlong '/' */,
+                          "\xe0\x80\xaf", "\xed\xa0\x80" /* surrogate */, "\xf4\x90\x80\x80" /* > U+10FFFF */,
+                          "\xf8\x88\x80\x80\x80", "ok\xe2\x82"}) {
+    EXPECT_FALSE(is_utf8(bad)) << printable(bad, 64);
+  }
+  EXPECT_EQ(to_utf8_lossy("a\xff\xfe" "b\xc3\xa9"), "a\xef\xbf\xbd\xef\xbf\xbd" "b\xc3\xa9");
+  EXPECT_EQ(to_utf8_lossy("\xe2\x82"), "\xef\xbf\xbd\xef\xbf\xbd");
+  // Text for people: no C0, DEL or C1 control, however encoded.
+  EXPECT_TRUE(is_display_text("db volume, caf\xc3\xa9 \xf0\x9f\x94\x91"));
+  for (const char* bad : {"a\nb", "\x1b[31m", "\x7f", "\xc2\x9b" /* C1 CSI */, "\xff"}) {
+    EXPECT_FALSE(is_display_text(bad)) << printable(bad, 64);
+  }
+}
+
+TEST(Json, WriterWritesOnlyUtf8) {
+  // Bytes that are not UTF-8 (a store written before input was checked)
+  // come out as U+FFFD, so strict parsers read every document written.
+  Json::Value doc(Json::objectValue);
+  doc["description"] = std::string("\xff\xfe" "db");
+  const std::string text = to_json(doc);
+  EXPECT_EQ(text, "{\"description\":\"\xef\xbf\xbd\xef\xbf\xbd" "db\"}");
+  EXPECT_TRUE(is_utf8(text));
+  EXPECT_TRUE(parse_json_object(text).is_ok());
+}
+
+TEST(Json, ReaderRefusesWhatIsNotUtf8) {
+  auto raw = parse_json_object("{\"description\":\"\xff\xfe\"}");
+  ASSERT_FALSE(raw.is_ok());
+  EXPECT_EQ(raw.status().message(), "malformed JSON: not UTF-8");
+  // A \\u escape of a lone surrogate decodes to bytes that are not UTF-8.
+  auto escaped = parse_json_object(R"({"a":"\udc00","b":"\u00e9"})");
+  ASSERT_TRUE(escaped.is_ok()) << escaped.status().message();
+  auto a = json_string(escaped.value(), "a", 16);
+  ASSERT_FALSE(a.is_ok());
+  EXPECT_EQ(a.status().message(), "field 'a' is not UTF-8");
+  EXPECT_EQ(json_string(escaped.value(), "b", 16).value(), "\xc3\xa9");
+  // Display text refuses control characters, escaped or not.
+  auto ctl = parse_json_object(R"({"d":"ok\u001b[2J","e":"fine"})");
+  ASSERT_TRUE(ctl.is_ok());
+  EXPECT_EQ(json_optional_text(ctl.value(), "d", 64).status().message(),
+            "field 'd' holds a control character");
+  EXPECT_EQ(json_optional_text(ctl.value(), "e", 64).value(), "fine");
+  EXPECT_EQ(json_optional_text(ctl.value(), "missing", 64).value(), "");
 }
 
 }  // namespace keygate

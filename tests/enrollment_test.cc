@@ -3,6 +3,11 @@
 // (fixture: keygate_fixture.h).
 #include "tests/keygate_fixture.h"
 
+#include <json/reader.h>
+
+#include "core/encoding.h"
+#include "server/store.h"
+
 #include <sstream>
 
 namespace keygate::testing {
@@ -224,6 +229,67 @@ TEST_F(KeygateTest, MetadataEmulatorSpeaksImdsV2) {
   auto bad_token = cli.Get("/latest/meta-data/instance-id", {{"X-aws-ec2-metadata-token", "nope"}});
   ASSERT_TRUE(bad_token);
   EXPECT_EQ(bad_token->status, 401);
+}
+
+// A volume's description is text: refused by the unlocker before any
+// keyslot is made and by the server on the wire when it is not, and a store
+// written before that was checked still lists as valid UTF-8 JSON.
+TEST_F(KeygateTest, DescriptionsAreTextAndTheVolumeListIsUtf8) {
+  RunResult plain = enroll_format(new_volume_file(), server_, make_token(server_), emulator_);
+  ASSERT_EQ(plain.exit_code, 0) << plain.err;  // the same command without one works
+  for (const std::string& bad : std::vector<std::string>{"\x1b]0;owned\x07", "\xff\xfe", std::string(257, 'd')}) {
+    std::string blank = new_volume_file();
+    RunResult refused = run({bin("keygate"), "enroll", blank, "--format", "--no-recovery", "--server",
+                             server_.url(), "--ca", server_.ca(), "--enrollment-token-file",
+                             make_token(server_), "--metadata-url", emulator_.url(),
+                             "--description", bad});
+    EXPECT_EQ(refused.exit_code, 2) << refused.err;
+    EXPECT_TRUE(contains(refused.err, "--description: ")) << refused.err;
+    EXPECT_FALSE(unlocker::LuksDevice::open(blank).is_ok());
+  }
+  // Raw bytes on the wire: 400, nothing stored.
+  const size_t before = run({bin("keygate-server"), "volumes", "list", "--json", "--state-dir",
+                             server_.state}).out.size();
+  auto res = api_client(server_)->Post(api::kEnrollRegisterPath, "{\"description\":\"\xff\xfe\"}",
+                                       "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 400);
+  EXPECT_TRUE(contains(res->body, "not UTF-8")) << res->body;
+  RunResult same = run({bin("keygate-server"), "volumes", "list", "--json", "--state-dir", server_.state});
+  EXPECT_EQ(same.out.size(), before);
+
+  // A description an older server stored with raw bytes.
+  server_.process.stop();
+  {
+    auto store = server::open_sqlite_store(server_.state + "/keygate.db");
+    ASSERT_TRUE(store.is_ok()) << store.status().message();
+    server::VolumeRecord old;
+    old.id = "old-volume-with-raw-bytes";
+    old.state = server::VolumeState::kActive;
+    old.policy_json = "{\"note\":\"\x1b[2J\"}";
+    old.sealed_secret = Bytes(60, 1);
+    old.description = "\xff\xfe\x1b[2J";
+    ASSERT_TRUE(store.value()->insert_volume(old).is_ok());
+  }
+  RunResult list = run({bin("keygate-server"), "volumes", "list", "--json", "--state-dir", server_.state});
+  ASSERT_EQ(list.exit_code, 0) << list.err;
+  EXPECT_TRUE(is_utf8(list.out)) << printable(list.out, 4096);
+  Json::Value parsed;
+  Json::CharReaderBuilder strict;
+  Json::CharReaderBuilder::strictMode(&strict.settings_);
+  std::istringstream in(list.out);
+  std::string errors;
+  ASSERT_TRUE(Json::parseFromStream(strict, in, &parsed, &errors)) << errors;
+  bool found = false;
+  for (const auto& v : parsed) {
+    if (v["id"].asString() != std::string("old-volume-with-raw-bytes")) continue;
+    found = true;
+    EXPECT_EQ(v["description"].asString(), "\xef\xbf\xbd\xef\xbf\xbd\x1b[2J");
+  }
+  EXPECT_TRUE(found) << list.out;
+  // The table view escapes what a terminal would act on.
+  RunResult table = run({bin("keygate-server"), "volumes", "list", "--state-dir", server_.state});
+  EXPECT_FALSE(contains(table.out, "\x1b")) << printable(table.out, 4096);
 }
 
 TEST_F(KeygateTest, EnrollmentByAttestationFollowsTheServersRules) {

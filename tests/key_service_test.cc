@@ -305,6 +305,26 @@ TEST_F(KeyServiceTest, RegistrationWithoutAuditLeavesTheVolumePending) {
   EXPECT_EQ(volumes[0].state, VolumeState::kPending);
 }
 
+TEST_F(KeyServiceTest, ADescriptionWithControlCharactersIsRefusedAndNothingIsStored) {
+  // A description reaches volume lists and terminals: text only.
+  for (const char* bad : {"\x1b[2J", "db\nunlock released volume=x", "\xc2\x9b" "31m"}) {
+    Json::Value req = attested_request();
+    req[api::field::kEvidence] = aws_evidence();
+    req[api::field::kDescription] = bad;
+    ApiResponse r = service_->enroll_register(to_json(req), "peer");
+    EXPECT_EQ(r.status, 400) << printable(bad, 32);
+    EXPECT_EQ(code_of(r), api::kErrBadRequest);
+    EXPECT_NE(to_json(r.body).find("field 'description' holds a control character"), std::string::npos)
+        << to_json(r.body);
+  }
+  EXPECT_TRUE(store_.list_volumes().value().empty());
+  Json::Value req = attested_request();
+  req[api::field::kEvidence] = aws_evidence();
+  req[api::field::kDescription] = "db volume, caf\xc3\xa9";
+  EXPECT_EQ(service_->enroll_register(to_json(req), "peer").status, 200);
+  EXPECT_EQ(store_.list_volumes().value().at(0).description, "db volume, caf\xc3\xa9");
+}
+
 TEST_F(KeyServiceTest, EnrollsByAttestationRuleConfirmsAndUnlocks) {
   Json::Value req = attested_request();
   const Bytes nonce = base64_decode(req[api::field::kNonce].asString()).value();

@@ -17,9 +17,11 @@
 #include <vector>
 
 #include "core/args.h"
+#include "core/encoding.h"
 #include "core/file.h"
 #include "core/json.h"
 #include "core/log.h"
+#include "core/protocol.h"
 #include "unlocker/enroll.h"
 #include "unlocker/luks.h"
 #include "unlocker/memory.h"
@@ -170,6 +172,18 @@ Result<SecretBuffer> read_secret_option(const Args& args, const char* option, si
   if (!secret.is_ok()) return usage_error(str_cat("--", option, ": ", secret.status().message()));
   return secret;
 }
+// --description, checked before any keyslot is made: the server keeps only
+// UTF-8 text without control characters, of at most 256 bytes.
+Result<std::string> description_option(const Args& args) {
+  std::string text = args.get("description");
+  if (text.size() > api::kMaxDescriptionLength) {
+    return usage_error(str_cat("--description: longer than ", api::kMaxDescriptionLength, " bytes"));
+  }
+  if (!is_display_text(text)) {
+    return usage_error("--description: not UTF-8 text, or holds a control character");
+  }
+  return text;
+}
 // The enrollment token: none means enrollment by attestation.
 Result<SecretBuffer> enrollment_token(const Args& args) {
   if (!args.has("enrollment-token-file")) return SecretBuffer();
@@ -319,7 +333,9 @@ Status read_enroll_options(const Args& args, const std::string& device, EnrollRe
     return usage_error("--no-evidence needs --enrollment-token-file (without evidence there is "
                        "nothing to enroll by attestation)");
   }
-  r->description = args.get("description");
+  auto description = description_option(args);
+  if (!description.is_ok()) return description.status();
+  r->description = std::move(description).value();
   auto settings = release_settings(args);
   if (!settings.is_ok()) return settings.status();
   r->settings = settings.value();
@@ -388,7 +404,9 @@ int cmd_rotate(const Args& args) {
   auto token = enrollment_token(args);
   if (!token.is_ok()) return fail(token.status());
   r.enrollment_token = std::move(token).value();
-  r.description = args.get("description");
+  auto description = description_option(args);
+  if (!description.is_ok()) return fail(description.status());
+  r.description = std::move(description).value();
   auto settings = release_settings(args);
   if (!settings.is_ok()) return fail(settings.status());
   r.settings = settings.value();
