@@ -30,4 +30,10 @@ Bytes enrollment_confirmation(const SecretBuffer& secret, std::string_view volum
   return hmac_sha256(secret, data);
 }
 
+Bytes enrollment_abandonment(const SecretBuffer& secret, std::string_view volume_id) {
+  std::string data = "keygate-v1 abandon";
+  data.append(volume_id);
+  return hmac_sha256(secret, data);
+}
+
 }  // namespace keygate::api

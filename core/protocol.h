@@ -15,6 +15,7 @@ constexpr char kChallengePath[] = "/v1/challenge";
 constexpr char kUnlockPath[] = "/v1/unlock";
 constexpr char kEnrollRegisterPath[] = "/v1/enroll/register";
 constexpr char kEnrollConfirmPath[] = "/v1/enroll/confirm";
+constexpr char kEnrollAbandonPath[] = "/v1/enroll/abandon";
 
 constexpr size_t kMaxRequestBody = 64 * 1024;
 constexpr size_t kMaxResponseBody = 64 * 1024;
@@ -42,13 +43,14 @@ constexpr char kErrRateLimited[] = "rate_limited";  // 429 with Retry-After
 constexpr char kErrAuditUnavailable[] = "audit_unavailable";  // 503: nothing released
 constexpr char kErrNotFound[] = "not_found";                  // no such endpoint
 constexpr char kErrMethodNotAllowed[] = "method_not_allowed";
+constexpr char kErrVolumeActive[] = "volume_active";  // 409: abandon of a confirmed volume
 
 // Every code KeyService answers with (the router adds kErrNotFound and
 // kErrMethodNotAllowed for requests that reach no endpoint).
 constexpr const char* kServiceErrorCodes[] = {
     kErrBadRequest, kErrTooLarge,    kErrNonceInvalid, kErrEvidenceInvalid, kErrPolicyDenied,
     kErrRevoked,    kErrNotEnrolled, kErrTokenInvalid, kErrTpmRequired,     kErrInternal,
-    kErrBusy,       kErrAuditUnavailable, kErrRateLimited};
+    kErrBusy,       kErrAuditUnavailable, kErrRateLimited, kErrVolumeActive};
 
 // Field names of the JSON bodies, both directions.
 namespace field {
@@ -97,5 +99,10 @@ bool is_valid_volume_id(std::string_view id);
 // Proof, sent with enrollment confirmation, that the client received the
 // secret: HMAC-SHA256(secret, "keygate-v1 confirm" || volume_id).
 Bytes enrollment_confirmation(const SecretBuffer& secret, std::string_view volume_id);
+
+// Proof, sent when a client gives up an enrollment it could not complete
+// (its keyslot removed), that it holds the secret:
+// HMAC-SHA256(secret, "keygate-v1 abandon" || volume_id).
+Bytes enrollment_abandonment(const SecretBuffer& secret, std::string_view volume_id);
 
 }  // namespace keygate::api

@@ -111,6 +111,7 @@ const Route kRoutes[] = {
     {api::kUnlockPath, &KeyService::unlock},
     {api::kEnrollRegisterPath, &KeyService::enroll_register},
     {api::kEnrollConfirmPath, &KeyService::enroll_confirm},
+    {api::kEnrollAbandonPath, &KeyService::enroll_abandon},
 };
 constexpr char kHealthPath[] = "/v1/health";
 

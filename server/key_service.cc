@@ -434,4 +434,47 @@ Checked<ApiResponse> KeyService::serve_confirm(Call& call, std::string_view body
   return r;
 }
 
+ApiResponse KeyService::enroll_abandon(std::string_view body, const std::string& peer) {
+  return serve("enroll.abandon", body, peer, &KeyService::serve_abandon);
+}
+
+Checked<ApiResponse> KeyService::serve_abandon(Call& call, std::string_view body) {
+  auto request = parse_volume_request(call, body);
+  if (!request.ok()) return request.refusal();
+  auto proof = decode_fixed(request.value(), api::field::kProof, kSha256Size);
+  if (!proof.ok()) return proof.refusal();
+  auto record = load_volume(call.volume_id);
+  if (!record.ok()) return record.refusal();
+  auto secret = open_volume_secret(kek_, record->sealed_secret, call.volume_id);
+  if (!secret.is_ok()) return server_error("volume secret unavailable", secret.status().message());
+  if (!constant_time_equal(api::enrollment_abandonment(secret.value(), call.volume_id),
+                           proof.value())) {
+    return refused(api::kErrPolicyDenied, "abandonment proof does not match",
+                   "abandonment proof does not match");
+  }
+  // Confirmed (a confirm whose answer was lost): others may unlock it by
+  // now, so a client does not get to revoke it; an administrator does.
+  auto still_active = [] {
+    Refusal r = refused(api::kErrVolumeActive,
+                        "volume is active; an administrator revokes it "
+                        "(keygate-server volumes revoke)",
+                        "abandon refused: volume is active (its enrolling client removed its keyslot)");
+    r.http_status = 409;
+    return r;
+  };
+  if (record->state == VolumeState::kActive) return still_active();
+  if (record->state == VolumeState::kPending) {
+    Status s = store_.transition_volume(call.volume_id, VolumeState::kPending, VolumeState::kRevoked,
+                                        clock_.now_unix());
+    // A confirm that came first made it active.
+    if (s.kind() == ErrorKind::kConflict) return still_active();
+    if (!s.is_ok()) return server_error("could not abandon", s.message());
+  }
+  (void)write_audit(call, "ok", "abandoned by its enrolling client: keyslot removed, volume revoked");
+  ApiResponse r;
+  r.body[api::field::kVolumeId] = call.volume_id;
+  r.body[api::field::kState] = "revoked";
+  return r;
+}
+
 }  // namespace keygate::server

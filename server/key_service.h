@@ -41,6 +41,10 @@ class KeyService {
   ApiResponse unlock(std::string_view body, const std::string& peer);
   ApiResponse enroll_register(std::string_view body, const std::string& peer);
   ApiResponse enroll_confirm(std::string_view body, const std::string& peer);
+  // A client that removed its keyslot after an enrollment it could not
+  // confirm: a pending volume is revoked (audited), an active one is left
+  // to an administrator (409 volume_active).
+  ApiResponse enroll_abandon(std::string_view body, const std::string& peer);
 
  private:
   // One request as it is served: what the audit trail records of it.
@@ -59,6 +63,7 @@ class KeyService {
   Checked<ApiResponse> serve_unlock(Call& call, std::string_view body);
   Checked<ApiResponse> serve_register(Call& call, std::string_view body);
   Checked<ApiResponse> serve_confirm(Call& call, std::string_view body);
+  Checked<ApiResponse> serve_abandon(Call& call, std::string_view body);
 
   Checked<Json::Value> parse_request(std::string_view body);
   // A request about one volume: its body, and its volume_id (valid, and

@@ -6,6 +6,7 @@
 #include <json/reader.h>
 
 #include "core/encoding.h"
+#include "tests/lossy_proxy.h"
 #include "server/store.h"
 
 #include <sstream>
@@ -290,6 +291,59 @@ TEST_F(KeygateTest, DescriptionsAreTextAndTheVolumeListIsUtf8) {
   // The table view escapes what a terminal would act on.
   RunResult table = run({bin("keygate-server"), "volumes", "list", "--state-dir", server_.state});
   EXPECT_FALSE(contains(table.out, "\x1b")) << printable(table.out, 4096);
+}
+
+// A confirm the server carried out but whose answer was lost (a dropped
+// path, a server killed after its commit) is asked again: the volume stays
+// enrolled on both sides instead of the client rolling back what the
+// server keeps active.
+TEST_F(KeygateTest, ALostConfirmAnswerIsAskedAgainAndTheVolumeStaysEnrolled) {
+  // Connection 1: challenge and register; 2: the confirm.
+  LossyProxy proxy(server_.port, [](int n) { return n == 2; });
+  const std::string via = "https://127.0.0.1:" + std::to_string(proxy.port());
+  std::string vol = new_volume_file();
+  RunResult r = run({bin("keygate"), "enroll", vol, "--format", "--no-recovery", "--server", via,
+                     "--ca", server_.ca(), "--enrollment-token-file", make_token(server_),
+                     "--metadata-url", emulator_.url(), "--deadline", "20"});
+  EXPECT_EQ(proxy.answers_lost(), 1);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.err, "confirm: ")) << r.err;
+  EXPECT_TRUE(contains(r.err, "asking again in")) << r.err;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(r.err, m, std::regex("registered volume ([0-9a-f-]{36})"))) << r.err;
+  const std::string id = m[1];
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  RunResult audit = run({bin("keygate-server"), "audit", "--state-dir", server_.state});
+  size_t confirms = 0;
+  for (size_t at = 0; (at = audit.out.find("enroll.confirm ok volume=" + id, at)) != std::string::npos; ++at) {
+    ++confirms;
+  }
+  EXPECT_EQ(confirms, 2u) << audit.out;  // the lost one and the one asked again
+}
+
+// When no confirm answer arrives within the deadline the client rolls
+// back, tells the server, and says what is left to an administrator.
+TEST_F(KeygateTest, EveryConfirmAnswerLostRollsBackAndSaysWhatIsLeft) {
+  LossyProxy proxy(server_.port, [](int n) { return n >= 2; });
+  const std::string via = "https://127.0.0.1:" + std::to_string(proxy.port());
+  std::string vol = new_volume_file();
+  RunResult r = run({bin("keygate"), "enroll", vol, "--format", "--no-recovery", "--server", via,
+                     "--ca", server_.ca(), "--enrollment-token-file", make_token(server_),
+                     "--metadata-url", emulator_.url(), "--deadline", "3", "--timeout", "2"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_GE(proxy.answers_lost(), 3) << r.err;  // confirms, then the abandon
+  EXPECT_TRUE(contains(r.err, "confirm not answered within 3 s")) << r.err;
+  EXPECT_TRUE(contains(r.err, "rolled back")) << r.err;
+  EXPECT_FALSE(unlocker::LuksDevice::open(vol).is_ok());
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(r.err, m, std::regex("registered volume ([0-9a-f-]{36})"))) << r.err;
+  const std::string id = m[1];
+  EXPECT_TRUE(contains(r.err, "revoke it (keygate-server volumes revoke " + id + ")")) << r.err;
+  // The confirms did reach the server, so it refused to let the client
+  // revoke an active volume, on the record.
+  RunResult audit = run({bin("keygate-server"), "audit", "--state-dir", server_.state});
+  EXPECT_TRUE(contains(audit.out, "enroll.abandon refused volume=" + id)) << audit.out;
+  EXPECT_TRUE(contains(audit.out, "abandon refused: volume is active")) << audit.out;
 }
 
 TEST_F(KeygateTest, EnrollmentByAttestationFollowsTheServersRules) {

@@ -8,6 +8,7 @@
 
 #include <cctype>
 #include <functional>
+#include <map>
 #include <set>
 
 #include "core/crypto.h"
@@ -99,8 +100,18 @@ class KeyServiceTest : public ::testing::Test {
     VolumeRecord record{id, state, to_json(policy.to_json()),
                         seal_volume_secret(kek_, secret, id).value(), "", kNow, kNow};
     EXPECT_TRUE(store_.insert_volume(record).is_ok());
+    secrets_[id] = std::move(secret);
     return id;
   }
+
+  // An abandon call for `vid`, with the proof its secret gives.
+  ApiResponse abandon(const std::string& vid) {
+    Json::Value req;
+    req[api::field::kVolumeId] = vid;
+    req[api::field::kProof] = base64_encode(api::enrollment_abandonment(secrets_.at(vid), vid));
+    return service_->enroll_abandon(to_json(req), "peer");
+  }
+  std::map<std::string, SecretBuffer> secrets_;  // each added volume's secret
 
   ApiResponse unlock(const Json::Value& req) { return service_->unlock(to_json(req), "peer"); }
 
@@ -228,6 +239,8 @@ std::vector<RefusalCase> refusal_cases() {
          EXPECT_GE(r.retry_after_seconds, 1);
          return r;
        }},
+      {"abandon of a confirmed volume", 409, api::kErrVolumeActive, "refused",
+       [=](KeyServiceTest& t) { return as(t).abandon(as(t).add_volume(VolumeState::kActive)); }},
       {"too many outstanding challenges", 503, api::kErrBusy, nullptr,
        [=](KeyServiceTest& t) {
          as(t).store_.max_outstanding_nonces = 0;
@@ -358,6 +371,35 @@ TEST_F(KeyServiceTest, AWrongConfirmationProofIsRefusedAndAudited) {
   EXPECT_EQ(last_audit().event, "enroll.confirm");
   EXPECT_EQ(last_audit().outcome, "refused");
   EXPECT_EQ(store_.get_volume(vid)->state, VolumeState::kPending);
+}
+
+TEST_F(KeyServiceTest, AnAbandonedPendingVolumeIsRevokedOnTheRecord) {
+  const std::string vid = add_volume(VolumeState::kPending);
+  // The confirm's proof is not an abandon's: refused, nothing changes.
+  Json::Value wrong;
+  wrong[api::field::kVolumeId] = vid;
+  wrong[api::field::kProof] = base64_encode(api::enrollment_confirmation(secrets_.at(vid), vid));
+  ApiResponse refused = service_->enroll_abandon(to_json(wrong), "peer");
+  EXPECT_EQ(refused.status, 403);
+  EXPECT_EQ(code_of(refused), api::kErrPolicyDenied);
+  EXPECT_EQ(store_.get_volume(vid)->state, VolumeState::kPending);
+  ApiResponse done = abandon(vid);
+  ASSERT_EQ(done.status, 200) << to_json(done.body);
+  EXPECT_EQ(done.body[api::field::kState].asString(), "revoked");
+  EXPECT_EQ(store_.get_volume(vid)->state, VolumeState::kRevoked);
+  EXPECT_EQ(last_audit().event, "enroll.abandon");
+  EXPECT_EQ(last_audit().outcome, "ok");
+  EXPECT_NE(last_audit().detail.find("keyslot removed"), std::string::npos) << last_audit().detail;
+  // Asked again (its answer lost): the same answer. A confirm after it is refused.
+  EXPECT_EQ(abandon(vid).status, 200);
+  Json::Value confirm;
+  confirm[api::field::kVolumeId] = vid;
+  confirm[api::field::kProof] = base64_encode(api::enrollment_confirmation(secrets_.at(vid), vid));
+  EXPECT_EQ(code_of(service_->enroll_confirm(to_json(confirm), "peer")), api::kErrRevoked);
+  // An active volume stays active.
+  const std::string active = add_volume(VolumeState::kActive);
+  EXPECT_EQ(abandon(active).status, 409);
+  EXPECT_EQ(store_.get_volume(active)->state, VolumeState::kActive);
 }
 
 TEST_F(KeyServiceTest, ARateLimitBurstIsAuditedOnceAndTheBucketRefills) {

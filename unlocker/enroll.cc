@@ -6,6 +6,7 @@
 #include "core/crypto.h"
 #include "core/log.h"
 #include "unlocker/evidence.h"
+#include "unlocker/failover.h"
 #include "unlocker/luks.h"
 #include "unlocker/server_client.h"
 #include "unlocker/tpm_attest.h"
@@ -58,11 +59,56 @@ void roll_back(LuksDevice& dev, bool formatted, int keyslot, int token_id) {
   log_warning(str_cat(dev.path(), ": rolled back: keygate keyslot and token removed"));
 }
 
+// How long a confirm whose answer did not arrive is asked again when no
+// --deadline is given.
+constexpr long kDefaultConfirmWindowMs = 30000;
+
+// The confirm, asked again with backoff while the server cannot be reached
+// or answers 429/5xx, for up to `window_ms`: the server may have committed
+// it and lost only its answer, and it accepts the same confirm again. A
+// refusal is final at once.
+Status confirm_within(const ServerEndpoint& server, const std::string& volume_id,
+                      const SecretBuffer& secret, long window_ms) {
+  RetryClock& clock = steady_retry_clock();
+  const RetryPolicy backoff;
+  const long start = clock.now_ms();
+  for (int round = 1;; ++round) {
+    ServerEndpoint bounded = server;
+    bounded.timeout_ms = std::max(1L, std::min(server.timeout_ms, window_ms - (clock.now_ms() - start)));
+    Status s = confirm_volume(bounded, volume_id, secret);
+    if (s.is_ok() || s.kind() != ErrorKind::kUnavailable) return s;
+    const long delay = backoff_delay_ms(backoff, round);
+    if (clock.now_ms() - start + delay >= window_ms) {
+      return s.with_context(str_cat("confirm not answered within ", window_ms / 1000, " s"));
+    }
+    log_warning(str_cat("confirm: ", s.message(), "; asking again in ", delay, " ms"));
+    clock.sleep_ms(delay);
+  }
+}
+
+// After a roll back: the server is told, so that the volume it holds for a
+// keyslot that is gone does not stay pending. Best effort; what is left to
+// an administrator is said.
+void abandon(const ServerEndpoint& server, const std::string& volume_id, const SecretBuffer& secret) {
+  Status s = abandon_volume(server, volume_id, secret);
+  if (s.is_ok()) {
+    log_warning(str_cat("volume ", volume_id, " abandoned: the server revoked it"));
+  } else if (s.kind() == ErrorKind::kConflict) {
+    log_error(str_cat("the server has volume ", volume_id, " active, but its keyslot was removed "
+                      "here: revoke it (keygate-server volumes revoke ", volume_id, ")"));
+  } else {
+    log_error(str_cat("could not tell the server to abandon volume ", volume_id, " (", s.message(),
+                      "): it stays on the server; revoke it (keygate-server volumes revoke ",
+                      volume_id, ")"));
+  }
+}
+
 // Phase 2, the same for every kind of enrollment: `add_keyslot` puts
 // `passphrase` in a new keyslot (and returns it), `token` (servers, CA,
 // platform, TPM already filled in) gets the keyslot and the volume id, the
-// keyslot is checked to open, and the server is told. Any failure undoes
-// what was added (the whole header when `formatted`).
+// keyslot is checked to open, and the server is told (within the confirm
+// window). Any failure undoes what was added (the whole header when
+// `formatted`) and tells the server the volume is abandoned.
 struct Installed {
   int keyslot = -1;
   int token_id = -1;
@@ -72,7 +118,9 @@ Result<Installed> install_and_confirm(LuksDevice& dev, bool formatted,
                                       const std::function<Result<int>()>& add_keyslot,
                                       const SecretBuffer& passphrase, KeygateToken token,
                                       const Registered& registered, const std::string& ca_pem,
-                                      long timeout_ms) {
+                                      const ReleaseSettings& settings) {
+  const ServerEndpoint server{registered.server, ca_pem, settings.request_timeout_ms};
+  const long window_ms = settings.deadline_ms > 0 ? settings.deadline_ms : kDefaultConfirmWindowMs;
   Installed out;
   auto steps = [&]() -> Status {
     auto slot = add_keyslot();
@@ -85,12 +133,13 @@ Result<Installed> install_and_confirm(LuksDevice& dev, bool formatted,
     out.token_id = id.value();
     auto check = dev.activate("", out.keyslot, passphrase);
     if (!check.is_ok()) return as_volume_failure(check.status().with_context("verify new keyslot"));
-    return confirm_volume(ServerEndpoint{registered.server, ca_pem, timeout_ms},
-                          registered.enrollment.volume_id, registered.enrollment.secret);
+    return confirm_within(server, registered.enrollment.volume_id, registered.enrollment.secret,
+                          window_ms);
   };
   Status done = steps();
   if (!done.is_ok()) {
     roll_back(dev, formatted, out.keyslot, out.token_id);
+    abandon(server, registered.enrollment.volume_id, registered.enrollment.secret);
     return done;
   }
   return out;
@@ -216,8 +265,7 @@ Result<Enrolled> enroll_volume(const EnrollRequest& r) {
   token.attestation = attestation;
   if (tpm) token.tpm = tpm->config();
   auto installed = install_and_confirm(*dev, r.format, add_keyslot, passphrase, std::move(token),
-                                       registered.value(), r.servers.ca_pem,
-                                       r.settings.request_timeout_ms);
+                                       registered.value(), r.servers.ca_pem, r.settings);
   if (!installed.is_ok()) return installed.status().with_context("enrollment not completed");
   return Enrolled{enrollment.volume_id, installed->keyslot, installed->token_id};
 }
@@ -261,8 +309,7 @@ Result<Rotated> rotate_volume(const RotateRequest& r) {
   auto installed = install_and_confirm(
       dev, false,
       [&] { return dev.add_keyslot(current->passphrase, passphrase, KeyslotCost::kHighEntropySecret); },
-      passphrase, std::move(token), registered.value(), choice->ca_pem,
-      r.settings.request_timeout_ms);
+      passphrase, std::move(token), registered.value(), choice->ca_pem, r.settings);
   if (!installed.is_ok()) {
     return installed.status().with_context("rotation not completed; the old key still opens the volume");
   }

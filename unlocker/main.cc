@@ -122,6 +122,12 @@ enroll options:
                             template under the endorsement hierarchy)
   --tcti SPEC               the TPM: device:/dev/tpmrm0 (default, or
                             $KEYGATE_TCTI), swtpm:host=H,port=P
+  --deadline SECONDS        a confirm whose answer does not arrive (lost
+                            connection, 429, 5xx) is asked again, with
+                            backoff, for up to this long before the
+                            enrollment is rolled back (default 30); after a
+                            roll back the server is told to revoke the
+                            volume it registered
   --metadata-url URL, --platform NAME, --timeout SECONDS   as for unlock
 
 Common options:
@@ -486,7 +492,7 @@ const std::set<std::string> kReleaseOptions = {"metadata-url", "platform", "tcti
 const std::set<std::string> kEnrollOptions = {
     "metadata-url", "platform", "tcti", "timeout", "server", "token-server", "ca",
     "enrollment-token-file", "no-evidence", "description", "tpm", "tpm-pcrs", "tpm-bank",
-    "tpm-ak-handle", "tpm-seal"};
+    "tpm-ak-handle", "tpm-seal", "deadline"};
 
 struct Command {
   const char* name;

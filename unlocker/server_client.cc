@@ -48,6 +48,7 @@ Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server
   std::string what = str_cat(req.url, ": HTTP ", res->status, " ", code,
                              message.empty() ? "" : ": ", message);
   if (res->status == 403) return Status::error(ErrorKind::kRefused, what);
+  if (res->status == 409) return Status::error(ErrorKind::kConflict, what);
   if (res->status == 429 || res->status >= 500) return Status::error(ErrorKind::kUnavailable, what);
   return Status::error(ErrorKind::kInvalidArgument, what);
 }
@@ -196,6 +197,17 @@ Status confirm_volume(const ServerEndpoint& server, const std::string& volume_id
   req[api::field::kProof] = base64_encode(api::enrollment_confirmation(secret, volume_id));
   HttpSession session;
   auto res = post_json(session, server, api::kEnrollConfirmPath, to_json(req));
+  if (!res.is_ok()) return res.status();
+  return Status::ok();
+}
+
+Status abandon_volume(const ServerEndpoint& server, const std::string& volume_id,
+                      const SecretBuffer& secret) {
+  Json::Value req;
+  req[api::field::kVolumeId] = volume_id;
+  req[api::field::kProof] = base64_encode(api::enrollment_abandonment(secret, volume_id));
+  HttpSession session;
+  auto res = post_json(session, server, api::kEnrollAbandonPath, to_json(req));
   if (!res.is_ok()) return res.status();
   return Status::ok();
 }

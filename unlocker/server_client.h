@@ -45,8 +45,15 @@ Result<Enrollment> register_volume(const ServerEndpoint& server,
                                    EvidenceCollector* evidence, TpmAttester* tpm,
                                    const std::string& description);
 
-// Confirms that the keyslot holding `secret` is in place.
+// Confirms that the keyslot holding `secret` is in place. The server
+// accepts a confirm again, so one whose answer was lost can be repeated.
 Status confirm_volume(const ServerEndpoint& server, const std::string& volume_id,
+                      const SecretBuffer& secret);
+
+// Tells the server that the keyslot for `volume_id` was removed (an
+// enrollment that could not be confirmed): it revokes the pending volume.
+// kConflict: the server had confirmed it (409 volume_active).
+Status abandon_volume(const ServerEndpoint& server, const std::string& volume_id,
                       const SecretBuffer& secret);
 
 }  // namespace keygate::unlocker
