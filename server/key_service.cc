@@ -95,19 +95,23 @@ std::optional<Refusal> KeyService::limit_instance(const Identity& identity) {
 }
 
 Status KeyService::write_audit(const Call& call, const char* outcome, const std::string& detail) {
+  const AuditEvent event{clock_.now_unix(), call.event, outcome, call.volume_id, call.peer, detail};
+  Status s = store_.append_audit(event);
+  log_audit(event, s);
+  return s;
+}
+
+void KeyService::log_audit(const AuditEvent& e, const Status& written) {
   const std::string line =
-      str_cat(call.event, " ", outcome, " volume=", call.volume_id.empty() ? "-" : call.volume_id,
-              " peer=", call.peer, detail.empty() ? "" : " detail=", printable(detail, 1024));
-  Status s = store_.append_audit(
-      AuditEvent{clock_.now_unix(), call.event, outcome, call.volume_id, call.peer, detail});
-  if (!s.is_ok()) {
-    log_error(str_cat("audit write failed (", line, "): ", s.message()));
-  } else if (std::string_view(outcome) == "refused" || std::string_view(outcome) == "error") {
+      str_cat(e.event, " ", e.outcome, " volume=", e.volume_id.empty() ? "-" : e.volume_id,
+              " peer=", e.peer, e.detail.empty() ? "" : " detail=", printable(e.detail, 1024));
+  if (!written.is_ok()) {
+    log_error(str_cat("audit write failed (", line, "): ", written.message()));
+  } else if (e.outcome == "refused" || e.outcome == "error") {
     log_warning(line);
   } else {
     log_info(line);
   }
-  return s;
 }
 
 // A secret leaves the server only once its release is in the audit trail.
@@ -304,7 +308,8 @@ Checked<ApiResponse> KeyService::serve_unlock(Call& call, std::string_view body)
 
 Checked<EnrollmentTemplate> KeyService::enrollment_template(const std::string& token,
                                                             const std::optional<Identity>& identity,
-                                                            std::string* how) {
+                                                            std::string* how,
+                                                            std::optional<Bytes>* token_hash) {
   if (token.empty()) {
     if (!identity) {
       return refused(api::kErrTokenInvalid, "no enrollment token and no evidence",
@@ -319,7 +324,9 @@ Checked<EnrollmentTemplate> KeyService::enrollment_template(const std::string& t
     return options_.attestation_enrollment[*rule];
   }
   *how = "token";
-  auto tmpl_json = store_.consume_enrollment_token(sha256(token), clock_.now_unix());
+  // Spent only when the enrollment is recorded (record_enrollment).
+  *token_hash = sha256(token);
+  auto tmpl_json = store_.peek_enrollment_token(**token_hash, clock_.now_unix());
   if (!tmpl_json.is_ok()) {
     return refusal_for(tmpl_json.status(), api::kErrTokenInvalid, tmpl_json.status().message());
   }
@@ -335,6 +342,12 @@ ApiResponse KeyService::enroll_register(std::string_view body, const std::string
 }
 
 Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view body) {
+  // Registrations are what make pending volumes: they sweep the stale ones.
+  int64_t swept = last_expiry_.load();
+  const int64_t arrived = clock_.now_unix();
+  if (arrived - swept >= 60 && last_expiry_.compare_exchange_strong(swept, arrived)) {
+    (void)expire_pending_volumes();
+  }
   auto request = parse_request(body);
   if (!request.ok()) return request.refusal();
   // Before enrollment there is no volume id: the binding covers "".
@@ -369,7 +382,8 @@ Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view bod
     tpm_policy = std::move(t).value();
   }
   std::string how;
-  auto tmpl = enrollment_template(token.value(), identity, &how);
+  std::optional<Bytes> token_hash;
+  auto tmpl = enrollment_template(token.value(), identity, &how, &token_hash);
   if (!tmpl.ok()) return tmpl.refusal();
   auto policy = policy_for_enrollment(tmpl.value(), identity ? &*identity : nullptr);
   if (!policy.is_ok()) {
@@ -387,12 +401,16 @@ Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view bod
   const int64_t now = clock_.now_unix();
   VolumeRecord record{call.volume_id, VolumeState::kPending, to_json(policy->to_json()),
                       std::move(sealed).value(), description.value(), now, now};
-  Status stored = store_.insert_volume(record);
-  if (!stored.is_ok()) return server_error("could not store volume", stored.message());
   const std::string who = identity ? identity->summary() : std::string("no evidence");
-  if (!write_audit(call, "ok", str_cat(who, ", by ", how)).is_ok()) {
-    return unaudited(call);  // the volume stays pending: never unlockable
+  // The token's use, the pending volume and its audit record: one
+  // transaction, so a crash or a failure leaves all three or none.
+  const AuditEvent event{now, call.event, "ok", call.volume_id, call.peer, str_cat(who, ", by ", how)};
+  Status recorded = store_.record_enrollment(token_hash ? &*token_hash : nullptr, now, record, event);
+  log_audit(event, recorded);
+  if (recorded.kind() == ErrorKind::kRefused) {  // the token's last use went to another request
+    return refused(api::kErrTokenInvalid, recorded.message(), recorded.message());
   }
+  if (!recorded.is_ok()) return unaudited(call);  // nothing stored, nothing released
   ApiResponse r;
   r.body[api::field::kVolumeId] = call.volume_id;
   r.body[api::field::kWrapped] = wrapped->to_json();
@@ -421,6 +439,13 @@ Checked<ApiResponse> KeyService::serve_confirm(Call& call, std::string_view body
   if (record->state == VolumeState::kRevoked) {
     return refused(api::kErrRevoked, "volume has been revoked", "volume revoked");
   }
+  if (record->state == VolumeState::kPending &&
+      record->created_at < clock_.now_unix() - options_.pending_ttl_seconds) {
+    (void)expire_pending_volumes();
+    return refused(api::kErrRevoked, "enrollment expired: not confirmed in time",
+                   str_cat("confirm after the pending volume expired (", options_.pending_ttl_seconds,
+                           " s)"));
+  }
   if (record->state == VolumeState::kPending) {
     Status s = store_.transition_volume(call.volume_id, VolumeState::kPending, VolumeState::kActive,
                                         clock_.now_unix());
@@ -432,6 +457,25 @@ Checked<ApiResponse> KeyService::serve_confirm(Call& call, std::string_view body
   r.body[api::field::kVolumeId] = call.volume_id;
   r.body[api::field::kState] = "active";
   return r;
+}
+
+Result<size_t> KeyService::expire_pending_volumes() {
+  const int64_t now = clock_.now_unix();
+  last_expiry_ = now;
+  const AuditEvent event{now, "enroll.expire", "ok", "", "local",
+                         str_cat("not confirmed within ", options_.pending_ttl_seconds,
+                                 " s of its registration: revoked")};
+  auto expired = store_.expire_pending(now - options_.pending_ttl_seconds, now, event);
+  if (!expired.is_ok()) {
+    log_error(str_cat("expiring pending volumes: ", expired.status().message()));
+    return expired.status();
+  }
+  for (const std::string& id : expired.value()) {
+    AuditEvent e = event;
+    e.volume_id = id;
+    log_audit(e, Status::ok());
+  }
+  return expired->size();
 }
 
 ApiResponse KeyService::enroll_abandon(std::string_view body, const std::string& peer) {

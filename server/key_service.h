@@ -6,6 +6,7 @@
 
 #include <json/value.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -30,6 +31,9 @@ struct ServiceOptions {
   // registrations of one verified instance (rate_limit.h).
   RateLimit per_source{50, 100};
   RateLimit per_instance{1, 20};
+  // A registered volume not confirmed within this many seconds is revoked
+  // (audited as enroll.expire): its client gave up or died.
+  int64_t pending_ttl_seconds = 24 * 3600;
 };
 
 class KeyService {
@@ -45,6 +49,11 @@ class KeyService {
   // confirm: a pending volume is revoked (audited), an active one is left
   // to an administrator (409 volume_active).
   ApiResponse enroll_abandon(std::string_view body, const std::string& peer);
+
+  // Revokes the pending volumes older than pending_ttl_seconds, each on the
+  // audit trail; returns how many. Registrations run it too, at most once a
+  // minute, and a confirm that finds its own volume too old.
+  Result<size_t> expire_pending_volumes();
 
  private:
   // One request as it is served: what the audit trail records of it.
@@ -82,16 +91,20 @@ class KeyService {
                                    const VolumePolicy& policy, const Json::Value& request,
                                    const Attested& attested);
   // The template a registration enrolls under: a token's, or the first
-  // attestation-enrollment rule admitting `identity`. `how` says which.
+  // attestation-enrollment rule admitting `identity`. `how` says which;
+  // `token_hash` is set to the token's hash (its use is not spent here).
   Checked<EnrollmentTemplate> enrollment_template(const std::string& token,
                                                   const std::optional<Identity>& identity,
-                                                  std::string* how);
+                                                  std::string* how,
+                                                  std::optional<Bytes>* token_hash);
   // A 429 when `key`'s bucket is empty (audited once per burst).
   std::optional<Refusal> limit(RateLimiter& limiter, const std::string& key, const char* what);
   std::optional<Refusal> limit_instance(const Identity& identity);
   // Appends to the audit trail, then logs the line. A failed append is
   // logged and returned, so that a release can be withheld.
   Status write_audit(const Call& call, const char* outcome, const std::string& detail);
+  // The server log's line for an audit record, and whether it was written.
+  void log_audit(const AuditEvent& event, const Status& written);
   // The refusal for a secret (or a registration) the trail could not record.
   Refusal unaudited(const Call& call);
 
@@ -102,6 +115,7 @@ class KeyService {
   ServiceOptions options_;
   RateLimiter per_source_;
   RateLimiter per_instance_;
+  std::atomic<int64_t> last_expiry_{0};  // when registrations last swept
 };
 
 // Seals a volume secret under the KEK, bound to the volume id.

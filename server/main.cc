@@ -55,7 +55,9 @@ Common options:
                    per address, 1/s burst 20 per instance; 0: off),
                    connections ({"max": N, "per_source": M}: connections
                    open at once, in all and from one address; default
-                   8192 and 128; past them a new one is closed at once)
+                   8192 and 128; past them a new one is closed at once),
+                   pending_ttl (seconds a registered volume may stay
+                   unconfirmed before it is revoked; default 86400)
                    (options on the command line win)
 
 serve options:
@@ -133,6 +135,7 @@ struct Settings {
   std::vector<std::string> azure_trust_dirs;
   std::vector<std::string> tls_san;
   long nonce_ttl = 60;
+  long pending_ttl = ServiceOptions().pending_ttl_seconds;
   long evidence_max_age = 300;
   std::vector<EnrollmentTemplate> attestation_enrollment;
   RateLimit per_source = ServiceOptions().per_source;
@@ -242,7 +245,7 @@ Result<Settings> load_settings(const Args& args) {
       static const std::set<std::string> kKeys = {
           "listen",         "state_dir",        "aws_trust_dirs", "gcp_jwks_files",
           "azure_trust_dirs", "evidence_max_age", "tls_san",        "nonce_ttl",
-          "enroll_by_attestation", "rate_limits", "connections"};
+          "enroll_by_attestation", "rate_limits", "connections", "pending_ttl"};
       if (!kKeys.count(key)) {
         return Status::error(ErrorKind::kInvalidArgument,
                              str_cat(args.get("config"), ": unknown key '", key, "'"));
@@ -252,6 +255,15 @@ Result<Settings> load_settings(const Args& args) {
     if (c.isMember("state_dir")) s.state_dir = c["state_dir"].asString();
     if (c.isMember("nonce_ttl")) s.nonce_ttl = c["nonce_ttl"].asInt();
     if (c.isMember("evidence_max_age")) s.evidence_max_age = c["evidence_max_age"].asInt();
+    if (c.isMember("pending_ttl")) {
+      const Json::Value& v = c["pending_ttl"];
+      if (!v.isInt64() || v.asInt64() < 60 || v.asInt64() > 90 * 86400) {
+        return Status::error(ErrorKind::kInvalidArgument,
+                             str_cat(args.get("config"), ": 'pending_ttl' must be whole seconds, "
+                                                          "from 60 to 7776000 (90 days)"));
+      }
+      s.pending_ttl = v.asInt64();
+    }
     Status limits = read_rate_limits(c, &s);
     if (!limits.is_ok()) return limits.with_context(args.get("config"));
     Status caps = read_connection_caps(c, &s);
@@ -351,6 +363,7 @@ int cmd_serve(const Args& args, const Settings& s) {
   options.attestation_enrollment = s.attestation_enrollment;
   options.per_source = s.per_source;
   options.per_instance = s.per_instance;
+  options.pending_ttl_seconds = s.pending_ttl;
   auto limit = [](const RateLimit& l) {
     if (l.per_second <= 0) return std::string("off");
     char text[96];
@@ -364,6 +377,13 @@ int cmd_serve(const Args& args, const Settings& s) {
     log_info(str_cat("enrollment by attestation: ", s.attestation_enrollment.size(), " rule(s)"));
   }
   KeyService service(*store.value(), std::move(kek).value(), trust, clock, options);
+  // Pending volumes left from before this start (a client that died
+  // between register and confirm), past their time.
+  auto expired = service.expire_pending_volumes();
+  if (expired.is_ok() && expired.value() > 0) {
+    log_info(str_cat("revoked ", expired.value(), " pending volume(s) never confirmed within ",
+                     s.pending_ttl, " s"));
+  }
   Status served = serve_https(service, http);
   if (!served.is_ok()) return fail(served);
   return 0;

@@ -201,27 +201,57 @@ class SqliteStore final : public Store {
     return Status::ok();
   }
 
-  Result<std::string> consume_enrollment_token(const Bytes& token_hash, int64_t now) override {
+  Result<std::string> peek_enrollment_token(const Bytes& token_hash, int64_t now) override {
     std::lock_guard<std::mutex> lock(mu_);
     Stmt s(stmts_,
-           "UPDATE enrollment_tokens SET uses_left = uses_left - 1 "
-           "WHERE token_hash = ? AND uses_left > 0 AND expires_at >= ? RETURNING template");
-    if (!s.ok()) return db_error("prepare token use");
+           "SELECT template FROM enrollment_tokens "
+           "WHERE token_hash = ? AND uses_left > 0 AND expires_at >= ?");
+    if (!s.ok()) return db_error("prepare token select");
     s.bind(1, token_hash);
     s.bind(2, now);
     int rc = s.step();
     if (rc == SQLITE_DONE) {
       return Status::error(ErrorKind::kRefused, "enrollment token unknown, used up or expired");
     }
-    if (rc != SQLITE_ROW) return db_error("use enrollment token");
-    std::string tmpl = s.text(0);
-    while (s.step() == SQLITE_ROW) {
+    if (rc != SQLITE_ROW) return db_error("select enrollment token");
+    return s.text(0);
+  }
+
+  Status record_enrollment(const Bytes* token_hash, int64_t now, const VolumeRecord& record,
+                           const AuditEvent& event) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK) {
+      return db_error("begin enrollment");
     }
-    return tmpl;
+    Status status = [&]() -> Status {
+      if (token_hash != nullptr) {
+        Stmt s(stmts_,
+               "UPDATE enrollment_tokens SET uses_left = uses_left - 1 "
+               "WHERE token_hash = ? AND uses_left > 0 AND expires_at >= ?");
+        if (!s.ok()) return db_error("prepare token use");
+        s.bind(1, *token_hash);
+        s.bind(2, now);
+        if (s.step() != SQLITE_DONE) return db_error("use enrollment token");
+        if (sqlite3_changes(db_) != 1) {
+          return Status::error(ErrorKind::kRefused, "enrollment token unknown, used up or expired");
+        }
+      }
+      KEYGATE_RETURN_IF_ERROR(insert_volume_locked(record));
+      return insert_audit_locked(event);
+    }();
+    if (status.is_ok() && sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
+      status = db_error("commit enrollment");
+    }
+    if (!status.is_ok()) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+    return status;
   }
 
   Status insert_volume(const VolumeRecord& r) override {
     std::lock_guard<std::mutex> lock(mu_);
+    return insert_volume_locked(r);
+  }
+
+  Status insert_volume_locked(const VolumeRecord& r) {
     Stmt s(stmts_,
            "INSERT INTO volumes(id, state, policy, sealed_secret, description, created_at, "
            "updated_at) VALUES(?, ?, ?, ?, ?, ?, ?)");
@@ -307,6 +337,40 @@ class SqliteStore final : public Store {
     return out;
   }
 
+  Result<std::vector<std::string>> expire_pending(int64_t created_before, int64_t now,
+                                                  const AuditEvent& event) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK) {
+      return db_error("begin expiry");
+    }
+    std::vector<std::string> ids;
+    Status status = [&]() -> Status {
+      Stmt s(stmts_,
+             "UPDATE volumes SET state = 'revoked', updated_at = ? "
+             "WHERE state = 'pending' AND created_at < ? RETURNING id");
+      if (!s.ok()) return db_error("prepare expiry");
+      s.bind(1, now);
+      s.bind(2, created_before);
+      int rc;
+      while ((rc = s.step()) == SQLITE_ROW) ids.push_back(s.text(0));
+      if (rc != SQLITE_DONE) return db_error("expire pending volumes");
+      for (const std::string& id : ids) {
+        AuditEvent e = event;
+        e.volume_id = id;
+        KEYGATE_RETURN_IF_ERROR(insert_audit_locked(e));
+      }
+      return Status::ok();
+    }();
+    if (status.is_ok() && sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
+      status = db_error("commit expiry");
+    }
+    if (!status.is_ok()) {
+      sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+      return status;
+    }
+    return ids;
+  }
+
   // Group commit: concurrent appends share one transaction and one fsync.
   // The first caller with no commit in progress takes every event queued so
   // far and commits them together; the others wait for the commit that holds
@@ -377,28 +441,28 @@ class SqliteStore final : public Store {
       return db_error("begin audit group");
     }
     Status status;
-    {
-      Stmt s(stmts_,
-             "INSERT INTO audit(time, event, outcome, volume_id, peer, detail) "
-             "VALUES(?, ?, ?, ?, ?, ?)");
-      if (!s.ok()) status = db_error("prepare audit insert");
-      for (size_t i = 0; status.is_ok() && i < events.size(); ++i) {
-        const AuditEvent& e = events[i];
-        sqlite3_reset(s.get());
-        s.bind(1, e.time);
-        s.bind(2, e.event);
-        s.bind(3, e.outcome);
-        s.bind(4, e.volume_id);
-        s.bind(5, e.peer);
-        s.bind(6, e.detail);
-        if (s.step() != SQLITE_DONE) status = db_error("insert audit");
-      }
-    }
+    for (size_t i = 0; status.is_ok() && i < events.size(); ++i) status = insert_audit_locked(events[i]);
     if (status.is_ok() && sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
       status = db_error("commit audit group");
     }
     if (!status.is_ok()) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
     return status;
+  }
+
+  // One audit row, inside the caller's transaction (mu_ held).
+  Status insert_audit_locked(const AuditEvent& e) {
+    Stmt s(stmts_,
+           "INSERT INTO audit(time, event, outcome, volume_id, peer, detail) "
+           "VALUES(?, ?, ?, ?, ?, ?)");
+    if (!s.ok()) return db_error("prepare audit insert");
+    s.bind(1, e.time);
+    s.bind(2, e.event);
+    s.bind(3, e.outcome);
+    s.bind(4, e.volume_id);
+    s.bind(5, e.peer);
+    s.bind(6, e.detail);
+    if (s.step() != SQLITE_DONE) return db_error("insert audit");
+    return Status::ok();
   }
 
   struct AuditGroup {

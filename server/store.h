@@ -47,9 +47,16 @@ class Store {
 
   virtual Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
                                          int64_t expires_at, int uses) = 0;
-  // Uses up one use of a live token and returns its template JSON;
-  // kRefused if unknown, used up or expired.
-  virtual Result<std::string> consume_enrollment_token(const Bytes& token_hash, int64_t now) = 0;
+  // A live token's template JSON, no use spent; kRefused if unknown, used
+  // up or expired.
+  virtual Result<std::string> peek_enrollment_token(const Bytes& token_hash, int64_t now) = 0;
+  // One enrollment, all or nothing, in one transaction: spends one use of
+  // the token `token_hash` (null: enrollment by attestation, no token) if
+  // it is still live at `now`, inserts `record` and appends `event`. A crash
+  // or a failure at any point leaves none of the three. kRefused if the
+  // token was used up or expired meanwhile.
+  virtual Status record_enrollment(const Bytes* token_hash, int64_t now, const VolumeRecord& record,
+                                   const AuditEvent& event) = 0;
 
   virtual Status insert_volume(const VolumeRecord& record) = 0;
   virtual Result<VolumeRecord> get_volume(const std::string& id) = 0;
@@ -63,6 +70,11 @@ class Store {
   virtual Status update_volume_policy(const std::string& id, const std::string& expected,
                                       const std::string& updated, int64_t now) = 0;
   virtual Result<std::vector<VolumeRecord>> list_volumes() = 0;
+  // Revokes every pending volume created before `created_before`, each with
+  // `event` on the audit trail (its volume_id set), in one transaction;
+  // returns their ids.
+  virtual Result<std::vector<std::string>> expire_pending(int64_t created_before, int64_t now,
+                                                          const AuditEvent& event) = 0;
 
   virtual Status append_audit(const AuditEvent& event) = 0;
   virtual Result<std::vector<AuditEvent>> recent_audit(int limit) = 0;

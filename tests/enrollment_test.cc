@@ -346,6 +346,44 @@ TEST_F(KeygateTest, EveryConfirmAnswerLostRollsBackAndSaysWhatIsLeft) {
   EXPECT_TRUE(contains(audit.out, "abandon refused: volume is active")) << audit.out;
 }
 
+// A volume registered and never confirmed (its client died between the
+// two) does not stay pending for ever: a start, like a registration,
+// revokes those past pending_ttl, each on the audit trail.
+TEST_F(KeygateTest, AStartRevokesPendingVolumesPastTheirTime) {
+  server_.process.stop();
+  const int64_t now = static_cast<int64_t>(time(nullptr));
+  {
+    auto store = server::open_sqlite_store(server_.state + "/keygate.db");
+    ASSERT_TRUE(store.is_ok()) << store.status().message();
+    for (auto [id, created] : {std::pair{"left-two-days-ago", now - 2 * 86400}, std::pair{"left-now", now}}) {
+      server::VolumeRecord v;
+      v.id = id;
+      v.policy_json = "{}";
+      v.sealed_secret = Bytes(60, 1);
+      v.created_at = v.updated_at = created;
+      ASSERT_TRUE(store.value()->insert_volume(v).is_ok());
+    }
+  }
+  Server again = start_server("pending-ttl", {}, server_.state);
+  ASSERT_GT(again.port, 0) << read_file(again.process.log_path());
+  again.process.stop();
+  EXPECT_TRUE(contains(read_file(again.process.log_path()), "revoked 1 pending volume(s) never confirmed within 86400 s"))
+      << read_file(again.process.log_path());
+  RunResult audit = run({bin("keygate-server"), "audit", "--state-dir", server_.state});
+  EXPECT_TRUE(contains(audit.out, "enroll.expire ok volume=left-two-days-ago")) << audit.out;
+  EXPECT_FALSE(contains(audit.out, "volume=left-now")) << audit.out;
+  RunResult list = run({bin("keygate-server"), "volumes", "list", "--state-dir", server_.state});
+  EXPECT_TRUE(std::regex_search(list.out, std::regex("left-two-days-ago +revoked"))) << list.out;
+  EXPECT_TRUE(std::regex_search(list.out, std::regex("left-now +pending"))) << list.out;
+  // The setting is checked at start.
+  const std::string config = dir_ + "/" + unique("ttl") + ".json";
+  write_file(config, R"({"pending_ttl": "1 day"})");
+  RunResult bad = run({bin("keygate-server"), "serve", "--config", config, "--state-dir", server_.state,
+                       "--listen", "127.0.0.1:0"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_TRUE(contains(bad.err, "'pending_ttl' must be whole seconds")) << bad.err;
+}
+
 TEST_F(KeygateTest, EnrollmentByAttestationFollowsTheServersRules) {
   const std::string config = dir_ + "/" + unique("attest") + ".json";
   write_file(config, R"({"enroll_by_attestation": [{"platform": "aws",

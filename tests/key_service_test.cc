@@ -98,7 +98,8 @@ class KeyServiceTest : public ::testing::Test {
     const std::string id = new_volume_id();
     auto secret = SecretBuffer::random(32).value();
     VolumeRecord record{id, state, to_json(policy.to_json()),
-                        seal_volume_secret(kek_, secret, id).value(), "", kNow, kNow};
+                        seal_volume_secret(kek_, secret, id).value(), "", clock_.now_unix(),
+                        clock_.now_unix()};
     EXPECT_TRUE(store_.insert_volume(record).is_ok());
     secrets_[id] = std::move(secret);
     return id;
@@ -112,6 +113,11 @@ class KeyServiceTest : public ::testing::Test {
     return service_->enroll_abandon(to_json(req), "peer");
   }
   std::map<std::string, SecretBuffer> secrets_;  // each added volume's secret
+  size_t expire_count() {
+    size_t n = 0;
+    for (const auto& e : audit()) n += e.event == "enroll.expire";
+    return n;
+  }
 
   ApiResponse unlock(const Json::Value& req) { return service_->unlock(to_json(req), "peer"); }
 
@@ -306,16 +312,15 @@ TEST_F(KeyServiceTest, NoKeyLeavesWhileTheAuditTrailCannotBeWritten) {
   EXPECT_EQ(last_audit().outcome, "released");
 }
 
-TEST_F(KeyServiceTest, RegistrationWithoutAuditLeavesTheVolumePending) {
+TEST_F(KeyServiceTest, RegistrationWithoutAuditStoresNothingAndSpendsNoToken) {
   Json::Value req = attested_request();
   req[api::field::kEvidence] = aws_evidence();
   store_.fail(Op::kAppendAudit, Status::error(ErrorKind::kIo, "store: database is locked"));
   ApiResponse r = service_->enroll_register(to_json(req), "peer");
   EXPECT_EQ(r.status, 503);
   EXPECT_EQ(code_of(r), api::kErrAuditUnavailable);
-  auto volumes = store_.list_volumes().value();
-  ASSERT_EQ(volumes.size(), 1u);
-  EXPECT_EQ(volumes[0].state, VolumeState::kPending);
+  EXPECT_FALSE(r.body.isMember(api::field::kWrapped));
+  EXPECT_TRUE(store_.list_volumes().value().empty());
 }
 
 TEST_F(KeyServiceTest, ADescriptionWithControlCharactersIsRefusedAndNothingIsStored) {
@@ -336,6 +341,33 @@ TEST_F(KeyServiceTest, ADescriptionWithControlCharactersIsRefusedAndNothingIsSto
   req[api::field::kDescription] = "db volume, caf\xc3\xa9";
   EXPECT_EQ(service_->enroll_register(to_json(req), "peer").status, 200);
   EXPECT_EQ(store_.list_volumes().value().at(0).description, "db volume, caf\xc3\xa9");
+}
+
+// A registration whose record cannot be written spends no use of its token:
+// the same one-use token enrolls once the store takes writes again.
+TEST_F(KeyServiceTest, AFailedRegistrationSpendsNoUseOfItsToken) {
+  EnrollmentTemplate tmpl;
+  tmpl.require = {{"account_id", kAccount}};
+  ASSERT_TRUE(store_.create_enrollment_token(sha256("kgt_onetime"), to_json(tmpl.to_json()),
+                                             kNow + 3600, 1).is_ok());
+  auto with_token = [&] {
+    Json::Value req = attested_request();
+    req[api::field::kEvidence] = aws_evidence();
+    req[api::field::kEnrollmentToken] = "kgt_onetime";
+    return service_->enroll_register(to_json(req), "peer");
+  };
+  store_.fail(Op::kInsertVolume, Status::error(ErrorKind::kIo, "store: disk I/O error"));
+  ApiResponse failed = with_token();
+  EXPECT_EQ(failed.status, 503) << to_json(failed.body);
+  EXPECT_FALSE(failed.body.isMember(api::field::kWrapped));
+  store_.fail(Op::kInsertVolume, Status::ok());
+  ApiResponse ok = with_token();
+  ASSERT_EQ(ok.status, 200) << to_json(ok.body);
+  EXPECT_EQ(last_audit().event, "enroll.register");
+  EXPECT_EQ(last_audit().volume_id, ok.body[api::field::kVolumeId].asString());
+  EXPECT_EQ(store_.list_volumes().value().size(), 1u);
+  // Its one use is spent now.
+  EXPECT_EQ(code_of(with_token()), api::kErrTokenInvalid);
 }
 
 TEST_F(KeyServiceTest, EnrollsByAttestationRuleConfirmsAndUnlocks) {
@@ -400,6 +432,38 @@ TEST_F(KeyServiceTest, AnAbandonedPendingVolumeIsRevokedOnTheRecord) {
   const std::string active = add_volume(VolumeState::kActive);
   EXPECT_EQ(abandon(active).status, 409);
   EXPECT_EQ(store_.get_volume(active)->state, VolumeState::kActive);
+}
+
+TEST_F(KeyServiceTest, PendingVolumesExpireOnTheRecordAndCannotBeConfirmedAfter) {
+  ServiceOptions o = options_;
+  o.pending_ttl_seconds = 3600;
+  restart_service(o);
+  const std::string stale = add_volume(VolumeState::kPending);  // created at kNow
+  clock_.advance_ms(3601 * 1000);
+  // Its confirm comes too late: refused, and the volume is revoked.
+  Json::Value confirm;
+  confirm[api::field::kVolumeId] = stale;
+  confirm[api::field::kProof] = base64_encode(api::enrollment_confirmation(secrets_.at(stale), stale));
+  ApiResponse late = service_->enroll_confirm(to_json(confirm), "peer");
+  EXPECT_EQ(late.status, 403);
+  EXPECT_EQ(code_of(late), api::kErrRevoked);
+  EXPECT_EQ(store_.get_volume(stale)->state, VolumeState::kRevoked);
+  bool expired_on_record = false;
+  for (const auto& e : audit()) {
+    if (e.event == "enroll.expire" && e.volume_id == stale) expired_on_record = true;
+  }
+  EXPECT_TRUE(expired_on_record);
+  // A registration (any, even one refused) sweeps the others, at most once
+  // a minute: one past its time goes, a fresh one stays.
+  const std::string old_one = add_volume(VolumeState::kPending);
+  clock_.advance_ms(3601 * 1000);
+  const std::string fresh = add_volume(VolumeState::kPending);
+  EXPECT_EQ(service_->enroll_register("{}", "peer").status, 400);
+  EXPECT_EQ(store_.get_volume(old_one)->state, VolumeState::kRevoked);
+  EXPECT_EQ(store_.get_volume(fresh)->state, VolumeState::kPending);
+  EXPECT_EQ(expire_count(), 2u);
+  // The sweep is the same called directly, and finds nothing new.
+  EXPECT_EQ(service_->expire_pending_volumes().value(), 0u);
 }
 
 TEST_F(KeyServiceTest, ARateLimitBurstIsAuditedOnceAndTheBucketRefills) {

@@ -53,15 +53,37 @@ Status MemoryStore::create_enrollment_token(const Bytes& token_hash, const std::
   return Status::ok();
 }
 
-Result<std::string> MemoryStore::consume_enrollment_token(const Bytes& token_hash, int64_t now) {
+Result<std::string> MemoryStore::peek_enrollment_token(const Bytes& token_hash, int64_t now) {
   std::lock_guard<std::mutex> lock(mu_);
-  KEYGATE_RETURN_IF_ERROR(injected(Op::kConsumeToken));
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kPeekToken));
   auto it = tokens_.find(token_hash);
   if (it == tokens_.end() || it->second.uses_left <= 0 || it->second.expires_at < now) {
     return Status::error(ErrorKind::kRefused, "enrollment token unknown, used up or expired");
   }
-  --it->second.uses_left;
   return it->second.template_json;
+}
+
+Status MemoryStore::record_enrollment(const Bytes* token_hash, int64_t now, const VolumeRecord& record,
+                                      const AuditEvent& event) {
+  std::lock_guard<std::mutex> lock(mu_);
+  // Every check first, then every change: all or nothing.
+  for (Op op : {Op::kRecordEnrollment, Op::kInsertVolume, Op::kAppendAudit}) {
+    KEYGATE_RETURN_IF_ERROR(injected(op));
+  }
+  Token* token = nullptr;
+  if (token_hash != nullptr) {
+    auto it = tokens_.find(*token_hash);
+    if (it == tokens_.end() || it->second.uses_left <= 0 || it->second.expires_at < now) {
+      return Status::error(ErrorKind::kRefused, "enrollment token unknown, used up or expired");
+    }
+    token = &it->second;
+  }
+  if (volumes_.count(record.id) != 0) return Status::error(ErrorKind::kIo, "store: insert volume: not unique");
+  if (token != nullptr) --token->uses_left;
+  volumes_.emplace(record.id, record);
+  volume_order_.push_back(record.id);
+  audit_.push_back(event);
+  return Status::ok();
 }
 
 Status MemoryStore::insert_volume(const VolumeRecord& record) {
@@ -121,6 +143,25 @@ Result<std::vector<VolumeRecord>> MemoryStore::list_volumes() {
     return a.created_at != b.created_at ? a.created_at < b.created_at : a.id < b.id;
   });
   return out;
+}
+
+Result<std::vector<std::string>> MemoryStore::expire_pending(int64_t created_before, int64_t now,
+                                                             const AuditEvent& event) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kExpirePending));
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kAppendAudit));
+  std::vector<std::string> ids;
+  for (const auto& id : volume_order_) {
+    VolumeRecord& v = volumes_.at(id);
+    if (v.state != VolumeState::kPending || v.created_at >= created_before) continue;
+    v.state = VolumeState::kRevoked;
+    v.updated_at = now;
+    AuditEvent e = event;
+    e.volume_id = id;
+    audit_.push_back(e);
+    ids.push_back(id);
+  }
+  return ids;
 }
 
 Status MemoryStore::append_audit(const AuditEvent& event) {

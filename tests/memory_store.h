@@ -18,12 +18,14 @@ class MemoryStore final : public Store {
     kPutNonce,
     kConsumeNonce,
     kCreateToken,
-    kConsumeToken,
+    kPeekToken,
+    kRecordEnrollment,  // also fails where kInsertVolume or kAppendAudit is set
     kInsertVolume,
     kGetVolume,
     kTransitionVolume,
     kUpdatePolicy,
     kListVolumes,
+    kExpirePending,
     kAppendAudit,
     kRecentAudit,
   };
@@ -35,7 +37,9 @@ class MemoryStore final : public Store {
   Result<bool> consume_nonce(const Bytes& nonce, int64_t now) override;
   Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
                                  int64_t expires_at, int uses) override;
-  Result<std::string> consume_enrollment_token(const Bytes& token_hash, int64_t now) override;
+  Result<std::string> peek_enrollment_token(const Bytes& token_hash, int64_t now) override;
+  Status record_enrollment(const Bytes* token_hash, int64_t now, const VolumeRecord& record,
+                           const AuditEvent& event) override;
   Status insert_volume(const VolumeRecord& record) override;
   Result<VolumeRecord> get_volume(const std::string& id) override;
   Status transition_volume(const std::string& id, VolumeState from, VolumeState to,
@@ -43,6 +47,8 @@ class MemoryStore final : public Store {
   Status update_volume_policy(const std::string& id, const std::string& expected,
                               const std::string& updated, int64_t now) override;
   Result<std::vector<VolumeRecord>> list_volumes() override;
+  Result<std::vector<std::string>> expire_pending(int64_t created_before, int64_t now,
+                                                  const AuditEvent& event) override;
   Status append_audit(const AuditEvent& event) override;
   Result<std::vector<AuditEvent>> recent_audit(int limit) override;
 

@@ -88,15 +88,75 @@ TEST_F(StoreTest, NoncesAreNotWrittenToDisk) {
   EXPECT_EQ(count("/keygate.db") + count("/keygate.db-wal"), 1u);
 }
 
+VolumeRecord pending_volume(const std::string& id) {
+  return VolumeRecord{id, VolumeState::kPending, "{}", random_bytes(60), "", 1, 1};
+}
+AuditEvent registered(const std::string& id) {
+  return AuditEvent{1, "enroll.register", "ok", id, "peer", "by token"};
+}
+
 TEST_P(StoreContract, EnrollmentTokenUsesAndExpiry) {
   Bytes h = sha256("token");
-  ASSERT_TRUE(store_->create_enrollment_token(h, "{}", 100, 2).is_ok());
-  EXPECT_TRUE(store_->consume_enrollment_token(h, 10).is_ok());
-  EXPECT_TRUE(store_->consume_enrollment_token(h, 10).is_ok());
-  EXPECT_EQ(store_->consume_enrollment_token(h, 10).status().kind(), ErrorKind::kRefused);
+  ASSERT_TRUE(store_->create_enrollment_token(h, "{\"t\":1}", 100, 2).is_ok());
+  // Looking does not spend a use; recording an enrollment does.
+  EXPECT_EQ(store_->peek_enrollment_token(h, 10).value(), "{\"t\":1}");
+  EXPECT_TRUE(store_->peek_enrollment_token(h, 10).is_ok());
+  EXPECT_TRUE(store_->record_enrollment(&h, 10, pending_volume("v1"), registered("v1")).is_ok());
+  EXPECT_TRUE(store_->record_enrollment(&h, 10, pending_volume("v2"), registered("v2")).is_ok());
+  EXPECT_EQ(store_->peek_enrollment_token(h, 10).status().kind(), ErrorKind::kRefused);
+  EXPECT_EQ(store_->record_enrollment(&h, 10, pending_volume("v3"), registered("v3")).kind(),
+            ErrorKind::kRefused);
   Bytes g = sha256("other");
   ASSERT_TRUE(store_->create_enrollment_token(g, "{}", 100, 1).is_ok());
-  EXPECT_FALSE(store_->consume_enrollment_token(g, 101).is_ok());
+  EXPECT_FALSE(store_->peek_enrollment_token(g, 101).is_ok());
+  EXPECT_EQ(store_->record_enrollment(&g, 101, pending_volume("v4"), registered("v4")).kind(),
+            ErrorKind::kRefused);
+  EXPECT_EQ(store_->list_volumes()->size(), 2u);
+  EXPECT_EQ(store_->recent_audit(10)->size(), 2u);
+}
+
+TEST_P(StoreContract, ExpiryRevokesOnlyOldPendingVolumesEachOnTheRecord) {
+  auto volume = [](const std::string& id, VolumeState state, int64_t created) {
+    return VolumeRecord{id, state, "{}", random_bytes(60), "", created, created};
+  };
+  ASSERT_TRUE(store_->insert_volume(volume("old-pending", VolumeState::kPending, 100)).is_ok());
+  ASSERT_TRUE(store_->insert_volume(volume("new-pending", VolumeState::kPending, 200)).is_ok());
+  ASSERT_TRUE(store_->insert_volume(volume("old-active", VolumeState::kActive, 100)).is_ok());
+  const AuditEvent event{300, "enroll.expire", "ok", "", "local", "not confirmed"};
+  auto expired = store_->expire_pending(150, 300, event);
+  ASSERT_TRUE(expired.is_ok()) << expired.status().message();
+  EXPECT_EQ(expired.value(), std::vector<std::string>{"old-pending"});
+  EXPECT_EQ(store_->get_volume("old-pending")->state, VolumeState::kRevoked);
+  EXPECT_EQ(store_->get_volume("new-pending")->state, VolumeState::kPending);
+  EXPECT_EQ(store_->get_volume("old-active")->state, VolumeState::kActive);
+  auto trail = store_->recent_audit(10).value();
+  ASSERT_EQ(trail.size(), 1u);
+  EXPECT_EQ(trail[0].event, "enroll.expire");
+  EXPECT_EQ(trail[0].volume_id, "old-pending");
+  // Nothing left to expire: nothing more on the trail.
+  EXPECT_TRUE(store_->expire_pending(150, 301, event)->empty());
+  EXPECT_EQ(store_->recent_audit(10)->size(), 1u);
+}
+
+TEST_P(StoreContract, AnEnrollmentIsRecordedWholeOrNotAtAll) {
+  Bytes h = sha256("token");
+  ASSERT_TRUE(store_->create_enrollment_token(h, "{}", 100, 1).is_ok());
+  ASSERT_TRUE(store_->insert_volume(pending_volume("taken")).is_ok());
+  // The volume cannot be inserted (its id is taken): the token's use and
+  // the audit record are not written either.
+  EXPECT_FALSE(store_->record_enrollment(&h, 10, pending_volume("taken"), registered("taken")).is_ok());
+  EXPECT_TRUE(store_->peek_enrollment_token(h, 10).is_ok());
+  EXPECT_TRUE(store_->recent_audit(10)->empty());
+  // A used-up token: no volume, no audit row.
+  ASSERT_TRUE(store_->record_enrollment(&h, 10, pending_volume("first"), registered("first")).is_ok());
+  EXPECT_FALSE(store_->record_enrollment(&h, 10, pending_volume("second"), registered("second")).is_ok());
+  EXPECT_EQ(store_->get_volume("second").status().kind(), ErrorKind::kNotFound);
+  auto trail = store_->recent_audit(10).value();
+  ASSERT_EQ(trail.size(), 1u);
+  EXPECT_EQ(trail[0].volume_id, "first");
+  // By attestation: no token at all.
+  EXPECT_TRUE(store_->record_enrollment(nullptr, 10, pending_volume("attested"), registered("attested")).is_ok());
+  EXPECT_EQ(store_->get_volume("attested")->state, VolumeState::kPending);
 }
 
 TEST_P(StoreContract, VolumeLifecycle) {
