@@ -73,12 +73,14 @@ TEST_F(StateCrashTest, FirstStartKilledAtEveryStepLeavesAStartableState) {
   std::string main_pid;
   std::istringstream lines(trace);
   for (std::string line; std::getline(lines, line);) {
+    // "PID  call(...": strace pads the pid to five columns.
     const size_t space = line.find(' '), paren = line.find('(');
     if (space == std::string::npos || paren == std::string::npos || paren < space) continue;
+    const size_t call = line.find_first_not_of(' ', space);
     const std::string pid = line.substr(0, space);
     if (main_pid.empty()) main_pid = pid;
     if (pid != main_pid) continue;  // strace counts per thread; the state is made on the main one
-    ++counts[line.substr(space + 1, paren - space - 1)];
+    ++counts[line.substr(call, paren - call)];
   }
   ASSERT_GT(counts["write"] + counts["pwrite64"], 20) << "the trace saw the state being made";
 
