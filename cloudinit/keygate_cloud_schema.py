@@ -39,7 +39,8 @@ SCHEMA = {
                     "description": "One-time (or multi-use) enrollment token "
                     "from 'keygate-server token create'. Without one, the "
                     "server enrolls by attestation if its enroll_by_attestation "
-                    "rules admit the instance.",
+                    "rules admit the instance (GCP and Azure; an AWS "
+                    "instance needs a token).",
                 },
                 "enrollment_token_file": {
                     "type": "string",

@@ -203,17 +203,8 @@ Status read_attestation_rules(const Json::Value& c, std::vector<EnrollmentTempla
   for (Json::ArrayIndex i = 0; i < rules.size(); ++i) {
     auto rule = EnrollmentTemplate::from_json(rules[i]);
     if (!rule.is_ok()) return rule.status().with_context(str_cat("enroll_by_attestation[", i, "]"));
-    if (rule->image_group) {
-      return Status::error(ErrorKind::kInvalidArgument,
-                           str_cat("enroll_by_attestation[", i, "]: rules enroll per-instance volumes only"));
-    }
-    for (const auto& claim : platform_spec(rule->platform)->always_bound) {
-      if (!rule->require.count(claim)) {
-        return Status::error(ErrorKind::kInvalidArgument,
-                             str_cat("enroll_by_attestation[", i, "]: a rule must require '", claim,
-                                     "' (otherwise any ", rule->platform, " instance could enroll)"));
-      }
-    }
+    Status ok = check_attestation_rule(rule.value());
+    if (!ok.is_ok()) return ok.with_context(str_cat("enroll_by_attestation[", i, "]"));
     out->push_back(std::move(rule).value());
   }
   return Status::ok();

@@ -19,7 +19,8 @@ const std::vector<PlatformSpec>& specs() {
        {"account_id", "region"},
        "instance_id",
        {"image_id"},
-       {"account_id", "region", "image_id"}},
+       {"account_id", "region", "image_id"},
+       false},
       // GCP identity tokens do not name the image: a group volume is bound to
       // the project (and whatever else the token names).
       {"gcp",
@@ -27,14 +28,16 @@ const std::vector<PlatformSpec>& specs() {
        {"project_id"},
        "instance_id",
        {},
-       {"project_id"}},
+       {"project_id"},
+       true},
       {"azure",
        {"subscription_id", "vm_id", "sku", "plan_name", "plan_product", "plan_publisher",
         "license_type"},
        {"subscription_id"},
        "vm_id",
        {},
-       {"subscription_id"}},
+       {"subscription_id"},
+       true},
   };
   return kSpecs;
 }
@@ -330,9 +333,36 @@ Status evaluate_policy(const VolumePolicy& policy, const Identity& identity) {
   return claims_match(policy.platform, policy.require, identity);
 }
 
+Status check_attestation_rule(const EnrollmentTemplate& rule) {
+  const PlatformSpec* spec = platform_spec(rule.platform);
+  if (spec == nullptr) {
+    return Status::error(ErrorKind::kInvalidArgument, str_cat("unknown platform '", rule.platform, "'"));
+  }
+  if (rule.image_group) {
+    return Status::error(ErrorKind::kInvalidArgument, "rules enroll per-instance volumes only");
+  }
+  if (!spec->evidence_is_fresh) {
+    return Status::error(
+        ErrorKind::kInvalidArgument,
+        str_cat("'", rule.platform, "' cannot enroll by attestation: its instance identity document "
+                "is static and copies of real ones are public, so it proves no live instance; "
+                "enroll ", rule.platform, " instances with a token"));
+  }
+  for (const auto& claim : spec->always_bound) {
+    if (!rule.require.count(claim)) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat("a rule must require '", claim, "' (otherwise any ", rule.platform,
+                                   " instance could enroll)"));
+    }
+  }
+  return Status::ok();
+}
+
 std::optional<size_t> match_enrollment_rule(const std::vector<EnrollmentTemplate>& rules,
                                             const Identity& identity) {
   for (size_t i = 0; i < rules.size(); ++i) {
+    // A rule that could not be configured admits no one (deny by default).
+    if (!check_attestation_rule(rules[i]).is_ok()) continue;
     if (claims_match(rules[i].platform, rules[i].require, identity).is_ok()) return i;
   }
   return std::nullopt;

@@ -36,6 +36,10 @@ struct PlatformSpec {
   std::string instance_claim;             // per-instance volumes bind this too
   std::vector<std::string> group_bound;   // image-group volumes bind these too
   std::vector<std::string> inherited;     // taken from the enrolling instance
+  // Whether the provider signs each request's binding (GCP's token
+  // audience, Azure's nonce): evidence that proves a live instance now. AWS's
+  // identity document is static, and copies are public, so it does not.
+  bool evidence_is_fresh = false;
 };
 
 // nullptr for an unknown platform name.
@@ -100,6 +104,11 @@ Status evaluate_policy(const VolumePolicy& policy, const Identity& identity);
 // Enrollment by attestation: the index of the first rule whose platform is
 // the identity's and whose every claim the identity has, with that value;
 // none if no rule admits it (deny by default).
+// Whether `rule` may stand in enroll_by_attestation: a per-instance rule on
+// a platform whose evidence is fresh, binding the platform's account claim.
+// The message names what is wrong and why.
+Status check_attestation_rule(const EnrollmentTemplate& rule);
+
 std::optional<size_t> match_enrollment_rule(const std::vector<EnrollmentTemplate>& rules,
                                             const Identity& identity);
 

@@ -44,6 +44,20 @@ class KeyServiceTest : public ::testing::Test {
     options.attestation_enrollment = {rule};
     options_ = options;
     restart_service(options);
+    // A token with uses to spare for the tests that register.
+    EnrollmentTemplate tmpl;
+    tmpl.require = {{"account_id", kAccount}};
+    ASSERT_TRUE(store_.create_enrollment_token(sha256(kToken), to_json(tmpl.to_json()), kNow + 86400, 1000)
+                    .is_ok());
+  }
+  static constexpr char kToken[] = "kgt_fixturetoken";
+
+  // A registration the fixture's token admits, with the AWS evidence.
+  Json::Value registration() {
+    Json::Value req = attested_request();
+    req[api::field::kEvidence] = aws_evidence();
+    req[api::field::kEnrollmentToken] = kToken;
+    return req;
   }
 
   void restart_service(const ServiceOptions& options) {
@@ -313,8 +327,7 @@ TEST_F(KeyServiceTest, NoKeyLeavesWhileTheAuditTrailCannotBeWritten) {
 }
 
 TEST_F(KeyServiceTest, RegistrationWithoutAuditStoresNothingAndSpendsNoToken) {
-  Json::Value req = attested_request();
-  req[api::field::kEvidence] = aws_evidence();
+  Json::Value req = registration();
   store_.fail(Op::kAppendAudit, Status::error(ErrorKind::kIo, "store: database is locked"));
   ApiResponse r = service_->enroll_register(to_json(req), "peer");
   EXPECT_EQ(r.status, 503);
@@ -326,8 +339,7 @@ TEST_F(KeyServiceTest, RegistrationWithoutAuditStoresNothingAndSpendsNoToken) {
 TEST_F(KeyServiceTest, ADescriptionWithControlCharactersIsRefusedAndNothingIsStored) {
   // A description reaches volume lists and terminals: text only.
   for (const char* bad : {"\x1b[2J", "db\nunlock released volume=x", "\xc2\x9b" "31m"}) {
-    Json::Value req = attested_request();
-    req[api::field::kEvidence] = aws_evidence();
+    Json::Value req = registration();
     req[api::field::kDescription] = bad;
     ApiResponse r = service_->enroll_register(to_json(req), "peer");
     EXPECT_EQ(r.status, 400) << printable(bad, 32);
@@ -336,8 +348,7 @@ TEST_F(KeyServiceTest, ADescriptionWithControlCharactersIsRefusedAndNothingIsSto
         << to_json(r.body);
   }
   EXPECT_TRUE(store_.list_volumes().value().empty());
-  Json::Value req = attested_request();
-  req[api::field::kEvidence] = aws_evidence();
+  Json::Value req = registration();
   req[api::field::kDescription] = "db volume, caf\xc3\xa9";
   EXPECT_EQ(service_->enroll_register(to_json(req), "peer").status, 200);
   EXPECT_EQ(store_.list_volumes().value().at(0).description, "db volume, caf\xc3\xa9");
@@ -370,15 +381,38 @@ TEST_F(KeyServiceTest, AFailedRegistrationSpendsNoUseOfItsToken) {
   EXPECT_EQ(code_of(with_token()), api::kErrTokenInvalid);
 }
 
-TEST_F(KeyServiceTest, EnrollsByAttestationRuleConfirmsAndUnlocks) {
+// An AWS identity document is static and public copies exist: a rule for
+// AWS admits no one, even the instance the real document names (the
+// configuration refuses such a rule at start; this is the second lock).
+TEST_F(KeyServiceTest, AnAwsAttestationRuleAdmitsNoOne) {
   Json::Value req = attested_request();
-  const Bytes nonce = base64_decode(req[api::field::kNonce].asString()).value();
   req[api::field::kEvidence] = aws_evidence();
+  ApiResponse r = service_->enroll_register(to_json(req), "peer");
+  EXPECT_EQ(r.status, 403) << to_json(r.body);
+  EXPECT_EQ(code_of(r), api::kErrTokenInvalid);
+  EXPECT_TRUE(store_.list_volumes().value().empty());
+  EnrollmentTemplate aws_rule;
+  aws_rule.platform = "aws";
+  aws_rule.require = {{"account_id", kAccount}};
+  Status checked = check_attestation_rule(aws_rule);
+  ASSERT_FALSE(checked.is_ok());
+  EXPECT_NE(checked.message().find("static and copies of real ones are public"), std::string::npos)
+      << checked.message();
+  EnrollmentTemplate gcp_rule;
+  gcp_rule.platform = "gcp";
+  gcp_rule.require = {{"project_id", "p"}};
+  EXPECT_TRUE(check_attestation_rule(gcp_rule).is_ok());
+  gcp_rule.require = {{"zone", "us-central1-a"}};
+  EXPECT_FALSE(check_attestation_rule(gcp_rule).is_ok());  // no project: any instance
+}
+
+TEST_F(KeyServiceTest, RegistersConfirmsAndUnlocks) {
+  Json::Value req = registration();
+  const Bytes nonce = base64_decode(req[api::field::kNonce].asString()).value();
   ApiResponse reg = service_->enroll_register(to_json(req), "peer");
   ASSERT_EQ(reg.status, 200) << to_json(reg.body);
   const std::string vid = reg.body[api::field::kVolumeId].asString();
-  EXPECT_NE(last_audit().detail.find("attestation (rule 1)"), std::string::npos)
-      << last_audit().detail;
+  EXPECT_NE(last_audit().detail.find("by token"), std::string::npos) << last_audit().detail;
   auto secret = unwrap_secret(WrappedSecret::from_json(reg.body[api::field::kWrapped]).value(),
                               keys_, vid, nonce);
   ASSERT_TRUE(secret.is_ok()) << secret.status().message();

@@ -281,6 +281,46 @@ TEST_P(PlatformTest, TruncatedAndGarbageEvidenceIsRefused) {
   EXPECT_EQ(res->status, 200) << res->body;
 }
 
+// GCP's token and Azure's document are signed over this request's binding,
+// so they prove a live instance: a rule naming the project or subscription
+// enrolls its instances with no token, per instance, and no other's.
+TEST_P(PlatformTest, EnrollsByAttestationUnderARuleAndNoOtherAccount) {
+  const Cloud& cloud = GetParam();
+  const std::string account = std::string(cloud.platform) == "gcp"
+                                  ? "keygate-test-project"
+                                  : "5f130ffc-0a3e-4795-b691-4f56a12a5547";  // the emulator's
+  const std::string config = dir_ + "/" + unique("rules") + ".json";
+  write_file(config, std::string(R"({"enroll_by_attestation": [{"platform": ")") + cloud.platform +
+                         R"(", "require": {")" + cloud.account_claim + R"(": ")" + account + R"("}}]})");
+  const std::string state = dir_ + "/" + unique("attest-server");
+  Background server({bin("keygate-server"), "serve", "--state-dir", state, "--listen", "127.0.0.1:0",
+                     "--port-file", state + ".port", "--config", config, "--gcp-jwks",
+                     dir_ + "/emu/gcp-trust/jwks.json", "--azure-trust-dir", dir_ + "/emu/azure-trust"},
+                    state + ".log");
+  const int port = wait_for_port_file(state + ".port", server);
+  ASSERT_GT(port, 0) << read_file(state + ".log");
+  const std::string url = "https://127.0.0.1:" + std::to_string(port);
+  auto enroll_without_token = [&](int metadata_port) {
+    const std::string vol = dir_ + "/" + unique("vol") + ".img";
+    EXPECT_EQ(run({"truncate", "-s", "32M", vol}).exit_code, 0);
+    RunResult r = run({bin("keygate"), "enroll", vol, "--format", "--no-recovery", "--server", url,
+                       "--ca", state + "/ca.pem", "--metadata-url", metadata_url(metadata_port)});
+    return std::make_pair(vol, r);
+  };
+  auto [vol, ok] = enroll_without_token(emulator_port_);
+  ASSERT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_EQ(unlock(vol, emulator_port_).exit_code, 0);
+  RunResult audit = run({bin("keygate-server"), "audit", "--state-dir", state});
+  EXPECT_TRUE(contains(audit.out, "by attestation (rule 1)")) << audit.out;
+  // An instance of another project or subscription is not admitted.
+  Background other = start_emulator(cloud.other_account_args);
+  auto [blank, refused] = enroll_without_token(emulator_port_);
+  EXPECT_EQ(refused.exit_code, kExitRefused) << refused.err;
+  EXPECT_TRUE(contains(refused.err, "enrollment_token_invalid")) << refused.err;
+  other.stop();
+  server.stop();
+}
+
 TEST_P(PlatformTest, WrongPlatformSettingFailsClearly) {
   const std::string vol = enrolled_volume();
   const char* wrong = std::string(GetParam().platform) == "gcp" ? "azure" : "gcp";

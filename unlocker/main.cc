@@ -91,6 +91,7 @@ enroll options:
                             one-time enrollment token ("-" for stdin); without
                             one, the server enrolls by attestation if one of
                             its enroll_by_attestation rules admits the instance
+                            (GCP and Azure only: on AWS a token is needed)
   --format                  DEVICE is blank: format it as LUKS2 first (refused
                             if DEVICE holds any filesystem or partition table)
   --recovery-passphrase-file FILE
