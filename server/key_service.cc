@@ -422,7 +422,8 @@ ApiResponse KeyService::enroll_confirm(std::string_view body, const std::string&
   return serve("enroll.confirm", body, peer, &KeyService::serve_confirm);
 }
 
-Checked<ApiResponse> KeyService::serve_confirm(Call& call, std::string_view body) {
+Checked<VolumeRecord> KeyService::load_proven_volume(Call& call, std::string_view body,
+                                                     ProofOf expected, const char* what) {
   auto request = parse_volume_request(call, body);
   if (!request.ok()) return request.refusal();
   auto proof = decode_fixed(request.value(), api::field::kProof, kSha256Size);
@@ -431,11 +432,16 @@ Checked<ApiResponse> KeyService::serve_confirm(Call& call, std::string_view body
   if (!record.ok()) return record.refusal();
   auto secret = open_volume_secret(kek_, record->sealed_secret, call.volume_id);
   if (!secret.is_ok()) return server_error("volume secret unavailable", secret.status().message());
-  if (!constant_time_equal(api::enrollment_confirmation(secret.value(), call.volume_id),
-                           proof.value())) {
-    return refused(api::kErrPolicyDenied, "confirmation proof does not match",
-                   "confirmation proof does not match");
+  if (!constant_time_equal(expected(secret.value(), call.volume_id), proof.value())) {
+    const std::string why = str_cat(what, " proof does not match");
+    return refused(api::kErrPolicyDenied, why, why);
   }
+  return record;
+}
+
+Checked<ApiResponse> KeyService::serve_confirm(Call& call, std::string_view body) {
+  auto record = load_proven_volume(call, body, &api::enrollment_confirmation, "confirmation");
+  if (!record.ok()) return record.refusal();
   if (record->state == VolumeState::kRevoked) {
     return refused(api::kErrRevoked, "volume has been revoked", "volume revoked");
   }
@@ -483,19 +489,8 @@ ApiResponse KeyService::enroll_abandon(std::string_view body, const std::string&
 }
 
 Checked<ApiResponse> KeyService::serve_abandon(Call& call, std::string_view body) {
-  auto request = parse_volume_request(call, body);
-  if (!request.ok()) return request.refusal();
-  auto proof = decode_fixed(request.value(), api::field::kProof, kSha256Size);
-  if (!proof.ok()) return proof.refusal();
-  auto record = load_volume(call.volume_id);
+  auto record = load_proven_volume(call, body, &api::enrollment_abandonment, "abandonment");
   if (!record.ok()) return record.refusal();
-  auto secret = open_volume_secret(kek_, record->sealed_secret, call.volume_id);
-  if (!secret.is_ok()) return server_error("volume secret unavailable", secret.status().message());
-  if (!constant_time_equal(api::enrollment_abandonment(secret.value(), call.volume_id),
-                           proof.value())) {
-    return refused(api::kErrPolicyDenied, "abandonment proof does not match",
-                   "abandonment proof does not match");
-  }
   // Confirmed (a confirm whose answer was lost): others may unlock it by
   // now, so a client does not get to revoke it; an administrator does.
   auto still_active = [] {

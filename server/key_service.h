@@ -73,6 +73,11 @@ class KeyService {
   Checked<ApiResponse> serve_register(Call& call, std::string_view body);
   Checked<ApiResponse> serve_confirm(Call& call, std::string_view body);
   Checked<ApiResponse> serve_abandon(Call& call, std::string_view body);
+  // A request about one volume that proves it holds the volume's secret
+  // (confirm, abandon): its record once `proof` is expected(secret, id).
+  using ProofOf = Bytes (*)(const SecretBuffer& secret, std::string_view volume_id);
+  Checked<VolumeRecord> load_proven_volume(Call& call, std::string_view body, ProofOf expected,
+                                           const char* what);
 
   Checked<Json::Value> parse_request(std::string_view body);
   // A request about one volume: its body, and its volume_id (valid, and

@@ -190,26 +190,30 @@ Result<Enrollment> register_volume(const ServerEndpoint& server,
   return Enrollment{volume_id.value(), std::move(secret).value(), res.value()[api::field::kPolicy]};
 }
 
-Status confirm_volume(const ServerEndpoint& server, const std::string& volume_id,
-                      const SecretBuffer& secret) {
+namespace {
+
+// POSTs {volume_id, proof: proof_of(secret, volume_id)} to `path`.
+Status post_proof(const ServerEndpoint& server, const char* path, const std::string& volume_id,
+                  const SecretBuffer& secret,
+                  Bytes (*proof_of)(const SecretBuffer&, std::string_view)) {
   Json::Value req;
   req[api::field::kVolumeId] = volume_id;
-  req[api::field::kProof] = base64_encode(api::enrollment_confirmation(secret, volume_id));
+  req[api::field::kProof] = base64_encode(proof_of(secret, volume_id));
   HttpSession session;
-  auto res = post_json(session, server, api::kEnrollConfirmPath, to_json(req));
-  if (!res.is_ok()) return res.status();
-  return Status::ok();
+  auto res = post_json(session, server, path, to_json(req));
+  return res.is_ok() ? Status::ok() : res.status();
+}
+
+}  // namespace
+
+Status confirm_volume(const ServerEndpoint& server, const std::string& volume_id,
+                      const SecretBuffer& secret) {
+  return post_proof(server, api::kEnrollConfirmPath, volume_id, secret, &api::enrollment_confirmation);
 }
 
 Status abandon_volume(const ServerEndpoint& server, const std::string& volume_id,
                       const SecretBuffer& secret) {
-  Json::Value req;
-  req[api::field::kVolumeId] = volume_id;
-  req[api::field::kProof] = base64_encode(api::enrollment_abandonment(secret, volume_id));
-  HttpSession session;
-  auto res = post_json(session, server, api::kEnrollAbandonPath, to_json(req));
-  if (!res.is_ok()) return res.status();
-  return Status::ok();
+  return post_proof(server, api::kEnrollAbandonPath, volume_id, secret, &api::enrollment_abandonment);
 }
 
 }  // namespace keygate::unlocker
