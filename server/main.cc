@@ -18,6 +18,7 @@
 #include "server/aws_identity.h"
 #include "server/http_api.h"
 #include "server/key_service.h"
+#include "server/settings.h"
 #include "server/state_files.h"
 #include "server/store.h"
 
@@ -127,147 +128,14 @@ std::string default_aws_trust_dir() {
   return executable_dir() + "/../share/keygate/trust/aws/rsa2048";
 }
 
-struct Settings {
-  std::string state_dir = "/var/lib/keygate";
-  std::string listen = "127.0.0.1:8443";
-  std::vector<std::string> aws_trust_dirs;
-  std::vector<std::string> gcp_jwks_files;
-  std::vector<std::string> azure_trust_dirs;
-  std::vector<std::string> tls_san;
-  long nonce_ttl = 60;
-  long pending_ttl = ServiceOptions().pending_ttl_seconds;
-  long evidence_max_age = 300;
-  std::vector<EnrollmentTemplate> attestation_enrollment;
-  RateLimit per_source = ServiceOptions().per_source;
-  RateLimit per_instance = ServiceOptions().per_instance;
-  int max_connections = HttpOptions().max_connections;
-  int max_connections_per_source = HttpOptions().max_connections_per_source;
-};
-
-// "connections": {"max": 8192, "per_source": 128}
-Status read_connection_caps(const Json::Value& c, Settings* s) {
-  const Json::Value& caps = c["connections"];
-  if (caps.isNull()) return Status::ok();
-  auto bad = [](const std::string& what) {
-    return Status::error(ErrorKind::kInvalidArgument, str_cat("connections: ", what));
-  };
-  if (!caps.isObject()) return bad("must be an object");
-  for (const auto& name : caps.getMemberNames()) {
-    if (name != "max" && name != "per_source") return bad(str_cat("unknown key '", printable(name, 32), "'"));
-    if (!caps[name].isInt() || caps[name].asInt() < 1 || caps[name].asInt() > 1000000) {
-      return bad(str_cat(name, " must be a whole number from 1 to 1000000"));
-    }
-  }
-  if (caps.isMember("max")) s->max_connections = caps["max"].asInt();
-  if (caps.isMember("per_source")) s->max_connections_per_source = caps["per_source"].asInt();
-  if (s->max_connections_per_source > s->max_connections) return bad("per_source is more than max");
-  return Status::ok();
-}
-
-// "rate_limits": {"per_source": {"per_second": 50, "burst": 100},
-//                 "per_instance": {"per_second": 1, "burst": 20}}
-// (per_second 0: no limit).
-Status read_rate_limits(const Json::Value& c, Settings* s) {
-  const Json::Value& limits = c["rate_limits"];
-  if (limits.isNull()) return Status::ok();
-  auto bad = [](const std::string& what) {
-    return Status::error(ErrorKind::kInvalidArgument, str_cat("rate_limits: ", what));
-  };
-  if (!limits.isObject()) return bad("must be an object");
-  for (const auto& name : limits.getMemberNames()) {
-    RateLimit* target = name == "per_source" ? &s->per_source
-                        : name == "per_instance" ? &s->per_instance : nullptr;
-    if (target == nullptr) return bad(str_cat("unknown key '", printable(name, 32), "'"));
-    const Json::Value& l = limits[name];
-    if (!l.isObject() || !l["per_second"].isNumeric() || !l["burst"].isNumeric() || l.size() != 2) {
-      return bad(str_cat(name, " needs exactly per_second and burst, as numbers"));
-    }
-    const double rate = l["per_second"].asDouble(), burst = l["burst"].asDouble();
-    if (!(rate >= 0 && rate <= 1e6) || !(burst >= 1 && burst <= 1e6)) {
-      return bad(str_cat(name, ": per_second from 0 (no limit) to 1e6, burst from 1 to 1e6"));
-    }
-    *target = RateLimit{rate, burst};
-  }
-  return Status::ok();
-}
-
-// "enroll_by_attestation": [{"platform": "aws", "require": {...}}, ...]
-// Each rule admits per-instance enrollment without a token, so it must at
-// least bind what every policy of its platform binds (the account).
-Status read_attestation_rules(const Json::Value& c, std::vector<EnrollmentTemplate>* out) {
-  const Json::Value& rules = c["enroll_by_attestation"];
-  if (rules.isNull()) return Status::ok();
-  if (!rules.isArray() || rules.size() > 64) {
-    return Status::error(ErrorKind::kInvalidArgument, "'enroll_by_attestation' must be a list of rules");
-  }
-  for (Json::ArrayIndex i = 0; i < rules.size(); ++i) {
-    auto rule = EnrollmentTemplate::from_json(rules[i]);
-    if (!rule.is_ok()) return rule.status().with_context(str_cat("enroll_by_attestation[", i, "]"));
-    Status ok = check_attestation_rule(rule.value());
-    if (!ok.is_ok()) return ok.with_context(str_cat("enroll_by_attestation[", i, "]"));
-    out->push_back(std::move(rule).value());
-  }
-  return Status::ok();
-}
-
-Status read_string_list(const Json::Value& c, const char* key, std::vector<std::string>* out) {
-  if (!c.isMember(key)) return Status::ok();
-  if (!c[key].isArray()) {
-    return Status::error(ErrorKind::kInvalidArgument, str_cat("'", key, "' must be a list of strings"));
-  }
-  for (const auto& d : c[key]) {
-    if (!d.isString()) {
-      return Status::error(ErrorKind::kInvalidArgument, str_cat("'", key, "' must be a list of strings"));
-    }
-    out->push_back(d.asString());
-  }
-  return Status::ok();
-}
-
 Result<Settings> load_settings(const Args& args) {
   Settings s;
   if (args.has("config")) {
-    auto text = read_small_file(args.get("config"), 256 * 1024);
+    auto text = read_small_file(args.get("config"), kMaxSettingsFile);
     if (!text.is_ok()) return text.status();
-    auto cfg = parse_json_object(text.value());
-    if (!cfg.is_ok()) return cfg.status().with_context(args.get("config"));
-    const Json::Value& c = cfg.value();
-    for (const auto& key : c.getMemberNames()) {
-      static const std::set<std::string> kKeys = {
-          "listen",         "state_dir",        "aws_trust_dirs", "gcp_jwks_files",
-          "azure_trust_dirs", "evidence_max_age", "tls_san",        "nonce_ttl",
-          "enroll_by_attestation", "rate_limits", "connections", "pending_ttl"};
-      if (!kKeys.count(key)) {
-        return Status::error(ErrorKind::kInvalidArgument,
-                             str_cat(args.get("config"), ": unknown key '", key, "'"));
-      }
-    }
-    if (c.isMember("listen")) s.listen = c["listen"].asString();
-    if (c.isMember("state_dir")) s.state_dir = c["state_dir"].asString();
-    if (c.isMember("nonce_ttl")) s.nonce_ttl = c["nonce_ttl"].asInt();
-    if (c.isMember("evidence_max_age")) s.evidence_max_age = c["evidence_max_age"].asInt();
-    if (c.isMember("pending_ttl")) {
-      const Json::Value& v = c["pending_ttl"];
-      if (!v.isInt64() || v.asInt64() < 60 || v.asInt64() > 90 * 86400) {
-        return Status::error(ErrorKind::kInvalidArgument,
-                             str_cat(args.get("config"), ": 'pending_ttl' must be whole seconds, "
-                                                          "from 60 to 7776000 (90 days)"));
-      }
-      s.pending_ttl = v.asInt64();
-    }
-    Status limits = read_rate_limits(c, &s);
-    if (!limits.is_ok()) return limits.with_context(args.get("config"));
-    Status caps = read_connection_caps(c, &s);
-    if (!caps.is_ok()) return caps.with_context(args.get("config"));
-    Status rules = read_attestation_rules(c, &s.attestation_enrollment);
-    if (!rules.is_ok()) return rules.with_context(args.get("config"));
-    for (auto [key, list] : {std::pair{"aws_trust_dirs", &s.aws_trust_dirs},
-                             std::pair{"gcp_jwks_files", &s.gcp_jwks_files},
-                             std::pair{"azure_trust_dirs", &s.azure_trust_dirs},
-                             std::pair{"tls_san", &s.tls_san}}) {
-      Status st = read_string_list(c, key, list);
-      if (!st.is_ok()) return st.with_context(args.get("config"));
-    }
+    auto parsed = parse_settings(text.value());
+    if (!parsed.is_ok()) return parsed.status().with_context(args.get("config"));
+    s = std::move(parsed).value();
   }
   s.state_dir = args.get("state-dir", s.state_dir);
   s.listen = args.get("listen", s.listen);

@@ -94,6 +94,48 @@ Result<Platform> parse_platform(std::string_view name) {
                        str_cat("unknown platform '", name, "' (aws, gcp or azure)"));
 }
 
+Result<std::string> aws_session_token_from(const HttpResponse& r) {
+  if (r.status != 200 || r.body.empty()) {
+    return Status::error(ErrorKind::kUnavailable, str_cat("AWS metadata token: HTTP ", r.status));
+  }
+  for (char c : r.body) {
+    if (c < 0x21 || c > 0x7e) {
+      return Status::error(ErrorKind::kUnavailable, "AWS metadata token: malformed");
+    }
+  }
+  return r.body;
+}
+
+Result<Json::Value> aws_evidence_from(const HttpResponse& r) {
+  if (r.status != 200 || !is_base64_text(r.body)) return unavailable("AWS identity signature", r);
+  Json::Value evidence;
+  evidence[api::field::kAws][api::field::kAwsSignature] = r.body;
+  return evidence;
+}
+
+Result<Json::Value> gcp_evidence_from(const HttpResponse& r) {
+  if (r.status != 200 || !is_jwt_text(r.body)) return unavailable("GCP identity token", r);
+  Json::Value evidence;
+  evidence[api::field::kGcp][api::field::kGcpToken] = r.body;
+  return evidence;
+}
+
+Result<Json::Value> azure_evidence_from(const HttpResponse& r) {
+  Json::Value doc;
+  if (r.status == 200) {
+    auto parsed = parse_json_object(r.body, kMaxMetadataResponse);
+    if (parsed.is_ok()) doc = parsed.value();
+  }
+  if (!doc.isObject() || !doc["encoding"].isString() || doc["encoding"].asString() != "pkcs7" ||
+      !doc["signature"].isString() || !is_base64_text(doc["signature"].asString())) {
+    return unavailable("Azure attested document", r);
+  }
+  Json::Value evidence;
+  evidence[api::field::kAzure][api::field::kAzureEncoding] = "pkcs7";
+  evidence[api::field::kAzure][api::field::kAzureSignature] = doc["signature"];
+  return evidence;
+}
+
 Result<Json::Value> collect_aws_evidence(const std::string& metadata_url, long timeout_ms) {
   HttpRequest token_req;
   token_req.method = "PUT";
@@ -105,24 +147,13 @@ Result<Json::Value> collect_aws_evidence(const std::string& metadata_url, long t
   HttpSession session;
   auto token = session.perform(token_req);
   if (!token.is_ok()) return token.status().with_context("AWS metadata token");
-  if (token->status != 200 || token->body.empty()) {
-    return Status::error(ErrorKind::kUnavailable,
-                         str_cat("AWS metadata token: HTTP ", token->status));
-  }
-  for (char c : token->body) {
-    if (c < 0x21 || c > 0x7e) {
-      return Status::error(ErrorKind::kUnavailable, "AWS metadata token: malformed");
-    }
-  }
+  auto session_token = aws_session_token_from(token.value());
+  if (!session_token.is_ok()) return session_token.status();
   auto sig = session.perform(metadata_get(metadata_url + "/latest/dynamic/instance-identity/rsa2048",
-                                          {"X-aws-ec2-metadata-token: " + token->body}, timeout_ms));
+                                          {"X-aws-ec2-metadata-token: " + session_token.value()},
+                                          timeout_ms));
   if (!sig.is_ok()) return sig.status().with_context("AWS identity signature");
-  if (sig->status != 200 || !is_base64_text(sig->body)) {
-    return unavailable("AWS identity signature", sig.value());
-  }
-  Json::Value evidence;
-  evidence[api::field::kAws][api::field::kAwsSignature] = sig->body;
-  return evidence;
+  return aws_evidence_from(sig.value());
 }
 
 Result<Json::Value> collect_gcp_evidence(const std::string& metadata_url, const Bytes& binding,
@@ -134,10 +165,7 @@ Result<Json::Value> collect_gcp_evidence(const std::string& metadata_url, const 
           api::gcp_audience(binding) + "&format=full",
       {"Metadata-Flavor: Google"}, timeout_ms));
   if (!r.is_ok()) return r.status().with_context("GCP identity token");
-  if (r->status != 200 || !is_jwt_text(r->body)) return unavailable("GCP identity token", r.value());
-  Json::Value evidence;
-  evidence[api::field::kGcp][api::field::kGcpToken] = r->body;
-  return evidence;
+  return gcp_evidence_from(r.value());
 }
 
 Result<Json::Value> collect_azure_evidence(const std::string& metadata_url, const Bytes& binding,
@@ -148,19 +176,7 @@ Result<Json::Value> collect_azure_evidence(const std::string& metadata_url, cons
                                             api::azure_nonce(binding),
                                         {"Metadata: true"}, timeout_ms));
   if (!r.is_ok()) return r.status().with_context("Azure attested document");
-  Json::Value doc;
-  if (r->status == 200) {
-    auto parsed = parse_json_object(r->body, kMaxMetadataResponse);
-    if (parsed.is_ok()) doc = parsed.value();
-  }
-  if (!doc.isObject() || !doc["encoding"].isString() || doc["encoding"].asString() != "pkcs7" ||
-      !doc["signature"].isString() || !is_base64_text(doc["signature"].asString())) {
-    return unavailable("Azure attested document", r.value());
-  }
-  Json::Value evidence;
-  evidence[api::field::kAzure][api::field::kAzureEncoding] = "pkcs7";
-  evidence[api::field::kAzure][api::field::kAzureSignature] = doc["signature"];
-  return evidence;
+  return azure_evidence_from(r.value());
 }
 
 EvidenceCollector::EvidenceCollector(std::string metadata_url, std::optional<Platform> platform,

@@ -15,6 +15,7 @@
 
 #include "core/encoding.h"
 #include "core/status.h"
+#include "unlocker/http_client.h"
 
 namespace keygate::unlocker {
 
@@ -40,6 +41,15 @@ Result<Json::Value> collect_gcp_evidence(const std::string& metadata_url, const 
 // Returns {"azure": {"encoding": "pkcs7", "signature": "<base64>"}}.
 Result<Json::Value> collect_azure_evidence(const std::string& metadata_url, const Bytes& binding,
                                            long timeout_ms);
+
+// What one metadata answer becomes (untrusted bytes from the network; the
+// collectors above fetch, these check): the IMDSv2 session token (printable
+// ASCII, no spaces), AWS's base64 signature, GCP's JWT, Azure's attested
+// document. Anything else is kUnavailable, naming the answer's HTTP status.
+Result<std::string> aws_session_token_from(const HttpResponse& r);
+Result<Json::Value> aws_evidence_from(const HttpResponse& r);
+Result<Json::Value> gcp_evidence_from(const HttpResponse& r);
+Result<Json::Value> azure_evidence_from(const HttpResponse& r);
 
 // Evidence for the requests of one command. The platform is the configured
 // one or detected once: AWS's evidence fetch is its probe (kept for the first

@@ -30,16 +30,8 @@ size_t on_body(char* data, size_t size, size_t nmemb, void* user) {
 
 size_t on_header(char* data, size_t size, size_t nmemb, void* user) {
   auto* headers = static_cast<std::vector<std::pair<std::string, std::string>>*>(user);
-  size_t n = size * nmemb;
-  std::string line(data, n);
-  auto colon = line.find(':');
-  if (colon != std::string::npos && headers->size() < 64) {
-    std::string value = line.substr(colon + 1);
-    while (!value.empty() && (value.back() == '\r' || value.back() == '\n' || value.back() == ' '))
-      value.pop_back();
-    while (!value.empty() && value.front() == ' ') value.erase(0, 1);
-    headers->emplace_back(line.substr(0, colon), value);
-  }
+  const size_t n = size * nmemb;
+  add_header_line(std::string_view(data, n), headers);
   return n;
 }
 
@@ -70,6 +62,18 @@ void global_init() {
 }
 
 }  // namespace
+
+void add_header_line(std::string_view line,
+                     std::vector<std::pair<std::string, std::string>>* headers) {
+  const auto colon = line.find(':');
+  if (colon == std::string_view::npos || headers->size() >= kMaxResponseHeaders) return;
+  std::string_view value = line.substr(colon + 1);
+  while (!value.empty() && (value.back() == '\r' || value.back() == '\n' || value.back() == ' ')) {
+    value.remove_suffix(1);
+  }
+  while (!value.empty() && value.front() == ' ') value.remove_prefix(1);
+  headers->emplace_back(std::string(line.substr(0, colon)), std::string(value));
+}
 
 void prepare_https() {
   global_init();

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/secret.h"
@@ -17,6 +18,13 @@ struct HttpResponse {
   std::string body;
   std::vector<std::pair<std::string, std::string>> headers;
 };
+
+// One header line of an answer ("Name: value\r\n") appended to `headers`
+// as {name, value without surrounding blanks}; lines without a colon (the
+// status line, the blank end) are skipped, and so is every line after the
+// first kMaxResponseHeaders.
+constexpr size_t kMaxResponseHeaders = 64;
+void add_header_line(std::string_view line, std::vector<std::pair<std::string, std::string>>* headers);
 
 struct HttpRequest {
   std::string method = "GET";

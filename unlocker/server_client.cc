@@ -11,10 +11,6 @@
 namespace keygate::unlocker {
 namespace {
 
-struct Challenge {
-  Bytes nonce;
-};
-
 Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server,
                               const char* path, const uint8_t* body, size_t size) {
   HttpRequest req;
@@ -29,9 +25,27 @@ Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server
   req.max_response = api::kMaxResponseBody;
   auto res = session.perform(req);
   if (!res.is_ok()) return res.status();
-  auto parsed = parse_json_object(res->body, api::kMaxResponseBody);
-  if (res->status == 200) {
-    if (!parsed.is_ok()) return parsed.status().with_context(str_cat(req.url, ": response"));
+  return read_server_answer(res->status, res->body, req.url);
+}
+
+Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server,
+                              const char* path, const std::string& body) {
+  return post_json(session, server, path, reinterpret_cast<const uint8_t*>(body.data()),
+                   body.size());
+}
+
+Result<Bytes> get_challenge(HttpSession& session, const ServerEndpoint& server) {
+  auto res = post_json(session, server, api::kChallengePath, std::string("{}"));
+  if (!res.is_ok()) return res.status();
+  return read_challenge(res.value());
+}
+
+}  // namespace
+
+Result<Json::Value> read_server_answer(long status, const std::string& body, const std::string& url) {
+  auto parsed = parse_json_object(body, api::kMaxResponseBody);
+  if (status == 200) {
+    if (!parsed.is_ok()) return parsed.status().with_context(str_cat(url, ": response"));
     return parsed;
   }
   // A hostile server's words reach the console: printable, bounded.
@@ -45,30 +59,22 @@ Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server
     if (c.isString()) code = printable(c.asString(), 64);
     if (m.isString()) message = printable(m.asString(), 200);
   }
-  std::string what = str_cat(req.url, ": HTTP ", res->status, " ", code,
+  std::string what = str_cat(url, ": HTTP ", status, " ", code,
                              message.empty() ? "" : ": ", message);
-  if (res->status == 403) return Status::error(ErrorKind::kRefused, what);
-  if (res->status == 409) return Status::error(ErrorKind::kConflict, what);
-  if (res->status == 429 || res->status >= 500) return Status::error(ErrorKind::kUnavailable, what);
+  if (status == 403) return Status::error(ErrorKind::kRefused, what);
+  if (status == 409) return Status::error(ErrorKind::kConflict, what);
+  if (status == 429 || status >= 500) return Status::error(ErrorKind::kUnavailable, what);
   return Status::error(ErrorKind::kInvalidArgument, what);
 }
 
-Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server,
-                              const char* path, const std::string& body) {
-  return post_json(session, server, path, reinterpret_cast<const uint8_t*>(body.data()),
-                   body.size());
-}
-
-Result<Challenge> get_challenge(HttpSession& session, const ServerEndpoint& server) {
-  auto res = post_json(session, server, api::kChallengePath, std::string("{}"));
-  if (!res.is_ok()) return res.status();
-  auto nonce_text = json_string(res.value(), api::field::kNonce, 128);
+Result<Bytes> read_challenge(const Json::Value& answer) {
+  auto nonce_text = json_string(answer, api::field::kNonce, 128);
   if (!nonce_text.is_ok()) return nonce_text.status().with_context("challenge");
   auto nonce = base64_decode(nonce_text.value());
   if (!nonce.is_ok() || nonce->size() != api::kNonceSize) {
     return Status::error(ErrorKind::kInvalidArgument, "challenge: malformed nonce");
   }
-  return Challenge{std::move(nonce).value()};
+  return std::move(nonce).value();
 }
 
 Result<SecretBuffer> open_envelope(const Json::Value& response, const X25519KeyPair& keys,
@@ -88,7 +94,17 @@ Result<SecretBuffer> open_envelope(const Json::Value& response, const X25519KeyP
   return secret;
 }
 
-}  // namespace
+Result<Enrollment> read_registration(const Json::Value& answer, const X25519KeyPair& keys,
+                                     const Bytes& nonce) {
+  auto volume_id = json_string(answer, api::field::kVolumeId, api::kMaxVolumeIdLength);
+  if (!volume_id.is_ok() || !api::is_valid_volume_id(volume_id.value())) {
+    return Status::error(ErrorKind::kInvalidArgument, "register: malformed volume id");
+  }
+  auto secret = open_envelope(answer, keys, volume_id.value(), nonce);
+  if (!secret.is_ok()) return secret.status();
+  return Enrollment{volume_id.value(), std::move(secret).value(), answer[api::field::kPolicy]};
+}
+
 
 Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
                                            const std::string& volume_id,
@@ -102,10 +118,10 @@ Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
     if (!keys.is_ok()) return keys.status();
     Json::Value req;
     req[api::field::kVolumeId] = volume_id;
-    req[api::field::kNonce] = base64_encode(challenge->nonce);
+    req[api::field::kNonce] = base64_encode(challenge.value());
     req[api::field::kClientPublicKey] = base64_encode(keys->public_key.data(), keys->public_key.size());
     const Bytes client_public(keys->public_key.begin(), keys->public_key.end());
-    const Bytes binding = binding_value(challenge->nonce, client_public, volume_id);
+    const Bytes binding = binding_value(challenge.value(), client_public, volume_id);
     auto collected = evidence.collect(binding);
     if (!collected.is_ok()) return collected.status();
     req[api::field::kEvidence] = collected.value();
@@ -122,7 +138,7 @@ Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
       }
       return res.status();
     }
-    return open_envelope(res.value(), keys.value(), volume_id, challenge->nonce);
+    return open_envelope(res.value(), keys.value(), volume_id, challenge.value());
   }
 }
 
@@ -144,18 +160,18 @@ Result<Enrollment> register_volume(const ServerEndpoint& server,
   auto keys = X25519KeyPair::generate();
   if (!keys.is_ok()) return keys.status();
   Json::Value req;
-  req[api::field::kNonce] = base64_encode(challenge->nonce);
+  req[api::field::kNonce] = base64_encode(challenge.value());
   req[api::field::kClientPublicKey] = base64_encode(keys->public_key.data(), keys->public_key.size());
   if (evidence != nullptr) {
     // No volume id exists yet: the binding covers "".
     const Bytes client_public(keys->public_key.begin(), keys->public_key.end());
-    auto collected = evidence->collect(binding_value(challenge->nonce, client_public, ""));
+    auto collected = evidence->collect(binding_value(challenge.value(), client_public, ""));
     if (!collected.is_ok()) return collected.status();
     req[api::field::kEvidence] = collected.value();
   }
   if (tpm != nullptr) {
     const Bytes client_public(keys->public_key.begin(), keys->public_key.end());
-    auto quote = tpm->evidence(binding_value(challenge->nonce, client_public, ""), true);
+    auto quote = tpm->evidence(binding_value(challenge.value(), client_public, ""), true);
     if (!quote.is_ok()) return quote.status();
     req[api::field::kTpm] = quote.value();
   }
@@ -181,13 +197,7 @@ Result<Enrollment> register_volume(const ServerEndpoint& server,
   memcpy(p, tail.data(), tail.size());
   auto res = post_json(session, server, api::kEnrollRegisterPath, body->data(), body->size());
   if (!res.is_ok()) return res.status();
-  auto volume_id = json_string(res.value(), api::field::kVolumeId, api::kMaxVolumeIdLength);
-  if (!volume_id.is_ok() || !api::is_valid_volume_id(volume_id.value())) {
-    return Status::error(ErrorKind::kInvalidArgument, "register: malformed volume id");
-  }
-  auto secret = open_envelope(res.value(), keys.value(), volume_id.value(), challenge->nonce);
-  if (!secret.is_ok()) return secret.status();
-  return Enrollment{volume_id.value(), std::move(secret).value(), res.value()[api::field::kPolicy]};
+  return read_registration(res.value(), keys.value(), challenge.value());
 }
 
 namespace {

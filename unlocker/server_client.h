@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "core/crypto.h"
 #include "core/secret.h"
 #include "core/status.h"
 #include "unlocker/evidence.h"
@@ -55,5 +56,22 @@ Status confirm_volume(const ServerEndpoint& server, const std::string& volume_id
 // kConflict: the server had confirmed it (409 volume_active).
 Status abandon_volume(const ServerEndpoint& server, const std::string& volume_id,
                       const SecretBuffer& secret);
+
+// What the calls above make of the server's answers (untrusted bytes; split
+// out so that each is tested and fuzzed on its own):
+// An answer's status and body: the JSON object of a 200; otherwise the error
+// classified as above, with the server's code and message made printable
+// and bounded before they can reach a console.
+Result<Json::Value> read_server_answer(long status, const std::string& body, const std::string& url);
+// A challenge answer's nonce (kNonceSize bytes).
+Result<Bytes> read_challenge(const Json::Value& answer);
+// The secret in an unlock or registration answer's envelope, opened with
+// `keys` for this volume and nonce; kIntegrity if it does not open or has
+// the wrong size.
+Result<SecretBuffer> open_envelope(const Json::Value& answer, const X25519KeyPair& keys,
+                                   const std::string& volume_id, const Bytes& nonce);
+// A registration answer: its volume id (validated) and secret.
+Result<Enrollment> read_registration(const Json::Value& answer, const X25519KeyPair& keys,
+                                     const Bytes& nonce);
 
 }  // namespace keygate::unlocker
