@@ -14,8 +14,11 @@ packages=(
   libtss2-dev tpm2-tools
   # the cloud-init module and its tests (Debian's cloud-init, its Python)
   cloud-init python3-yaml
-  # the TPM parser fuzz target (libFuzzer)
+  # the fuzz targets (libFuzzer, tests/fuzz)
   clang libclang-rt-14-dev
+  # the unlocker under memcheck (tests/valgrind) and the core-dump test
+  # (gdb's gcore)
+  valgrind gdb
   cryptsetup-bin e2fsprogs openssl curl ca-certificates
   # the state-file crash test kills the server at every write, fsync and
   # rename of its first start (strace's fault injection)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Builds keygate and runs every test: unit and integration tests in a normal
-# build; the static release build of the unlocker (scripts/build-release.sh)
-# and the integration tests again against it; the TPM parser fuzz target
-# (10^6 executions); the end-to-end QEMU boot test (the release unlocker in
-# the initramfs) and cloud-init test; then unit and integration tests again
-# with AddressSanitizer + UndefinedBehaviorSanitizer. Installs what it needs
+# Builds keygate and runs every test: unit and integration tests in a
+# normal build; the unlocker's paths under valgrind (tests/valgrind/run.sh);
+# the static release build of the unlocker (scripts/build-release.sh) and
+# the integration tests again against it; a short run of each fuzz target
+# (tests/fuzz/run.sh); the end-to-end QEMU boot test (the release unlocker
+# in the initramfs) and cloud-init test; then unit and integration tests
+# again with AddressSanitizer + UndefinedBehaviorSanitizer. Installs what it
+# needs
 # first. KEYGATE_SKIP_RELEASE=1 / KEYGATE_SKIP_E2E=1 /
 # KEYGATE_SKIP_SANITIZERS=1 / KEYGATE_SKIP_FUZZ=1 skip those parts.
 set -euo pipefail
@@ -18,6 +20,9 @@ cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j "$jobs"
 echo "== test (RelWithDebInfo)"
 (cd build && ctest --output-on-failure -j 2)
+
+echo "== the unlocker under valgrind memcheck"
+tests/valgrind/run.sh build
 
 echo "== install layout (DESTDIR)"
 rm -rf build/install-root
@@ -54,8 +59,8 @@ if [ "${KEYGATE_SKIP_RELEASE:-0}" != 1 ]; then
 fi
 
 if [ "${KEYGATE_SKIP_FUZZ:-0}" != 1 ]; then
-  echo "== fuzz: TPM attest/signature/public parsers, 10^6 executions (libFuzzer, ASan, UBSan)"
-  tests/fuzz/run.sh 1000000
+  echo "== fuzz: every parser of untrusted bytes, 45 s each (libFuzzer, ASan, UBSan)"
+  tests/fuzz/run.sh --seconds 45
 fi
 
 if [ "${KEYGATE_SKIP_E2E:-0}" != 1 ]; then

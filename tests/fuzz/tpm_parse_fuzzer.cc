@@ -16,7 +16,7 @@ tpm::PublicKey* g_ak = nullptr;
 }  // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  std::ifstream in(KEYGATE_FUZZ_AK, std::ios::binary);
+  std::ifstream in(KEYGATE_FIXTURES "/tpm/gce-cos85.ak.tpmt_public.bin", std::ios::binary);
   Bytes pub((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   auto ak = tpm::parse_public(pub);
   if (!ak.is_ok()) abort();
