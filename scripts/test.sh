@@ -6,8 +6,7 @@
 # (tests/fuzz/run.sh); the end-to-end QEMU boot test (the release unlocker
 # in the initramfs) and cloud-init test; then unit and integration tests
 # again with AddressSanitizer + UndefinedBehaviorSanitizer. Installs what it
-# needs
-# first. KEYGATE_SKIP_RELEASE=1 / KEYGATE_SKIP_E2E=1 /
+# needs first. KEYGATE_SKIP_RELEASE=1 / KEYGATE_SKIP_E2E=1 /
 # KEYGATE_SKIP_SANITIZERS=1 / KEYGATE_SKIP_FUZZ=1 skip those parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
