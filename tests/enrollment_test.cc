@@ -6,7 +6,7 @@
 #include <json/reader.h>
 
 #include "core/encoding.h"
-#include "tests/lossy_proxy.h"
+#include "tests/fault_proxy.h"
 #include "server/store.h"
 
 #include <sstream>
@@ -299,13 +299,15 @@ TEST_F(KeygateTest, DescriptionsAreTextAndTheVolumeListIsUtf8) {
 // server keeps active.
 TEST_F(KeygateTest, ALostConfirmAnswerIsAskedAgainAndTheVolumeStaysEnrolled) {
   // Connection 1: challenge and register; 2: the confirm.
-  LossyProxy proxy(server_.port, [](int n) { return n == 2; });
+  FaultProxy proxy(server_.port, true, [](int n) {
+    return n == 2 ? Fault{FaultKind::kLoseAnswer} : Fault{};
+  });
   const std::string via = "https://127.0.0.1:" + std::to_string(proxy.port());
   std::string vol = new_volume_file();
   RunResult r = run({bin("keygate"), "enroll", vol, "--format", "--no-recovery", "--server", via,
                      "--ca", server_.ca(), "--enrollment-token-file", make_token(server_),
                      "--metadata-url", emulator_.url(), "--deadline", "20"});
-  EXPECT_EQ(proxy.answers_lost(), 1);
+  EXPECT_EQ(proxy.faults(), 1);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_TRUE(contains(r.err, "confirm: ")) << r.err;
   EXPECT_TRUE(contains(r.err, "asking again in")) << r.err;
@@ -324,14 +326,16 @@ TEST_F(KeygateTest, ALostConfirmAnswerIsAskedAgainAndTheVolumeStaysEnrolled) {
 // When no confirm answer arrives within the deadline the client rolls
 // back, tells the server, and says what is left to an administrator.
 TEST_F(KeygateTest, EveryConfirmAnswerLostRollsBackAndSaysWhatIsLeft) {
-  LossyProxy proxy(server_.port, [](int n) { return n >= 2; });
+  FaultProxy proxy(server_.port, true, [](int n) {
+    return n >= 2 ? Fault{FaultKind::kLoseAnswer} : Fault{};
+  });
   const std::string via = "https://127.0.0.1:" + std::to_string(proxy.port());
   std::string vol = new_volume_file();
   RunResult r = run({bin("keygate"), "enroll", vol, "--format", "--no-recovery", "--server", via,
                      "--ca", server_.ca(), "--enrollment-token-file", make_token(server_),
                      "--metadata-url", emulator_.url(), "--deadline", "3", "--timeout", "2"});
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_GE(proxy.answers_lost(), 3) << r.err;  // confirms, then the abandon
+  EXPECT_GE(proxy.faults(), 3) << r.err;  // confirms, then the abandon
   EXPECT_TRUE(contains(r.err, "confirm not answered within 3 s")) << r.err;
   EXPECT_TRUE(contains(r.err, "rolled back")) << r.err;
   EXPECT_FALSE(unlocker::LuksDevice::open(vol).is_ok());

@@ -36,9 +36,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
   auto answer = read_server_answer(status, body, "https://keys.example");
   if (!answer.is_ok()) {
-    // The server's words, as the console will show them.
+    // The server's words, as the console will show them: printable, and
+    // within printable()'s bound (each kept byte at most 4 characters, the
+    // code cut to 64 bytes, the message to 200).
     const std::string& m = answer.status().message();
-    if (m.size() > 400 || !is_display_text(m)) abort();
+    if (m.size() > 64 + 4 * (64 + 200) + 8 || !is_display_text(m)) abort();
+    for (char c : m) {
+      if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) >= 0x7f) abort();
+    }
   } else {
     (void)read_challenge(answer.value());
     const Bytes nonce(api::kNonceSize, 7);
