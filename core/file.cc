@@ -9,32 +9,61 @@
 
 namespace keygate {
 
-Status write_file_atomically(const std::string& path, std::string_view data, unsigned mode) {
-  std::string tmp = path + ".tmp";
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-  if (fd < 0) return Status::error(ErrorKind::kIo, str_cat("create ", tmp, ": ", strerror(errno)));
-  fchmod(fd, mode);
+Status AtomicFileWriter::open(const std::string& path, unsigned mode) {
+  if (fd_ >= 0) return Status::error(ErrorKind::kInternal, str_cat("write ", path, ": already open"));
+  path_ = path;
+  tmp_ = path + ".tmp";
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+  if (fd_ < 0) return Status::error(ErrorKind::kIo, str_cat("create ", tmp_, ": ", strerror(errno)));
+  fchmod(fd_, mode);
+  return Status::ok();
+}
+
+Status AtomicFileWriter::append(std::string_view data) {
+  if (fd_ < 0) return Status::error(ErrorKind::kInternal, "write: no file open");
   size_t done = 0;
   while (done < data.size()) {
-    ssize_t n = write(fd, data.data() + done, data.size() - done);
+    ssize_t n = write(fd_, data.data() + done, data.size() - done);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
-      int err = errno;
-      close(fd);
-      unlink(tmp.c_str());
-      return Status::error(ErrorKind::kIo, str_cat("write ", tmp, ": ", strerror(err)));
+      const int err = errno;
+      abandon();
+      return Status::error(ErrorKind::kIo, str_cat("write ", tmp_, ": ", strerror(err)));
     }
     done += static_cast<size_t>(n);
   }
+  return Status::ok();
+}
+
+Status AtomicFileWriter::commit() {
+  if (fd_ < 0) return Status::error(ErrorKind::kInternal, "write: no file open");
+  const int fd = fd_;
+  fd_ = -1;
   if (fsync(fd) != 0 || close(fd) != 0) {
-    unlink(tmp.c_str());
-    return Status::error(ErrorKind::kIo, str_cat("sync ", tmp, ": ", strerror(errno)));
+    const int err = errno;
+    unlink(tmp_.c_str());
+    return Status::error(ErrorKind::kIo, str_cat("sync ", tmp_, ": ", strerror(err)));
   }
-  if (rename(tmp.c_str(), path.c_str()) != 0) {
-    unlink(tmp.c_str());
-    return Status::error(ErrorKind::kIo, str_cat("rename to ", path, ": ", strerror(errno)));
+  if (rename(tmp_.c_str(), path_.c_str()) != 0) {
+    const int err = errno;
+    unlink(tmp_.c_str());
+    return Status::error(ErrorKind::kIo, str_cat("rename to ", path_, ": ", strerror(err)));
   }
-  return sync_parent_dir(path);
+  return sync_parent_dir(path_);
+}
+
+void AtomicFileWriter::abandon() {
+  if (fd_ < 0) return;
+  close(fd_);
+  fd_ = -1;
+  unlink(tmp_.c_str());
+}
+
+Status write_file_atomically(const std::string& path, std::string_view data, unsigned mode) {
+  AtomicFileWriter out;
+  KEYGATE_RETURN_IF_ERROR(out.open(path, mode));
+  KEYGATE_RETURN_IF_ERROR(out.append(data));
+  return out.commit();
 }
 
 Status sync_parent_dir(const std::string& path) {

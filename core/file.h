@@ -10,6 +10,28 @@
 
 namespace keygate {
 
+// A file written whole or not at all: the data goes to `path`.tmp, and
+// commit() fsyncs it, renames it over `path` and fsyncs the folder. Until
+// then `path` is untouched; a writer dropped (or an error) before commit
+// removes the temporary file.
+class AtomicFileWriter {
+ public:
+  AtomicFileWriter() = default;
+  ~AtomicFileWriter() { abandon(); }
+  AtomicFileWriter(const AtomicFileWriter&) = delete;
+  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
+
+  Status open(const std::string& path, unsigned mode);
+  Status append(std::string_view data);
+  Status commit();
+  void abandon();
+
+ private:
+  int fd_ = -1;
+  std::string path_;
+  std::string tmp_;
+};
+
 // Writes `data` to `path` via a temporary file, fsync, rename and an fsync
 // of the folder, with `mode`: a crash or power loss leaves either the old
 // file or the new one, never a torn one.
