@@ -4,8 +4,11 @@
 #include <algorithm>
 #include <climits>
 #include <ctime>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <functional>
+#include <optional>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -15,6 +18,8 @@
 #include "core/crypto.h"
 #include "core/json.h"
 #include "core/log.h"
+#include "core/file.h"
+#include "server/audit_chain.h"
 #include "server/aws_identity.h"
 #include "server/http_api.h"
 #include "server/key_service.h"
@@ -42,7 +47,15 @@ Commands:
                    (armed for --ttl, default 86400)
   volumes pcr-allow ID PCR=HEX [PCR=HEX ...]
                    TPM volumes: accept these values too (an allow-list)
-  audit            show the most recent audit events
+  audit            show the most recent audit events (--limit N, default 50)
+  audit verify     prove the audit trail's hash chain unbroken: prints its
+                   head (SEQ:HASH) or names the first bad record (exit 3)
+                     --head SEQ:HASH  a head kept from an earlier verify
+                                      must still be in the trail
+                     --file FILE      verify an export instead of the store
+  audit export     the whole trail as JSON lines, one record each
+                     --output FILE    write FILE (whole or not at all)
+                                      instead of standard output
   ca               print the CA certificate clients pin, and its fingerprint
 
 Common options:
@@ -99,13 +112,15 @@ token create options:
   --ttl SECONDS             token lifetime (default 3600)
   --uses N                  enrollments allowed (default 1)
 
-Exit status: 0 success, 1 failure, 2 usage or configuration error.
+Exit status: 0 success, 1 failure, 2 usage or configuration error, 3 the
+audit trail's chain is broken (audit verify, audit export).
 )";
 
 const std::set<std::string> kValueOptions = {
     "state-dir", "config",  "listen",     "port-file", "tls-san", "aws-trust-dir", "nonce-ttl",
     "log-level", "account", "region",     "image-id",  "ttl",     "uses",          "limit",
-    "gcp-jwks",  "azure-trust-dir", "evidence-max-age", "platform", "require"};
+    "gcp-jwks",  "azure-trust-dir", "evidence-max-age", "platform", "require", "head",
+    "file",      "output"};
 const std::set<std::string> kFlagOptions = {"no-default-aws-trust", "image-group", "json",
                                             "help"};
 
@@ -457,6 +472,131 @@ int cmd_audit(const Args& args, const Settings& s) {
   return 0;
 }
 
+constexpr int kExitChainBroken = 3;
+constexpr int kAuditPage = 1000;
+constexpr size_t kMaxExportLine = (1 << 20) + 1;
+
+// Feeds every stored record, in order, to `each`; stops at its first error.
+Status for_each_audit_record(Store& store, const std::function<Status(const AuditRecord&)>& each) {
+  int64_t after = 0;
+  for (;;) {
+    auto page = store.read_audit(after, kAuditPage);
+    if (!page.is_ok()) return page.status();
+    for (const AuditRecord& r : page.value()) {
+      KEYGATE_RETURN_IF_ERROR(each(r));
+      after = r.seq;
+    }
+    if (page->size() < static_cast<size_t>(kAuditPage)) return Status::ok();
+  }
+}
+
+// Feeds each line of an export to `each`, numbered from 1. A line longer
+// than any record's is refused while it is read.
+Status for_each_export_record(const std::string& path,
+                              const std::function<Status(const AuditRecord&)>& each) {
+  FILE* f = fopen(path.c_str(), "re");
+  if (f == nullptr) return Status::error(ErrorKind::kIo, str_cat("open ", path, ": ", strerror(errno)));
+  std::string line;
+  Status status;
+  int64_t number = 0;
+  auto take = [&]() -> Status {
+    ++number;
+    auto r = parse_audit_record_json(line);
+    line.clear();
+    if (!r.is_ok()) {
+      return Status::error(ErrorKind::kIntegrity, str_cat(path, " line ", number, ": ", r.status().message()));
+    }
+    return each(r.value());
+  };
+  for (int c; status.is_ok() && (c = getc(f)) != EOF;) {
+    if (c == '\n') {
+      status = take();
+    } else if (line.size() >= kMaxExportLine) {
+      status = Status::error(ErrorKind::kIntegrity,
+                             str_cat(path, " line ", number + 1, ": longer than any record (", kMaxExportLine, " bytes)"));
+    } else {
+      line.push_back(static_cast<char>(c));
+    }
+  }
+  if (status.is_ok() && ferror(f)) status = Status::error(ErrorKind::kIo, str_cat("read ", path, ": ", strerror(errno)));
+  if (status.is_ok() && !line.empty()) {
+    status = Status::error(ErrorKind::kIntegrity, str_cat(path, " line ", number + 1, ": cut short (no newline)"));
+  }
+  fclose(f);
+  return status;
+}
+
+int chain_result(const Status& s) {
+  if (s.kind() == ErrorKind::kIntegrity) {
+    log_error(str_cat("audit trail broken: ", s.message()));
+    return kExitChainBroken;
+  }
+  return fail(s);
+}
+
+int cmd_audit_verify(const Args& args, const Settings& s) {
+  std::optional<AuditHead> expected;
+  if (args.has("head")) {
+    auto head = parse_audit_head(args.get("head"));
+    if (!head.is_ok()) return fail(head.status());
+    expected = std::move(head).value();
+  }
+  AuditChainVerifier verifier(expected);
+  auto add = [&](const AuditRecord& r) { return verifier.add(r); };
+  Status read;
+  if (args.has("file")) {
+    read = for_each_export_record(args.get("file"), add);
+  } else {
+    auto store = open_store(s);
+    if (!store.is_ok()) return fail(store.status());
+    read = for_each_audit_record(*store.value(), add);
+  }
+  if (!read.is_ok()) return chain_result(read);
+  if (Status done = verifier.finish(); !done.is_ok()) return chain_result(done);
+  if (verifier.count() == 0) {
+    printf("audit trail intact: empty\n");
+  } else {
+    printf("audit trail intact: %lld records; head %s\n", static_cast<long long>(verifier.count()),
+           format_audit_head(verifier.head()).c_str());
+  }
+  return 0;
+}
+
+// Every record as stored, checked on the way: a broken chain is still
+// exported whole (it is the evidence), and said (exit 3).
+int cmd_audit_export(const Args& args, const Settings& s) {
+  auto store = open_store(s);
+  if (!store.is_ok()) return fail(store.status());
+  const bool to_file = args.has("output");
+  AtomicFileWriter file;
+  if (to_file) {
+    if (Status opened = file.open(args.get("output"), 0600); !opened.is_ok()) return fail(opened);
+  }
+  AuditChainVerifier verifier;
+  int64_t exported = 0;
+  AuditRecord last;
+  Status written = for_each_audit_record(*store.value(), [&](const AuditRecord& r) -> Status {
+    (void)verifier.add(r);
+    ++exported;
+    last = r;
+    const std::string line = audit_record_json(r) + "\n";
+    if (to_file) return file.append(line);
+    if (fwrite(line.data(), 1, line.size(), stdout) != line.size()) {
+      return Status::error(ErrorKind::kIo, str_cat("write standard output: ", strerror(errno)));
+    }
+    return Status::ok();
+  });
+  if (written.is_ok() && !to_file && fflush(stdout) != 0) {
+    written = Status::error(ErrorKind::kIo, str_cat("write standard output: ", strerror(errno)));
+  }
+  if (written.is_ok() && to_file) written = file.commit();
+  if (!written.is_ok()) return fail(written);
+  fprintf(stderr, "exported %lld records%s%s\n", static_cast<long long>(exported),
+          exported > 0 ? "; last " : "", exported > 0 ? format_audit_head(last).c_str() : "");
+  if (Status chain = verifier.finish(); !chain.is_ok()) return chain_result(chain);
+  return 0;
+}
+
 int cmd_ca(const Settings& s) {
   auto ca = read_small_file(s.state_dir + "/ca.pem", 64 * 1024);
   if (!ca.is_ok()) return fail(ca.status().with_context("start the server once to create it"));
@@ -513,6 +653,12 @@ int main(int argc, char** argv) {
     return cmd_volumes_pcr_allow(args.value(), settings.value());
   }
   if (cmd == "audit" && pos.size() == 1) return cmd_audit(args.value(), settings.value());
+  if (cmd == "audit" && sub == "verify" && pos.size() == 2) {
+    return cmd_audit_verify(args.value(), settings.value());
+  }
+  if (cmd == "audit" && sub == "export" && pos.size() == 2) {
+    return cmd_audit_export(args.value(), settings.value());
+  }
   if (cmd == "ca" && pos.size() == 1) return cmd_ca(settings.value());
   log_error(str_cat("unknown command '", cmd, sub.empty() ? "" : " ", sub, "'"));
   fputs(kUsage, stderr);

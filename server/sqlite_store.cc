@@ -1,12 +1,16 @@
 #include <sqlite3.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <condition_variable>
+#include <functional>
+#include <ctime>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
 
+#include "server/audit_chain.h"
 #include "server/store.h"
 
 namespace keygate::server {
@@ -52,9 +56,17 @@ CREATE TABLE IF NOT EXISTS audit (
   outcome TEXT NOT NULL,
   volume_id TEXT NOT NULL,
   peer TEXT NOT NULL,
-  detail TEXT NOT NULL
+  detail TEXT NOT NULL,
+  prev_hash BLOB NOT NULL DEFAULT x'',
+  hash BLOB NOT NULL DEFAULT x''
 );
 )sql";
+
+// A trail written before the hash chain gains its two columns; its records
+// are chained as they are found, in one transaction with that change.
+constexpr char kAddChainColumns[] =
+    "ALTER TABLE audit ADD COLUMN prev_hash BLOB NOT NULL DEFAULT x''; "
+    "ALTER TABLE audit ADD COLUMN hash BLOB NOT NULL DEFAULT x'';";
 
 // The store's prepared statements, each compiled once: parsing the SQL
 // again for every request cost more than running it. Used under the store's
@@ -220,10 +232,7 @@ class SqliteStore final : public Store {
   Status record_enrollment(const Bytes* token_hash, int64_t now, const VolumeRecord& record,
                            const AuditEvent& event) override {
     std::lock_guard<std::mutex> lock(mu_);
-    if (sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK) {
-      return db_error("begin enrollment");
-    }
-    Status status = [&]() -> Status {
+    return in_transaction("enrollment", [&]() -> Status {
       if (token_hash != nullptr) {
         Stmt s(stmts_,
                "UPDATE enrollment_tokens SET uses_left = uses_left - 1 "
@@ -238,12 +247,7 @@ class SqliteStore final : public Store {
       }
       KEYGATE_RETURN_IF_ERROR(insert_volume_locked(record));
       return insert_audit_locked(event);
-    }();
-    if (status.is_ok() && sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
-      status = db_error("commit enrollment");
-    }
-    if (!status.is_ok()) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
-    return status;
+    });
   }
 
   Status insert_volume(const VolumeRecord& r) override {
@@ -340,11 +344,8 @@ class SqliteStore final : public Store {
   Result<std::vector<std::string>> expire_pending(int64_t created_before, int64_t now,
                                                   const AuditEvent& event) override {
     std::lock_guard<std::mutex> lock(mu_);
-    if (sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK) {
-      return db_error("begin expiry");
-    }
     std::vector<std::string> ids;
-    Status status = [&]() -> Status {
+    Status status = in_transaction("expiry", [&]() -> Status {
       Stmt s(stmts_,
              "UPDATE volumes SET state = 'revoked', updated_at = ? "
              "WHERE state = 'pending' AND created_at < ? RETURNING id");
@@ -360,14 +361,8 @@ class SqliteStore final : public Store {
         KEYGATE_RETURN_IF_ERROR(insert_audit_locked(e));
       }
       return Status::ok();
-    }();
-    if (status.is_ok() && sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
-      status = db_error("commit expiry");
-    }
-    if (!status.is_ok()) {
-      sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
-      return status;
-    }
+    });
+    if (!status.is_ok()) return status;
     return ids;
   }
 
@@ -416,9 +411,89 @@ class SqliteStore final : public Store {
     return out;
   }
 
+  Result<std::vector<AuditRecord>> read_audit(int64_t after_seq, int limit) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(stmts_,
+           "SELECT seq, time, event, outcome, volume_id, peer, detail, prev_hash, hash FROM audit "
+           "WHERE seq > ? ORDER BY seq LIMIT ?");
+    if (!s.ok()) return db_error("prepare audit read");
+    s.bind(1, after_seq);
+    s.bind(2, static_cast<int64_t>(limit));
+    std::vector<AuditRecord> out;
+    int rc;
+    while ((rc = s.step()) == SQLITE_ROW) {
+      out.push_back(AuditRecord{s.integer(0),
+                                AuditEvent{s.integer(1), s.text(2), s.text(3), s.text(4), s.text(5), s.text(6)},
+                                s.blob(7), s.blob(8)});
+    }
+    if (rc != SQLITE_DONE) return db_error("read audit");
+    return out;
+  }
+
+  // Chains a trail that predates the hash chain (its table has no hash
+  // column): each record as found, in order, then one record saying so. All
+  // in one transaction with adding the columns: a crash leaves the old
+  // trail, and the next start does it again.
+  Status chain_unchained_trail() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return in_transaction("chaining the audit trail", [&]() -> Status {
+      sqlite3_stmt* probe = nullptr;
+      const bool chained =
+          sqlite3_prepare_v2(db_, "SELECT hash FROM audit LIMIT 0", -1, &probe, nullptr) == SQLITE_OK;
+      sqlite3_finalize(probe);
+      if (chained) return Status::ok();
+      if (sqlite3_exec(db_, kAddChainColumns, nullptr, nullptr, nullptr) != SQLITE_OK) {
+        return db_error("add the audit chain's columns");
+      }
+      std::vector<AuditRecord> found;
+      {
+        Stmt s(stmts_, "SELECT seq, time, event, outcome, volume_id, peer, detail FROM audit ORDER BY seq");
+        if (!s.ok()) return db_error("prepare unchained audit read");
+        int rc;
+        while ((rc = s.step()) == SQLITE_ROW) {
+          found.push_back(AuditRecord{s.integer(0),
+                                      AuditEvent{s.integer(1), s.text(2), s.text(3), s.text(4), s.text(5), s.text(6)},
+                                      {}, {}});
+        }
+        if (rc != SQLITE_DONE) return db_error("read unchained audit");
+      }
+      const AuditRecord* head = nullptr;
+      for (AuditRecord& r : found) {
+        r = chain_audit_record(head, r.seq, std::move(r.event));
+        Stmt u(stmts_,
+               "UPDATE audit SET event = ?, outcome = ?, volume_id = ?, peer = ?, detail = ?, "
+               "prev_hash = ?, hash = ? WHERE seq = ?");
+        if (!u.ok()) return db_error("prepare audit chaining");
+        bind_chained_fields(u, 1, r);
+        u.bind(8, r.seq);
+        if (u.step() != SQLITE_DONE) return db_error("chain audit record");
+        head = &r;
+      }
+      return insert_audit_locked(AuditEvent{
+          static_cast<int64_t>(::time(nullptr)), "audit.chain", "ok", "", "local",
+          str_cat("hash chain begun; the ", found.size(), " records before this one are chained as found")});
+    });
+  }
+
  private:
   Status db_error(const char* what) {
     return Status::error(ErrorKind::kIo, str_cat("store: ", what, ": ", sqlite3_errmsg(db_)));
+  }
+
+  // Runs `body` in one write transaction (BEGIN IMMEDIATE: the write lock
+  // is taken first, so no other writer, in this process or another, comes
+  // between) and commits it, or rolls all of it back if `body` or the
+  // commit fails. mu_ held.
+  Status in_transaction(const char* what, const std::function<Status()>& body) {
+    if (sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK) {
+      return db_error(str_cat("begin ", what).c_str());
+    }
+    Status status = body();
+    if (status.is_ok() && sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
+      status = db_error(str_cat("commit ", what).c_str());
+    }
+    if (!status.is_ok()) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+    return status;
   }
 
   Result<VolumeRecord> read_volume(Stmt& s) {
@@ -437,30 +512,63 @@ class SqliteStore final : public Store {
 
   Status commit_audit_group(const std::vector<AuditEvent>& events) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK) {
-      return db_error("begin audit group");
-    }
-    Status status;
-    for (size_t i = 0; status.is_ok() && i < events.size(); ++i) status = insert_audit_locked(events[i]);
-    if (status.is_ok() && sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
-      status = db_error("commit audit group");
-    }
-    if (!status.is_ok()) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
-    return status;
+    return in_transaction("audit group", [&]() -> Status {
+      for (const AuditEvent& e : events) KEYGATE_RETURN_IF_ERROR(insert_audit_locked(e));
+      return Status::ok();
+    });
   }
 
-  // One audit row, inside the caller's transaction (mu_ held).
+  // A record's text fields and hashes, as statement parameters `at` to
+  // `at` + 6: event, outcome, volume_id, peer, detail, prev_hash, hash.
+  static void bind_chained_fields(Stmt& s, int at, const AuditRecord& r) {
+    s.bind(at, r.event.event);
+    s.bind(at + 1, r.event.outcome);
+    s.bind(at + 2, r.event.volume_id);
+    s.bind(at + 3, r.event.peer);
+    s.bind(at + 4, r.event.detail);
+    s.bind(at + 5, r.prev_hash);
+    s.bind(at + 6, r.hash);
+  }
+
+  // One audit row chained onto the trail's head, inside the caller's
+  // transaction (mu_ held; BEGIN IMMEDIATE, so no other writer, in this
+  // process or another, moves the head meanwhile). Its number is one past
+  // the highest ever given (sqlite_sequence): records cut from the end show
+  // as a gap once the next is written.
   Status insert_audit_locked(const AuditEvent& e) {
+    AuditRecord head;
+    bool have_head = false;
+    {
+      Stmt h(stmts_, "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1");
+      if (!h.ok()) return db_error("prepare audit head");
+      int rc = h.step();
+      if (rc == SQLITE_ROW) {
+        head.seq = h.integer(0);
+        head.hash = h.blob(1);
+        have_head = true;
+      } else if (rc != SQLITE_DONE) {
+        return db_error("read audit head");
+      }
+    }
+    int64_t last = head.seq;
+    {
+      Stmt q(stmts_, "SELECT seq FROM sqlite_sequence WHERE name = 'audit'");
+      if (!q.ok()) return db_error("prepare audit sequence");
+      int rc = q.step();
+      if (rc == SQLITE_ROW) {
+        last = std::max(last, q.integer(0));
+      } else if (rc != SQLITE_DONE) {
+        return db_error("read audit sequence");
+      }
+    }
+    const AuditRecord r = chain_audit_record(have_head ? &head : nullptr, last + 1, e);
     Stmt s(stmts_,
-           "INSERT INTO audit(time, event, outcome, volume_id, peer, detail) "
-           "VALUES(?, ?, ?, ?, ?, ?)");
+           "INSERT INTO audit(seq, time, event, outcome, volume_id, peer, detail, prev_hash, hash) "
+           "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)");
     if (!s.ok()) return db_error("prepare audit insert");
-    s.bind(1, e.time);
-    s.bind(2, e.event);
-    s.bind(3, e.outcome);
-    s.bind(4, e.volume_id);
-    s.bind(5, e.peer);
-    s.bind(6, e.detail);
+    s.bind(1, r.seq);
+    s.bind(2, r.event.time);
+    bind_chained_fields(s, 3, r);
     if (s.step() != SQLITE_DONE) return db_error("insert audit");
     return Status::ok();
   }
@@ -506,7 +614,10 @@ Result<std::unique_ptr<Store>> open_sqlite_store(const std::string& path) {
     return Status::error(ErrorKind::kIo, str_cat("initialise store ", path, ": ", msg));
   }
   chmod(path.c_str(), 0600);
-  return std::unique_ptr<Store>(new SqliteStore(db));
+  auto store = std::make_unique<SqliteStore>(db);
+  Status chained = store->chain_unchained_trail();
+  if (!chained.is_ok()) return chained.with_context(str_cat("initialise store ", path));
+  return std::unique_ptr<Store>(std::move(store));
 }
 
 }  // namespace keygate::server

@@ -1,5 +1,7 @@
 // The key store: volume records (secret sealed under the KEK), single-use
-// nonces, enrollment tokens (only their hashes) and the audit trail.
+// nonces, enrollment tokens (only their hashes) and the audit trail, a hash
+// chain: every write that appends events chains them onto the trail's head
+// inside its own transaction.
 // Store is the interface; SqliteStore is the embedded default.
 #pragma once
 
@@ -33,6 +35,15 @@ struct AuditEvent {
   std::string volume_id;
   std::string peer;
   std::string detail;  // never a secret
+};
+
+// An event as the trail keeps it: numbered from 1 and chained (see
+// server/audit_chain.h).
+struct AuditRecord {
+  int64_t seq = 0;
+  AuditEvent event;
+  Bytes prev_hash;  // the previous record's hash; 32 zero bytes for the first
+  Bytes hash;
 };
 
 class Store {
@@ -78,6 +89,9 @@ class Store {
 
   virtual Status append_audit(const AuditEvent& event) = 0;
   virtual Result<std::vector<AuditEvent>> recent_audit(int limit) = 0;
+  // Up to `limit` records with seq > `after_seq`, in order, as stored (a
+  // tampered record is returned as it is, for the verifier to find).
+  virtual Result<std::vector<AuditRecord>> read_audit(int64_t after_seq, int limit) = 0;
 };
 
 // Opens (creating if needed) the SQLite store at `path`, file mode 0600.

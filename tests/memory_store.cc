@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "server/audit_chain.h"
+
 namespace keygate::server {
 
 void MemoryStore::fail(Op op, Status status) {
@@ -82,7 +84,7 @@ Status MemoryStore::record_enrollment(const Bytes* token_hash, int64_t now, cons
   if (token != nullptr) --token->uses_left;
   volumes_.emplace(record.id, record);
   volume_order_.push_back(record.id);
-  audit_.push_back(event);
+  push_audit_locked(event);
   return Status::ok();
 }
 
@@ -158,7 +160,7 @@ Result<std::vector<std::string>> MemoryStore::expire_pending(int64_t created_bef
     v.updated_at = now;
     AuditEvent e = event;
     e.volume_id = id;
-    audit_.push_back(e);
+    push_audit_locked(e);
     ids.push_back(id);
   }
   return ids;
@@ -167,7 +169,7 @@ Result<std::vector<std::string>> MemoryStore::expire_pending(int64_t created_bef
 Status MemoryStore::append_audit(const AuditEvent& event) {
   std::lock_guard<std::mutex> lock(mu_);
   KEYGATE_RETURN_IF_ERROR(injected(Op::kAppendAudit));
-  audit_.push_back(event);
+  push_audit_locked(event);
   return Status::ok();
 }
 
@@ -175,7 +177,24 @@ Result<std::vector<AuditEvent>> MemoryStore::recent_audit(int limit) {
   std::lock_guard<std::mutex> lock(mu_);
   KEYGATE_RETURN_IF_ERROR(injected(Op::kRecentAudit));
   const size_t n = std::min(audit_.size(), static_cast<size_t>(std::max(limit, 0)));
-  return std::vector<AuditEvent>(audit_.end() - static_cast<std::ptrdiff_t>(n), audit_.end());
+  std::vector<AuditEvent> out;
+  for (size_t i = audit_.size() - n; i < audit_.size(); ++i) out.push_back(audit_[i].event);
+  return out;
+}
+
+Result<std::vector<AuditRecord>> MemoryStore::read_audit(int64_t after_seq, int limit) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kRecentAudit));
+  std::vector<AuditRecord> out;
+  for (const AuditRecord& r : audit_) {
+    if (r.seq > after_seq && out.size() < static_cast<size_t>(std::max(limit, 0))) out.push_back(r);
+  }
+  return out;
+}
+
+void MemoryStore::push_audit_locked(const AuditEvent& event) {
+  const AuditRecord* head = audit_.empty() ? nullptr : &audit_.back();
+  audit_.push_back(chain_audit_record(head, head == nullptr ? 1 : head->seq + 1, event));
 }
 
 }  // namespace keygate::server

@@ -27,7 +27,7 @@ class MemoryStore final : public Store {
     kListVolumes,
     kExpirePending,
     kAppendAudit,
-    kRecentAudit,
+    kRecentAudit,  // also read_audit
   };
   // Every later call of `op` fails with `status`; Status::ok() clears it.
   void fail(Op op, Status status);
@@ -51,9 +51,11 @@ class MemoryStore final : public Store {
                                                   const AuditEvent& event) override;
   Status append_audit(const AuditEvent& event) override;
   Result<std::vector<AuditEvent>> recent_audit(int limit) override;
+  Result<std::vector<AuditRecord>> read_audit(int64_t after_seq, int limit) override;
 
  private:
   Status injected(Op op);
+  void push_audit_locked(const AuditEvent& event);  // mu_ held
 
   struct Token {
     std::string template_json;
@@ -66,7 +68,7 @@ class MemoryStore final : public Store {
   std::map<Bytes, Token> tokens_;
   std::map<std::string, VolumeRecord> volumes_;
   std::vector<std::string> volume_order_;
-  std::vector<AuditEvent> audit_;
+  std::vector<AuditRecord> audit_;
 };
 
 }  // namespace keygate::server

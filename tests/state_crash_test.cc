@@ -100,5 +100,64 @@ TEST_F(StateCrashTest, FirstStartKilledAtEveryStepLeavesAStartableState) {
   EXPECT_GT(kills, 40) << "the first starts were not killed where they should have been";
 }
 
+// A store from before the audit hash chain, opened by this version
+// (`audit verify` opens it like the server does), killed at every step of
+// chaining its trail: what is left is the old trail as it was, or the whole
+// chain; the next open finishes the work, with no record lost or doubled.
+TEST_F(StateCrashTest, ChainingAnOldTrailKilledAtEveryStepLosesNothing) {
+  auto old_store = [&](const std::string& name) {
+    const std::string state = dir_ + "/" + unique(name);
+    EXPECT_EQ(mkdir(state.c_str(), 0700), 0);
+    sqlite3* db = nullptr;
+    EXPECT_EQ(sqlite3_open((state + "/keygate.db").c_str(), &db), SQLITE_OK);
+    std::string sql =
+        "PRAGMA journal_mode=WAL; CREATE TABLE audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, time INTEGER NOT NULL, "
+        "event TEXT NOT NULL, outcome TEXT NOT NULL, volume_id TEXT NOT NULL, peer TEXT NOT NULL, "
+        "detail TEXT NOT NULL);";
+    for (int i = 1; i <= 40; ++i) {
+      sql += str_cat("INSERT INTO audit(time, event, outcome, volume_id, peer, detail) VALUES(", i,
+                     ", 'unlock', 'released', 'vol-", i, "', '127.0.0.1', 'aws i-", i, "');");
+    }
+    EXPECT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr), SQLITE_OK);
+    sqlite3_close(db);
+    return state;
+  };
+  auto verify = [&](const std::string& state, const std::string& strace_args) {
+    return run({"bash", "-c", "strace -f -qq " + strace_args + " '" + bin("keygate-server") +
+                                  "' audit verify --state-dir '" + state + "'"});
+  };
+  const std::string counted = old_store("chain-counted");
+  const std::string trace_log = counted + ".trace";
+  RunResult clean = verify(counted, std::string("-o '") + trace_log + "' -e trace=" + kSteps);
+  ASSERT_EQ(clean.exit_code, 0) << clean.err;
+  ASSERT_TRUE(contains(clean.out, "intact: 41 records")) << clean.out;
+  std::map<std::string, int> counts;
+  std::istringstream lines(read_file(trace_log));
+  for (std::string line; std::getline(lines, line);) {
+    const size_t space = line.find(' '), paren = line.find('(');
+    if (space == std::string::npos || paren == std::string::npos || paren < space) continue;
+    const size_t call = line.find_first_not_of(' ', space);
+    ++counts[line.substr(call, paren - call)];
+  }
+  ASSERT_GT(counts["pwrite64"] + counts["write"], 3) << read_file(trace_log);
+  int kills = 0;
+  for (const auto& [call, count] : counts) {
+    for (int n = 1; n <= count; ++n) {
+      const std::string step = str_cat(call, " #", n);
+      const std::string state = old_store("chain-killed");
+      RunResult killed = verify(state, str_cat("-o /dev/null -e trace=", call, " -e inject=", call,
+                                               ":signal=KILL:when=", n));
+      if (killed.exit_code != 0) ++kills;
+      RunResult after = verify(state, "-o /dev/null -e trace=none");
+      EXPECT_EQ(after.exit_code, 0) << "after a kill at " << step << ": " << after.err;
+      EXPECT_TRUE(contains(after.out, "intact: 41 records")) << "after a kill at " << step << ": " << after.out;
+      RunResult shown = run({bin("keygate-server"), "audit", "--state-dir", state, "--limit", "100"});
+      EXPECT_TRUE(contains(shown.out, "unlock released volume=vol-40 peer=127.0.0.1 aws i-40")) << step << shown.out;
+      if (HasFailure()) return;
+    }
+  }
+  EXPECT_GT(kills, 3) << "the chaining was not killed where it should have been";
+}
+
 }  // namespace
 }  // namespace keygate::testing

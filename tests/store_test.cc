@@ -1,4 +1,5 @@
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -7,6 +8,7 @@
 #include <thread>
 
 #include "core/crypto.h"
+#include "server/audit_chain.h"
 #include "server/key_service.h"
 #include "server/state_files.h"
 #include "server/store.h"
@@ -226,6 +228,111 @@ TEST_P(StoreContract, ConcurrentAuditAppendsAreAllKeptInOrder) {
     EXPECT_EQ(e.detail, std::to_string(next[e.volume_id]++)) << e.volume_id;
   }
   EXPECT_EQ(next.size(), static_cast<size_t>(kThreads));
+}
+
+// The trail as read back, verified as `audit verify` does it.
+Status verify_trail(Store& store, int64_t* count = nullptr) {
+  AuditChainVerifier v;
+  int64_t after = 0;
+  for (;;) {
+    auto page = store.read_audit(after, 7);  // a small page: paging is tested too
+    if (!page.is_ok()) return page.status();
+    for (const AuditRecord& r : page.value()) {
+      KEYGATE_RETURN_IF_ERROR(v.add(r));
+      after = r.seq;
+    }
+    if (page->size() < 7) break;
+  }
+  if (count != nullptr) *count = v.count();
+  return v.finish();
+}
+
+// Every write that puts an event on the trail chains it: enrollments,
+// expiries and appends from many threads at once (group commit), in one
+// unbroken chain numbered from 1.
+TEST_P(StoreContract, EveryAuditedWriteIsChained) {
+  Bytes h = sha256("token");
+  ASSERT_TRUE(store_->create_enrollment_token(h, "{}", 100, 5).is_ok());
+  ASSERT_TRUE(store_->record_enrollment(&h, 10, pending_volume("a"), registered("a")).is_ok());
+  ASSERT_FALSE(store_->record_enrollment(&h, 10, pending_volume("a"), registered("a")).is_ok());  // rolled back
+  ASSERT_TRUE(store_->expire_pending(5, 20, AuditEvent{20, "enroll.expire", "ok", "", "local", ""}).is_ok());
+  ASSERT_TRUE(store_->expire_pending(50, 20, AuditEvent{20, "enroll.expire", "ok", "", "local", ""}).is_ok());
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 25; ++i) {
+        (void)store_->append_audit(AuditEvent{i, "unlock", "released", "v" + std::to_string(t), "p", "\xff"});
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  int64_t count = 0;
+  Status s = verify_trail(*store_, &count);
+  EXPECT_TRUE(s.is_ok()) << s.message();
+  EXPECT_EQ(count, 2 + 8 * 25);
+  auto first = store_->read_audit(0, 1);
+  ASSERT_EQ(first->size(), 1u);
+  EXPECT_EQ(first.value()[0].seq, 1);
+  EXPECT_EQ(first.value()[0].prev_hash, audit_genesis_hash());
+}
+
+std::string sql(sqlite3* db, const std::string& statement) {
+  char* err = nullptr;
+  const int rc = sqlite3_exec(db, statement.c_str(), nullptr, nullptr, &err);
+  std::string msg = rc == SQLITE_OK ? "" : (err ? err : "error");
+  sqlite3_free(err);
+  return msg;
+}
+
+// Records cut from the end of the trail leave no break by themselves; the
+// next record written shows the gap, because its number comes from the
+// highest ever given, not from what is left.
+TEST_F(StoreTest, ATrailCutBackShowsAGapOnceTheNextRecordIsWritten) {
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(store_->append_audit(AuditEvent{i, "unlock", "released", "v", "p", ""}).is_ok());
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((dir_ + "/keygate.db").c_str(), &db), SQLITE_OK);
+  EXPECT_EQ(sql(db, "DELETE FROM audit WHERE seq > 3"), "");
+  sqlite3_close(db);
+  EXPECT_TRUE(verify_trail(*store_).is_ok());
+  ASSERT_TRUE(store_->append_audit(AuditEvent{9, "unlock", "released", "v", "p", ""}).is_ok());
+  const Status s = verify_trail(*store_);
+  EXPECT_TRUE(s.message().find("record 6 (") != std::string::npos) << s.message();
+  EXPECT_TRUE(s.message().find("records 4 to 5 are missing") != std::string::npos) << s.message();
+}
+
+// A store written before the chain existed: opened by this version, its
+// records are chained as found, in order, with one record saying so; its
+// next writes follow on; opening it again changes nothing.
+TEST_F(StoreTest, ATrailFromBeforeTheChainIsChainedOnOpen) {
+  store_.reset();
+  const std::string path = dir_ + "/old.db";
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  EXPECT_EQ(sql(db,
+                "CREATE TABLE audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, time INTEGER NOT NULL, "
+                "event TEXT NOT NULL, outcome TEXT NOT NULL, volume_id TEXT NOT NULL, peer TEXT NOT NULL, "
+                "detail TEXT NOT NULL);"
+                "INSERT INTO audit(time, event, outcome, volume_id, peer, detail) VALUES"
+                "(1, 'token.create', 'ok', '', 'local', 'aws'),"
+                "(2, 'enroll.register', 'ok', 'vol-1', '127.0.0.1', 'by token'),"
+                "(3, 'unlock', 'released', 'vol-1', '127.0.0.1', CAST(x'6e6f7420ff' AS TEXT));"),
+            "");
+  sqlite3_close(db);
+  for (int open = 0; open < 2; ++open) {
+    auto reopened = open_sqlite_store(path);
+    ASSERT_TRUE(reopened.is_ok()) << reopened.status().message();
+    int64_t count = 0;
+    Status s = verify_trail(*reopened.value(), &count);
+    EXPECT_TRUE(s.is_ok()) << s.message();
+    EXPECT_EQ(count, 4 + open);
+    auto trail = reopened.value()->read_audit(0, 10).value();
+    ASSERT_GE(trail.size(), 4u);
+    EXPECT_EQ(trail[2].event.event, "unlock");
+    EXPECT_EQ(trail[2].event.detail, "not \xef\xbf\xbd");  // made UTF-8, as hashed
+    EXPECT_EQ(trail[3].event.event, "audit.chain");
+    EXPECT_TRUE(trail[3].event.detail.find("the 3 records before") != std::string::npos) << trail[3].event.detail;
+    ASSERT_TRUE(reopened.value()->append_audit(AuditEvent{9, "unlock", "released", "vol-1", "p", ""}).is_ok());
+  }
 }
 
 TEST_F(StoreTest, SealedSecretIsBoundToKekAndVolume) {
