@@ -86,3 +86,25 @@ write("settings", "rules", json.dumps({"enroll_by_attestation": [
     {"platform": "gcp", "require": {"project_id": "p"}},
     {"platform": "azure", "require": {"subscription_id": "s"}, "image_group": True}],
     "tls_san": ["DNS:a", "IP:10.0.0.1"], "nonce_ttl": 30, "evidence_max_age": 600}))
+
+# audit_record: export lines (the chain's encoding, server/audit_chain.h).
+def audit_line(seq, time, event, outcome, volume_id, peer, detail, prev):
+    def field(b):
+        return len(b).to_bytes(8, "big") + b
+    enc = field(b"keygate-audit-v1") + seq.to_bytes(8, "big") + time.to_bytes(8, "big", signed=True)
+    for f in (event, outcome, volume_id, peer, detail):
+        enc += field(f.encode())
+    enc += field(prev)
+    digest = hashlib.sha256(enc).digest()
+    line = json.dumps({"detail": detail, "event": event, "hash": digest.hex(), "outcome": outcome,
+                       "peer": peer, "prev": prev.hex(), "seq": seq, "time": time, "volume_id": volume_id},
+                      separators=(",", ":"), ensure_ascii=False)
+    return line, digest
+
+
+first, first_hash = audit_line(1, 1764806400, "unlock", "released", "vol-1", "127.0.0.1", "aws 123 i-1", bytes(32))
+write("audit_record", "first", first)
+second, _ = audit_line(2, 1764806401, "enroll.register", "refused", "", "10.0.0.9",
+                       "platform \u00e9\u001b[2J\n quoted \"x\" \\ end", first_hash)
+write("audit_record", "escaped", second)
+write("audit_record", "head", "1:" + first_hash.hex())
