@@ -289,6 +289,10 @@ Checked<ApiResponse> KeyService::serve_unlock(Call& call, std::string_view body)
     return refused(api::kErrPolicyDenied, "instance does not satisfy the volume's policy",
                    str_cat(allowed.message(), " (", identity->summary(), ")"));
   }
+  if (policy->revokes(identity.value())) {
+    return refused(api::kErrRevoked, "this instance's access to the volume has been revoked",
+                   str_cat("instance revoked from the image group (", identity->summary(), ")"));
+  }
   if (policy->tpm) {
     if (auto r = check_tpm(call, record.value(), policy.value(), request.value(), attested.value())) {
       return *r;

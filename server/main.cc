@@ -38,8 +38,11 @@ Commands:
   serve            run the HTTPS key server
   token create     create an enrollment token (printed once)
   volumes list     list enrolled volumes
-  volumes revoke ID
-                   refuse every future unlock of volume ID
+  volumes revoke ID [--instance INSTANCE]
+                   refuse every future unlock of volume ID; with
+                   --instance, of an image group's volume: refuse only
+                   that instance (its instance_id claim; Azure: vm_id),
+                   the group's others still unlock it
   volumes accept-next ID [--ttl SECONDS]
                    TPM volumes, before a planned kernel/firmware update: the
                    next otherwise valid unlock with other PCR values is
@@ -119,7 +122,7 @@ audit trail's chain is broken (audit verify, audit export).
 const std::set<std::string> kValueOptions = {
     "state-dir", "config",  "listen",     "port-file", "tls-san", "aws-trust-dir", "nonce-ttl",
     "log-level", "account", "region",     "image-id",  "ttl",     "uses",          "limit",
-    "gcp-jwks",  "azure-trust-dir", "evidence-max-age", "platform", "require", "head",
+    "gcp-jwks",  "azure-trust-dir", "evidence-max-age", "platform", "require", "head", "instance",
     "file",      "output"};
 const std::set<std::string> kFlagOptions = {"no-default-aws-trust", "image-group", "json",
                                             "help"};
@@ -348,11 +351,14 @@ int cmd_volumes_list(const Args& args, const Settings& s) {
   return 0;
 }
 
+int cmd_volumes_revoke_instance(const std::string& id, const std::string& instance, const Settings& s);
+
 int cmd_volumes_revoke(const Args& args, const Settings& s) {
   if (args.positional().size() != 3) {
-    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: volumes revoke VOLUME_ID"));
+    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: volumes revoke VOLUME_ID [--instance ID]"));
   }
   const std::string& id = args.positional()[2];
+  if (args.has("instance")) return cmd_volumes_revoke_instance(id, args.get("instance"), s);
   auto store = open_store(s);
   if (!store.is_ok()) return fail(store.status());
   SystemClock clock;
@@ -371,10 +377,12 @@ int cmd_volumes_revoke(const Args& args, const Settings& s) {
   return 0;
 }
 
-// Reads volume ID's TPM policy, lets `change` edit it, and stores it back
-// (compare-and-swap: a concurrent unlock's accept-next is not overwritten).
-int edit_tpm_policy(const Settings& s, const std::string& id, const char* event,
-                    const std::function<Status(TpmPolicy&, int64_t now, std::string* detail)>& change) {
+// Reads volume ID's policy, lets `change` edit it, and stores it back
+// (compare-and-swap: a concurrent unlock's accept-next is not overwritten),
+// on the audit trail as `event` with the detail `change` gives. `change`
+// may leave *detail empty: nothing to do, nothing stored or audited.
+int edit_policy(const Settings& s, const std::string& id, const char* event,
+                const std::function<Status(VolumePolicy&, int64_t now, std::string* detail)>& change) {
   auto store = open_store(s);
   if (!store.is_ok()) return fail(store.status());
   SystemClock clock;
@@ -385,22 +393,64 @@ int edit_tpm_policy(const Settings& s, const std::string& id, const char* event,
     if (!json.is_ok()) return fail(json.status());
     auto policy = VolumePolicy::from_json(json.value());
     if (!policy.is_ok()) return fail(policy.status());
-    if (!policy->tpm) {
-      return fail(Status::error(ErrorKind::kInvalidArgument,
-                                str_cat("volume ", id, " was not enrolled with a TPM")));
-    }
     std::string detail;
-    Status changed = change(*policy->tpm, clock.now_unix(), &detail);
+    Status changed = change(policy.value(), clock.now_unix(), &detail);
     if (!changed.is_ok()) return fail(changed);
+    if (detail.empty()) return 0;
     Status st = store.value()->update_volume_policy(id, record->policy_json,
                                                     to_json(policy->to_json()), clock.now_unix());
     if (st.kind() == ErrorKind::kConflict) continue;
     if (!st.is_ok()) return fail(st);
-    (void)store.value()->append_audit(AuditEvent{clock.now_unix(), event, "ok", id, "local", detail});
+    if (Status audited = store.value()->append_audit(AuditEvent{clock.now_unix(), event, "ok", id, "local", detail});
+        !audited.is_ok()) {
+      return fail(audited.with_context(str_cat("volume ", id, ": ", detail, ", but not on the audit trail")));
+    }
     std::cout << "volume " << id << ": " << detail << "\n";
     return 0;
   }
   return fail(Status::error(ErrorKind::kConflict, "the volume's policy keeps changing; try again"));
+}
+
+// edit_policy for a TPM volume's TPM policy.
+int edit_tpm_policy(const Settings& s, const std::string& id, const char* event,
+                    const std::function<Status(TpmPolicy&, int64_t now, std::string* detail)>& change) {
+  return edit_policy(s, id, event, [&](VolumePolicy& policy, int64_t now, std::string* detail) {
+    if (!policy.tpm) {
+      return Status::error(ErrorKind::kInvalidArgument, str_cat("volume ", id, " was not enrolled with a TPM"));
+    }
+    return change(*policy.tpm, now, detail);
+  });
+}
+
+// One instance of an image group's volume refused from now on; the group's
+// other instances go on unlocking it.
+int cmd_volumes_revoke_instance(const std::string& id, const std::string& instance, const Settings& s) {
+  if (instance.empty() || instance.size() > 128 ||
+      !std::all_of(instance.begin(), instance.end(), [](char c) { return c > 0x20 && c < 0x7f; })) {
+    return fail(Status::error(ErrorKind::kInvalidArgument,
+                              str_cat("--instance '", printable(instance, 64),
+                                      "': an instance id is 1 to 128 printable characters, no spaces")));
+  }
+  return edit_policy(s, id, "revoke.instance", [&](VolumePolicy& policy, int64_t, std::string* detail) {
+    if (!policy.is_image_group()) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat("volume ", id, " belongs to one instance, not an image group: revoke the volume "
+                                   "(volumes revoke ", id, ")"));
+    }
+    if (policy.revoked_instances.count(instance) != 0) {
+      std::cout << "volume " << id << ": instance " << instance << " was already revoked\n";
+      return Status::ok();
+    }
+    if (policy.revoked_instances.size() >= kMaxRevokedInstances) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat("volume ", id, " has ", kMaxRevokedInstances,
+                                   " instances revoked already, the most one volume keeps; rotate the group "
+                                   "onto a new volume"));
+    }
+    policy.revoked_instances.insert(instance);
+    *detail = str_cat("instance ", instance, " revoked; the group's other instances still unlock");
+    return Status::ok();
+  });
 }
 
 int cmd_volumes_accept_next(const Args& args, const Settings& s) {

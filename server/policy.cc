@@ -156,7 +156,23 @@ Json::Value VolumePolicy::to_json() const {
   v["platform"] = platform;
   v["require"] = claims_to_json(require);
   if (tpm) v["tpm"] = tpm->to_json();
+  if (!revoked_instances.empty()) {
+    Json::Value& revoked = v["revoked_instances"] = Json::Value(Json::arrayValue);
+    for (const auto& i : revoked_instances) revoked.append(i);
+  }
   return v;
+}
+
+bool VolumePolicy::is_image_group() const {
+  const PlatformSpec* spec = platform_spec(platform);
+  return spec != nullptr && require.count(spec->instance_claim) == 0;
+}
+
+bool VolumePolicy::revokes(const Identity& identity) const {
+  const PlatformSpec* spec = platform_spec(platform);
+  if (spec == nullptr || revoked_instances.empty()) return false;
+  const std::string instance = identity.claim(spec->instance_claim);
+  return !instance.empty() && revoked_instances.count(instance) != 0;
 }
 
 Result<VolumePolicy> VolumePolicy::from_json(const Json::Value& v) {
@@ -171,6 +187,19 @@ Result<VolumePolicy> VolumePolicy::from_json(const Json::Value& v) {
     auto tpm = TpmPolicy::from_json(v["tpm"]);
     if (!tpm.is_ok()) return tpm.status();
     p.tpm = std::move(tpm).value();
+  }
+  if (v.isMember("revoked_instances")) {
+    const Json::Value& revoked = v["revoked_instances"];
+    if (!revoked.isArray() || revoked.size() > kMaxRevokedInstances) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat("policy: 'revoked_instances' must be a list of at most ", kMaxRevokedInstances));
+    }
+    for (const auto& i : revoked) {
+      if (!i.isString() || i.asString().empty() || i.asString().size() > kMaxClaimLength) {
+        return Status::error(ErrorKind::kInvalidArgument, "policy: a revoked instance must be a short string");
+      }
+      p.revoked_instances.insert(i.asString());
+    }
   }
   if (platform_spec(p.platform) == nullptr) {
     return Status::error(ErrorKind::kInvalidArgument,

@@ -8,6 +8,7 @@
 
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -64,10 +65,22 @@ struct TpmPolicy {
   static Result<TpmPolicy> from_json(const Json::Value& v);
 };
 
+// The most instances one image-group volume can have revoked (the policy
+// is one bounded JSON document; instances that were terminated need none).
+constexpr size_t kMaxRevokedInstances = 1000;
+
 struct VolumePolicy {
   std::string platform;
   std::map<std::string, std::string> require;  // claim -> exact value
   std::optional<TpmPolicy> tpm;               // set: every unlock needs a quote
+  // Image groups: instances (values of the platform's instance claim) that
+  // are refused though they match; the group's others are not.
+  std::set<std::string> revoked_instances;
+
+  // Whether the volume is an image group's (it binds no one instance).
+  bool is_image_group() const;
+  // Whether `identity` is one of revoked_instances.
+  bool revokes(const Identity& identity) const;
 
   Json::Value to_json() const;
   static Result<VolumePolicy> from_json(const Json::Value& v);

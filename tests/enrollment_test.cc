@@ -138,6 +138,66 @@ TEST_F(KeygateTest, ImageGroupVolumeEnrolledOfflineOpensOnAnyInstanceOfTheImage)
   EXPECT_EQ(unlock(vol, emu2).exit_code, kExitRefused);
 }
 
+// Revoking one instance of an image group's volume refuses that instance
+// (exit 3, "revoked") and leaves the group's other instances unlocking it;
+// on the audit trail; a volume bound to one instance is revoked whole
+// instead, and a malformed instance id is refused.
+TEST_F(KeygateTest, RevokingOneInstanceOfAnImageGroupLeavesItsOthersWorking) {
+  Identity builder;
+  std::string token = make_token(server_, {"--image-group", "--account", builder.account, "--region",
+                                           builder.region, "--image-id", "ami-0golden000000002"});
+  std::string vol = new_volume_file();
+  RunResult e = run({bin("keygate"), "enroll", vol, "--format", "--no-recovery", "--no-evidence", "--server",
+                     server_.url(), "--ca", server_.ca(), "--enrollment-token-file", token});
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(e.out, m, std::regex("enrolled as volume ([0-9a-f-]+)"))) << e.out;
+  const std::string id = m[1].str();
+  Identity one;
+  one.image = "ami-0golden000000002";
+  one.instance = "i-0eeeeeeeeeeeeeee1";
+  Identity two = one;
+  two.instance = "i-0eeeeeeeeeeeeeee2";
+  Emulator emu_one = start_emulator(one, dir_ + "/emu");
+  Emulator emu_two = start_emulator(two, dir_ + "/emu");
+  ASSERT_EQ(unlock(vol, emu_one).exit_code, 0);
+  ASSERT_EQ(unlock(vol, emu_two).exit_code, 0);
+
+  auto revoke = [&](const std::string& volume, const std::string& instance) {
+    return run({bin("keygate-server"), "volumes", "revoke", volume, "--instance", instance, "--state-dir",
+                server_.state});
+  };
+  RunResult r = revoke(id, one.instance);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.out, "instance " + one.instance + " revoked")) << r.out;
+  RunResult refused = unlock(vol, emu_one);
+  EXPECT_EQ(refused.exit_code, kExitRefused) << refused.err;
+  EXPECT_TRUE(contains(refused.err, "revoked")) << refused.err;
+  EXPECT_EQ(unlock(vol, emu_two).exit_code, 0);
+  RunResult again = revoke(id, one.instance);
+  EXPECT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_TRUE(contains(again.out, "already revoked")) << again.out;
+  RunResult list = run({bin("keygate-server"), "volumes", "list", "--state-dir", server_.state});
+  EXPECT_TRUE(contains(list.out, "active")) << list.out;  // the volume itself stays active
+  RunResult audit = run({bin("keygate-server"), "audit", "--state-dir", server_.state});
+  EXPECT_TRUE(contains(audit.out, "revoke.instance ok volume=" + id + " peer=local instance " + one.instance))
+      << audit.out;
+  EXPECT_TRUE(contains(audit.out, "unlock refused volume=" + id)) << audit.out;
+  EXPECT_TRUE(contains(audit.out, "instance revoked from the image group (aws instance_id=" + one.instance))
+      << audit.out;
+  EXPECT_EQ(run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state}).exit_code, 0);
+
+  auto [single, single_id] = enrolled_volume();
+  RunResult whole = revoke(single_id, Identity{}.instance);
+  EXPECT_EQ(whole.exit_code, kExitUsage) << whole.err;
+  EXPECT_TRUE(contains(whole.err, "belongs to one instance")) << whole.err;
+  EXPECT_EQ(unlock(single, emulator_).exit_code, 0);
+  RunResult bad = revoke(id, "i-1\x1b[2J");
+  EXPECT_EQ(bad.exit_code, kExitUsage);
+  EXPECT_TRUE(contains(bad.err, "\\x1b")) << bad.err;
+  EXPECT_EQ(revoke("no-such-volume", "i-1").exit_code, 1);
+}
+
 TEST_F(KeygateTest, FormatRefusesDeviceWithFilesystemAndServerDownLeavesDeviceUntouched) {
   std::string vol = new_volume_file();
   ASSERT_EQ(run({"mke2fs", "-q", "-F", "-t", "ext4", vol}).exit_code, 0);

@@ -1,5 +1,7 @@
 #include "server/policy.h"
 
+#include "core/json.h"
+
 #include <gtest/gtest.h>
 
 namespace keygate::server {
@@ -77,6 +79,61 @@ TEST(Policy, ImageGroupVolumeAcceptsAnyInstanceOfTheImage) {
   auto q = policy_for_enrollment(t, &builder);
   ASSERT_TRUE(q.is_ok()) << q.status().message();
   EXPECT_EQ(q->require.at("image_id"), "ami-golden");
+}
+
+// One instance of an image group revoked: it is refused, the group's
+// others are not; the list survives the policy's JSON, and a list that is
+// not one is refused on load.
+TEST(Policy, ARevokedInstanceOfAnImageGroupIsRefusedAndItsGroupIsNot) {
+  auto p = policy_for_enrollment(tmpl("aws", {{"image_id", "ami-golden"}, {"account_id", "111122223333"},
+                                              {"region", "eu-west-1"}}, true),
+                                 nullptr);
+  ASSERT_TRUE(p.is_ok());
+  EXPECT_TRUE(p->is_image_group());
+  p->revoked_instances.insert("i-bad");
+  Identity bad = aws_instance();
+  bad.claims["image_id"] = "ami-golden";
+  bad.claims["instance_id"] = "i-bad";
+  Identity good = bad;
+  good.claims["instance_id"] = "i-good";
+  auto back = VolumePolicy::from_json(p->to_json());
+  ASSERT_TRUE(back.is_ok()) << back.status().message();
+  EXPECT_TRUE(back->revokes(bad));
+  EXPECT_FALSE(back->revokes(good));
+  Identity none = bad;
+  none.claims.erase("instance_id");
+  EXPECT_FALSE(back->revokes(none));
+  // No list, no key: older policies read as before.
+  EXPECT_FALSE(VolumePolicy::from_json(p->to_json()).value().revoked_instances.empty());
+  p->revoked_instances.clear();
+  EXPECT_FALSE(p->to_json().isMember("revoked_instances"));
+
+  Identity id = aws_instance();
+  auto single = policy_for_enrollment(tmpl("aws", {}), &id);
+  ASSERT_TRUE(single.is_ok());
+  EXPECT_FALSE(single->is_image_group());
+
+  Json::Value v = back->to_json();
+  for (const Json::Value& list : {Json::Value("i-bad"), Json::Value(Json::objectValue), [] {
+         Json::Value a(Json::arrayValue);
+         a.append(5);
+         return a;
+       }(), [] {
+         Json::Value a(Json::arrayValue);
+         a.append("");
+         return a;
+       }(), [] {
+         Json::Value a(Json::arrayValue);
+         a.append(std::string(129, 'i'));
+         return a;
+       }(), [] {
+         Json::Value a(Json::arrayValue);
+         for (size_t i = 0; i <= kMaxRevokedInstances; ++i) a.append("i-" + std::to_string(i));
+         return a;
+       }()}) {
+    v["revoked_instances"] = list;
+    EXPECT_EQ(VolumePolicy::from_json(v).status().kind(), ErrorKind::kInvalidArgument) << to_json(list).substr(0, 80);
+  }
 }
 
 TEST(Policy, IncompletePoliciesAreRefused) {
