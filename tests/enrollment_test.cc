@@ -9,6 +9,7 @@
 #include "tests/fault_proxy.h"
 #include "server/store.h"
 
+#include <mutex>
 #include <sstream>
 
 namespace keygate::testing {
@@ -196,6 +197,61 @@ TEST_F(KeygateTest, RevokingOneInstanceOfAnImageGroupLeavesItsOthersWorking) {
   EXPECT_EQ(bad.exit_code, kExitUsage);
   EXPECT_TRUE(contains(bad.err, "\\x1b")) << bad.err;
   EXPECT_EQ(revoke("no-such-volume", "i-1").exit_code, 1);
+}
+
+// Rotation while the volume is being unlocked over and over: every unlock
+// opens it, before, during and after each of three rotations (the old
+// keyslot goes only once the new one is confirmed, and an unlock that read
+// the header a moment before still opens it).
+TEST_F(KeygateTest, RotationUnderConcurrentUnlocksNeverLeavesTheVolumeUnopenable) {
+  // One instance unlocking back to back: its rate limit is off here.
+  const std::string config = dir_ + "/" + unique("unlimited") + ".json";
+  write_file(config, R"({"rate_limits": {"per_instance": {"per_second": 0, "burst": 1}}})");
+  server_.process.stop();
+  server_ = start_server("unlimited", {"--config", config});
+  ASSERT_GT(server_.port, 0);
+  auto [vol, id] = enrolled_volume();
+  ASSERT_FALSE(id.empty());
+  std::atomic<bool> stop{false};
+  std::atomic<int> unlocks{0};
+  std::mutex mu;
+  std::vector<std::string> failures;
+  std::vector<std::thread> unlockers;
+  for (int t = 0; t < 2; ++t) {
+    unlockers.emplace_back([&] {
+      while (!stop) {
+        RunResult r = unlock(vol, emulator_);
+        ++unlocks;
+        if (r.exit_code != 0) {
+          std::lock_guard<std::mutex> lock(mu);
+          failures.push_back(str_cat("exit ", r.exit_code, ": ", r.err));
+        }
+      }
+    });
+  }
+  std::vector<std::string> volume_ids = {id};
+  for (int i = 0; i < 3; ++i) {
+    RunResult r = run({bin("keygate"), "rotate", vol, "--enrollment-token-file", make_token(server_),
+                       "--metadata-url", emulator_.url(), "--timeout", "10"});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    std::smatch m;
+    if (std::regex_search(r.out, m, std::regex("rotated from volume ([0-9a-f-]+) to volume ([0-9a-f-]+)"))) {
+      EXPECT_EQ(m[1].str(), volume_ids.back());
+      volume_ids.push_back(m[2].str());
+    }
+  }
+  stop = true;
+  for (auto& t : unlockers) t.join();
+  EXPECT_TRUE(failures.empty()) << failures.size() << " of " << unlocks.load() << " unlocks failed; first: "
+                                << (failures.empty() ? "" : failures.front());
+  EXPECT_GT(unlocks.load(), 6);
+  ASSERT_EQ(volume_ids.size(), 4u);
+  // The device now holds the last volume's keyslot and token only.
+  RunResult status = run({bin("keygate"), "status", vol, "--json"});
+  ASSERT_EQ(status.exit_code, 0) << status.err;
+  EXPECT_TRUE(contains(status.out, volume_ids.back())) << status.out;
+  for (size_t i = 0; i + 1 < volume_ids.size(); ++i) EXPECT_FALSE(contains(status.out, volume_ids[i])) << status.out;
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
 }
 
 TEST_F(KeygateTest, FormatRefusesDeviceWithFilesystemAndServerDownLeavesDeviceUntouched) {

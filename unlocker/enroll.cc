@@ -277,7 +277,7 @@ Result<Rotated> rotate_volume(const RotateRequest& r) {
   if (r.ca_pem && !certificate_sha256_fingerprint(*r.ca_pem).is_ok()) {
     return usage("--ca: not a PEM certificate");
   }
-  // The current key, exactly as a boot gets it.
+  // The current key, exactly as a boot gets it, checked against its keyslot.
   auto current = release_volume(r.device, r.settings);
   if (!current.is_ok()) return current.status().with_context("current key");
   const KeygateToken& old = current->token;
@@ -290,8 +290,6 @@ Result<Rotated> rotate_volume(const RotateRequest& r) {
                                r.ca_pem.value_or(old.ca_pem));
   if (!choice.is_ok()) return choice.status();
   LuksDevice& dev = current->device;
-  auto check = dev.activate("", old.keyslot, current->passphrase);
-  if (!check.is_ok()) return as_volume_failure(check.status().with_context("current key"));
 
   EvidenceCollector evidence(r.settings.metadata_url, r.settings.platform,
                              r.settings.request_timeout_ms);

@@ -111,8 +111,9 @@ Result<LuksDevice> LuksDevice::format(const std::string& path, int sector_size) 
   return dev;
 }
 
-Result<std::optional<std::pair<int, KeygateToken>>> LuksDevice::find_keygate_token() {
-  for (int id = 0; id < 32; ++id) {
+Result<std::vector<std::pair<int, KeygateToken>>> LuksDevice::keygate_tokens(size_t at_most) {
+  std::vector<std::pair<int, KeygateToken>> out;
+  for (int id = 0; id < 32 && out.size() < at_most; ++id) {
     const char* type = nullptr;
     crypt_token_info info = crypt_token_status(cd_, id, &type);
     if (info == CRYPT_TOKEN_INACTIVE || info == CRYPT_TOKEN_INVALID) continue;
@@ -122,9 +123,16 @@ Result<std::optional<std::pair<int, KeygateToken>>> LuksDevice::find_keygate_tok
     if (rc < 0) return cs_error("crypt_token_json_get", path_, rc);
     auto token = KeygateToken::parse(json);
     if (!token.is_ok()) return token.status().with_context(str_cat(path_, " token ", id));
-    return std::optional<std::pair<int, KeygateToken>>(std::make_pair(id, std::move(token).value()));
+    out.emplace_back(id, std::move(token).value());
   }
-  return std::optional<std::pair<int, KeygateToken>>();
+  return out;
+}
+
+Result<std::optional<std::pair<int, KeygateToken>>> LuksDevice::find_keygate_token() {
+  auto all = keygate_tokens(1);
+  if (!all.is_ok()) return all.status();
+  if (all->empty()) return std::optional<std::pair<int, KeygateToken>>();
+  return std::optional<std::pair<int, KeygateToken>>(std::move(all->front()));
 }
 
 Result<int> LuksDevice::add_token(const KeygateToken& token) {

@@ -37,8 +37,11 @@ class LuksDevice {
 
   const std::string& path() const { return path_; }
 
-  // The keygate token, if any: (token id, token).
+  // The keygate token, if any: (token id, token); the first by id.
   Result<std::optional<std::pair<int, KeygateToken>>> find_keygate_token();
+  // The first `at_most` keygate tokens by id. More than one only while a
+  // rotation is in progress (or was cut short): the new one beside the old.
+  Result<std::vector<std::pair<int, KeygateToken>>> keygate_tokens(size_t at_most = 32);
   Result<int> add_token(const KeygateToken& token);
   Status remove_token(int token_id);
 

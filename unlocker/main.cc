@@ -217,12 +217,10 @@ int cmd_unlock(const Args& args) {
   const std::string name = verify_only ? "" : pos[2];
   auto settings = release_settings(args);
   if (!settings.is_ok()) return fail(settings.status());
-  auto released = release_volume(device, settings.value());
+  auto released = release_volume(device, settings.value(), name);
   if (!released.is_ok()) return fail(released.status());
-  auto slot = released->device.activate(name, released->token.keyslot, released->passphrase);
-  if (!slot.is_ok()) return fail(as_volume_failure(slot.status()));
-  log_debug(str_cat(device, ": keyslot ", slot.value(), " opened"));
-  print_line(verify_only ? str_cat(device, ": key from server opens keyslot ", slot.value(),
+  log_debug(str_cat(device, ": keyslot ", released->keyslot, " opened"));
+  print_line(verify_only ? str_cat(device, ": key from server opens keyslot ", released->keyslot,
                                    " (verified, not activated)")
                          : str_cat(device, ": unlocked as /dev/mapper/", name));
   return exit_code(Outcome::kOk);
@@ -239,11 +237,10 @@ int cmd_keyscript(const Args& args) {
   prepare_heap_for_unlock();
   auto settings = release_settings(args);
   if (!settings.is_ok()) return fail(settings.status());
+  // Checked against its keyslot before it is handed over, so a wrong key
+  // falls back to the prompt.
   auto released = release_volume(args.positional()[1], settings.value());
   if (!released.is_ok()) return fail(released.status());
-  // Check before handing it over, so a wrong key falls back to the prompt.
-  auto slot = released->device.activate("", released->token.keyslot, released->passphrase);
-  if (!slot.is_ok()) return fail(as_volume_failure(slot.status()));
   const uint8_t* p = released->passphrase.data();
   size_t left = released->passphrase.size();
   while (left > 0) {

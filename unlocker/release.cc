@@ -164,20 +164,76 @@ Result<SecretBuffer> Release::passphrase_for(const KeygateToken& token) {
   return combine_shares(secret.value(), share.value());
 }
 
-Result<ReleasedVolume> release_volume(const std::string& device, const ReleaseSettings& settings) {
-  Release release(settings);  // detection overlaps reading the header
+namespace {
+
+// The device opened, and its keygate tokens as they are now (in id order).
+struct DeviceTokens {
+  LuksDevice device;
+  std::vector<std::pair<int, KeygateToken>> tokens;
+};
+
+Result<DeviceTokens> read_tokens(const std::string& device) {
   auto dev = LuksDevice::open(device);
   if (!dev.is_ok()) return as_volume_failure(dev.status());
-  auto found = dev->find_keygate_token();
-  if (!found.is_ok()) return as_volume_failure(found.status());
-  if (!found->has_value()) {
-    return Status::error(ErrorKind::kNotFound, str_cat(device, ": no keygate token"));
+  auto tokens = dev->keygate_tokens();
+  if (!tokens.is_ok()) return as_volume_failure(tokens.status());
+  if (tokens->empty()) return Status::error(ErrorKind::kNotFound, str_cat(device, ": no keygate token"));
+  return DeviceTokens{std::move(dev).value(), std::move(tokens).value()};
+}
+
+bool same_tokens(const DeviceTokens& a, const DeviceTokens& b) {
+  if (a.tokens.size() != b.tokens.size()) return false;
+  for (size_t i = 0; i < a.tokens.size(); ++i) {
+    const auto& [id_a, ta] = a.tokens[i];
+    const auto& [id_b, tb] = b.tokens[i];
+    if (id_a != id_b || ta.volume_id != tb.volume_id || ta.keyslot != tb.keyslot) return false;
   }
-  auto [token_id, token] = std::move(found.value()).value();
-  auto passphrase = release.passphrase_for(token);
-  if (!passphrase.is_ok()) return passphrase.status();
-  return ReleasedVolume{std::move(dev).value(), token_id, std::move(token),
-                        std::move(passphrase).value()};
+  return true;
+}
+
+}  // namespace
+
+// While `keygate rotate` moves a device to a new volume, the header holds two
+// keygate tokens for a moment (the new one, pending on the server until
+// confirmed, beside the old), and may change between being read and the
+// keyslot being opened (the old keyslot destroyed, its number perhaps given
+// to the next rotation's). So every token is tried in id order, a refusal or
+// a key that misses moving on to the next; and when none opens, a header
+// that has changed since it was read is read again.
+Result<ReleasedVolume> release_volume(const std::string& device, const ReleaseSettings& settings,
+                                      const std::string& activate_as) {
+  Release release(settings);  // detection overlaps reading the header
+  auto current = read_tokens(device);
+  if (!current.is_ok()) return current.status();
+  for (int reread = 0;; ++reread) {
+    Status first_failure;
+    for (auto& [token_id, token] : current->tokens) {
+      Status failed;
+      auto passphrase = release.passphrase_for(token);
+      if (passphrase.is_ok()) {
+        auto slot = current->device.activate(activate_as, token.keyslot, passphrase.value());
+        if (slot.is_ok()) {
+          return ReleasedVolume{std::move(current->device), token_id, std::move(token),
+                                std::move(passphrase).value(), slot.value()};
+        }
+        // Only a key that misses its keyslot may be the header's moving
+        // under it; anything else about the device is final.
+        if (slot.status().kind() != ErrorKind::kRefused) return as_volume_failure(slot.status());
+        failed = as_volume_failure(slot.status());
+      } else {
+        // Unreachable servers or a broken TPM are the same for every token.
+        if (passphrase.status().kind() != ErrorKind::kRefused) return passphrase.status();
+        failed = passphrase.status();
+      }
+      if (first_failure.is_ok()) first_failure = failed;
+    }
+    if (reread == kMaxHeaderRereads) return first_failure;
+    auto now = read_tokens(device);
+    if (!now.is_ok()) return now.status();
+    if (same_tokens(now.value(), current.value())) return first_failure;
+    log_info(str_cat(device, ": its keygate token changed while it was being opened; asking again"));
+    current = std::move(now);
+  }
 }
 
 }  // namespace keygate::unlocker

@@ -102,10 +102,21 @@ struct ReleasedVolume {
   int token_id = -1;
   KeygateToken token;
   SecretBuffer passphrase;
+  int keyslot = -1;  // the keyslot the passphrase opened
 };
 
-// Opens `device`, reads its keygate token and releases its passphrase. The
-// passphrase is not yet checked against the keyslot: the caller activates.
-Result<ReleasedVolume> release_volume(const std::string& device, const ReleaseSettings& settings);
+// How often release_volume reads a header again that changed under it.
+constexpr int kMaxHeaderRereads = 2;
+
+// Opens `device`, reads its keygate token, releases its passphrase and opens
+// the token's keyslot with it: as the mapping `activate_as`, or, when that
+// is empty, only to check it (verify-only activation). During a rotation the
+// device has two tokens: each is tried in id order, a refusal or a key that
+// misses moving on to the next. If none opens because the header changed
+// meanwhile (a rotation finished), it is read again, up to
+// kMaxHeaderRereads times. Otherwise the first token's failure is returned:
+// a refusal as the server gave it, a key that misses as a volume failure.
+Result<ReleasedVolume> release_volume(const std::string& device, const ReleaseSettings& settings,
+                                      const std::string& activate_as = "");
 
 }  // namespace keygate::unlocker
