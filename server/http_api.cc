@@ -409,6 +409,17 @@ Status serve_https(KeyService& service, const HttpOptions& options) {
               ConnectionCounts(options.max_connections, options.max_connections_per_source)};
   const int io_threads = per_core(options.io_threads);
   asio::io_context io(io_threads);
+  // SIGHUP: on_reload, on a worker (it reads a file and writes the audit
+  // trail), as often as it comes; caught from before the port is announced.
+  asio::signal_set hangups(io, SIGHUP);
+  std::function<void()> wait_for_hangup = [&] {
+    hangups.async_wait([&](beast::error_code failed, int) {
+      if (failed) return;
+      if (options.on_reload) asio::post(workers, options.on_reload);
+      wait_for_hangup();
+    });
+  };
+  wait_for_hangup();
   beast::error_code ec;
   auto address = asio::ip::make_address(options.host, ec);
   if (ec) return Status::error(ErrorKind::kInvalidArgument, str_cat("--listen: bad address ", options.host));
@@ -435,6 +446,7 @@ Status serve_https(KeyService& service, const HttpOptions& options) {
   signals.async_wait([&](beast::error_code, int sig) {
     log_info(str_cat("signal ", sig, ": shutting down"));
     listener->stop();
+    hangups.cancel();
     io.stop();
   });
   log_info(str_cat("listening on https://", options.host, ":", port, " (", io_threads,

@@ -7,6 +7,7 @@
 // bounded pool of workers apart from the I/O threads.
 #pragma once
 
+#include <functional>
 #include <string>
 
 #include "core/status.h"
@@ -30,9 +31,11 @@ struct HttpOptions {
   int max_requests_per_connection = 100;
   int io_threads = 0;  // 0: one per core (TLS handshakes run here)
   int workers = 0;     // 0: four per core (verification, and the store's fsync)
+  // Run on a worker at each SIGHUP (the policy file's reload), if set.
+  std::function<void()> on_reload;
 };
 
-// Serves until SIGTERM or SIGINT. Returns an error if it cannot bind or load
+// Serves until SIGTERM or SIGINT; SIGHUP runs on_reload. Returns an error if it cannot bind or load
 // the TLS material.
 Status serve_https(KeyService& service, const HttpOptions& options);
 

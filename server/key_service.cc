@@ -94,6 +94,20 @@ std::optional<Refusal> KeyService::limit_instance(const Identity& identity) {
   return limit(per_instance_, str_cat(identity.platform, ":", instance), "instance");
 }
 
+// Deny by default: no policy file, or a file without the name, admits no one.
+Status KeyService::check_named_policy(const std::string& name, const Identity& identity) {
+  auto set = options_.policies != nullptr ? options_.policies->current() : nullptr;
+  if (set == nullptr) {
+    return Status::error(ErrorKind::kRefused, str_cat("policy ", name, ": no policy file is in effect"));
+  }
+  auto it = set->policies.find(name);
+  if (it == set->policies.end()) {
+    return Status::error(ErrorKind::kRefused, str_cat("policy ", name, " is not in ", set->source, " (sha256 ",
+                                                      set->sha256.substr(0, 16), ")"));
+  }
+  return evaluate_named_policy(it->second, identity, clock_.now_unix());
+}
+
 Status KeyService::write_audit(const Call& call, const char* outcome, const std::string& detail) {
   const AuditEvent event{clock_.now_unix(), call.event, outcome, call.volume_id, call.peer, detail};
   Status s = store_.append_audit(event);
@@ -288,6 +302,13 @@ Checked<ApiResponse> KeyService::serve_unlock(Call& call, std::string_view body)
   if (!allowed.is_ok()) {
     return refused(api::kErrPolicyDenied, "instance does not satisfy the volume's policy",
                    str_cat(allowed.message(), " (", identity->summary(), ")"));
+  }
+  if (!policy->named_policy.empty()) {
+    Status named = check_named_policy(policy->named_policy, identity.value());
+    if (!named.is_ok()) {
+      return refused(api::kErrPolicyDenied, "instance does not satisfy the volume's policy",
+                     str_cat(named.message(), " (", identity->summary(), ")"));
+    }
   }
   if (policy->revokes(identity.value())) {
     return refused(api::kErrRevoked, "this instance's access to the volume has been revoked",

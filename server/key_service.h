@@ -16,6 +16,7 @@
 #include "core/secret.h"
 #include "server/evidence.h"
 #include "server/policy.h"
+#include "server/policy_file.h"
 #include "server/rate_limit.h"
 #include "server/refusal.h"
 #include "server/store.h"
@@ -34,6 +35,9 @@ struct ServiceOptions {
   // A registered volume not confirmed within this many seconds is revoked
   // (audited as enroll.expire): its client gave up or died.
   int64_t pending_ttl_seconds = 24 * 3600;
+  // The policy file in effect (its named policies); null: none configured,
+  // and a volume that names a policy is refused.
+  const PolicyRegistry* policies = nullptr;
 };
 
 class KeyService {
@@ -63,6 +67,9 @@ class KeyService {
     std::string volume_id;  // once known
   };
   struct Attested;  // the fields every attested request carries, and their binding
+
+  // Whether the policy file's policy `name` admits `identity` now.
+  Status check_named_policy(const std::string& name, const Identity& identity);
 
   // Audits a refusal (or lets a served answer through) and answers.
   ApiResponse answer(const Call& call, Checked<ApiResponse> outcome);

@@ -23,6 +23,7 @@
 #include "server/aws_identity.h"
 #include "server/http_api.h"
 #include "server/key_service.h"
+#include "server/policy_file.h"
 #include "server/settings.h"
 #include "server/state_files.h"
 #include "server/store.h"
@@ -60,6 +61,9 @@ Commands:
                      --output FILE    write FILE (whole or not at all)
                                       instead of standard output
   ca               print the CA certificate clients pin, and its fingerprint
+  policy check [FILE]
+                   validate a policy file (default: --policy-file); an
+                   error names its line
 
 Common options:
   --state-dir DIR  store, KEK and TLS material (default /var/lib/keygate)
@@ -74,8 +78,14 @@ Common options:
                    open at once, in all and from one address; default
                    8192 and 128; past them a new one is closed at once),
                    pending_ttl (seconds a registered volume may stay
-                   unconfirmed before it is revoked; default 86400)
+                   unconfirmed before it is revoked; default 86400),
+                   policy_file (as --policy-file)
                    (options on the command line win)
+
+  --policy-file FILE        named policies tokens can refer to (README
+                            "Policy file"); serve reloads it on SIGHUP, and
+                            a file with an error is refused (the policy in
+                            effect stays)
 
 serve options:
   --listen HOST:PORT        address to bind (default 127.0.0.1:8443; port 0: any)
@@ -114,6 +124,9 @@ token create options:
                             Azure: subscription, plus --require) may unlock it
   --ttl SECONDS             token lifetime (default 3600)
   --uses N                  enrollments allowed (default 1)
+  --policy NAME             volumes enrolled with the token are released only
+                            while the policy file's policy NAME admits the
+                            instance too (checked against --policy-file)
 
 Exit status: 0 success, 1 failure, 2 usage or configuration error, 3 the
 audit trail's chain is broken (audit verify, audit export).
@@ -122,7 +135,7 @@ audit trail's chain is broken (audit verify, audit export).
 const std::set<std::string> kValueOptions = {
     "state-dir", "config",  "listen",     "port-file", "tls-san", "aws-trust-dir", "nonce-ttl",
     "log-level", "account", "region",     "image-id",  "ttl",     "uses",          "limit",
-    "gcp-jwks",  "azure-trust-dir", "evidence-max-age", "platform", "require", "head", "instance",
+    "gcp-jwks",  "azure-trust-dir", "evidence-max-age", "platform", "require", "head", "instance", "policy", "policy-file",
     "file",      "output"};
 const std::set<std::string> kFlagOptions = {"no-default-aws-trust", "image-group", "json",
                                             "help"};
@@ -157,6 +170,7 @@ Result<Settings> load_settings(const Args& args) {
   }
   s.state_dir = args.get("state-dir", s.state_dir);
   s.listen = args.get("listen", s.listen);
+  s.policy_file = args.get("policy-file", s.policy_file);
   for (const auto& d : args.get_all("aws-trust-dir")) s.aws_trust_dirs.push_back(d);
   for (const auto& d : args.get_all("gcp-jwks")) s.gcp_jwks_files.push_back(d);
   for (const auto& d : args.get_all("azure-trust-dir")) s.azure_trust_dirs.push_back(d);
@@ -253,6 +267,29 @@ int cmd_serve(const Args& args, const Settings& s) {
   if (!s.attestation_enrollment.empty()) {
     log_info(str_cat("enrollment by attestation: ", s.attestation_enrollment.size(), " rule(s)"));
   }
+  PolicyRegistry policies;
+  // Each load of the policy file, and each refusal of one, is on the audit
+  // trail with the file's hash. A file refused at start stops the start; one
+  // refused on SIGHUP leaves the policy in effect as it was.
+  auto load_policies = [&policies, &store, &clock, file = s.policy_file](bool at_start) -> Status {
+    auto loaded = policies.load(file);
+    if (!loaded.is_ok()) {
+      const std::string why = loaded.status().message();
+      if (!at_start) log_error(str_cat("policy file refused; the policy in effect stays: ", why));
+      (void)store.value()->append_audit(AuditEvent{clock.now_unix(), "policy.load", "refused", "", "local", why});
+      return loaded.status();
+    }
+    const std::string detail = str_cat(file, " sha256 ", loaded.value()->sha256, ", ",
+                                       loaded.value()->policies.size(), " policies");
+    log_info(str_cat("policy file loaded: ", detail));
+    return store.value()->append_audit(AuditEvent{clock.now_unix(), "policy.load", "ok", "", "local", detail});
+  };
+  if (!s.policy_file.empty()) {
+    Status loaded = load_policies(true);
+    if (!loaded.is_ok()) return fail(loaded.kind() == ErrorKind::kInvalidArgument ? loaded : loaded.with_context("policy file"));
+    options.policies = &policies;
+    http.on_reload = [&load_policies] { (void)load_policies(false); };
+  }
   KeyService service(*store.value(), std::move(kek).value(), trust, clock, options);
   // Pending volumes left from before this start (a client that died
   // between register and confirm), past their time.
@@ -299,8 +336,16 @@ Result<EnrollmentTemplate> template_from_args(const Args& args) {
     }
     tmpl.require[r.substr(0, eq)] = r.substr(eq + 1);
   }
+  tmpl.named_policy = args.get("policy");
   KEYGATE_RETURN_IF_ERROR(tmpl.validate());
   return tmpl;
+}
+
+// A policy file's text, validated; an error names the file and line.
+Result<PolicySet> read_policy_file(const std::string& path) {
+  auto text = read_small_file(path, kMaxPolicyFile + 1);
+  if (!text.is_ok()) return text.status();
+  return parse_policy_file(text.value(), path);
 }
 
 int cmd_token_create(const Args& args, const Settings& s) {
@@ -310,6 +355,26 @@ int cmd_token_create(const Args& args, const Settings& s) {
   if (!uses.is_ok()) return fail(uses.status());
   auto tmpl = template_from_args(args);
   if (!tmpl.is_ok()) return fail(tmpl.status());
+  // A token for a policy the server's file does not have would enroll
+  // volumes nothing can unlock: checked against the configured file.
+  if (!tmpl->named_policy.empty()) {
+    if (s.policy_file.empty()) {
+      return fail(Status::error(ErrorKind::kInvalidArgument,
+                                "--policy names a policy of the policy file: give --policy-file (or policy_file in --config)"));
+    }
+    auto set = read_policy_file(s.policy_file);
+    if (!set.is_ok()) return fail(set.status());
+    auto it = set->policies.find(tmpl->named_policy);
+    if (it == set->policies.end()) {
+      return fail(Status::error(ErrorKind::kInvalidArgument,
+                                str_cat("policy '", tmpl->named_policy, "' is not in ", s.policy_file)));
+    }
+    if (it->second.platform != tmpl->platform) {
+      return fail(Status::error(ErrorKind::kInvalidArgument,
+                                str_cat("policy '", tmpl->named_policy, "' is for ", it->second.platform,
+                                        ", the token for ", tmpl->platform, " (--platform)")));
+    }
+  }
   auto store = open_store(s);
   if (!store.is_ok()) return fail(store.status());
   SystemClock clock;
@@ -647,6 +712,21 @@ int cmd_audit_export(const Args& args, const Settings& s) {
   return 0;
 }
 
+int cmd_policy_check(const Args& args, const Settings& s) {
+  if (args.positional().size() > 3) return fail(Status::error(ErrorKind::kInvalidArgument, "usage: policy check [FILE]"));
+  const std::string file = args.positional().size() == 3 ? args.positional()[2] : s.policy_file;
+  if (file.empty()) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, "policy check: give FILE, --policy-file or policy_file in --config"));
+  }
+  auto set = read_policy_file(file);
+  if (!set.is_ok()) return fail(set.status());
+  printf("%s: %zu policies, sha256 %s\n", printable(file, 256).c_str(), set->policies.size(), set->sha256.c_str());
+  for (const auto& [name, p] : set->policies) {
+    printf("  %s (line %d): %s, approval %s\n", name.c_str(), p.line, p.platform.c_str(), p.approval.c_str());
+  }
+  return 0;
+}
+
 int cmd_ca(const Settings& s) {
   auto ca = read_small_file(s.state_dir + "/ca.pem", 64 * 1024);
   if (!ca.is_ok()) return fail(ca.status().with_context("start the server once to create it"));
@@ -710,6 +790,7 @@ int main(int argc, char** argv) {
     return cmd_audit_export(args.value(), settings.value());
   }
   if (cmd == "ca" && pos.size() == 1) return cmd_ca(settings.value());
+  if (cmd == "policy" && sub == "check") return cmd_policy_check(args.value(), settings.value());
   log_error(str_cat("unknown command '", cmd, sub.empty() ? "" : " ", sub, "'"));
   fputs(kUsage, stderr);
   return 2;

@@ -156,11 +156,20 @@ Json::Value VolumePolicy::to_json() const {
   v["platform"] = platform;
   v["require"] = claims_to_json(require);
   if (tpm) v["tpm"] = tpm->to_json();
+  if (!named_policy.empty()) v["named_policy"] = named_policy;
   if (!revoked_instances.empty()) {
     Json::Value& revoked = v["revoked_instances"] = Json::Value(Json::arrayValue);
     for (const auto& i : revoked_instances) revoked.append(i);
   }
   return v;
+}
+
+bool is_policy_name(std::string_view name) {
+  if (name.empty() || name.size() > kMaxPolicyNameLength) return false;
+  return std::all_of(name.begin(), name.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+           c == '-';
+  });
 }
 
 bool VolumePolicy::is_image_group() const {
@@ -188,6 +197,9 @@ Result<VolumePolicy> VolumePolicy::from_json(const Json::Value& v) {
     if (!tpm.is_ok()) return tpm.status();
     p.tpm = std::move(tpm).value();
   }
+  auto named = json_optional_string(v, "named_policy", kMaxPolicyNameLength);
+  if (!named.is_ok()) return named.status().with_context("policy");
+  p.named_policy = std::move(named).value();
   if (v.isMember("revoked_instances")) {
     const Json::Value& revoked = v["revoked_instances"];
     if (!revoked.isArray() || revoked.size() > kMaxRevokedInstances) {
@@ -246,6 +258,7 @@ Json::Value EnrollmentTemplate::to_json() const {
   v["platform"] = platform;
   v["require"] = claims_to_json(require);
   v["image_group"] = image_group;
+  if (!named_policy.empty()) v["policy"] = named_policy;
   return v;
 }
 
@@ -258,6 +271,9 @@ Result<EnrollmentTemplate> EnrollmentTemplate::from_json(const Json::Value& v) {
   if (!require.is_ok()) return require.status();
   t.require = std::move(require).value();
   t.image_group = v["image_group"].isBool() && v["image_group"].asBool();
+  auto named = json_optional_string(v, "policy", kMaxPolicyNameLength);
+  if (!named.is_ok()) return named.status().with_context("enrollment template");
+  t.named_policy = std::move(named).value();
   KEYGATE_RETURN_IF_ERROR(t.validate());
   return t;
 }
@@ -271,6 +287,11 @@ Status EnrollmentTemplate::validate() const {
   }
   if (require.size() > kMaxBoundClaims) {
     return Status::error(ErrorKind::kInvalidArgument, "too many bound claims");
+  }
+  if (!named_policy.empty() && !is_policy_name(named_policy)) {
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat("policy name '", printable(named_policy, 80), "': use 1 to ", kMaxPolicyNameLength,
+                                 " letters, digits, '.', '_' or '-'"));
   }
   for (const auto& [c, value] : require) {
     if (!contains(spec->claims, c)) {
@@ -304,6 +325,7 @@ Result<VolumePolicy> policy_for_enrollment(const EnrollmentTemplate& tmpl,
   VolumePolicy p;
   p.platform = tmpl.platform;
   p.require = tmpl.require;
+  p.named_policy = tmpl.named_policy;
   if (identity != nullptr) {
     // Every claim the token names must hold for the enrolling instance,
     // except a group volume's group claims: the image it is baked into is

@@ -65,6 +65,11 @@ struct TpmPolicy {
   static Result<TpmPolicy> from_json(const Json::Value& v);
 };
 
+constexpr size_t kMaxPolicyNameLength = 64;
+// Whether a policy file's policy name is well formed: 1 to 64 of
+// [A-Za-z0-9._-].
+bool is_policy_name(std::string_view name);
+
 // The most instances one image-group volume can have revoked (the policy
 // is one bounded JSON document; instances that were terminated need none).
 constexpr size_t kMaxRevokedInstances = 1000;
@@ -76,6 +81,9 @@ struct VolumePolicy {
   // Image groups: instances (values of the platform's instance claim) that
   // are refused though they match; the group's others are not.
   std::set<std::string> revoked_instances;
+  // A policy of the policy file (server/policy_file.h) that must admit the
+  // instance too, by name; empty: none.
+  std::string named_policy;
 
   // Whether the volume is an image group's (it binds no one instance).
   bool is_image_group() const;
@@ -96,6 +104,7 @@ struct EnrollmentTemplate {
   std::string platform = "aws";
   std::map<std::string, std::string> require;
   bool image_group = false;  // true: do not bind the enrolling instance
+  std::string named_policy;  // a policy of the policy file the volume refers to
 
   Json::Value to_json() const;
   static Result<EnrollmentTemplate> from_json(const Json::Value& v);

@@ -133,7 +133,8 @@ Result<Settings> parse_settings(std::string_view text) {
   static const std::set<std::string> kKeys = {
       "listen",           "state_dir",        "aws_trust_dirs", "gcp_jwks_files",
       "azure_trust_dirs", "evidence_max_age", "tls_san",        "nonce_ttl",
-      "enroll_by_attestation", "rate_limits", "connections",    "pending_ttl"};
+      "enroll_by_attestation", "rate_limits", "connections",    "pending_ttl",
+      "policy_file"};
   for (const auto& key : c.getMemberNames()) {
     if (!kKeys.count(key)) {
       return Status::error(ErrorKind::kInvalidArgument,
@@ -142,6 +143,7 @@ Result<Settings> parse_settings(std::string_view text) {
   }
   Settings s;
   for (Status st : {read_text(c, "listen", &s.listen), read_text(c, "state_dir", &s.state_dir),
+                    read_text(c, "policy_file", &s.policy_file),
                     read_seconds(c, "nonce_ttl", 1, 3600, "1 to 3600", &s.nonce_ttl),
                     read_seconds(c, "evidence_max_age", 10, 6 * 3600, "10 to 21600",
                                  &s.evidence_max_age),

@@ -21,6 +21,7 @@ constexpr size_t kMaxSettingsFile = 256 * 1024;
 struct Settings {
   std::string state_dir = "/var/lib/keygate";
   std::string listen = "127.0.0.1:8443";
+  std::string policy_file;  // named policies (server/policy_file.h); empty: none
   std::vector<std::string> aws_trust_dirs;
   std::vector<std::string> gcp_jwks_files;
   std::vector<std::string> azure_trust_dirs;

@@ -2,6 +2,9 @@
 // client or a network that lies (fixture: keygate_fixture.h).
 #include "tests/keygate_fixture.h"
 
+#include <signal.h>
+#include <time.h>
+
 namespace keygate::testing {
 namespace {
 
@@ -286,6 +289,98 @@ TEST_F(KeygateTest, WrappedSecretAlteredInTransitIsRejected) {
   t.join();
 }
 
+// The policy file over a real server: a volume enrolled with a token that
+// names a policy unlocks while the policy admits its instance (a value of
+// a listed claim, inside its hours) and is refused otherwise; SIGHUP
+// reloads the file, a file with an error is refused with its line (on the
+// audit trail) and the policy in effect keeps running; a policy taken out
+// of the file admits no one.
+TEST_F(KeygateTest, PolicyFileConditionsAndReloadOnSighup) {
+  const Identity id;  // account 123456789012, region us-east-1
+  const std::string file = dir_ + "/" + unique("policy") + ".json";
+  time_t now = time(nullptr);
+  struct tm utc;
+  gmtime_r(&now, &utc);
+  char away[32];  // an hour that starts two hours from now: outside it now
+  snprintf(away, sizeof away, "%02d:00-%02d:00", (utc.tm_hour + 2) % 24, (utc.tm_hour + 3) % 24);
+  auto policies = [&](const std::string& regions) {
+    return str_cat("{\n  \"policies\": {\n    \"web\": {\"platform\": \"aws\",\n      \"require\": {\"account_id\": \"",
+                   id.account, "\", \"region\": ", regions, "}},\n    \"later\": {\"platform\": \"aws\",\n",
+                   "      \"require\": {\"account_id\": \"", id.account, "\"}, \"hours_utc\": \"", away,
+                   "\"}\n  }\n}\n");
+  };
+  write_file(file, policies("[\"eu-west-1\", \"us-east-1\"]"));
+  server_.process.stop();
+  server_ = start_server("policy", {"--policy-file", file});
+  ASSERT_GT(server_.port, 0) << read_file(server_.process.log_path());
+  auto enrolled_with = [&](const std::string& policy) {
+    std::string vol = new_volume_file();
+    RunResult r = enroll_format(vol, server_, make_token(server_, {"--policy", policy, "--policy-file", file}),
+                                emulator_);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return vol;
+  };
+  const std::string web = enrolled_with("web");
+  const std::string later = enrolled_with("later");
+  EXPECT_EQ(unlock(web, emulator_).exit_code, 0);
+  RunResult r = unlock(later, emulator_);
+  EXPECT_EQ(r.exit_code, kExitRefused) << r.err;
+  auto audit = [&] { return run({bin("keygate-server"), "audit", "--state-dir", server_.state, "--limit", "1000"}).out; };
+  EXPECT_TRUE(contains(audit(), "policy later: outside its hours (" + std::string(away))) << audit();
+  // The audit shows the file loaded with its hash.
+  EXPECT_TRUE(contains(audit(), "policy.load ok volume=- peer=local " + file + " sha256 ")) << audit();
+
+  auto reload = [&](const std::string& text, size_t loads) {
+    write_file(file, text);
+    EXPECT_EQ(kill(server_.process.pid(), SIGHUP), 0);
+    for (int i = 0; i < 100; ++i) {
+      const std::string trail = audit();
+      size_t n = 0;
+      for (size_t at = trail.find("policy.load"); at != std::string::npos; at = trail.find("policy.load", at + 1)) ++n;
+      if (n >= loads) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    ADD_FAILURE() << "the reload was not audited: " << audit();
+  };
+  // An error on line 4: refused, named by its line, and "web" still admits.
+  reload("{\n  \"policies\": {\n    \"web\": {\"platform\": \"aws\",\n      \"require\": {\"account_id\": 5}}}}\n", 2);
+  EXPECT_TRUE(contains(audit(), "policy.load refused volume=- peer=local " + file + ":4: policy 'web': claim 'account_id'"))
+      << audit();
+  EXPECT_TRUE(contains(read_file(server_.process.log_path()), "policy file refused; the policy in effect stays"));
+  EXPECT_EQ(unlock(web, emulator_).exit_code, 0);
+  // us-east-1 taken out of "web": the same instance is refused.
+  reload(policies("[\"eu-west-1\"]"), 3);
+  r = unlock(web, emulator_);
+  EXPECT_EQ(r.exit_code, kExitRefused) << r.err;
+  EXPECT_TRUE(contains(audit(), "policy web: region us-east-1 is not allowed")) << audit();
+  // Back in: admitted again. Then "web" taken out of the file: deny.
+  reload(policies("[\"us-east-1\"]"), 4);
+  EXPECT_EQ(unlock(web, emulator_).exit_code, 0);
+  reload(str_cat("{\"policies\": {\"other\": {\"platform\": \"aws\", \"require\": {\"account_id\": \"", id.account,
+                 "\"}}}}"),
+         5);
+  EXPECT_EQ(unlock(web, emulator_).exit_code, kExitRefused);
+  EXPECT_TRUE(contains(audit(), "policy web is not in " + file)) << audit();
+  EXPECT_EQ(run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state}).exit_code, 0);
+
+  // A token for a policy the file does not have, or without the file.
+  RunResult none = run({bin("keygate-server"), "token", "create", "--state-dir", server_.state, "--policy", "web",
+                        "--policy-file", file});
+  EXPECT_EQ(none.exit_code, kExitUsage);
+  EXPECT_TRUE(contains(none.err, "policy 'web' is not in " + file)) << none.err;
+  none = run({bin("keygate-server"), "token", "create", "--state-dir", server_.state, "--policy", "other"});
+  EXPECT_EQ(none.exit_code, kExitUsage);
+  EXPECT_TRUE(contains(none.err, "--policy-file")) << none.err;
+  // A server does not start on a file with an error, and says where.
+  write_file(file, "{\n\"policies\": {\n\"x\": {\"platform\": \"aws\", \"require\": {\"account_id\": \"1\"}, \"hours_utc\": 9}}}");
+  RunResult start = run({bin("keygate-server"), "serve", "--state-dir", server_.state + "-other", "--listen",
+                         "127.0.0.1:0", "--policy-file", file});
+  EXPECT_EQ(start.exit_code, kExitUsage);
+  EXPECT_TRUE(contains(start.err, file + ":3: policy 'x': 'hours_utc'")) << start.err;
+  RunResult check = run({bin("keygate-server"), "policy", "check", file});
+  EXPECT_EQ(check.exit_code, kExitUsage);
+  EXPECT_TRUE(contains(check.err, file + ":3:")) << check.err;
+}
 
 }  // namespace
 }  // namespace keygate::testing

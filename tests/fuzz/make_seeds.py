@@ -108,3 +108,10 @@ second, _ = audit_line(2, 1764806401, "enroll.register", "refused", "", "10.0.0.
                        "platform \u00e9\u001b[2J\n quoted \"x\" \\ end", first_hash)
 write("audit_record", "escaped", second)
 write("audit_record", "head", "1:" + first_hash.hex())
+
+# policy_file: the shipped example, and one with every condition.
+write("policy_file", "example", fx("../../../examples/policy.json"))
+write("policy_file", "conditions", json.dumps({"policies": {
+    "a": {"platform": "aws", "require": {"account_id": "1", "region": ["x", "y"]}, "hours_utc": "22:00-06:00",
+          "approval": "automatic"},
+    "b": {"platform": "gcp", "require": {"project_id": "p"}, "hours_utc": "00:00-24:00"}}}, indent=1))

@@ -18,7 +18,7 @@ if [ "${1:-}" = --runs ]; then limit=(-runs="$2"); shift 2
 elif [ "${1:-}" = --seconds ]; then limit=(-max_total_time="$2"); shift 2
 elif [ -n "${1:-}" ] && [ "${1#-}" = "$1" ] && [ "$1" -eq "$1" ] 2>/dev/null; then limit=(-runs="$1"); shift
 fi
-all=(tpm_parse cms jwt server_request client_answer luks_token settings audit_record)
+all=(tpm_parse cms jwt server_request client_answer luks_token settings audit_record policy_file)
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 out=${KEYGATE_FUZZ_DIR:-build-fuzz}

@@ -1,0 +1,76 @@
+// Named release policies in a file operators keep in git (JSON): each
+// names the platform and the verified claims an instance must have (one
+// value, or a list of allowed values), an optional daily time window (UTC)
+// and its approval mode. A volume enrolled with a token that names a policy
+// is released only while that policy, as the file says now, admits the
+// instance (deny by default: a policy no longer in the file admits nothing).
+//
+//   {"policies": {
+//      "web-prod": {"platform": "aws",
+//                   "require": {"account_id": "123456789012",
+//                               "region": ["eu-west-1", "eu-central-1"]},
+//                   "hours_utc": "06:00-22:00",
+//                   "approval": "automatic"}}}
+//
+// The file is validated whole on load; an error names the file and line.
+// PolicyRegistry holds the policy in effect: a file with an error is
+// refused and the running policy stays.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/status.h"
+#include "server/policy.h"
+
+namespace keygate::server {
+
+constexpr size_t kMaxPolicyFile = 1 << 20;
+constexpr size_t kMaxPolicies = 1000;
+constexpr size_t kMaxAllowedValues = 64;
+
+struct NamedPolicy {
+  std::string name;
+  std::string platform;
+  std::map<std::string, std::vector<std::string>> require;  // claim -> allowed values
+  // Minutes after midnight UTC, [start, end); start > end wraps past
+  // midnight. Unset: any time.
+  std::optional<std::pair<int, int>> hours_utc;
+  std::string approval = "automatic";
+  int line = 0;  // where it is defined
+};
+
+struct PolicySet {
+  std::map<std::string, NamedPolicy> policies;
+  std::string source;  // the file's path
+  std::string sha256;  // of the file's bytes, hex
+};
+
+// Parses a policy file's text; `source` names it in errors ("FILE:LINE: ...").
+Result<PolicySet> parse_policy_file(std::string_view text, const std::string& source);
+
+// OK if `identity` satisfies `policy` at `now` (unix seconds); otherwise
+// kRefused naming the condition (for the server's log and audit trail).
+Status evaluate_named_policy(const NamedPolicy& policy, const Identity& identity, int64_t now);
+
+// The policy file in effect, shared by the request threads and reloaded on
+// SIGHUP. Empty (no file configured) until a load succeeds.
+class PolicyRegistry {
+ public:
+  // Reads and validates `path`; on success it becomes the policy in effect,
+  // on failure the one in effect stays. Returns the new set or the error.
+  Result<std::shared_ptr<const PolicySet>> load(const std::string& path);
+  std::shared_ptr<const PolicySet> current() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::shared_ptr<const PolicySet> current_;
+};
+
+}  // namespace keygate::server

@@ -1,0 +1,174 @@
+// The policy file (server/policy_file.h): each condition admits the
+// matching instance and refuses another; every error names its line.
+#include "server/policy_file.h"
+
+#include <gtest/gtest.h>
+
+namespace keygate::server {
+namespace {
+
+bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+Identity aws(const std::string& account, const std::string& region, const std::string& instance = "i-1") {
+  return Identity{"aws", {{"account_id", account}, {"region", region}, {"image_id", "ami-1"}, {"instance_id", instance}}};
+}
+
+constexpr char kFile[] = R"({
+  "policies": {
+    "web": {
+      "platform": "aws",
+      "require": {"account_id": "111122223333", "region": ["eu-west-1", "eu-central-1"]}
+    },
+    "office-hours": {
+      "platform": "aws",
+      "require": {"account_id": "111122223333"},
+      "hours_utc": "08:00-18:00",
+      "approval": "automatic"
+    },
+    "night": {
+      "platform": "aws",
+      "require": {"account_id": "111122223333"},
+      "hours_utc": "22:00-06:00"
+    },
+    "gcp-batch": {"platform": "gcp", "require": {"project_id": "batch-prod"}}
+  }
+})";
+
+constexpr int64_t kMonday0900 = 1764579600;  // 2025-12-01T09:00:00Z
+
+TEST(PolicyFile, ParsesAndRecordsWhereEachPolicyIs) {
+  auto set = parse_policy_file(kFile, "policy.json");
+  ASSERT_TRUE(set.is_ok()) << set.status().message();
+  EXPECT_EQ(set->policies.size(), 4u);
+  EXPECT_EQ(set->policies.at("web").line, 3);
+  EXPECT_EQ(set->policies.at("office-hours").line, 7);
+  EXPECT_EQ(set->sha256.size(), 64u);
+  EXPECT_EQ(set->source, "policy.json");
+  auto again = parse_policy_file(std::string(kFile) + " ", "policy.json");
+  ASSERT_TRUE(again.is_ok());
+  EXPECT_NE(again->sha256, set->sha256);  // the hash is of the bytes
+}
+
+TEST(PolicyFile, EachConditionAdmitsTheMatchingInstanceAndRefusesAnother) {
+  auto set = parse_policy_file(kFile, "policy.json").value();
+  const NamedPolicy& web = set.policies.at("web");
+  EXPECT_TRUE(evaluate_named_policy(web, aws("111122223333", "eu-west-1"), kMonday0900).is_ok());
+  EXPECT_TRUE(evaluate_named_policy(web, aws("111122223333", "eu-central-1"), kMonday0900).is_ok());
+  Status s = evaluate_named_policy(web, aws("111122223333", "us-east-1"), kMonday0900);
+  EXPECT_EQ(s.kind(), ErrorKind::kRefused);
+  EXPECT_TRUE(contains(s.message(), "region us-east-1 is not allowed")) << s.message();
+  s = evaluate_named_policy(web, aws("999999999999", "eu-west-1"), kMonday0900);
+  EXPECT_TRUE(contains(s.message(), "account_id 999999999999 is not allowed")) << s.message();
+  Identity missing = aws("111122223333", "eu-west-1");
+  missing.claims.erase("region");
+  EXPECT_EQ(evaluate_named_policy(web, missing, kMonday0900).kind(), ErrorKind::kRefused);
+  Identity gcp{"gcp", {{"project_id", "batch-prod"}}};
+  s = evaluate_named_policy(web, gcp, kMonday0900);
+  EXPECT_TRUE(contains(s.message(), "platform gcp, not aws")) << s.message();
+  EXPECT_TRUE(evaluate_named_policy(set.policies.at("gcp-batch"), gcp, kMonday0900).is_ok());
+
+  const NamedPolicy& office = set.policies.at("office-hours");
+  const Identity ok = aws("111122223333", "us-east-1");
+  EXPECT_TRUE(evaluate_named_policy(office, ok, kMonday0900).is_ok());
+  EXPECT_TRUE(evaluate_named_policy(office, ok, kMonday0900 - 3600).is_ok());  // 08:00 is in
+  s = evaluate_named_policy(office, ok, kMonday0900 + 9 * 3600);  // 18:00 is out
+  EXPECT_TRUE(contains(s.message(), "outside its hours (08:00-18:00 UTC; now 18:00)")) << s.message();
+  const NamedPolicy& night = set.policies.at("night");
+  EXPECT_FALSE(evaluate_named_policy(night, ok, kMonday0900).is_ok());
+  EXPECT_TRUE(evaluate_named_policy(night, ok, kMonday0900 + 14 * 3600).is_ok());  // 23:00
+  EXPECT_TRUE(evaluate_named_policy(night, ok, kMonday0900 - 4 * 3600).is_ok());   // 05:00
+  EXPECT_FALSE(evaluate_named_policy(night, ok, kMonday0900 - 3 * 3600).is_ok());  // 06:00
+}
+
+// Each error: the file and the line of what is wrong.
+TEST(PolicyFile, EveryErrorNamesItsLine) {
+  struct Case {
+    const char* text;
+    const char* where;
+    const char* what;
+  } cases[] = {
+      {"{\n  \"policies\": {\n    \"a\": {\"platform\": \"aws\"\n    \"b\": 1}}}", "p.json:4:", "Missing ','"},
+      {"{\n \"policies\": {}, \"policies\": {}}", "p.json:2:", "Duplicate key"},
+      {"{\n \"polices\": {}}", "p.json:2:", "unknown key 'polices'"},
+      {"{\n\n \"policies\": []}", "p.json:3:", "'policies' (an object"},
+      {"{\"policies\": {\n \"a\": {\"platform\": \"aws\", \"require\": {\"account_id\": \"1\"},\n  \"colour\": 1}}}",
+       "p.json:3:", "unknown key 'colour'"},
+      {"{\"policies\": {\n \"a\": {\"platform\": \"aws\",\n \"require\": {\"account\": \"1\"}}}}", "p.json:3:",
+       "aws has no claim 'account'"},
+      {"{\"policies\": {\n \"a\": {\"platform\": \"aws\",\n \"require\": {\"region\": \"x\"}}}}", "p.json:3:",
+       "must require 'account_id'"},
+      {"{\"policies\": {\n \"a\": {\"platform\": \"aws\", \"require\": {\n\"account_id\": []}}}}", "p.json:3:",
+       "lists 1 to 64 values"},
+      {"{\"policies\": {\n \"a\": {\"platform\": \"aws\", \"require\": {\"account_id\": [\n5]}}}}", "p.json:3:",
+       "takes a string"},
+      {"{\"policies\": {\n \"a\": {\"platform\": \"ibm\", \"require\": {}}}}", "p.json:2:", "unknown platform 'ibm'"},
+      {"{\"policies\": {\n \"a\": {\"platform\": \"aws\", \"require\": {\"account_id\": \"1\"},\n \"hours_utc\": \"8-18\"}}}",
+       "p.json:3:", "'hours_utc' is \"HH:MM-HH:MM\""},
+      {"{\"policies\": {\n \"a\": {\"platform\": \"aws\", \"require\": {\"account_id\": \"1\"},\n \"hours_utc\": \"25:00-06:00\"}}}",
+       "p.json:3:", "'hours_utc'"},
+      {"{\"policies\": {\n \"a\": {\"platform\": \"aws\", \"require\": {\"account_id\": \"1\"},\n \"approval\": \"manual\"}}}",
+       "p.json:3:", "approval 'manual' is not available in this version"},
+      {"{\"policies\": {\n \"a\": {\"platform\": \"aws\", \"require\": {\"account_id\": \"1\"},\n \"approval\": \"yes\"}}}",
+       "p.json:3:", "unknown approval 'yes'"},
+      {"{\"policies\": {\n \"bad name\": {\"platform\": \"aws\", \"require\": {\"account_id\": \"1\"}}}}", "p.json:2:",
+       "policy name 'bad name'"},
+      {"{\"policies\": {\n \"a\": {\"platform\": \"aws\", \"require\": {\"account_id\": \"\\u001b[2J\"}}}}", "", ""},
+      {"{\"policies\": {}} trailing", "p.json:1:", "Extra non-whitespace"},
+      {"", "p.json:1:", ""},
+      {"\xff{}", "p.json:1:", "not UTF-8"},
+  };
+  for (const Case& c : cases) {
+    auto r = parse_policy_file(c.text, "p.json");
+    if (std::string(c.where).empty()) {
+      EXPECT_TRUE(r.is_ok()) << c.text;  // an odd value is a value: it matches nothing else
+      continue;
+    }
+    ASSERT_FALSE(r.is_ok()) << c.text;
+    EXPECT_EQ(r.status().kind(), ErrorKind::kInvalidArgument);
+    EXPECT_TRUE(contains(r.status().message(), c.where)) << c.text << "\n -> " << r.status().message();
+    EXPECT_TRUE(contains(r.status().message(), c.what)) << c.text << "\n -> " << r.status().message();
+    for (unsigned char ch : r.status().message()) EXPECT_TRUE(ch >= 0x20 && ch < 0x7f) << r.status().message();
+  }
+  EXPECT_FALSE(parse_policy_file(std::string(kMaxPolicyFile + 1, ' '), "p.json").is_ok());
+}
+
+// The README's example file is one the server takes.
+TEST(PolicyFile, TheShippedExampleIsValid) {
+  FILE* f = fopen(KEYGATE_SOURCE_DIR "/examples/policy.json", "r");
+  ASSERT_NE(f, nullptr);
+  std::string text(1 << 16, '\0');
+  text.resize(fread(text.data(), 1, text.size(), f));
+  fclose(f);
+  auto set = parse_policy_file(text, "examples/policy.json");
+  ASSERT_TRUE(set.is_ok()) << set.status().message();
+  EXPECT_EQ(set->policies.size(), 4u);
+}
+
+TEST(PolicyFile, ARegistryKeepsThePolicyInEffectWhenALoadFails) {
+  char tmpl[] = "/tmp/keygate-policy-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  const std::string path = dir + "/policy.json";
+  PolicyRegistry registry;
+  EXPECT_EQ(registry.current(), nullptr);
+  EXPECT_FALSE(registry.load(path).is_ok());  // no file yet
+  FILE* f = fopen(path.c_str(), "w");
+  fputs(kFile, f);
+  fclose(f);
+  ASSERT_TRUE(registry.load(path).is_ok());
+  auto first = registry.current();
+  ASSERT_NE(first, nullptr);
+  f = fopen(path.c_str(), "w");
+  fputs("{\"policies\": {", f);
+  fclose(f);
+  auto refused = registry.load(path);
+  EXPECT_FALSE(refused.is_ok());
+  EXPECT_TRUE(contains(refused.status().message(), path + ":1:")) << refused.status().message();
+  EXPECT_EQ(registry.current(), first);
+  unlink(path.c_str());
+  rmdir(dir.c_str());
+}
+
+}  // namespace
+}  // namespace keygate::server
