@@ -20,6 +20,21 @@ Result<Json::Value> parse_json_object(std::string_view text, size_t max_bytes) {
   if (!is_utf8(text)) {
     return Status::error(ErrorKind::kInvalidArgument, "malformed JSON: not UTF-8");
   }
+  Json::Value root;
+  std::string errors;
+  if (!parse_json_strict(text, &root, &errors)) {
+    // jsoncpp errors can be long and quote input: keep the first line only.
+    auto nl = errors.find('\n');
+    std::string first = errors.substr(0, nl == std::string::npos ? 120 : std::min<size_t>(nl, 120));
+    return Status::error(ErrorKind::kInvalidArgument, str_cat("malformed JSON: ", first));
+  }
+  if (!root.isObject()) {
+    return Status::error(ErrorKind::kInvalidArgument, "JSON document is not an object");
+  }
+  return root;
+}
+
+bool parse_json_strict(std::string_view text, Json::Value* root, std::string* errors) {
   try {
     Json::CharReaderBuilder builder;
     Json::CharReaderBuilder::strictMode(&builder.settings_);
@@ -27,20 +42,10 @@ Result<Json::Value> parse_json_object(std::string_view text, size_t max_bytes) {
     builder.settings_["rejectDupKeys"] = true;
     builder.settings_["failIfExtra"] = true;
     std::unique_ptr<Json::CharReader> reader(builder.newCharReader());
-    Json::Value root;
-    std::string errors;
-    if (!reader->parse(text.data(), text.data() + text.size(), &root, &errors)) {
-      // jsoncpp errors can be long and quote input: keep the first line only.
-      auto nl = errors.find('\n');
-      std::string first = errors.substr(0, nl == std::string::npos ? 120 : std::min<size_t>(nl, 120));
-      return Status::error(ErrorKind::kInvalidArgument, str_cat("malformed JSON: ", first));
-    }
-    if (!root.isObject()) {
-      return Status::error(ErrorKind::kInvalidArgument, "JSON document is not an object");
-    }
-    return root;
+    return reader->parse(text.data(), text.data() + text.size(), root, errors);
   } catch (const std::exception& e) {
-    return Status::error(ErrorKind::kInvalidArgument, str_cat("malformed JSON: ", e.what()));
+    *errors = e.what();
+    return false;
   }
 }
 

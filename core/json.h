@@ -19,6 +19,12 @@ constexpr size_t kDefaultJsonMaxBytes = 64 * 1024;
 Result<Json::Value> parse_json_object(std::string_view text,
                                       size_t max_bytes = kDefaultJsonMaxBytes);
 
+// The strict parse under parse_json_object, of any JSON value: false with
+// jsoncpp's own error text ("* Line L, Column C\n  message") on failure.
+// Each value keeps its place in `text` (Json::Value::getOffsetStart). The
+// caller checks size and UTF-8.
+bool parse_json_strict(std::string_view text, Json::Value* root, std::string* errors);
+
 // Compact serialisation (no whitespace, keys in sorted order).
 std::string to_json(const Json::Value& value);
 // Indented serialisation for people.

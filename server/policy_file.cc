@@ -1,14 +1,12 @@
 #include "server/policy_file.h"
 
-#include <json/reader.h>
-
 #include <algorithm>
 #include <cstdio>
-#include <exception>
 
 #include "core/crypto.h"
 #include "core/encoding.h"
 #include "core/file.h"
+#include "core/json.h"
 
 namespace keygate::server {
 
@@ -156,18 +154,8 @@ Result<PolicySet> parse_policy_file(std::string_view text, const std::string& so
   if (text.size() > kMaxPolicyFile) return at.error(1, str_cat("larger than ", kMaxPolicyFile, " bytes"));
   if (!is_utf8(text)) return at.error(1, "not UTF-8");
   Json::Value root;
-  try {
-    Json::CharReaderBuilder builder;
-    Json::CharReaderBuilder::strictMode(&builder.settings_);
-    builder.settings_["stackLimit"] = 32;
-    builder.settings_["rejectDupKeys"] = true;
-    builder.settings_["failIfExtra"] = true;
-    std::unique_ptr<Json::CharReader> reader(builder.newCharReader());
-    std::string errors;
-    if (!reader->parse(text.data(), text.data() + text.size(), &root, &errors)) return syntax_error(errors, at);
-  } catch (const std::exception& e) {
-    return at.error(1, str_cat("malformed JSON: ", printable(e.what(), 200)));
-  }
+  std::string errors;
+  if (!parse_json_strict(text, &root, &errors)) return syntax_error(errors, at);
   if (!root.isObject()) return at.error(root, "the file is a JSON object with 'policies'");
   for (const std::string& key : root.getMemberNames()) {
     if (key != "policies") return at.error(root[key], str_cat("unknown key '", printable(key, 64), "' (policies)"));
