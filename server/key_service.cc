@@ -414,6 +414,16 @@ Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view bod
   if (!policy.is_ok()) {
     return refusal_for(policy.status(), api::kErrPolicyDenied, policy.status().message());
   }
+  // A token that names a policy enrolls only an instance the policy admits
+  // now: enrollment hands out a secret as an unlock does. (Offline, with no
+  // evidence, there is no instance yet: each unlock is checked.)
+  if (!policy->named_policy.empty() && identity) {
+    Status named = check_named_policy(policy->named_policy, *identity);
+    if (!named.is_ok()) {
+      return refused(api::kErrPolicyDenied, "instance does not satisfy the token's policy",
+                     str_cat(named.message(), " (", identity->summary(), ")"));
+    }
+  }
   policy->tpm = tpm_policy;
   call.volume_id = new_volume_id();
   auto secret = SecretBuffer::random(api::kVolumeSecretSize);
