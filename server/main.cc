@@ -341,13 +341,6 @@ Result<EnrollmentTemplate> template_from_args(const Args& args) {
   return tmpl;
 }
 
-// A policy file's text, validated; an error names the file and line.
-Result<PolicySet> read_policy_file(const std::string& path) {
-  auto text = read_small_file(path, kMaxPolicyFile + 1);
-  if (!text.is_ok()) return text.status();
-  return parse_policy_file(text.value(), path);
-}
-
 int cmd_token_create(const Args& args, const Settings& s) {
   auto ttl = args.get_int("ttl", 3600, 1, 365L * 24 * 3600);
   auto uses = args.get_int("uses", 1, 1, 1000000);

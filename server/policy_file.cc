@@ -200,10 +200,14 @@ Status evaluate_named_policy(const NamedPolicy& p, const Identity& identity, int
   return Status::ok();
 }
 
-Result<std::shared_ptr<const PolicySet>> PolicyRegistry::load(const std::string& path) {
+Result<PolicySet> read_policy_file(const std::string& path) {
   auto text = read_small_file(path, kMaxPolicyFile + 1);
   if (!text.is_ok()) return text.status();
-  auto set = parse_policy_file(text.value(), path);
+  return parse_policy_file(text.value(), path);
+}
+
+Result<std::shared_ptr<const PolicySet>> PolicyRegistry::load(const std::string& path) {
+  auto set = read_policy_file(path);
   if (!set.is_ok()) return set.status();
   auto loaded = std::make_shared<const PolicySet>(std::move(set).value());
   std::lock_guard<std::mutex> lock(mu_);

@@ -55,6 +55,9 @@ struct PolicySet {
 // Parses a policy file's text; `source` names it in errors ("FILE:LINE: ...").
 Result<PolicySet> parse_policy_file(std::string_view text, const std::string& source);
 
+// Reads the file at `path` (bounded) and parses it.
+Result<PolicySet> read_policy_file(const std::string& path);
+
 // OK if `identity` satisfies `policy` at `now` (unix seconds); otherwise
 // kRefused naming the condition (for the server's log and audit trail).
 Status evaluate_named_policy(const NamedPolicy& policy, const Identity& identity, int64_t now);
