@@ -44,13 +44,15 @@ constexpr char kErrAuditUnavailable[] = "audit_unavailable";  // 503: nothing re
 constexpr char kErrNotFound[] = "not_found";                  // no such endpoint
 constexpr char kErrMethodNotAllowed[] = "method_not_allowed";
 constexpr char kErrVolumeActive[] = "volume_active";  // 409: abandon of a confirmed volume
+// 403: an approver denied the release, or its request expired undecided.
+constexpr char kErrApprovalDenied[] = "approval_denied";
 
 // Every code KeyService answers with (the router adds kErrNotFound and
 // kErrMethodNotAllowed for requests that reach no endpoint).
 constexpr const char* kServiceErrorCodes[] = {
     kErrBadRequest, kErrTooLarge,    kErrNonceInvalid, kErrEvidenceInvalid, kErrPolicyDenied,
     kErrRevoked,    kErrNotEnrolled, kErrTokenInvalid, kErrTpmRequired,     kErrInternal,
-    kErrBusy,       kErrAuditUnavailable, kErrRateLimited, kErrVolumeActive};
+    kErrBusy,       kErrAuditUnavailable, kErrRateLimited, kErrVolumeActive, kErrApprovalDenied};
 
 // Field names of the JSON bodies, both directions.
 namespace field {
@@ -60,6 +62,12 @@ constexpr char kExpiresIn[] = "expires_in";
 constexpr char kClientPublicKey[] = "client_public_key";
 constexpr char kEvidence[] = "evidence";
 constexpr char kTpm[] = "tpm";
+// An unlock that waits for people: the server answers 202 with "approval"
+// (request_id, state, expires_in, instance, claims, ...), and the instance
+// asks again with "approval_request" set to that id.
+constexpr char kApproval[] = "approval";
+constexpr char kApprovalRequest[] = "approval_request";
+constexpr char kRequestId[] = "request_id";
 constexpr char kEnrollmentToken[] = "enrollment_token";
 constexpr char kDescription[] = "description";
 constexpr char kProof[] = "proof";

@@ -93,6 +93,7 @@ class ConnectionCounts {
 
 struct Front {
   KeyService& service;
+  AdminService* admin;
   const HttpOptions& options;
   ssl::context& tls;
   asio::thread_pool& workers;
@@ -205,6 +206,10 @@ class Session : public std::enable_shared_from_this<Session> {
         return s.challenge(peer);
       }, std::move(request));
     }
+    if (target.substr(0, std::string_view(kAdminPathPrefix).size()) == kAdminPathPrefix &&
+        front_.admin != nullptr) {
+      return on_admin(std::move(request));
+    }
     for (const Route& route : kRoutes) {
       if (target != route.path) continue;
       if (!post) return answer(not_allowed());
@@ -214,6 +219,29 @@ class Session : public std::enable_shared_from_this<Session> {
       }, std::move(request));
     }
     answer(error_response(404, api::kErrNotFound, "no such endpoint"));
+  }
+
+  // The admin API: only with a client certificate that verified against
+  // the admin CA in this connection's handshake (or the session it resumed).
+  void on_admin(Request request) {
+    std::optional<AdminPeer> peer;
+    SSL* ssl = stream_->native_handle();
+    if (X509* cert = SSL_get0_peer_certificate(ssl); cert != nullptr && SSL_get_verify_result(ssl) == X509_V_OK) {
+      peer = admin_peer_of(cert);
+    }
+    auto self = shared_from_this();
+    asio::post(front_.workers, [self, peer = std::move(peer), request = std::move(request)]() mutable {
+      ApiResponse response;
+      try {
+        const std::string_view target(request.target().data(), request.target().size());
+        const std::string method(request.method_string());
+        response = self->front_.admin->handle(peer ? &*peer : nullptr, method, target, request.body(), self->peer_);
+      } catch (const std::exception&) {
+        response = error_response(500, api::kErrInternal, "internal error");
+      }
+      asio::post(self->stream_->get_executor(),
+                 [self, response = std::move(response)]() { self->answer(response); });
+    });
   }
 
   static ApiResponse not_allowed() {
@@ -391,12 +419,33 @@ Status load_tls(ssl::context& tls, const HttpOptions& options) {
                          str_cat("TLS: cannot load ", options.cert_file, " / ", options.key_file,
                                  ": ", ec.message()));
   }
+  if (!options.admin_ca_file.empty()) {
+    // Client certificates are asked for, not required: instances have none,
+    // and the admin API refuses a request without one. One that does not
+    // verify against the admin CA (as a client certificate) ends the
+    // handshake. Only the admin CA is trusted here, not the system's.
+    tls.load_verify_file(options.admin_ca_file, ec);
+    if (ec) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat("TLS: cannot load the admin CA ", options.admin_ca_file, ": ", ec.message()));
+    }
+    STACK_OF(X509_NAME)* names = SSL_load_client_CA_file(options.admin_ca_file.c_str());
+    if (names == nullptr) {
+      return Status::error(ErrorKind::kInvalidArgument, str_cat("TLS: admin CA ", options.admin_ca_file, " unreadable"));
+    }
+    SSL_CTX_set_client_CA_list(ctx, names);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nullptr);
+    SSL_CTX_set_verify_depth(ctx, 1);
+    SSL_CTX_set_purpose(ctx, X509_PURPOSE_SSL_CLIENT);
+    static const unsigned char kContext[] = "keygate-server";
+    SSL_CTX_set_session_id_context(ctx, kContext, sizeof kContext - 1);
+  }
   return Status::ok();
 }
 
 }  // namespace
 
-Status serve_https(KeyService& service, const HttpOptions& options) {
+Status serve_https(KeyService& service, AdminService* admin, const HttpOptions& options) {
   std::signal(SIGPIPE, SIG_IGN);
   raise_descriptor_limit();
   ssl::context tls(ssl::context::tls_server);
@@ -405,7 +454,7 @@ Status serve_https(KeyService& service, const HttpOptions& options) {
   // Declared before the I/O context: sessions it still holds when it is
   // destroyed count themselves out of `front`.
   asio::thread_pool workers(static_cast<size_t>(worker_count(options)));
-  Front front{service, options, tls, workers,
+  Front front{service, admin, options, tls, workers,
               ConnectionCounts(options.max_connections, options.max_connections_per_source)};
   const int io_threads = per_core(options.io_threads);
   asio::io_context io(io_threads);

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "core/status.h"
+#include "server/admin_api.h"
 #include "server/key_service.h"
 
 namespace keygate::server {
@@ -21,6 +22,9 @@ struct HttpOptions {
   std::string port_file;  // if set, the bound port is written here
   std::string cert_file;
   std::string key_file;
+  // The admin CA (server/admin_ca.h): client certificates are asked for and
+  // verified against it; empty: none asked for.
+  std::string admin_ca_file;
 
   int backlog = 4096;                    // the kernel caps it at net.core.somaxconn
   long handshake_timeout_ms = 5000;      // TCP accept to the end of the TLS handshake
@@ -35,8 +39,9 @@ struct HttpOptions {
   std::function<void()> on_reload;
 };
 
-// Serves until SIGTERM or SIGINT; SIGHUP runs on_reload. Returns an error if it cannot bind or load
-// the TLS material.
-Status serve_https(KeyService& service, const HttpOptions& options);
+// Serves until SIGTERM or SIGINT; SIGHUP runs on_reload. Requests under
+// /v1/admin/ go to `admin` (null: 404). Returns an error if it cannot bind
+// or load the TLS material.
+Status serve_https(KeyService& service, AdminService* admin, const HttpOptions& options);
 
 }  // namespace keygate::server

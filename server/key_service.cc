@@ -5,6 +5,7 @@
 #include "core/json.h"
 #include "core/log.h"
 #include "core/protocol.h"
+#include "server/approvals.h"
 #include "server/tpm_policy.h"
 
 namespace keygate::server {
@@ -95,7 +96,7 @@ std::optional<Refusal> KeyService::limit_instance(const Identity& identity) {
 }
 
 // Deny by default: no policy file, or a file without the name, admits no one.
-Status KeyService::check_named_policy(const std::string& name, const Identity& identity) {
+Result<NamedPolicy> KeyService::check_named_policy(const std::string& name, const Identity& identity) {
   auto set = options_.policies != nullptr ? options_.policies->current() : nullptr;
   if (set == nullptr) {
     return Status::error(ErrorKind::kRefused, str_cat("policy ", name, ": no policy file is in effect"));
@@ -105,7 +106,8 @@ Status KeyService::check_named_policy(const std::string& name, const Identity& i
     return Status::error(ErrorKind::kRefused, str_cat("policy ", name, " is not in ", set->source, " (sha256 ",
                                                       set->sha256.substr(0, 16), ")"));
   }
-  return evaluate_named_policy(it->second, identity, clock_.now_unix());
+  KEYGATE_RETURN_IF_ERROR(evaluate_named_policy(it->second, identity, clock_.now_unix()));
+  return it->second;
 }
 
 Status KeyService::write_audit(const Call& call, const char* outcome, const std::string& detail) {
@@ -303,12 +305,14 @@ Checked<ApiResponse> KeyService::serve_unlock(Call& call, std::string_view body)
     return refused(api::kErrPolicyDenied, "instance does not satisfy the volume's policy",
                    str_cat(allowed.message(), " (", identity->summary(), ")"));
   }
+  std::optional<NamedPolicy> named;
   if (!policy->named_policy.empty()) {
-    Status named = check_named_policy(policy->named_policy, identity.value());
-    if (!named.is_ok()) {
+    auto admitted = check_named_policy(policy->named_policy, identity.value());
+    if (!admitted.is_ok()) {
       return refused(api::kErrPolicyDenied, "instance does not satisfy the volume's policy",
-                     str_cat(named.message(), " (", identity->summary(), ")"));
+                     str_cat(admitted.status().message(), " (", identity->summary(), ")"));
     }
+    named = std::move(admitted).value();
   }
   if (policy->revokes(identity.value())) {
     return refused(api::kErrRevoked, "this instance's access to the volume has been revoked",
@@ -319,16 +323,186 @@ Checked<ApiResponse> KeyService::serve_unlock(Call& call, std::string_view body)
       return *r;
     }
   }
+  // A policy that wants people to approve: the instance waits (202) until
+  // they have, and is refused once they deny or the request expires.
+  std::optional<Approval> granted;
+  if (named && named->approval != "automatic" &&
+      !(named->approval == "manual-first" && policy->knows(identity.value()))) {
+    auto gate = approval_gate(call, policy.value(), *named, identity.value(), request.value());
+    if (!gate.ok()) return gate.refusal();
+    if (gate->wait) return *gate->wait;
+    granted = std::move(gate->grant);
+  }
   auto secret = open_volume_secret(kek_, record->sealed_secret, call.volume_id);
   if (!secret.is_ok()) return server_error("volume secret unavailable", secret.status().message());
   auto wrapped = wrap_secret_for_client(secret.value(), attested->client_public_key, call.volume_id,
                                         attested->nonce);
   if (!wrapped.is_ok()) return bad_request("client public key unusable");
-  if (!write_audit(call, "released", identity->summary()).is_ok()) return unaudited(call);
+  if (granted) {
+    // The approval is spent and the release audited in one transaction.
+    if (auto r = spend_approval(call, *granted, identity.value())) return *r;
+    if (granted->mode == "manual-first") remember_instance(record.value(), identity.value());
+  } else if (!write_audit(call, "released", identity->summary()).is_ok()) {
+    return unaudited(call);
+  }
   ApiResponse r;
   r.body[api::field::kVolumeId] = call.volume_id;
   r.body[api::field::kWrapped] = wrapped->to_json();
   return r;
+}
+
+ApiResponse KeyService::waiting(const Approval& request) {
+  ApiResponse r;
+  r.status = 202;
+  r.retry_after_seconds = 2;
+  r.body[api::field::kVolumeId] = request.volume_id;
+  r.body[api::field::kApproval] = request.to_instance_json(clock_.now_unix());
+  return r;
+}
+
+Checked<KeyService::Gate> KeyService::approval_gate(Call& call, const VolumePolicy& policy,
+                                                    const NamedPolicy& named, const Identity& identity,
+                                                    const Json::Value& request) {
+  const std::string instance = policy.instance_of(identity);
+  if (instance.empty()) {
+    return refused(api::kErrPolicyDenied, "instance has no instance id to approve",
+                   str_cat("policy ", named.name, " needs approval, and the evidence names no instance (",
+                           identity.summary(), ")"));
+  }
+  auto asked = json_optional_string(request, api::field::kApprovalRequest, 64);
+  if (!asked.is_ok()) return bad_request(asked.status().message());
+  if (!asked->empty() && !is_approval_id(asked.value())) {
+    return bad_request(str_cat("field '", api::field::kApprovalRequest, "' is not a request id"));
+  }
+  const int64_t now = clock_.now_unix();
+  Result<std::optional<ApprovalRecord>> found = std::optional<ApprovalRecord>();
+  if (!asked->empty()) {
+    auto one = store_.get_approval(asked.value());
+    if (one.is_ok()) {
+      found = std::optional<ApprovalRecord>(std::move(one).value());
+    } else if (one.status().kind() == ErrorKind::kNotFound) {
+      return refused(api::kErrApprovalDenied, "no such approval request",
+                     str_cat("approval request ", asked.value(), " is unknown (", identity.summary(), ")"));
+    } else {
+      found = one.status();
+    }
+  } else {
+    found = store_.find_pending_approval(call.volume_id, instance);
+  }
+  if (!found.is_ok()) return server_error("approval requests unavailable", found.status().message());
+  Gate gate;
+  if (found->has_value()) {
+    auto current = Approval::from_record(**found);
+    if (!current.is_ok()) return server_error("approval request unreadable", current.status().message());
+    Approval& a = current.value();
+    if (a.volume_id != call.volume_id || a.instance != instance) {
+      return refused(api::kErrApprovalDenied, "the approval request is another instance's",
+                     str_cat("approval request ", a.id, " is for volume ", a.volume_id, " and instance ",
+                             a.instance, ", not this one (", identity.summary(), ")"));
+    }
+    const std::string state = a.state_at(now);
+    if (state == "approved") {
+      gate.grant = std::move(a);
+      return gate;
+    }
+    if (state == "pending") {
+      gate.wait = waiting(a);
+      return gate;
+    }
+    if (state == "denied") {
+      return refused(api::kErrApprovalDenied, "the release was denied by an approver",
+                     str_cat("approval request ", a.id, " denied by ", a.denial ? a.denial->name : "-", ": ",
+                             a.denial ? a.denial->reason : "", " (", identity.summary(), ")"));
+    }
+    if (state == "expired") {
+      if (a.state == "pending") {
+        Approval expired = a;
+        expired.state = "expired";
+        const AuditEvent event{now, "approval.expire", "denied", a.volume_id, call.peer,
+                               str_cat(a.id, ": not decided within its time (", a.approvals.size(), " of ",
+                                       a.needed, " approvals)")};
+        Status s = store_.update_approval(a.to_record(), expired.to_record(), event);
+        log_audit(event, s);
+      }
+      // Asked about by its id: the instance's wait ends, denied. Found as
+      // the newest pending one: a later boot, which asks afresh.
+      if (!asked->empty()) {
+        return refused(api::kErrApprovalDenied, "the approval request expired undecided",
+                       str_cat("approval request ", a.id, " expired undecided (", identity.summary(), ")"));
+      }
+    }
+    // "used" (a release whose answer was lost, or an earlier boot): a new request.
+  }
+  Approval a;
+  a.id = new_approval_id();
+  a.volume_id = call.volume_id;
+  a.instance = instance;
+  a.policy = named.name;
+  a.mode = named.approval;
+  a.platform = identity.platform;
+  a.claims = identity.claims;
+  a.issued_by = policy.issued_by;
+  a.needed = named.approvers;
+  a.created_at = now;
+  a.expires_at = now + named.approval_timeout;
+  const AuditEvent event{now, "approval.request", "pending", a.volume_id, call.peer,
+                         str_cat(a.id, ": ", identity.summary(), " under policy ", named.name, " (", a.mode,
+                                 "), ", a.needed, " approval(s) needed within ", named.approval_timeout, " s")};
+  Status s = store_.insert_approval(a.to_record(), event);
+  log_audit(event, s);
+  if (!s.is_ok()) return unaudited(call);  // no request without its record
+  gate.wait = waiting(a);
+  return gate;
+}
+
+std::optional<Refusal> KeyService::spend_approval(const Call& call, const Approval& granted,
+                                                  const Identity& identity) {
+  Approval used = granted;
+  used.state = "used";
+  std::string by;
+  for (const auto& d : granted.approvals) by += (by.empty() ? "" : ", ") + d.name;
+  const AuditEvent event{clock_.now_unix(), call.event, "released", call.volume_id, call.peer,
+                         str_cat(identity.summary(), ", approved by ", by, " (", granted.id, ")")};
+  Status s = store_.update_approval(granted.to_record(), used.to_record(), event);
+  log_audit(event, s);
+  if (s.is_ok()) return std::nullopt;
+  if (s.kind() == ErrorKind::kConflict) {
+    // Another release took it first: this instance asks again.
+    return refused(api::kErrApprovalDenied, "the approval was used by another release",
+                   str_cat("approval request ", granted.id, " was used meanwhile (", identity.summary(), ")"));
+  }
+  return unaudited(call);
+}
+
+void KeyService::remember_instance(const VolumeRecord& record, const Identity& identity) {
+  // A compare-and-swap on the policy, tried again when another change came
+  // between; should it fail, the instance's next boot asks again.
+  std::string expected = record.policy_json;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    auto parsed = parse_json_object(expected);
+    if (!parsed.is_ok()) break;
+    auto policy = VolumePolicy::from_json(parsed.value());
+    if (!policy.is_ok()) break;
+    const std::string instance = policy->instance_of(identity);
+    if (instance.empty() || policy->known_instances.count(instance) != 0) return;
+    if (policy->known_instances.size() >= kMaxRevokedInstances) {
+      log_warning(str_cat("volume ", record.id, ": ", kMaxRevokedInstances,
+                          " instances known already; ", instance, " will ask for approval at each boot"));
+      return;
+    }
+    policy->known_instances.insert(instance);
+    const std::string updated = to_json(policy->to_json());
+    Status s = store_.update_volume_policy(record.id, expected, updated, clock_.now_unix());
+    if (s.is_ok()) return;
+    if (s.kind() != ErrorKind::kConflict) {
+      log_warning(str_cat("volume ", record.id, ": could not remember instance ", instance, ": ", s.message()));
+      return;
+    }
+    auto fresh = store_.get_volume(record.id);
+    if (!fresh.is_ok()) break;
+    expected = fresh->policy_json;
+  }
+  log_warning(str_cat("volume ", record.id, ": could not remember the approved instance; it asks again next boot"));
 }
 
 Checked<EnrollmentTemplate> KeyService::enrollment_template(const std::string& token,
@@ -418,10 +592,10 @@ Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view bod
   // now: enrollment hands out a secret as an unlock does. (Offline, with no
   // evidence, there is no instance yet: each unlock is checked.)
   if (!policy->named_policy.empty() && identity) {
-    Status named = check_named_policy(policy->named_policy, *identity);
+    auto named = check_named_policy(policy->named_policy, *identity);
     if (!named.is_ok()) {
       return refused(api::kErrPolicyDenied, "instance does not satisfy the token's policy",
-                     str_cat(named.message(), " (", identity->summary(), ")"));
+                     str_cat(named.status().message(), " (", identity->summary(), ")"));
     }
   }
   policy->tpm = tpm_policy;

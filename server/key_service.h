@@ -14,6 +14,7 @@
 
 #include "core/clock.h"
 #include "core/secret.h"
+#include "server/approvals.h"
 #include "server/evidence.h"
 #include "server/policy.h"
 #include "server/policy_file.h"
@@ -68,8 +69,24 @@ class KeyService {
   };
   struct Attested;  // the fields every attested request carries, and their binding
 
-  // Whether the policy file's policy `name` admits `identity` now.
-  Status check_named_policy(const std::string& name, const Identity& identity);
+  // The policy file's policy `name`, if it admits `identity` now.
+  Result<NamedPolicy> check_named_policy(const std::string& name, const Identity& identity);
+
+  // Approvals (server/approvals.h). The gate, for an unlock under a policy
+  // that wants them: `wait` (a 202 naming the request, made if there is
+  // none) or `grant`, an approved request, which the release spends.
+  struct Gate {
+    std::optional<ApiResponse> wait;
+    std::optional<Approval> grant;
+  };
+  Checked<Gate> approval_gate(Call& call, const VolumePolicy& policy, const NamedPolicy& named,
+                              const Identity& identity, const Json::Value& request);
+  ApiResponse waiting(const Approval& request);
+  // Marks `granted` used with the release's audit record, in one
+  // transaction; a refusal if it could not.
+  std::optional<Refusal> spend_approval(const Call& call, const Approval& granted, const Identity& identity);
+  // manual-first: the volume knows the instance from now on.
+  void remember_instance(const VolumeRecord& record, const Identity& identity);
 
   // Audits a refusal (or lets a served answer through) and answers.
   ApiResponse answer(const Call& call, Checked<ApiResponse> outcome);

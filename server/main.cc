@@ -19,8 +19,11 @@
 #include "core/json.h"
 #include "core/log.h"
 #include "core/file.h"
+#include "server/admin_command.h"
 #include "server/audit_chain.h"
 #include "server/aws_identity.h"
+#include "server/admin_api.h"
+#include "server/admin_ca.h"
 #include "server/http_api.h"
 #include "server/key_service.h"
 #include "server/policy_file.h"
@@ -64,6 +67,29 @@ Commands:
   policy check [FILE]
                    validate a policy file (default: --policy-file); an
                    error names its line
+  admin bootstrap --name NAME [--out DIR] [--server-url URL] [--days N]
+                   the first admin certificate (role admin), from the
+                   state folder: its key, certificate, the server's CA and
+                   URL in DIR (default $KEYGATE_ADMIN_DIR or ~/.keygate-admin);
+                   refused once an admin certificate is in force
+  admin COMMAND    the admin API (mTLS with the certificate in --admin-dir;
+                   --server URL overrides the folder's), on any replica:
+                     whoami
+                     requests [--all]          pending approval requests
+                     request ID
+                     approve ID --reason TEXT  (approver, admin)
+                     deny ID --reason TEXT     (approver, admin)
+                     volumes
+                     revoke VOLUME_ID          (admin)
+                     token create [token create's options]   (admin; the
+                                               issuer may not approve the
+                                               volume's releases)
+                     certs
+                     cert issue --name NAME --role viewer|approver|admin
+                                --out DIR [--days N]          (admin)
+                     cert revoke SERIAL        (admin)
+                     policy reload             (admin)
+                   --json prints the API's answer as it is
 
 Common options:
   --state-dir DIR  store, KEK and TLS material (default /var/lib/keygate)
@@ -129,16 +155,17 @@ token create options:
                             instance too (checked against --policy-file)
 
 Exit status: 0 success, 1 failure, 2 usage or configuration error, 3 the
-audit trail's chain is broken (audit verify, audit export).
+audit trail's chain is broken (audit verify, audit export), or the admin
+API refused (not authenticated, or not this role's or person's to do).
 )";
 
 const std::set<std::string> kValueOptions = {
     "state-dir", "config",  "listen",     "port-file", "tls-san", "aws-trust-dir", "nonce-ttl",
     "log-level", "account", "region",     "image-id",  "ttl",     "uses",          "limit",
     "gcp-jwks",  "azure-trust-dir", "evidence-max-age", "platform", "require", "head", "instance", "policy", "policy-file",
-    "file",      "output"};
+    "file",      "output", "name", "role", "days", "out", "reason", "server", "admin-dir", "server-url"};
 const std::set<std::string> kFlagOptions = {"no-default-aws-trust", "image-group", "json",
-                                            "help"};
+                                            "help", "all"};
 
 int fail(const Status& s) {
   log_error(s.message());
@@ -269,27 +296,41 @@ int cmd_serve(const Args& args, const Settings& s) {
   }
   PolicyRegistry policies;
   // Each load of the policy file, and each refusal of one, is on the audit
-  // trail with the file's hash. A file refused at start stops the start; one
-  // refused on SIGHUP leaves the policy in effect as it was.
-  auto load_policies = [&policies, &store, &clock, file = s.policy_file](bool at_start) -> Status {
+  // trail with the file's hash and who asked (SIGHUP: "local"). A file
+  // refused at start stops the start; one refused later leaves the policy
+  // in effect as it was.
+  auto load_policies = [&policies, &store, &clock, file = s.policy_file](bool at_start,
+                                                                        const std::string& who) -> Result<std::string> {
     auto loaded = policies.load(file);
+    const std::string by = who == "local" ? "" : str_cat(", by ", who);
     if (!loaded.is_ok()) {
       const std::string why = loaded.status().message();
       if (!at_start) log_error(str_cat("policy file refused; the policy in effect stays: ", why));
-      (void)store.value()->append_audit(AuditEvent{clock.now_unix(), "policy.load", "refused", "", "local", why});
+      (void)store.value()->append_audit(AuditEvent{clock.now_unix(), "policy.load", "refused", "", "local", why + by});
       return loaded.status();
     }
     const std::string detail = str_cat(file, " sha256 ", loaded.value()->sha256, ", ",
                                        loaded.value()->policies.size(), " policies");
-    log_info(str_cat("policy file loaded: ", detail));
-    return store.value()->append_audit(AuditEvent{clock.now_unix(), "policy.load", "ok", "", "local", detail});
+    log_info(str_cat("policy file loaded: ", detail, by));
+    KEYGATE_RETURN_IF_ERROR(
+        store.value()->append_audit(AuditEvent{clock.now_unix(), "policy.load", "ok", "", "local", detail + by}));
+    return detail;
   };
+  AdminService::PolicyReload reload;
   if (!s.policy_file.empty()) {
-    Status loaded = load_policies(true);
-    if (!loaded.is_ok()) return fail(loaded.kind() == ErrorKind::kInvalidArgument ? loaded : loaded.with_context("policy file"));
+    auto loaded = load_policies(true, "local");
+    if (!loaded.is_ok()) {
+      const Status& st = loaded.status();
+      return fail(st.kind() == ErrorKind::kInvalidArgument ? st : st.with_context("policy file"));
+    }
     options.policies = &policies;
-    http.on_reload = [&load_policies] { (void)load_policies(false); };
+    http.on_reload = [&load_policies] { (void)load_policies(false, "local"); };
+    reload = [&load_policies](const std::string& who) { return load_policies(false, who); };
   }
+  auto admin_ca = AdminCa::load_or_create(s.state_dir);
+  if (!admin_ca.is_ok()) return fail(admin_ca.status());
+  http.admin_ca_file = admin_ca->cert_file();
+  AdminService admin(*store.value(), clock, admin_ca.value(), options.policies, reload);
   KeyService service(*store.value(), std::move(kek).value(), trust, clock, options);
   // Pending volumes left from before this start (a client that died
   // between register and confirm), past their time.
@@ -298,7 +339,7 @@ int cmd_serve(const Args& args, const Settings& s) {
     log_info(str_cat("revoked ", expired.value(), " pending volume(s) never confirmed within ",
                      s.pending_ttl, " s"));
   }
-  Status served = serve_https(service, http);
+  Status served = serve_https(service, &admin, http);
   if (!served.is_ok()) return fail(served);
   return 0;
 }
@@ -387,17 +428,7 @@ int cmd_volumes_list(const Args& args, const Settings& s) {
   if (!volumes.is_ok()) return fail(volumes.status());
   if (args.has("json")) {
     Json::Value out(Json::arrayValue);
-    for (const auto& v : volumes.value()) {
-      Json::Value item;
-      item["id"] = v.id;
-      item["state"] = volume_state_name(v.state);
-      auto policy = parse_json_object(v.policy_json);
-      item["policy"] = policy.is_ok() ? policy.value() : Json::Value();
-      item["description"] = v.description;
-      item["created_at"] = static_cast<Json::Int64>(v.created_at);
-      item["updated_at"] = static_cast<Json::Int64>(v.updated_at);
-      out.append(item);
-    }
+    for (const auto& v : volumes.value()) out.append(volume_json(v));
     std::cout << to_pretty_json(out) << "\n";
     return 0;
   }
@@ -784,6 +815,7 @@ int main(int argc, char** argv) {
   }
   if (cmd == "ca" && pos.size() == 1) return cmd_ca(settings.value());
   if (cmd == "policy" && sub == "check") return cmd_policy_check(args.value(), settings.value());
+  if (cmd == "admin") return admin_command(args.value(), settings.value(), template_from_args(args.value()));
   log_error(str_cat("unknown command '", cmd, sub.empty() ? "" : " ", sub, "'"));
   fputs(kUsage, stderr);
   return 2;

@@ -157,9 +157,12 @@ Json::Value VolumePolicy::to_json() const {
   v["require"] = claims_to_json(require);
   if (tpm) v["tpm"] = tpm->to_json();
   if (!named_policy.empty()) v["named_policy"] = named_policy;
-  if (!revoked_instances.empty()) {
-    Json::Value& revoked = v["revoked_instances"] = Json::Value(Json::arrayValue);
-    for (const auto& i : revoked_instances) revoked.append(i);
+  if (!issued_by.empty()) v["issued_by"] = issued_by;
+  for (const auto& [key, set] : {std::pair{"revoked_instances", &revoked_instances},
+                                 std::pair{"known_instances", &known_instances}}) {
+    if (set->empty()) continue;
+    Json::Value& list = v[key] = Json::Value(Json::arrayValue);
+    for (const auto& i : *set) list.append(i);
   }
   return v;
 }
@@ -177,11 +180,19 @@ bool VolumePolicy::is_image_group() const {
   return spec != nullptr && require.count(spec->instance_claim) == 0;
 }
 
-bool VolumePolicy::revokes(const Identity& identity) const {
+std::string VolumePolicy::instance_of(const Identity& identity) const {
   const PlatformSpec* spec = platform_spec(platform);
-  if (spec == nullptr || revoked_instances.empty()) return false;
-  const std::string instance = identity.claim(spec->instance_claim);
+  return spec == nullptr ? std::string() : identity.claim(spec->instance_claim);
+}
+
+bool VolumePolicy::revokes(const Identity& identity) const {
+  const std::string instance = instance_of(identity);
   return !instance.empty() && revoked_instances.count(instance) != 0;
+}
+
+bool VolumePolicy::knows(const Identity& identity) const {
+  const std::string instance = instance_of(identity);
+  return !instance.empty() && known_instances.count(instance) != 0;
 }
 
 Result<VolumePolicy> VolumePolicy::from_json(const Json::Value& v) {
@@ -200,17 +211,22 @@ Result<VolumePolicy> VolumePolicy::from_json(const Json::Value& v) {
   auto named = json_optional_string(v, "named_policy", kMaxPolicyNameLength);
   if (!named.is_ok()) return named.status().with_context("policy");
   p.named_policy = std::move(named).value();
-  if (v.isMember("revoked_instances")) {
-    const Json::Value& revoked = v["revoked_instances"];
-    if (!revoked.isArray() || revoked.size() > kMaxRevokedInstances) {
+  auto issuer = json_optional_string(v, "issued_by", kMaxAdminNameLength);
+  if (!issuer.is_ok()) return issuer.status().with_context("policy");
+  p.issued_by = std::move(issuer).value();
+  for (const auto& [key, set] : {std::pair{"revoked_instances", &p.revoked_instances},
+                                 std::pair{"known_instances", &p.known_instances}}) {
+    if (!v.isMember(key)) continue;
+    const Json::Value& list = v[key];
+    if (!list.isArray() || list.size() > kMaxRevokedInstances) {
       return Status::error(ErrorKind::kInvalidArgument,
-                           str_cat("policy: 'revoked_instances' must be a list of at most ", kMaxRevokedInstances));
+                           str_cat("policy: '", key, "' must be a list of at most ", kMaxRevokedInstances));
     }
-    for (const auto& i : revoked) {
+    for (const auto& i : list) {
       if (!i.isString() || i.asString().empty() || i.asString().size() > kMaxClaimLength) {
-        return Status::error(ErrorKind::kInvalidArgument, "policy: a revoked instance must be a short string");
+        return Status::error(ErrorKind::kInvalidArgument, str_cat("policy: an entry of '", key, "' must be a short string"));
       }
-      p.revoked_instances.insert(i.asString());
+      set->insert(i.asString());
     }
   }
   if (platform_spec(p.platform) == nullptr) {
@@ -259,6 +275,7 @@ Json::Value EnrollmentTemplate::to_json() const {
   v["require"] = claims_to_json(require);
   v["image_group"] = image_group;
   if (!named_policy.empty()) v["policy"] = named_policy;
+  if (!issued_by.empty()) v["issued_by"] = issued_by;
   return v;
 }
 
@@ -274,6 +291,9 @@ Result<EnrollmentTemplate> EnrollmentTemplate::from_json(const Json::Value& v) {
   auto named = json_optional_string(v, "policy", kMaxPolicyNameLength);
   if (!named.is_ok()) return named.status().with_context("enrollment template");
   t.named_policy = std::move(named).value();
+  auto issuer = json_optional_string(v, "issued_by", kMaxAdminNameLength);
+  if (!issuer.is_ok()) return issuer.status().with_context("enrollment template");
+  t.issued_by = std::move(issuer).value();
   KEYGATE_RETURN_IF_ERROR(t.validate());
   return t;
 }
@@ -326,6 +346,7 @@ Result<VolumePolicy> policy_for_enrollment(const EnrollmentTemplate& tmpl,
   p.platform = tmpl.platform;
   p.require = tmpl.require;
   p.named_policy = tmpl.named_policy;
+  p.issued_by = tmpl.issued_by;
   if (identity != nullptr) {
     // Every claim the token names must hold for the enrolling instance,
     // except a group volume's group claims: the image it is baked into is

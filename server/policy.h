@@ -66,6 +66,8 @@ struct TpmPolicy {
 };
 
 constexpr size_t kMaxPolicyNameLength = 64;
+// A person's name in an admin certificate.
+constexpr size_t kMaxAdminNameLength = 64;
 // Whether a policy file's policy name is well formed: 1 to 64 of
 // [A-Za-z0-9._-].
 bool is_policy_name(std::string_view name);
@@ -84,11 +86,20 @@ struct VolumePolicy {
   // A policy of the policy file (server/policy_file.h) that must admit the
   // instance too, by name; empty: none.
   std::string named_policy;
+  // Who issued the enrollment token (an admin certificate's name; empty: a
+  // token made on the server's host): they may not approve its releases.
+  std::string issued_by;
+  // manual-first: the instances whose first release was approved; their
+  // later releases need no approval. At most kMaxRevokedInstances.
+  std::set<std::string> known_instances;
 
   // Whether the volume is an image group's (it binds no one instance).
   bool is_image_group() const;
-  // Whether `identity` is one of revoked_instances.
+  // The value of the platform's instance claim in `identity` ("" if none).
+  std::string instance_of(const Identity& identity) const;
+  // Whether `identity` is one of revoked_instances, or of known_instances.
   bool revokes(const Identity& identity) const;
+  bool knows(const Identity& identity) const;
 
   Json::Value to_json() const;
   static Result<VolumePolicy> from_json(const Json::Value& v);
@@ -105,6 +116,7 @@ struct EnrollmentTemplate {
   std::map<std::string, std::string> require;
   bool image_group = false;  // true: do not bind the enrolling instance
   std::string named_policy;  // a policy of the policy file the volume refers to
+  std::string issued_by;     // the admin who issued the token, if through the admin API
 
   Json::Value to_json() const;
   static Result<EnrollmentTemplate> from_json(const Json::Value& v);

@@ -75,9 +75,10 @@ Result<NamedPolicy> parse_one(const std::string& name, const Json::Value& v, con
   }
   if (!v.isObject()) return at.error(v, where + " must be an object");
   for (const std::string& key : v.getMemberNames()) {
-    if (key != "platform" && key != "require" && key != "hours_utc" && key != "approval") {
+    if (key != "platform" && key != "require" && key != "hours_utc" && key != "approval" &&
+        key != "approvers" && key != "approval_timeout") {
       return at.error(v[key], str_cat(where, ": unknown key '", printable(key, 64),
-                                      "' (platform, require, hours_utc, approval)"));
+                                      "' (platform, require, hours_utc, approval, approvers, approval_timeout)"));
     }
   }
   if (!v.isMember("platform") || !v["platform"].isString()) {
@@ -136,13 +137,32 @@ Result<NamedPolicy> parse_one(const std::string& name, const Json::Value& v, con
     const Json::Value& approval = v["approval"];
     if (!approval.isString()) return at.error(approval, where + ": 'approval' is a string");
     p.approval = approval.asString();
-    if (p.approval == "manual" || p.approval == "manual-first") {
-      return at.error(approval, str_cat(where, ": approval '", p.approval,
-                                        "' is not available in this version of keygate-server; use 'automatic'"));
+    if (p.approval != "automatic" && p.approval != "manual" && p.approval != "manual-first") {
+      return at.error(approval, str_cat(where, ": unknown approval '", printable(p.approval, 32),
+                                        "' (automatic, manual, manual-first)"));
     }
-    if (p.approval != "automatic") {
-      return at.error(approval, str_cat(where, ": unknown approval '", printable(p.approval, 32), "' (automatic)"));
+  }
+  const bool manual = p.approval != "automatic";
+  for (const char* key : {"approvers", "approval_timeout"}) {
+    if (v.isMember(key) && !manual) {
+      return at.error(v[key], str_cat(where, ": '", key, "' needs approval 'manual' or 'manual-first'"));
     }
+  }
+  if (v.isMember("approvers")) {
+    const Json::Value& n = v["approvers"];
+    if (!n.isInt() || n.asInt() < 1 || n.asInt() > kMaxApprovers) {
+      return at.error(n, str_cat(where, ": 'approvers' is 1 to ", kMaxApprovers,
+                                 " (how many different people must approve)"));
+    }
+    p.approvers = n.asInt();
+  }
+  if (v.isMember("approval_timeout")) {
+    const Json::Value& t = v["approval_timeout"];
+    if (!t.isInt() || t.asInt() < kMinApprovalTimeout || t.asInt() > kMaxApprovalTimeout) {
+      return at.error(t, str_cat(where, ": 'approval_timeout' is ", kMinApprovalTimeout, " to ",
+                                 kMaxApprovalTimeout, " seconds"));
+    }
+    p.approval_timeout = t.asInt();
   }
   return p;
 }

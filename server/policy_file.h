@@ -10,7 +10,8 @@
 //                   "require": {"account_id": "123456789012",
 //                               "region": ["eu-west-1", "eu-central-1"]},
 //                   "hours_utc": "06:00-22:00",
-//                   "approval": "automatic"}}}
+//                   "approval": "manual", "approvers": 2,
+//                   "approval_timeout": 900}}}
 //
 // The file is validated whole on load; an error names the file and line.
 // PolicyRegistry holds the policy in effect: a file with an error is
@@ -34,6 +35,9 @@ namespace keygate::server {
 constexpr size_t kMaxPolicyFile = 1 << 20;
 constexpr size_t kMaxPolicies = 1000;
 constexpr size_t kMaxAllowedValues = 64;
+constexpr int kMaxApprovers = 5;
+constexpr int kMinApprovalTimeout = 10;
+constexpr int kMaxApprovalTimeout = 24 * 3600;
 
 struct NamedPolicy {
   std::string name;
@@ -42,7 +46,14 @@ struct NamedPolicy {
   // Minutes after midnight UTC, [start, end); start > end wraps past
   // midnight. Unset: any time.
   std::optional<std::pair<int, int>> hours_utc;
+  // "automatic"; "manual": every release waits for `approvers` different
+  // people to approve it; "manual-first": an instance's first release does,
+  // and once approved the instance is known to the volume and its reboots
+  // are released unattended. A request not decided within
+  // approval_timeout seconds is denied.
   std::string approval = "automatic";
+  int approvers = 1;
+  int approval_timeout = 900;
   int line = 0;  // where it is defined
 };
 

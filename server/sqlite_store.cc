@@ -60,6 +60,25 @@ CREATE TABLE IF NOT EXISTS audit (
   prev_hash BLOB NOT NULL DEFAULT x'',
   hash BLOB NOT NULL DEFAULT x''
 );
+CREATE TABLE IF NOT EXISTS approvals (
+  id TEXT PRIMARY KEY,
+  volume_id TEXT NOT NULL,
+  instance TEXT NOT NULL,
+  state TEXT NOT NULL,
+  record TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS approvals_by_instance ON approvals(volume_id, instance, state);
+CREATE TABLE IF NOT EXISTS admin_certs (
+  serial TEXT PRIMARY KEY,
+  name TEXT NOT NULL,
+  role TEXT NOT NULL,
+  issued_by TEXT NOT NULL,
+  issued_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL,
+  revoked_at INTEGER NOT NULL DEFAULT 0
+);
 )sql";
 
 // A trail written before the hash chain gains its two columns; its records
@@ -366,6 +385,162 @@ class SqliteStore final : public Store {
     return ids;
   }
 
+  Status insert_approval(const ApprovalRecord& r, const AuditEvent& event) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return in_transaction("approval request", [&]() -> Status {
+      Stmt s(stmts_,
+             "INSERT INTO approvals(id, volume_id, instance, state, record, created_at, expires_at) "
+             "VALUES(?, ?, ?, ?, ?, ?, ?)");
+      if (!s.ok()) return db_error("prepare approval insert");
+      s.bind(1, r.id);
+      s.bind(2, r.volume_id);
+      s.bind(3, r.instance);
+      s.bind(4, r.state);
+      s.bind(5, r.record);
+      s.bind(6, r.created_at);
+      s.bind(7, r.expires_at);
+      if (s.step() != SQLITE_DONE) return db_error("insert approval");
+      return insert_audit_locked(event);
+    });
+  }
+
+  Result<ApprovalRecord> get_approval(const std::string& id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(stmts_,
+           "SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals "
+           "WHERE id = ?");
+    if (!s.ok()) return db_error("prepare approval select");
+    s.bind(1, id);
+    const int rc = s.step();
+    if (rc == SQLITE_DONE) return Status::error(ErrorKind::kNotFound, str_cat("no approval request ", id));
+    if (rc != SQLITE_ROW) return db_error("select approval");
+    return read_approval(s);
+  }
+
+  Result<std::optional<ApprovalRecord>> find_pending_approval(const std::string& volume_id,
+                                                              const std::string& instance) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(stmts_,
+           "SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals "
+           "WHERE volume_id = ? AND instance = ? AND state = 'pending' "
+           "ORDER BY created_at DESC, id LIMIT 1");
+    if (!s.ok()) return db_error("prepare approval lookup");
+    s.bind(1, volume_id);
+    s.bind(2, instance);
+    const int rc = s.step();
+    if (rc == SQLITE_DONE) return std::optional<ApprovalRecord>();
+    if (rc != SQLITE_ROW) return db_error("look up approval");
+    return std::optional<ApprovalRecord>(read_approval(s));
+  }
+
+  Result<std::vector<ApprovalRecord>> list_approvals(bool pending_only, int limit) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(stmts_,
+           "SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals "
+           "WHERE state = 'pending' OR ? = 0 ORDER BY created_at DESC, id LIMIT ?");
+    if (!s.ok()) return db_error("prepare approval list");
+    s.bind(1, static_cast<int64_t>(pending_only ? 1 : 0));
+    s.bind(2, static_cast<int64_t>(limit));
+    std::vector<ApprovalRecord> out;
+    int rc;
+    while ((rc = s.step()) == SQLITE_ROW) out.push_back(read_approval(s));
+    if (rc != SQLITE_DONE) return db_error("list approvals");
+    return out;
+  }
+
+  Status update_approval(const ApprovalRecord& expected, const ApprovalRecord& updated,
+                         const AuditEvent& event) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return in_transaction("approval change", [&]() -> Status {
+      Stmt s(stmts_,
+             "UPDATE approvals SET state = ?, record = ? WHERE id = ? AND state = ? AND record = ?");
+      if (!s.ok()) return db_error("prepare approval update");
+      s.bind(1, updated.state);
+      s.bind(2, updated.record);
+      s.bind(3, expected.id);
+      s.bind(4, expected.state);
+      s.bind(5, expected.record);
+      if (s.step() != SQLITE_DONE) return db_error("update approval");
+      if (sqlite3_changes(db_) != 1) {
+        Stmt q(stmts_, "SELECT 1 FROM approvals WHERE id = ?");
+        q.bind(1, expected.id);
+        if (q.step() != SQLITE_ROW) {
+          return Status::error(ErrorKind::kNotFound, str_cat("no approval request ", expected.id));
+        }
+        return Status::error(ErrorKind::kConflict,
+                             str_cat("approval request ", expected.id, " changed meanwhile"));
+      }
+      return insert_audit_locked(event);
+    });
+  }
+
+  Status insert_admin_cert(const AdminCertRecord& r, const AuditEvent& event) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return in_transaction("admin certificate", [&]() -> Status {
+      Stmt s(stmts_,
+             "INSERT INTO admin_certs(serial, name, role, issued_by, issued_at, expires_at, revoked_at) "
+             "VALUES(?, ?, ?, ?, ?, ?, ?)");
+      if (!s.ok()) return db_error("prepare admin certificate insert");
+      s.bind(1, r.serial);
+      s.bind(2, r.name);
+      s.bind(3, r.role);
+      s.bind(4, r.issued_by);
+      s.bind(5, r.issued_at);
+      s.bind(6, r.expires_at);
+      s.bind(7, r.revoked_at);
+      if (s.step() != SQLITE_DONE) return db_error("insert admin certificate");
+      return insert_audit_locked(event);
+    });
+  }
+
+  Result<AdminCertRecord> get_admin_cert(const std::string& serial) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(stmts_,
+           "SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM admin_certs "
+           "WHERE serial = ?");
+    if (!s.ok()) return db_error("prepare admin certificate select");
+    s.bind(1, serial);
+    const int rc = s.step();
+    if (rc == SQLITE_DONE) {
+      return Status::error(ErrorKind::kNotFound, str_cat("no admin certificate ", serial));
+    }
+    if (rc != SQLITE_ROW) return db_error("select admin certificate");
+    return read_admin_cert(s);
+  }
+
+  Result<std::vector<AdminCertRecord>> list_admin_certs() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stmt s(stmts_,
+           "SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM admin_certs "
+           "ORDER BY issued_at, serial");
+    if (!s.ok()) return db_error("prepare admin certificate list");
+    std::vector<AdminCertRecord> out;
+    int rc;
+    while ((rc = s.step()) == SQLITE_ROW) out.push_back(read_admin_cert(s));
+    if (rc != SQLITE_DONE) return db_error("list admin certificates");
+    return out;
+  }
+
+  Status revoke_admin_cert(const std::string& serial, int64_t now, const AuditEvent& event) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return in_transaction("admin certificate revocation", [&]() -> Status {
+      Stmt s(stmts_, "UPDATE admin_certs SET revoked_at = ? WHERE serial = ? AND revoked_at = 0");
+      if (!s.ok()) return db_error("prepare admin certificate revocation");
+      s.bind(1, now);
+      s.bind(2, serial);
+      if (s.step() != SQLITE_DONE) return db_error("revoke admin certificate");
+      if (sqlite3_changes(db_) != 1) {
+        Stmt q(stmts_, "SELECT 1 FROM admin_certs WHERE serial = ?");
+        q.bind(1, serial);
+        if (q.step() != SQLITE_ROW) {
+          return Status::error(ErrorKind::kNotFound, str_cat("no admin certificate ", serial));
+        }
+        return Status::error(ErrorKind::kConflict, str_cat("admin certificate ", serial, " is already revoked"));
+      }
+      return insert_audit_locked(event);
+    });
+  }
+
   // Group commit: concurrent appends share one transaction and one fsync.
   // The first caller with no commit in progress takes every event queued so
   // far and commits them together; the others wait for the commit that holds
@@ -494,6 +669,13 @@ class SqliteStore final : public Store {
     }
     if (!status.is_ok()) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
     return status;
+  }
+
+  static ApprovalRecord read_approval(Stmt& s) {
+    return ApprovalRecord{s.text(0), s.text(1), s.text(2), s.text(3), s.text(4), s.integer(5), s.integer(6)};
+  }
+  static AdminCertRecord read_admin_cert(Stmt& s) {
+    return AdminCertRecord{s.text(0), s.text(1), s.text(2), s.text(3), s.integer(4), s.integer(5), s.integer(6)};
   }
 
   Result<VolumeRecord> read_volume(Stmt& s) {

@@ -15,6 +15,7 @@
 #include <memory>
 
 #include "core/crypto.h"
+#include "server/x509_util.h"
 
 namespace keygate::server {
 namespace {
@@ -24,69 +25,6 @@ constexpr size_t kKekSize = 32;
 bool file_exists(const std::string& path) {
   struct stat st;
   return stat(path.c_str(), &st) == 0;
-}
-
-struct PkeyFree {
-  void operator()(EVP_PKEY* k) const { EVP_PKEY_free(k); }
-};
-struct X509Free {
-  void operator()(X509* x) const { X509_free(x); }
-};
-
-std::unique_ptr<EVP_PKEY, PkeyFree> generate_p256() {
-  return std::unique_ptr<EVP_PKEY, PkeyFree>(EVP_EC_gen("P-256"));
-}
-
-Status add_ext(X509* cert, X509* issuer, int nid, const std::string& value) {
-  X509V3_CTX ctx;
-  X509V3_set_ctx_nodb(&ctx);
-  X509V3_set_ctx(&ctx, issuer, cert, nullptr, nullptr, 0);
-  X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, &ctx, nid, value.c_str());
-  if (ext == nullptr) {
-    return Status::error(ErrorKind::kInvalidArgument,
-                         str_cat("certificate extension '", value, "' is invalid"));
-  }
-  X509_add_ext(cert, ext, -1);
-  X509_EXTENSION_free(ext);
-  return Status::ok();
-}
-
-Result<std::unique_ptr<X509, X509Free>> make_cert(EVP_PKEY* key, const std::string& cn,
-                                                  X509* issuer, long days) {
-  std::unique_ptr<X509, X509Free> cert(X509_new());
-  X509_set_version(cert.get(), 2);
-  Bytes serial = random_bytes(16);
-  serial[0] &= 0x7f;
-  BIGNUM* bn = BN_bin2bn(serial.data(), static_cast<int>(serial.size()), nullptr);
-  BN_to_ASN1_INTEGER(bn, X509_get_serialNumber(cert.get()));
-  BN_free(bn);
-  X509_gmtime_adj(X509_getm_notBefore(cert.get()), -3600);
-  X509_gmtime_adj(X509_getm_notAfter(cert.get()), days * 24 * 3600);
-  X509_set_pubkey(cert.get(), key);
-  X509_NAME* name = X509_get_subject_name(cert.get());
-  X509_NAME_add_entry_by_txt(name, "O", MBSTRING_ASC,
-                             reinterpret_cast<const unsigned char*>("keygate"), -1, -1, 0);
-  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
-                             reinterpret_cast<const unsigned char*>(cn.c_str()), -1, -1, 0);
-  X509_set_issuer_name(cert.get(), issuer ? X509_get_subject_name(issuer) : name);
-  return cert;
-}
-
-std::string pem_of_cert(X509* cert) {
-  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new(BIO_s_mem()), BIO_free);
-  PEM_write_bio_X509(bio.get(), cert);
-  char* data = nullptr;
-  long len = BIO_get_mem_data(bio.get(), &data);
-  return std::string(data, static_cast<size_t>(len));
-}
-
-Result<SecretBuffer> pem_of_key(EVP_PKEY* key) {
-  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new(BIO_s_secmem()), BIO_free);
-  if (!bio) bio.reset(BIO_new(BIO_s_mem()));
-  PEM_write_bio_PrivateKey(bio.get(), key, nullptr, nullptr, 0, nullptr, nullptr);
-  char* data = nullptr;
-  long len = BIO_get_mem_data(bio.get(), &data);
-  return SecretBuffer::copy_of(data, static_cast<size_t>(len));
 }
 
 // Writes all of `kek` to `fd` and syncs it.
@@ -101,12 +39,14 @@ bool write_and_sync(int fd, const SecretBuffer& kek) {
   return fsync(fd) == 0;
 }
 
+}  // namespace
+
 // Gives `path` the new KEK only once it is whole: written and synced in a
 // file with no name (O_TMPFILE), then linked in, which fails if another
 // start made one first. A crash at any step leaves no file or the whole
 // one, never an empty or short one. Where O_TMPFILE or /proc is missing, a
 // named temporary file does the same, linked and then removed.
-Status create_kek_file(const std::string& path, const SecretBuffer& kek) {
+Status create_secret_file_exclusively(const std::string& path, const SecretBuffer& kek) {
   const size_t slash = path.rfind('/');
   const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash);
   int fd = open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
@@ -120,7 +60,7 @@ Status create_kek_file(const std::string& path, const SecretBuffer& kek) {
     if (linked) return sync_parent_dir(path);
     if (!written || err == EEXIST) {
       return Status::error(err == EEXIST ? ErrorKind::kConflict : ErrorKind::kIo,
-                           str_cat("write KEK ", path, ": ", strerror(err)));
+                           str_cat("write ", path, ": ", strerror(err)));
     }
     // linkat through /proc failed for want of /proc: the named way below.
   }
@@ -134,18 +74,16 @@ Status create_kek_file(const std::string& path, const SecretBuffer& kek) {
   unlink(tmp.c_str());
   if (!linked) {
     return Status::error(err == EEXIST ? ErrorKind::kConflict : ErrorKind::kIo,
-                         str_cat("write KEK ", path, ": ", strerror(err)));
+                         str_cat("write ", path, ": ", strerror(err)));
   }
   return sync_parent_dir(path);
 }
-
-}  // namespace
 
 Result<SecretBuffer> load_or_create_kek(const std::string& path) {
   if (!file_exists(path)) {
     auto kek = SecretBuffer::random(kKekSize);
     if (!kek.is_ok()) return kek.status();
-    Status created = create_kek_file(path, kek.value());
+    Status created = create_secret_file_exclusively(path, kek.value());
     if (created.is_ok()) return kek;
     // Another start made it first: use that one.
     if (created.kind() != ErrorKind::kConflict) return created;
@@ -187,7 +125,7 @@ Status ensure_tls_material(const std::string& dir,
   auto srv_pkey = generate_p256();
   if (!ca_pkey || !srv_pkey) return Status::error(ErrorKind::kInternal, "EC key generation");
 
-  auto ca = make_cert(ca_pkey.get(), "keygate CA " + hex_encode(random_bytes(4)), nullptr, 3650);
+  auto ca = make_cert(ca_pkey.get(), {{"O", "keygate"}, {"CN", "keygate CA " + hex_encode(random_bytes(4))}}, nullptr, 3650);
   if (!ca.is_ok()) return ca.status();
   X509* ca_cert = ca->get();
   KEYGATE_RETURN_IF_ERROR(add_ext(ca_cert, ca_cert, NID_basic_constraints, "critical,CA:TRUE,pathlen:0"));
@@ -197,7 +135,7 @@ Status ensure_tls_material(const std::string& dir,
     return Status::error(ErrorKind::kInternal, "sign CA certificate");
   }
 
-  auto srv = make_cert(srv_pkey.get(), "keygate-server", ca_cert, 1825);
+  auto srv = make_cert(srv_pkey.get(), {{"O", "keygate"}, {"CN", "keygate-server"}}, ca_cert, 1825);
   if (!srv.is_ok()) return srv.status();
   X509* srv_cert = srv->get();
   std::string san;

@@ -17,6 +17,12 @@ namespace keygate::server {
 // exist. Refuses a KEK file readable by group or others, or of the wrong size.
 Result<SecretBuffer> load_or_create_kek(const std::string& path);
 
+// Creates `path` (0600) holding `content`, only once it is whole: written
+// and synced in a file with no name, then linked in, which fails with
+// kConflict if the file exists (another process made it first). A crash at
+// any step leaves no file or the whole one.
+Status create_secret_file_exclusively(const std::string& path, const SecretBuffer& content);
+
 // Generates the CA and a server certificate for `subject_alt_names`
 // ("DNS:name" or "IP:addr") unless all four files already exist.
 Status ensure_tls_material(const std::string& dir, const std::vector<std::string>& subject_alt_names);

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,29 @@ struct AuditRecord {
   AuditEvent event;
   Bytes prev_hash;  // the previous record's hash; 32 zero bytes for the first
   Bytes hash;
+};
+
+// A release waiting for people to approve it (server/approvals.h keeps
+// what it says in `record`, JSON; the store indexes the rest).
+struct ApprovalRecord {
+  std::string id;
+  std::string volume_id;
+  std::string instance;  // the platform's instance claim
+  std::string state;     // "pending", "approved", "denied", "expired", "used"
+  std::string record;
+  int64_t created_at = 0;
+  int64_t expires_at = 0;
+};
+
+// A certificate of the admin CA (server/admin_ca.h) and who holds it.
+struct AdminCertRecord {
+  std::string serial;  // hex
+  std::string name;
+  std::string role;  // "viewer", "approver", "admin"
+  std::string issued_by;
+  int64_t issued_at = 0;
+  int64_t expires_at = 0;
+  int64_t revoked_at = 0;  // 0: in force
 };
 
 class Store {
@@ -86,6 +110,27 @@ class Store {
   // returns their ids.
   virtual Result<std::vector<std::string>> expire_pending(int64_t created_before, int64_t now,
                                                           const AuditEvent& event) = 0;
+
+  // Approval requests. Each change is a compare-and-swap on the whole
+  // request (state and record) with its event on the audit trail, in one
+  // transaction: kConflict if it changed meanwhile, kNotFound if unknown.
+  virtual Status insert_approval(const ApprovalRecord& record, const AuditEvent& event) = 0;
+  virtual Result<ApprovalRecord> get_approval(const std::string& id) = 0;
+  // The newest pending request of `instance` for `volume_id`, if any.
+  virtual Result<std::optional<ApprovalRecord>> find_pending_approval(const std::string& volume_id,
+                                                                      const std::string& instance) = 0;
+  // Newest first; only pending ones if `pending_only`.
+  virtual Result<std::vector<ApprovalRecord>> list_approvals(bool pending_only, int limit) = 0;
+  virtual Status update_approval(const ApprovalRecord& expected, const ApprovalRecord& updated,
+                                 const AuditEvent& event) = 0;
+
+  // Admin certificates: issued (a serial is recorded once) and revoked,
+  // each with its event, in one transaction.
+  virtual Status insert_admin_cert(const AdminCertRecord& record, const AuditEvent& event) = 0;
+  virtual Result<AdminCertRecord> get_admin_cert(const std::string& serial) = 0;
+  virtual Result<std::vector<AdminCertRecord>> list_admin_certs() = 0;
+  // kNotFound if unknown, kConflict if already revoked.
+  virtual Status revoke_admin_cert(const std::string& serial, int64_t now, const AuditEvent& event) = 0;
 
   virtual Status append_audit(const AuditEvent& event) = 0;
   virtual Result<std::vector<AuditEvent>> recent_audit(int limit) = 0;

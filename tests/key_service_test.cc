@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cctype>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <set>
@@ -23,6 +24,11 @@ namespace {
 
 using test_files::read_file;
 using Op = MemoryStore::Op;
+
+bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+void write_file(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
 constexpr int64_t kNow = 1771203600;  // inside the AWS document's certificate's validity
 const std::string kAws = test_files::kRealFixtures + "aws/";
@@ -96,8 +102,9 @@ class KeyServiceTest : public ::testing::Test {
   // A volume straight in the store, bound to `require` (the fixture's
   // instance by default).
   std::string add_volume(VolumeState state, std::map<std::string, std::string> require = {},
-                         bool with_tpm = false) {
+                         bool with_tpm = false, const std::string& named_policy = "") {
     VolumePolicy policy;
+    policy.named_policy = named_policy;
     policy.platform = "aws";
     policy.require = require.empty() ? std::map<std::string, std::string>{{"account_id", kAccount},
                                                                           {"region", "ap-southeast-2"},
@@ -134,6 +141,20 @@ class KeyServiceTest : public ::testing::Test {
   }
 
   ApiResponse unlock(const Json::Value& req) { return service_->unlock(to_json(req), "peer"); }
+
+  // A policy file in effect with one policy, "held", that wants one approval
+  // within 60 s; and a volume of the fixture's instance under it.
+  std::string add_held_volume() {
+    const std::string file = ::testing::TempDir() + "/keygate-held-policy.json";
+    write_file(file, str_cat(R"({"policies": {"held": {"platform": "aws", "require": {"account_id": ")", kAccount,
+                             R"("}, "approval": "manual", "approval_timeout": 60}}})"));
+    EXPECT_TRUE(policies_.load(file).is_ok());
+    ServiceOptions o = options_;
+    o.policies = &policies_;
+    restart_service(o);
+    return add_volume(VolumeState::kActive, {}, false, "held");
+  }
+  PolicyRegistry policies_;
 
   std::vector<AuditEvent> audit() { return store_.recent_audit(1000).value(); }
   // The trail's last event (a failure, and an empty event, if there is none).
@@ -259,6 +280,18 @@ std::vector<RefusalCase> refusal_cases() {
          EXPECT_GE(r.retry_after_seconds, 1);
          return r;
        }},
+      {"an approval request that does not exist", 403, api::kErrApprovalDenied, "refused",
+       [=](KeyServiceTest& t) {
+         Json::Value req = as(t).unlock_request(as(t).add_held_volume());
+         req[api::field::kApprovalRequest] = "req-aaaaaaaaaaaa";
+         return as(t).unlock(req);
+       }},
+      {"an approval request that is not a request id", 400, api::kErrBadRequest, "refused",
+       [=](KeyServiceTest& t) {
+         Json::Value req = as(t).unlock_request(as(t).add_held_volume());
+         req[api::field::kApprovalRequest] = "req-\x1b[2J";
+         return as(t).unlock(req);
+       }},
       {"abandon of a confirmed volume", 409, api::kErrVolumeActive, "refused",
        [=](KeyServiceTest& t) { return as(t).abandon(as(t).add_volume(VolumeState::kActive)); }},
       {"too many outstanding challenges", 503, api::kErrBusy, nullptr,
@@ -324,6 +357,85 @@ TEST_F(KeyServiceTest, NoKeyLeavesWhileTheAuditTrailCannotBeWritten) {
   store_.fail(Op::kAppendAudit, Status::ok());
   EXPECT_EQ(unlock(unlock_request(vid)).status, 200);
   EXPECT_EQ(last_audit().outcome, "released");
+}
+
+TEST_F(KeyServiceTest, AnUnlockThatNeedsApprovalWaitsAndIsReleasedOnceWhenApproved) {
+  const std::string vid = add_held_volume();
+  ApiResponse r = unlock(unlock_request(vid));
+  ASSERT_EQ(r.status, 202) << to_json(r.body);
+  EXPECT_FALSE(r.body.isMember(api::field::kWrapped));
+  const Json::Value& asked = r.body[api::field::kApproval];
+  const std::string rid = asked[api::field::kRequestId].asString();
+  EXPECT_TRUE(is_approval_id(rid)) << rid;
+  EXPECT_EQ(asked["instance"].asString(), kInstance);
+  EXPECT_EQ(asked["state"].asString(), "pending");
+  EXPECT_EQ(last_audit().event, "approval.request");
+  // Asking again (its own id, or none: a reboot) is the same request.
+  Json::Value poll = unlock_request(vid);
+  poll[api::field::kApprovalRequest] = rid;
+  EXPECT_EQ(unlock(poll).body[api::field::kApproval][api::field::kRequestId].asString(), rid);
+  EXPECT_EQ(unlock(unlock_request(vid)).body[api::field::kApproval][api::field::kRequestId].asString(), rid);
+  EXPECT_EQ(store_.list_approvals(false, 10).value().size(), 1u);
+  // Approved in the store, as the admin API does it: released once.
+  auto record = store_.get_approval(rid).value();
+  Approval approved = Approval::from_record(record).value();
+  approved.state = "approved";
+  approved.approvals.push_back({"bob", "ok", kNow});
+  ASSERT_TRUE(store_.update_approval(record, approved.to_record(), AuditEvent{kNow, "approval.approve", "approved", vid, "-", ""}).is_ok());
+  poll = unlock_request(vid);
+  poll[api::field::kApprovalRequest] = rid;
+  r = unlock(poll);
+  ASSERT_EQ(r.status, 200) << to_json(r.body);
+  EXPECT_EQ(last_audit().outcome, "released");
+  EXPECT_TRUE(contains(last_audit().detail, "approved by bob (" + rid + ")")) << last_audit().detail;
+  EXPECT_EQ(store_.get_approval(rid).value().state, "used");
+  // Its id again: a new request, no second release.
+  poll = unlock_request(vid);
+  poll[api::field::kApprovalRequest] = rid;
+  r = unlock(poll);
+  EXPECT_EQ(r.status, 202);
+  EXPECT_NE(r.body[api::field::kApproval][api::field::kRequestId].asString(), rid);
+}
+
+TEST_F(KeyServiceTest, AnApprovalRequestPastItsTimeIsDeniedToItsInstance) {
+  const std::string vid = add_held_volume();
+  const std::string rid = unlock(unlock_request(vid)).body[api::field::kApproval][api::field::kRequestId].asString();
+  clock_.set(kNow + 61);
+  Json::Value poll = unlock_request(vid);
+  poll[api::field::kApprovalRequest] = rid;
+  ApiResponse r = unlock(poll);
+  EXPECT_EQ(r.status, 403);
+  EXPECT_EQ(code_of(r), api::kErrApprovalDenied);
+  EXPECT_EQ(store_.get_approval(rid).value().state, "expired");
+  bool expired_on_trail = false;
+  for (const auto& e : audit()) expired_on_trail |= e.event == "approval.expire" && e.outcome == "denied";
+  EXPECT_TRUE(expired_on_trail);
+  // A later boot (no id) asks afresh.
+  r = unlock(unlock_request(vid));
+  EXPECT_EQ(r.status, 202);
+  EXPECT_NE(r.body[api::field::kApproval][api::field::kRequestId].asString(), rid);
+}
+
+TEST_F(KeyServiceTest, AnApprovalRequestIsNotMadeWithoutItsAuditRecord) {
+  const std::string vid = add_held_volume();
+  store_.fail(Op::kAppendAudit, Status::error(ErrorKind::kIo, "store: database is locked"));
+  ApiResponse r = unlock(unlock_request(vid));
+  EXPECT_EQ(r.status, 503);
+  EXPECT_EQ(code_of(r), api::kErrAuditUnavailable);
+  store_.fail(Op::kAppendAudit, Status::ok());
+  EXPECT_TRUE(store_.list_approvals(false, 10).value().empty());
+}
+
+TEST_F(KeyServiceTest, AnotherVolumesApprovalDoesNotOpenThisOne) {
+  const std::string held = add_held_volume();
+  const std::string other = add_volume(VolumeState::kActive, {}, false, "held");
+  const std::string rid = unlock(unlock_request(held)).body[api::field::kApproval][api::field::kRequestId].asString();
+  Json::Value poll = unlock_request(other);
+  poll[api::field::kApprovalRequest] = rid;
+  ApiResponse r = unlock(poll);
+  EXPECT_EQ(r.status, 403);
+  EXPECT_EQ(code_of(r), api::kErrApprovalDenied);
+  EXPECT_TRUE(contains(last_audit().detail, "is for volume " + held)) << last_audit().detail;
 }
 
 TEST_F(KeyServiceTest, RegistrationWithoutAuditStoresNothingAndSpendsNoToken) {

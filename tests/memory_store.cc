@@ -166,6 +166,111 @@ Result<std::vector<std::string>> MemoryStore::expire_pending(int64_t created_bef
   return ids;
 }
 
+Status MemoryStore::insert_approval(const ApprovalRecord& record, const AuditEvent& event) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kApprovals));
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kAppendAudit));
+  for (const ApprovalRecord& r : approvals_) {
+    if (r.id == record.id) return Status::error(ErrorKind::kIo, "store: insert approval: not unique");
+  }
+  approvals_.push_back(record);
+  push_audit_locked(event);
+  return Status::ok();
+}
+
+Result<ApprovalRecord> MemoryStore::get_approval(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kApprovals));
+  for (const ApprovalRecord& r : approvals_) {
+    if (r.id == id) return r;
+  }
+  return Status::error(ErrorKind::kNotFound, str_cat("no approval request ", id));
+}
+
+Result<std::optional<ApprovalRecord>> MemoryStore::find_pending_approval(const std::string& volume_id,
+                                                                         const std::string& instance) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kApprovals));
+  for (auto it = approvals_.rbegin(); it != approvals_.rend(); ++it) {
+    if (it->volume_id == volume_id && it->instance == instance && it->state == "pending") {
+      return std::optional<ApprovalRecord>(*it);
+    }
+  }
+  return std::optional<ApprovalRecord>();
+}
+
+Result<std::vector<ApprovalRecord>> MemoryStore::list_approvals(bool pending_only, int limit) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kApprovals));
+  std::vector<ApprovalRecord> out;
+  for (auto it = approvals_.rbegin(); it != approvals_.rend() && out.size() < static_cast<size_t>(std::max(limit, 0)); ++it) {
+    if (!pending_only || it->state == "pending") out.push_back(*it);
+  }
+  return out;
+}
+
+Status MemoryStore::update_approval(const ApprovalRecord& expected, const ApprovalRecord& updated,
+                                    const AuditEvent& event) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kApprovals));
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kAppendAudit));
+  for (ApprovalRecord& r : approvals_) {
+    if (r.id != expected.id) continue;
+    if (r.state != expected.state || r.record != expected.record) {
+      return Status::error(ErrorKind::kConflict, str_cat("approval request ", expected.id, " changed meanwhile"));
+    }
+    r.state = updated.state;
+    r.record = updated.record;
+    push_audit_locked(event);
+    return Status::ok();
+  }
+  return Status::error(ErrorKind::kNotFound, str_cat("no approval request ", expected.id));
+}
+
+Status MemoryStore::insert_admin_cert(const AdminCertRecord& record, const AuditEvent& event) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kAdminCerts));
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kAppendAudit));
+  if (!admin_certs_.emplace(record.serial, record).second) {
+    return Status::error(ErrorKind::kIo, "store: insert admin certificate: not unique");
+  }
+  push_audit_locked(event);
+  return Status::ok();
+}
+
+Result<AdminCertRecord> MemoryStore::get_admin_cert(const std::string& serial) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kAdminCerts));
+  auto it = admin_certs_.find(serial);
+  if (it == admin_certs_.end()) return Status::error(ErrorKind::kNotFound, str_cat("no admin certificate ", serial));
+  return it->second;
+}
+
+Result<std::vector<AdminCertRecord>> MemoryStore::list_admin_certs() {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kAdminCerts));
+  std::vector<AdminCertRecord> out;
+  for (const auto& [serial, r] : admin_certs_) out.push_back(r);
+  std::stable_sort(out.begin(), out.end(), [](const AdminCertRecord& a, const AdminCertRecord& b) {
+    return a.issued_at != b.issued_at ? a.issued_at < b.issued_at : a.serial < b.serial;
+  });
+  return out;
+}
+
+Status MemoryStore::revoke_admin_cert(const std::string& serial, int64_t now, const AuditEvent& event) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kAdminCerts));
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kAppendAudit));
+  auto it = admin_certs_.find(serial);
+  if (it == admin_certs_.end()) return Status::error(ErrorKind::kNotFound, str_cat("no admin certificate ", serial));
+  if (it->second.revoked_at != 0) {
+    return Status::error(ErrorKind::kConflict, str_cat("admin certificate ", serial, " is already revoked"));
+  }
+  it->second.revoked_at = now;
+  push_audit_locked(event);
+  return Status::ok();
+}
+
 Status MemoryStore::append_audit(const AuditEvent& event) {
   std::lock_guard<std::mutex> lock(mu_);
   KEYGATE_RETURN_IF_ERROR(injected(Op::kAppendAudit));

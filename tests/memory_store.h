@@ -28,6 +28,8 @@ class MemoryStore final : public Store {
     kExpirePending,
     kAppendAudit,
     kRecentAudit,  // also read_audit
+    kApprovals,    // every approval call
+    kAdminCerts,   // every admin certificate call
   };
   // Every later call of `op` fails with `status`; Status::ok() clears it.
   void fail(Op op, Status status);
@@ -49,6 +51,17 @@ class MemoryStore final : public Store {
   Result<std::vector<VolumeRecord>> list_volumes() override;
   Result<std::vector<std::string>> expire_pending(int64_t created_before, int64_t now,
                                                   const AuditEvent& event) override;
+  Status insert_approval(const ApprovalRecord& record, const AuditEvent& event) override;
+  Result<ApprovalRecord> get_approval(const std::string& id) override;
+  Result<std::optional<ApprovalRecord>> find_pending_approval(const std::string& volume_id,
+                                                              const std::string& instance) override;
+  Result<std::vector<ApprovalRecord>> list_approvals(bool pending_only, int limit) override;
+  Status update_approval(const ApprovalRecord& expected, const ApprovalRecord& updated,
+                         const AuditEvent& event) override;
+  Status insert_admin_cert(const AdminCertRecord& record, const AuditEvent& event) override;
+  Result<AdminCertRecord> get_admin_cert(const std::string& serial) override;
+  Result<std::vector<AdminCertRecord>> list_admin_certs() override;
+  Status revoke_admin_cert(const std::string& serial, int64_t now, const AuditEvent& event) override;
   Status append_audit(const AuditEvent& event) override;
   Result<std::vector<AuditEvent>> recent_audit(int limit) override;
   Result<std::vector<AuditRecord>> read_audit(int64_t after_seq, int limit) override;
@@ -69,6 +82,8 @@ class MemoryStore final : public Store {
   std::map<std::string, VolumeRecord> volumes_;
   std::vector<std::string> volume_order_;
   std::vector<AuditRecord> audit_;
+  std::vector<ApprovalRecord> approvals_;  // in creation order
+  std::map<std::string, AdminCertRecord> admin_certs_;
 };
 
 }  // namespace keygate::server

@@ -192,6 +192,51 @@ TEST_P(StoreContract, PolicyUpdateIsACompareAndSwap) {
   EXPECT_EQ(store_->update_volume_policy("zzz", "{}", "{}", 6).kind(), ErrorKind::kNotFound);
 }
 
+TEST_P(StoreContract, ApprovalRequestsChangeByCompareAndSwapWithTheirAuditRecord) {
+  const ApprovalRecord pending{"req-a", "vol-1", "i-1", "pending", "{\"n\":0}", 10, 100};
+  const AuditEvent asked{10, "approval.request", "pending", "vol-1", "p", "req-a"};
+  ASSERT_TRUE(store_->insert_approval(pending, asked).is_ok());
+  EXPECT_FALSE(store_->insert_approval(pending, asked).is_ok());  // one id, once
+  ASSERT_TRUE(store_->insert_approval({"req-b", "vol-1", "i-2", "pending", "{}", 11, 100}, asked).is_ok());
+  EXPECT_EQ(store_->get_approval("req-a")->instance, "i-1");
+  EXPECT_EQ(store_->get_approval("req-z").status().kind(), ErrorKind::kNotFound);
+  EXPECT_EQ(store_->find_pending_approval("vol-1", "i-2").value()->id, "req-b");
+  EXPECT_FALSE(store_->find_pending_approval("vol-2", "i-1").value().has_value());
+  // Two approvers reading the same request: the second one's write loses.
+  ApprovalRecord approved = pending;
+  approved.state = "approved";
+  approved.record = "{\"n\":1}";
+  ASSERT_TRUE(store_->update_approval(pending, approved, AuditEvent{12, "approval.approve", "approved", "vol-1", "p", "bob"}).is_ok());
+  ApprovalRecord other = pending;
+  other.record = "{\"n\":2}";
+  EXPECT_EQ(store_->update_approval(pending, other, AuditEvent{12, "approval.approve", "ok", "vol-1", "p", "carol"}).kind(),
+            ErrorKind::kConflict);
+  EXPECT_EQ(store_->get_approval("req-a")->state, "approved");
+  EXPECT_FALSE(store_->find_pending_approval("vol-1", "i-1").value().has_value());
+  EXPECT_EQ(store_->list_approvals(true, 10)->size(), 1u);
+  EXPECT_EQ(store_->list_approvals(false, 10)->size(), 2u);
+  EXPECT_EQ(store_->list_approvals(false, 1)->size(), 1u);
+  // What was refused left no record; what was done left one each.
+  auto trail = store_->recent_audit(100).value();
+  ASSERT_EQ(trail.size(), 3u);
+  EXPECT_EQ(trail.back().detail, "bob");
+}
+
+TEST_P(StoreContract, AdminCertificatesAreRecordedOnceAndRevokedOnce) {
+  const AdminCertRecord alice{"4a", "alice", "admin", "bootstrap", 10, 1000, 0};
+  const AuditEvent issued{10, "admin.cert.issue", "ok", "", "local", "alice"};
+  ASSERT_TRUE(store_->insert_admin_cert(alice, issued).is_ok());
+  EXPECT_FALSE(store_->insert_admin_cert(alice, issued).is_ok());
+  EXPECT_EQ(store_->get_admin_cert("4a")->name, "alice");
+  EXPECT_EQ(store_->get_admin_cert("4b").status().kind(), ErrorKind::kNotFound);
+  ASSERT_TRUE(store_->revoke_admin_cert("4a", 20, AuditEvent{20, "admin.cert.revoke", "ok", "", "p", "4a"}).is_ok());
+  EXPECT_EQ(store_->get_admin_cert("4a")->revoked_at, 20);
+  EXPECT_EQ(store_->revoke_admin_cert("4a", 21, issued).kind(), ErrorKind::kConflict);
+  EXPECT_EQ(store_->revoke_admin_cert("4b", 21, issued).kind(), ErrorKind::kNotFound);
+  EXPECT_EQ(store_->list_admin_certs()->size(), 1u);
+  EXPECT_EQ(store_->recent_audit(100)->size(), 2u);
+}
+
 TEST_P(StoreContract, AuditKeepsOrder) {
   for (int i = 0; i < 5; ++i) {
     ASSERT_TRUE(store_->append_audit(AuditEvent{i, "unlock", "refused", "v", "p", std::to_string(i)})

@@ -105,11 +105,16 @@ Result<SecretBuffer> ask_servers_until_deadline(const std::vector<std::string>& 
 
 Result<SecretBuffer> fetch_volume_secret(const KeygateToken& token, EvidenceCollector& evidence,
                                          TpmAttester* tpm, const RetryPolicy& policy) {
+  RetryClock& clock = steady_retry_clock();
+  // A release that needs approval waits within the deadline (without one:
+  // until its request expires).
+  ApprovalWait wait{[&clock] { return clock.now_ms(); }, [&clock](long ms) { clock.sleep_ms(ms); },
+                    policy.deadline_ms > 0 ? clock.now_ms() + policy.deadline_ms : 0};
   return ask_servers_until_deadline(
-      token.servers, token.volume_id, policy, steady_retry_clock(),
+      token.servers, token.volume_id, policy, clock,
       [&](const std::string& url, long request_ms, long connect_ms) {
         ServerEndpoint server{url, token.ca_pem, request_ms, connect_ms};
-        return request_volume_secret(server, token.volume_id, evidence, tpm);
+        return request_volume_secret(server, token.volume_id, evidence, tpm, &wait);
       });
 }
 

@@ -154,6 +154,12 @@ Result<HttpResponse> HttpSession::perform(const HttpRequest& req) {
     curl_easy_setopt(curl, CURLOPT_CAINFO, nullptr);
     curl_easy_setopt(curl, CURLOPT_CAPATH, nullptr);
     curl_easy_setopt(curl, CURLOPT_CAINFO_BLOB, &ca);
+    if (!req.client_cert_file.empty()) {
+      curl_easy_setopt(curl, CURLOPT_SSLCERT, req.client_cert_file.c_str());
+      curl_easy_setopt(curl, CURLOPT_SSLCERTTYPE, "PEM");
+      curl_easy_setopt(curl, CURLOPT_SSLKEY, req.client_key_file.c_str());
+      curl_easy_setopt(curl, CURLOPT_SSLKEYTYPE, "PEM");
+    }
   }
   CURLcode rc = curl_easy_perform(curl);
   curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response.status);
@@ -172,6 +178,9 @@ Result<HttpResponse> HttpSession::perform(const HttpRequest& req) {
       case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
         return Status::error(ErrorKind::kUntrusted,
                              str_cat(req.url, ": server identity not trusted (", why, ")"));
+      case CURLE_SSL_CERTPROBLEM:
+        return Status::error(ErrorKind::kInvalidArgument,
+                             str_cat(req.url, ": the client certificate or key is unusable (", why, ")"));
       default:
         return Status::error(ErrorKind::kUnavailable, str_cat(req.url, ": ", why));
     }

@@ -33,6 +33,9 @@ struct HttpRequest {
   const uint8_t* body = nullptr;     // not copied; may point into a SecretBuffer
   size_t body_size = 0;
   std::string ca_pem;  // HTTPS: the only trusted CA (required for https URLs)
+  // HTTPS: a client certificate and its key (PEM files), if set.
+  std::string client_cert_file;
+  std::string client_key_file;
   long connect_timeout_ms = 2000;
   long total_timeout_ms = 10000;
   size_t max_response = 64 * 1024;

@@ -1,18 +1,21 @@
 #include "unlocker/server_client.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/crypto.h"
 #include "core/envelope.h"
 #include "core/json.h"
+#include "core/log.h"
 #include "core/protocol.h"
 #include "unlocker/http_client.h"
 
 namespace keygate::unlocker {
 namespace {
 
-Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server,
-                              const char* path, const uint8_t* body, size_t size) {
+// The answer's status and body as the server sent them.
+Result<HttpResponse> post_raw(HttpSession& session, const ServerEndpoint& server, const char* path,
+                              const uint8_t* body, size_t size) {
   HttpRequest req;
   req.method = "POST";
   req.url = server.url + path;
@@ -23,9 +26,14 @@ Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server
   req.connect_timeout_ms = std::min(server.timeout_ms, server.connect_timeout_ms);
   req.total_timeout_ms = server.timeout_ms;
   req.max_response = api::kMaxResponseBody;
-  auto res = session.perform(req);
+  return session.perform(req);
+}
+
+Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server,
+                              const char* path, const uint8_t* body, size_t size) {
+  auto res = post_raw(session, server, path, body, size);
   if (!res.is_ok()) return res.status();
-  return read_server_answer(res->status, res->body, req.url);
+  return read_server_answer(res->status, res->body, server.url + path);
 }
 
 Result<Json::Value> post_json(HttpSession& session, const ServerEndpoint& server,
@@ -106,12 +114,37 @@ Result<Enrollment> read_registration(const Json::Value& answer, const X25519KeyP
 }
 
 
+Result<PendingApproval> read_pending_approval(const Json::Value& answer) {
+  auto approval = json_object(answer, api::field::kApproval, true);
+  if (!approval.is_ok()) return approval.status().with_context("approval answer");
+  const Json::Value& a = approval.value();
+  auto id = json_string(a, api::field::kRequestId, 64);
+  if (!id.is_ok()) return id.status().with_context("approval answer");
+  PendingApproval p;
+  // An id is "req-" and letters and digits; anything else is not printed.
+  for (char c : id.value()) {
+    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-')) {
+      return Status::error(ErrorKind::kInvalidArgument, "approval answer: malformed request id");
+    }
+  }
+  if (id->empty()) return Status::error(ErrorKind::kInvalidArgument, "approval answer: empty request id");
+  p.request_id = id.value();
+  p.instance = a["instance"].isString() ? printable(a["instance"].asString(), 64) : "-";
+  p.expires_in_s = a["expires_in"].isInt64() ? static_cast<long>(std::clamp<int64_t>(a["expires_in"].asInt64(), 0, 86400)) : 0;
+  p.approvals = a["approvals"].isInt() ? std::clamp(a["approvals"].asInt(), 0, 16) : 0;
+  p.approvals_needed = a["approvals_needed"].isInt() ? std::clamp(a["approvals_needed"].asInt(), 1, 16) : 1;
+  return p;
+}
+
 Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
                                            const std::string& volume_id,
-                                           EvidenceCollector& evidence, TpmAttester* tpm) {
+                                           EvidenceCollector& evidence, TpmAttester* tpm,
+                                           const ApprovalWait* wait) {
   HttpSession session;
+  std::string request_id;  // once the server made an approval request
+  long until_ms = wait != nullptr ? wait->until_ms : 0;
   // A nonce can expire while evidence is slow to gather; one fresh retry.
-  for (int attempt = 0;; ++attempt) {
+  for (int attempt = 0, polls = 0;; ++attempt) {
     auto challenge = get_challenge(session, server);
     if (!challenge.is_ok()) return challenge.status();
     auto keys = X25519KeyPair::generate();
@@ -120,6 +153,7 @@ Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
     req[api::field::kVolumeId] = volume_id;
     req[api::field::kNonce] = base64_encode(challenge.value());
     req[api::field::kClientPublicKey] = base64_encode(keys->public_key.data(), keys->public_key.size());
+    if (!request_id.empty()) req[api::field::kApprovalRequest] = request_id;
     const Bytes client_public(keys->public_key.begin(), keys->public_key.end());
     const Bytes binding = binding_value(challenge.value(), client_public, volume_id);
     auto collected = evidence.collect(binding);
@@ -130,7 +164,37 @@ Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
       if (!quote.is_ok()) return quote.status();
       req[api::field::kTpm] = quote.value();
     }
-    auto res = post_json(session, server, api::kUnlockPath, to_json(req));
+    const std::string body = to_json(req);
+    auto raw = post_raw(session, server, api::kUnlockPath, reinterpret_cast<const uint8_t*>(body.data()), body.size());
+    if (!raw.is_ok()) return raw.status();
+    if (raw->status == 202) {
+      auto answer = parse_json_object(raw->body, api::kMaxResponseBody);
+      if (!answer.is_ok()) return answer.status().with_context(server.url + api::kUnlockPath);
+      auto pending = read_pending_approval(answer.value());
+      if (!pending.is_ok()) return pending.status().with_context(server.url);
+      if (pending->request_id != request_id) {
+        request_id = pending->request_id;
+        // The console's line: the operator and the approver name the same request.
+        log_warning(str_cat("waiting for approval: request ", request_id, " (volume ", volume_id, ", instance ",
+                            pending->instance, ")"));
+        if (wait != nullptr && wait->until_ms == 0) until_ms = wait->now_ms() + pending->expires_in_s * 1000 + 2000;
+      }
+      if (wait == nullptr) {
+        return Status::error(ErrorKind::kUnavailable,
+                             str_cat("volume ", volume_id, ": approval request ", request_id, " is pending"));
+      }
+      const long pause = std::min(5000L, 1000L << std::min(polls++, 3));
+      if (wait->now_ms() + pause >= until_ms) {
+        return Status::error(ErrorKind::kUnavailable,
+                             str_cat("volume ", volume_id, ": approval request ", request_id,
+                                     " not decided in the time this unlock may wait (", pending->approvals, " of ",
+                                     pending->approvals_needed, " approvals)"));
+      }
+      wait->sleep_ms(pause);
+      attempt = -1;  // a fresh nonce retry for each poll
+      continue;
+    }
+    auto res = read_server_answer(raw->status, raw->body, server.url + api::kUnlockPath);
     if (!res.is_ok()) {
       if (attempt == 0 && res.status().kind() == ErrorKind::kRefused &&
           res.status().message().find(api::kErrNonceInvalid) != std::string::npos) {
@@ -138,6 +202,7 @@ Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
       }
       return res.status();
     }
+    if (!request_id.empty()) log_info(str_cat("volume ", volume_id, ": request ", request_id, " approved"));
     return open_envelope(res.value(), keys.value(), volume_id, challenge.value());
   }
 }

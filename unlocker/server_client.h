@@ -6,6 +6,7 @@
 
 #include <json/value.h>
 
+#include <functional>
 #include <string>
 
 #include "core/crypto.h"
@@ -29,14 +30,38 @@ struct Enrollment {
   Json::Value policy;
 };
 
+// How long a release may wait for people to approve it (a 202 from the
+// server): until `until_ms` on `now_ms`'s clock, or, when that is 0, until
+// the request expires. Polls back off from 1 s to 5 s.
+struct ApprovalWait {
+  std::function<long()> now_ms;
+  std::function<void(long)> sleep_ms;
+  long until_ms = 0;
+};
+
 // Asks `server` to release the secret of `volume_id`, presenting evidence
 // from `evidence` bound to the challenge (asked for once the challenge has
 // arrived; detection and AWS's fetch overlap the TLS handshake). An
 // evidence failure is returned as is (kUnavailable). With `tpm`, a quote
-// over the same binding goes along.
+// over the same binding goes along. A release that needs approval prints
+// "waiting for approval: request <id> (volume <id>, instance <id>)" once
+// and asks again, attested anew each time, within `wait` (null: it does
+// not wait; kUnavailable); a denial or an expired request is kRefused.
 Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
                                            const std::string& volume_id,
-                                           EvidenceCollector& evidence, TpmAttester* tpm);
+                                           EvidenceCollector& evidence, TpmAttester* tpm,
+                                           const ApprovalWait* wait = nullptr);
+
+// A 202 answer's approval request: its id (validated), the instance it is
+// for and how long it has left, printable.
+struct PendingApproval {
+  std::string request_id;
+  std::string instance;
+  long expires_in_s = 0;
+  int approvals = 0;
+  int approvals_needed = 1;
+};
+Result<PendingApproval> read_pending_approval(const Json::Value& answer);
 
 // Registers a new volume. `enrollment_token` travels only in secret memory.
 // `evidence` may be null (image builders enrolling offline); with `tpm`,

@@ -1,0 +1,423 @@
+#include "server/admin_api.h"
+
+#include <vector>
+
+#include "core/encoding.h"
+#include "core/json.h"
+#include "core/log.h"
+#include "core/protocol.h"
+#include "server/key_service.h"
+#include "server/policy.h"
+
+namespace keygate::server {
+namespace {
+
+constexpr int kMaxListed = 1000;
+constexpr int64_t kMaxTokenTtl = 30 * 86400;
+constexpr int64_t kMaxTokenUses = 100000;
+constexpr size_t kMaxPublicKeyPem = 4096;
+
+// "/v1/admin/requests/req-x/approve?all=1" -> {"requests", "req-x", "approve"}, "all=1"
+std::vector<std::string> split_path(std::string_view path) {
+  std::vector<std::string> parts;
+  size_t at = 0;
+  while (at <= path.size()) {
+    const size_t slash = path.find('/', at);
+    const size_t end = slash == std::string_view::npos ? path.size() : slash;
+    parts.emplace_back(path.substr(at, end - at));
+    at = end + 1;
+  }
+  return parts;
+}
+
+ApiResponse ok(Json::Value body) {
+  ApiResponse r;
+  r.body = std::move(body);
+  return r;
+}
+
+Json::Value cert_json(const AdminCertRecord& c) {
+  Json::Value v(Json::objectValue);
+  v["serial"] = c.serial;
+  v["name"] = c.name;
+  v["role"] = c.role;
+  v["issued_by"] = c.issued_by;
+  v["issued_at"] = static_cast<Json::Int64>(c.issued_at);
+  v["expires_at"] = static_cast<Json::Int64>(c.expires_at);
+  v["revoked_at"] = static_cast<Json::Int64>(c.revoked_at);
+  return v;
+}
+
+bool is_serial(std::string_view s) {
+  if (s.empty() || s.size() > 40) return false;
+  for (char c : s) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+Json::Value volume_json(const VolumeRecord& v) {
+  Json::Value item(Json::objectValue);
+  item["id"] = v.id;
+  item["state"] = volume_state_name(v.state);
+  auto policy = parse_json_object(v.policy_json);
+  item["policy"] = policy.is_ok() ? policy.value() : Json::Value();
+  item["description"] = v.description;
+  item["created_at"] = static_cast<Json::Int64>(v.created_at);
+  item["updated_at"] = static_cast<Json::Int64>(v.updated_at);
+  return item;
+}
+
+struct AdminService::Request {
+  std::string method;
+  std::vector<std::string> path;  // after /v1/admin/
+  std::string query;
+  std::string_view body;
+  const std::string& source;
+  std::string who;  // the person, for the trail
+  Json::Value json;  // the parsed body of a POST
+};
+
+AdminService::AdminService(Store& store, const Clock& clock, const AdminCa& ca, const PolicyRegistry* policies,
+                           PolicyReload reload)
+    : store_(store), clock_(clock), ca_(ca), policies_(policies), reload_(std::move(reload)) {}
+
+Status AdminService::audit(const Request& request, const char* event, const char* outcome,
+                           const std::string& volume_id, const std::string& detail) {
+  const AuditEvent e{clock_.now_unix(), event, outcome, volume_id, request.source,
+                     str_cat("by ", request.who, detail.empty() ? "" : ": ", detail)};
+  Status s = store_.append_audit(e);
+  const std::string line = str_cat(e.event, " ", e.outcome, " volume=", volume_id.empty() ? "-" : volume_id,
+                                   " peer=", e.peer, " detail=", printable(e.detail, 1024));
+  if (!s.is_ok()) {
+    log_error(str_cat("audit write failed (", line, "): ", s.message()));
+  } else if (std::string(outcome) == "refused") {
+    log_warning(line);
+  } else {
+    log_info(line);
+  }
+  return s;
+}
+
+ApiResponse AdminService::refuse(const Request& request, const char* event, int status, const char* code,
+                                 const std::string& volume_id, const std::string& why) {
+  (void)audit(request, event, "refused", volume_id, why);
+  return error_response(status, code, why);
+}
+
+ApiResponse AdminService::handle(const AdminPeer* peer, std::string_view method, std::string_view target,
+                                 std::string_view body, const std::string& source) {
+  std::string_view path = target.substr(std::string_view(kAdminPathPrefix).size());
+  std::string query;
+  if (const size_t q = path.find('?'); q != std::string_view::npos) {
+    query = std::string(path.substr(q + 1));
+    path = path.substr(0, q);
+  }
+  Request request{std::string(method), split_path(path), query, body, source, "-", Json::Value()};
+  if (peer == nullptr) {
+    return error_response(401, admin_error::kUnauthenticated,
+                          "the admin API needs a client certificate of this key server's admin CA");
+  }
+  request.who = str_cat(printable(peer->name, kMaxAdminNameLength), " (", peer->serial, ")");
+  auto who = authenticate_admin(store_, *peer, clock_.now_unix());
+  if (!who.is_ok()) {
+    if (who.status().kind() != ErrorKind::kRefused) {
+      log_error(str_cat("admin API: ", who.status().message()));
+      return error_response(500, api::kErrInternal, "internal error");
+    }
+    return refuse(request, "admin.auth", 401, admin_error::kUnauthenticated, "", who.status().message());
+  }
+  request.who = str_cat(who->name, " (", admin_role_name(who->role), ")");
+  if (request.method == "POST") {
+    auto parsed = body.empty() ? Result<Json::Value>(Json::Value(Json::objectValue))
+                               : parse_json_object(body, api::kMaxRequestBody);
+    if (!parsed.is_ok()) return error_response(400, api::kErrBadRequest, parsed.status().message());
+    request.json = std::move(parsed).value();
+  } else if (request.method != "GET") {
+    return error_response(405, api::kErrMethodNotAllowed, "method not allowed");
+  }
+  return route(who.value(), request);
+}
+
+ApiResponse AdminService::route(const AdminIdentity& who, Request& r) {
+  const auto& p = r.path;
+  const bool get = r.method == "GET";
+  auto needs = [&](AdminRole role, const char* event) -> std::optional<ApiResponse> {
+    if (who.role >= role) return std::nullopt;
+    return refuse(r, event, 403, admin_error::kForbidden,
+                  "", str_cat(who.name, " is ", admin_role_name(who.role), "; this needs the ",
+                              admin_role_name(role), " role"));
+  };
+  auto not_found = [] { return error_response(404, api::kErrNotFound, "no such admin endpoint"); };
+  if (p.size() == 1 && p[0] == "whoami" && get) {
+    Json::Value v(Json::objectValue);
+    v["name"] = who.name;
+    v["role"] = admin_role_name(who.role);
+    v["serial"] = who.serial;
+    return ok(v);
+  }
+  if (!p.empty() && p[0] == "requests") {
+    if (p.size() == 1 && get) return list_requests(r);
+    if (p.size() == 2 && get) return show_request(p[1]);
+    if (p.size() == 3 && !get && (p[2] == "approve" || p[2] == "deny")) {
+      const bool approve = p[2] == "approve";
+      if (auto no = needs(AdminRole::kApprover, approve ? "approval.approve" : "approval.deny")) return *no;
+      return decide(who, r, p[1], approve);
+    }
+    return not_found();
+  }
+  if (!p.empty() && p[0] == "volumes") {
+    if (p.size() == 1 && get) return list_volumes();
+    if (p.size() == 3 && !get && p[2] == "revoke") {
+      if (auto no = needs(AdminRole::kAdmin, "revoke")) return *no;
+      return revoke_volume(who, r, p[1]);
+    }
+    return not_found();
+  }
+  if (p.size() == 1 && p[0] == "tokens" && !get) {
+    if (auto no = needs(AdminRole::kAdmin, "token.create")) return *no;
+    return create_token(who, r);
+  }
+  if (!p.empty() && p[0] == "certs") {
+    if (p.size() == 1 && get) return list_certs();
+    if (p.size() == 1 && !get) {
+      if (auto no = needs(AdminRole::kAdmin, "admin.cert.issue")) return *no;
+      return issue_cert(who, r);
+    }
+    if (p.size() == 3 && !get && p[2] == "revoke") {
+      if (auto no = needs(AdminRole::kAdmin, "admin.cert.revoke")) return *no;
+      return revoke_cert(who, r, p[1]);
+    }
+    return not_found();
+  }
+  if (p.size() == 2 && p[0] == "policy" && p[1] == "reload" && !get) {
+    if (auto no = needs(AdminRole::kAdmin, "policy.load")) return *no;
+    return reload_policy(who, r);
+  }
+  return not_found();
+}
+
+ApiResponse AdminService::list_requests(Request& r) {
+  const bool all = r.query == "all=1";
+  if (!r.query.empty() && !all) return error_response(400, api::kErrBadRequest, "the only query is all=1");
+  auto list = store_.list_approvals(!all, kMaxListed);
+  if (!list.is_ok()) return error_response(500, api::kErrInternal, "approval requests unavailable");
+  const int64_t now = clock_.now_unix();
+  Json::Value out(Json::arrayValue);
+  for (const auto& record : list.value()) {
+    auto a = Approval::from_record(record);
+    if (!a.is_ok()) {
+      log_error(a.status().message());
+      continue;
+    }
+    if (!all && a->state_at(now) != "pending") continue;  // expired, not yet recorded so
+    out.append(a->to_json(now));
+  }
+  Json::Value v(Json::objectValue);
+  v["requests"] = out;
+  return ok(v);
+}
+
+std::optional<ApiResponse> AdminService::load_request(const std::string& id, Approval* out) {
+  if (!is_approval_id(id)) return error_response(400, api::kErrBadRequest, "not a request id");
+  auto record = store_.get_approval(id);
+  if (!record.is_ok()) {
+    if (record.status().kind() == ErrorKind::kNotFound) {
+      return error_response(404, api::kErrNotFound, str_cat("no approval request ", id));
+    }
+    return error_response(500, api::kErrInternal, "approval requests unavailable");
+  }
+  auto a = Approval::from_record(record.value());
+  if (!a.is_ok()) return error_response(500, api::kErrInternal, "approval request unreadable");
+  *out = std::move(a).value();
+  return std::nullopt;
+}
+
+ApiResponse AdminService::show_request(const std::string& id) {
+  Approval a;
+  if (auto failed = load_request(id, &a)) return *failed;
+  return ok(a.to_json(clock_.now_unix()));
+}
+
+ApiResponse AdminService::decide(const AdminIdentity& who, Request& r, const std::string& id, bool approve) {
+  const char* event = approve ? "approval.approve" : "approval.deny";
+  auto reason = json_optional_text(r.json, "reason", kMaxDecisionReason);
+  if (!reason.is_ok()) return error_response(400, api::kErrBadRequest, reason.status().message());
+  if (reason->empty()) {
+    return error_response(400, api::kErrBadRequest, "a decision needs a reason (\"reason\", 1 to 256 characters)");
+  }
+  Approval a;
+  if (auto failed = load_request(id, &a)) return *failed;
+  const int64_t now = clock_.now_unix();
+  const std::string state = a.state_at(now);
+  if (state != "pending") {
+    return refuse(r, event, 409, admin_error::kConflict, a.volume_id,
+                  str_cat("request ", id, " is ", state, ", not pending"));
+  }
+  if (approve) {
+    Status allowed = may_approve(a, who);
+    if (!allowed.is_ok()) return refuse(r, event, 403, admin_error::kForbidden, a.volume_id, allowed.message());
+  }
+  Approval decided = a;
+  const ApprovalDecision decision{who.name, reason.value(), now};
+  std::string outcome = "ok";
+  if (approve) {
+    decided.approvals.push_back(decision);
+    if (static_cast<int>(decided.approvals.size()) >= decided.needed) {
+      decided.state = "approved";
+      outcome = "approved";
+    }
+  } else {
+    decided.denial = decision;
+    decided.state = "denied";
+    outcome = "denied";
+  }
+  const AuditEvent e{now, event, outcome, a.volume_id, r.source,
+                     str_cat(id, " by ", r.who, " (", decided.approvals.size(), " of ", a.needed,
+                             " approvals; instance ", a.instance, "): ", reason.value())};
+  Status s = store_.update_approval(a.to_record(), decided.to_record(), e);
+  if (s.kind() == ErrorKind::kConflict) {
+    return error_response(409, admin_error::kConflict, str_cat("request ", id, " changed meanwhile; look again"));
+  }
+  if (!s.is_ok()) {
+    log_error(str_cat("admin API: ", event, " ", id, ": ", s.message()));
+    return error_response(503, api::kErrAuditUnavailable, "the decision could not be recorded; nothing changed");
+  }
+  log_info(str_cat(event, " ", outcome, " volume=", a.volume_id, " peer=", r.source, " detail=",
+                   printable(e.detail, 1024)));
+  return ok(decided.to_json(now));
+}
+
+ApiResponse AdminService::list_volumes() {
+  auto volumes = store_.list_volumes();
+  if (!volumes.is_ok()) return error_response(500, api::kErrInternal, "volumes unavailable");
+  Json::Value out(Json::arrayValue);
+  for (const auto& v : volumes.value()) out.append(volume_json(v));
+  Json::Value v(Json::objectValue);
+  v["volumes"] = out;
+  return ok(v);
+}
+
+ApiResponse AdminService::revoke_volume(const AdminIdentity&, Request& r, const std::string& id) {
+  if (!api::is_valid_volume_id(id)) return error_response(400, api::kErrBadRequest, "not a volume id");
+  auto record = store_.get_volume(id);
+  if (!record.is_ok()) {
+    if (record.status().kind() == ErrorKind::kNotFound) return error_response(404, api::kErrNotFound, str_cat("no volume ", id));
+    return error_response(500, api::kErrInternal, "volumes unavailable");
+  }
+  if (record->state == VolumeState::kRevoked) {
+    return error_response(409, admin_error::kConflict, str_cat("volume ", id, " was already revoked"));
+  }
+  Status s = store_.transition_volume(id, record->state, VolumeState::kRevoked, clock_.now_unix());
+  if (s.kind() == ErrorKind::kConflict) return error_response(409, admin_error::kConflict, s.message());
+  if (!s.is_ok()) return error_response(500, api::kErrInternal, "volume could not be revoked");
+  (void)audit(r, "revoke", "ok", id, "");
+  Json::Value v(Json::objectValue);
+  v["id"] = id;
+  v["state"] = "revoked";
+  return ok(v);
+}
+
+ApiResponse AdminService::create_token(const AdminIdentity& who, Request& r) {
+  auto ttl = r.json.isMember("ttl") ? json_int(r.json, "ttl", 1, kMaxTokenTtl) : Result<int64_t>(3600);
+  auto uses = r.json.isMember("uses") ? json_int(r.json, "uses", 1, kMaxTokenUses) : Result<int64_t>(1);
+  for (const Status* s : {&ttl.status(), &uses.status()}) {
+    if (!s->is_ok()) return error_response(400, api::kErrBadRequest, s->message());
+  }
+  Json::Value tmpl_json = r.json;
+  tmpl_json.removeMember("ttl");
+  tmpl_json.removeMember("uses");
+  if (tmpl_json.isMember("issued_by")) {
+    return error_response(400, api::kErrBadRequest, "'issued_by' is the certificate's name, not a field");
+  }
+  tmpl_json["issued_by"] = who.name;
+  auto tmpl = EnrollmentTemplate::from_json(tmpl_json);
+  if (!tmpl.is_ok()) return error_response(400, api::kErrBadRequest, tmpl.status().message());
+  if (!tmpl->named_policy.empty()) {
+    auto set = policies_ != nullptr ? policies_->current() : nullptr;
+    if (set == nullptr || set->policies.count(tmpl->named_policy) == 0) {
+      return error_response(400, api::kErrBadRequest,
+                            str_cat("policy '", tmpl->named_policy, "' is not in the policy file in effect"));
+    }
+  }
+  const int64_t now = clock_.now_unix();
+  auto token = create_enrollment_token(store_, tmpl.value(), now, ttl.value(), static_cast<int>(uses.value()));
+  if (!token.is_ok()) return error_response(500, api::kErrInternal, "the token could not be stored");
+  (void)audit(r, "token.create", "ok", "", to_json(tmpl->to_json()));
+  Json::Value v(Json::objectValue);
+  v["token"] = token.value();
+  v["expires_at"] = static_cast<Json::Int64>(now + ttl.value());
+  v["uses"] = static_cast<Json::Int64>(uses.value());
+  return ok(v);
+}
+
+ApiResponse AdminService::list_certs() {
+  auto certs = store_.list_admin_certs();
+  if (!certs.is_ok()) return error_response(500, api::kErrInternal, "admin certificates unavailable");
+  Json::Value out(Json::arrayValue);
+  for (const auto& c : certs.value()) out.append(cert_json(c));
+  Json::Value v(Json::objectValue);
+  v["certs"] = out;
+  return ok(v);
+}
+
+ApiResponse AdminService::issue_cert(const AdminIdentity& who, Request& r) {
+  auto name = json_string(r.json, "name", kMaxAdminNameLength * 4);
+  auto role_name = json_string(r.json, "role", 16);
+  auto key = json_string(r.json, "public_key", kMaxPublicKeyPem);
+  auto days = r.json.isMember("days") ? json_int(r.json, "days", 1, kMaxAdminCertDays)
+                                      : Result<int64_t>(kDefaultAdminCertDays);
+  for (const Status* s : {&name.status(), &role_name.status(), &key.status(), &days.status()}) {
+    if (!s->is_ok()) return error_response(400, api::kErrBadRequest, s->message());
+  }
+  auto role = parse_admin_role(role_name.value());
+  if (!role) return error_response(400, api::kErrBadRequest, "role: viewer, approver or admin");
+  const int64_t now = clock_.now_unix();
+  auto issued = ca_.issue(key.value(), name.value(), *role, static_cast<int>(days.value()), who.name, now);
+  if (!issued.is_ok()) return error_response(400, api::kErrBadRequest, issued.status().message());
+  const AuditEvent e{now, "admin.cert.issue", "ok", "", r.source,
+                     str_cat("by ", r.who, ": ", issued->record.name, " (", issued->record.role, "), serial ",
+                             issued->record.serial, ", ", days.value(), " days")};
+  Status s = store_.insert_admin_cert(issued->record, e);
+  if (!s.is_ok()) {
+    log_error(str_cat("admin API: issue certificate: ", s.message()));
+    return error_response(503, api::kErrAuditUnavailable, "the certificate could not be recorded; none issued");
+  }
+  log_info(str_cat("admin.cert.issue ok peer=", r.source, " detail=", printable(e.detail, 1024)));
+  Json::Value v = cert_json(issued->record);
+  v["certificate"] = issued->cert_pem;
+  v["ca"] = ca_.cert_pem();
+  return ok(v);
+}
+
+ApiResponse AdminService::revoke_cert(const AdminIdentity& who, Request& r, const std::string& serial) {
+  if (!is_serial(serial)) return error_response(400, api::kErrBadRequest, "not a certificate serial (lower-case hex)");
+  if (serial == who.serial) {
+    return refuse(r, "admin.cert.revoke", 403, admin_error::kForbidden, "",
+                  "a certificate cannot revoke itself (another admin must)");
+  }
+  const int64_t now = clock_.now_unix();
+  const AuditEvent e{now, "admin.cert.revoke", "ok", "", r.source, str_cat("by ", r.who, ": serial ", serial)};
+  Status s = store_.revoke_admin_cert(serial, now, e);
+  if (s.kind() == ErrorKind::kNotFound) return error_response(404, api::kErrNotFound, s.message());
+  if (s.kind() == ErrorKind::kConflict) return error_response(409, admin_error::kConflict, s.message());
+  if (!s.is_ok()) return error_response(503, api::kErrAuditUnavailable, "the revocation could not be recorded");
+  log_info(str_cat("admin.cert.revoke ok peer=", r.source, " detail=", printable(e.detail, 1024)));
+  Json::Value v(Json::objectValue);
+  v["serial"] = serial;
+  v["revoked_at"] = static_cast<Json::Int64>(now);
+  return ok(v);
+}
+
+ApiResponse AdminService::reload_policy(const AdminIdentity& who, Request&) {
+  if (!reload_) return error_response(409, admin_error::kConflict, "no policy file is configured (--policy-file)");
+  auto loaded = reload_(who.name);
+  if (!loaded.is_ok()) return error_response(400, api::kErrBadRequest, loaded.status().message());
+  Json::Value v(Json::objectValue);
+  v["loaded"] = loaded.value();
+  return ok(v);
+}
+
+}  // namespace keygate::server

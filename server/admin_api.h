@@ -1,0 +1,83 @@
+// The admin API, under /v1/admin/ on the key server's own HTTPS port, for
+// people with a certificate of the admin CA (server/admin_ca.h). What each
+// role may do:
+//   viewer    GET whoami, requests, requests/ID, volumes, certs
+//   approver  POST requests/ID/approve, requests/ID/deny ({"reason": ...})
+//   admin     POST tokens, certs, certs/SERIAL/revoke, volumes/ID/revoke,
+//             policy/reload
+// Every change, and every refused attempt at one, is on the audit trail
+// with the person's name. The `keygate-server admin` commands are its
+// client.
+#pragma once
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "core/clock.h"
+#include "server/admin_ca.h"
+#include "server/approvals.h"
+#include "server/policy_file.h"
+#include "server/refusal.h"
+#include "server/store.h"
+
+namespace keygate::server {
+
+constexpr char kAdminPathPrefix[] = "/v1/admin/";
+
+// Error codes of the admin API (besides bad_request, not_found, internal).
+namespace admin_error {
+constexpr char kUnauthenticated[] = "unauthenticated";  // 401: no admin certificate
+constexpr char kForbidden[] = "forbidden";              // 403: not this role's, or not this person's
+constexpr char kConflict[] = "conflict";                // 409: decided, revoked or changed meanwhile
+}  // namespace admin_error
+
+// A volume as the admin API and `volumes list --json` show it (no secret).
+Json::Value volume_json(const VolumeRecord& volume);
+
+class AdminService {
+ public:
+  // Reloads the policy file in effect (the same as SIGHUP) for `who`;
+  // null: no policy file is configured.
+  using PolicyReload = std::function<Result<std::string>(const std::string& who)>;
+
+  AdminService(Store& store, const Clock& clock, const AdminCa& ca, const PolicyRegistry* policies,
+               PolicyReload reload);
+
+  // One request from `source` (an address) whose TLS client certificate
+  // verified against the admin CA and said `peer`; `peer` null: no
+  // certificate (401).
+  ApiResponse handle(const AdminPeer* peer, std::string_view method, std::string_view target,
+                     std::string_view body, const std::string& source);
+
+ private:
+  struct Request;
+  ApiResponse route(const AdminIdentity& who, Request& request);
+  ApiResponse list_requests(Request& request);
+  ApiResponse show_request(const std::string& id);
+  // Request `id` into *out; or the answer why not (malformed, unknown, unreadable).
+  std::optional<ApiResponse> load_request(const std::string& id, Approval* out);
+  ApiResponse decide(const AdminIdentity& who, Request& request, const std::string& id, bool approve);
+  ApiResponse list_volumes();
+  ApiResponse revoke_volume(const AdminIdentity& who, Request& request, const std::string& id);
+  ApiResponse create_token(const AdminIdentity& who, Request& request);
+  ApiResponse list_certs();
+  ApiResponse issue_cert(const AdminIdentity& who, Request& request);
+  ApiResponse revoke_cert(const AdminIdentity& who, Request& request, const std::string& serial);
+  ApiResponse reload_policy(const AdminIdentity& who, Request& request);
+  // Audits an admin action (or a refused one) and says whether it was written.
+  Status audit(const Request& request, const char* event, const char* outcome, const std::string& volume_id,
+               const std::string& detail);
+  // A refused attempt: audited, then answered `status` with `code`.
+  ApiResponse refuse(const Request& request, const char* event, int status, const char* code,
+                     const std::string& volume_id, const std::string& why);
+
+  Store& store_;
+  const Clock& clock_;
+  const AdminCa& ca_;
+  const PolicyRegistry* policies_;
+  PolicyReload reload_;
+};
+
+}  // namespace keygate::server

@@ -1,0 +1,284 @@
+// Approvals and the admin API, end to end: a real keygate-server with a
+// policy file, people's certificates from its admin CA (mTLS), the real
+// keygate unlocker waiting on a real LUKS2 header, and the real
+// `keygate-server admin` commands deciding.
+#include <future>
+
+#include "tests/keygate_fixture.h"
+
+namespace keygate::testing {
+namespace {
+
+class ApprovalTest : public KeygateTest {
+ protected:
+  void SetUp() override {
+    KeygateTest::SetUp();
+    const Identity id;
+    policy_file_ = dir_ + "/" + unique("approval-policy") + ".json";
+    write_file(policy_file_, str_cat(R"({"policies": {
+  "manual": {"platform": "aws", "require": {"account_id": ")", id.account, R"("}, "approval": "manual"},
+  "two": {"platform": "aws", "require": {"account_id": ")", id.account, R"("}, "approval": "manual", "approvers": 2},
+  "first": {"platform": "aws", "require": {"account_id": ")", id.account, R"("}, "approval": "manual-first"},
+  "quick": {"platform": "aws", "require": {"account_id": ")", id.account, R"("}, "approval": "manual",
+            "approval_timeout": 10}
+}}
+)"));
+    server_.process.stop();
+    server_ = start_server("approvals", {"--policy-file", policy_file_});
+    ASSERT_GT(server_.port, 0) << read_file(server_.process.log_path());
+    people_ = dir_ + "/" + unique("people");
+    ASSERT_EQ(mkdir(people_.c_str(), 0700), 0);
+    RunResult boot = run({bin("keygate-server"), "admin", "bootstrap", "--state-dir", server_.state, "--name", "alice",
+                          "--out", folder("alice"), "--server-url", server_.url()});
+    ASSERT_EQ(boot.exit_code, 0) << boot.err;
+    const std::vector<std::pair<std::string, std::string>> people = {
+        {"bob", "approver"}, {"carol", "approver"}, {"vic", "viewer"}, {id.instance, "approver"}};
+    for (const auto& [name, role] : people) {
+      RunResult issued = admin("alice", {"cert", "issue", "--name", name, "--role", role, "--out", folder(name)});
+      ASSERT_EQ(issued.exit_code, 0) << issued.err;
+    }
+  }
+
+  std::string folder(const std::string& who) { return people_ + "/" + who; }
+
+  RunResult admin(const std::string& who, std::vector<std::string> args) {
+    std::vector<std::string> argv = {bin("keygate-server"), "admin"};
+    for (auto& a : args) argv.push_back(a);
+    argv.push_back("--admin-dir");
+    argv.push_back(folder(who));
+    return run(argv);
+  }
+
+  // A volume enrolled with a token alice issued through the admin API for
+  // the policy `policy`; returns (path, volume id).
+  std::pair<std::string, std::string> enrolled_under(const std::string& policy) {
+    RunResult token = admin("alice", {"token", "create", "--policy", policy});
+    EXPECT_EQ(token.exit_code, 0) << token.err;
+    const std::string token_file = dir_ + "/" + unique("token");
+    write_file(token_file, token.out);
+    const std::string vol = new_volume_file();
+    RunResult r = enroll_format(vol, server_, token_file, emulator_);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    std::smatch m;
+    EXPECT_TRUE(std::regex_search(r.out, m, std::regex("enrolled as volume ([0-9a-f-]+)"))) << r.out;
+    return {vol, m.size() > 1 ? m[1].str() : ""};
+  }
+
+  // `keygate unlock` as the initramfs runs it, on a thread: it waits.
+  std::future<RunResult> unlock_waiting(const std::string& volume, int deadline_s = 60) {
+    return std::async(std::launch::async, [this, volume, deadline_s] {
+      return run({bin("keygate"), "unlock", volume, "--verify-only", "--metadata-url", emulator_.url(),
+                  "--timeout", "5", "--deadline", std::to_string(deadline_s)});
+    });
+  }
+
+  // The pending request of `volume_id` once the server has made it (as a
+  // viewer sees it), or null after 20 s.
+  Json::Value pending_request(const std::string& volume_id, const std::string& other_than = "") {
+    for (int i = 0; i < 200; ++i) {
+      RunResult listed = admin("vic", {"requests", "--json"});
+      EXPECT_EQ(listed.exit_code, 0) << listed.err;
+      auto parsed = parse_json_object(listed.out, 1 << 20);
+      if (parsed.is_ok()) {
+        for (const auto& r : parsed.value()["requests"]) {
+          if (r["volume_id"].asString() == volume_id && r["request_id"].asString() != other_than) return r;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    ADD_FAILURE() << "no pending request for volume " << volume_id;
+    return Json::Value();
+  }
+
+  std::string audit() {
+    return run({bin("keygate-server"), "audit", "--state-dir", server_.state, "--limit", "1000"}).out;
+  }
+
+  std::string policy_file_;
+  std::string people_;
+};
+
+TEST_F(ApprovalTest, AnUnlockWaitsForAnApproverAndOnlyAnotherPersonMayApprove) {
+  const Identity id;
+  auto [vol, vid] = enrolled_under("manual");
+  ASSERT_FALSE(vid.empty());
+  auto waiting = unlock_waiting(vol);
+  const Json::Value request = pending_request(vid);
+  const std::string rid = request["request_id"].asString();
+  ASSERT_FALSE(rid.empty());
+  // What the approver sees: the verified claims, who issued the token.
+  EXPECT_EQ(request["instance"].asString(), id.instance);
+  EXPECT_EQ(request["claims"]["account_id"].asString(), id.account);
+  EXPECT_EQ(request["claims"]["image_id"].asString(), id.image);
+  EXPECT_EQ(request["issued_by"].asString(), "alice");
+  EXPECT_EQ(request["approvals_needed"].asInt(), 1);
+
+  // A viewer, the token's issuer and the instance itself may not approve.
+  RunResult r = admin("vic", {"approve", rid, "--reason", "looks fine"});
+  EXPECT_EQ(r.exit_code, kExitRefused);
+  EXPECT_TRUE(contains(r.err, "vic is viewer; this needs the approver role")) << r.err;
+  r = admin("alice", {"approve", rid, "--reason", "my own token"});
+  EXPECT_EQ(r.exit_code, kExitRefused);
+  EXPECT_TRUE(contains(r.err, "alice issued the enrollment token of volume " + vid)) << r.err;
+  r = admin(id.instance, {"approve", rid, "--reason", "me"});
+  EXPECT_EQ(r.exit_code, kExitRefused);
+  EXPECT_TRUE(contains(r.err, "is the instance that asked")) << r.err;
+  // A decision needs a reason.
+  r = admin("bob", {"approve", rid, "--reason", ""});
+  EXPECT_EQ(r.exit_code, kExitUsage) << r.err;
+  // Still waiting after all of that.
+  EXPECT_EQ(waiting.wait_for(std::chrono::milliseconds(0)), std::future_status::timeout);
+
+  r = admin("bob", {"approve", rid, "--reason", "change CHG-1234, planned reboot"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.out, rid + ": approved (1 of 1 approvals)")) << r.out;
+  RunResult unlocked = waiting.get();
+  EXPECT_EQ(unlocked.exit_code, 0) << unlocked.err;
+  // The console line names the same request the approver saw.
+  EXPECT_TRUE(contains(unlocked.err, str_cat("waiting for approval: request ", rid, " (volume ", vid, ", instance ",
+                                             id.instance, ")")))
+      << unlocked.err;
+
+  const std::string trail = audit();
+  EXPECT_TRUE(contains(trail, "approval.request pending volume=" + vid)) << trail;
+  EXPECT_TRUE(contains(trail, "approval.approve refused volume=" + vid + " peer=127.0.0.1 by alice (admin): alice issued"))
+      << trail;
+  EXPECT_TRUE(contains(trail, "approval.approve approved volume=" + vid)) << trail;
+  EXPECT_TRUE(contains(trail, "change CHG-1234, planned reboot")) << trail;
+  EXPECT_TRUE(contains(trail, "unlock released volume=" + vid)) << trail;
+  EXPECT_TRUE(contains(trail, "approved by bob (" + rid + ")")) << trail;
+  // The approval was spent: deciding it again is a conflict, and the next
+  // boot asks anew.
+  r = admin("carol", {"approve", rid, "--reason", "again"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(contains(r.err, "is used, not pending")) << r.err;
+  auto again = unlock_waiting(vol);
+  const std::string next = pending_request(vid, rid)["request_id"].asString();
+  EXPECT_NE(next, rid);
+  EXPECT_EQ(admin("carol", {"approve", next, "--reason", "second boot"}).exit_code, 0);
+  EXPECT_EQ(again.get().exit_code, 0);
+  EXPECT_EQ(run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state}).exit_code, 0);
+}
+
+TEST_F(ApprovalTest, ATwoApproverPolicyNeedsTwoDifferentPeople) {
+  auto [vol, vid] = enrolled_under("two");
+  ASSERT_FALSE(vid.empty());
+  auto waiting = unlock_waiting(vol);
+  const std::string rid = pending_request(vid)["request_id"].asString();
+  RunResult r = admin("bob", {"approve", rid, "--reason", "first"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.out, rid + ": pending (1 of 2 approvals)")) << r.out;
+  r = admin("bob", {"approve", rid, "--reason", "me again"});
+  EXPECT_EQ(r.exit_code, kExitRefused);
+  EXPECT_TRUE(contains(r.err, "bob has approved this request already")) << r.err;
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  EXPECT_EQ(waiting.wait_for(std::chrono::milliseconds(0)), std::future_status::timeout);
+  r = admin("carol", {"approve", rid, "--reason", "second"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.out, rid + ": approved (2 of 2 approvals)")) << r.out;
+  RunResult unlocked = waiting.get();
+  EXPECT_EQ(unlocked.exit_code, 0) << unlocked.err;
+  EXPECT_TRUE(contains(audit(), "approved by bob, carol (" + rid + ")")) << audit();
+}
+
+TEST_F(ApprovalTest, ADenialEndsTheWaitWithTheRefusedExitAtOnce) {
+  auto [vol, vid] = enrolled_under("manual");
+  ASSERT_FALSE(vid.empty());
+  auto waiting = unlock_waiting(vol, 120);
+  const std::string rid = pending_request(vid)["request_id"].asString();
+  const auto denied_at = std::chrono::steady_clock::now();
+  RunResult r = admin("bob", {"deny", rid, "--reason", "no change ticket"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.out, rid + ": denied")) << r.out;
+  RunResult unlocked = waiting.get();
+  // Refused, at its next poll (at most 5 s), not at its 120 s deadline.
+  EXPECT_EQ(unlocked.exit_code, kExitRefused) << unlocked.err;
+  EXPECT_LT(std::chrono::steady_clock::now() - denied_at, std::chrono::seconds(30));
+  EXPECT_TRUE(contains(unlocked.err, "approval_denied")) << unlocked.err;
+  EXPECT_TRUE(contains(audit(), "denied by bob: no change ticket")) << audit();
+  // A denied request is not approved afterwards.
+  r = admin("carol", {"approve", rid, "--reason", "overrule"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(contains(r.err, "is denied, not pending")) << r.err;
+}
+
+TEST_F(ApprovalTest, ARequestNotDecidedInTimeIsDenied) {
+  auto [vol, vid] = enrolled_under("quick");  // approval_timeout 10
+  ASSERT_FALSE(vid.empty());
+  auto waiting = unlock_waiting(vol, 60);
+  const std::string rid = pending_request(vid)["request_id"].asString();
+  RunResult unlocked = waiting.get();
+  EXPECT_EQ(unlocked.exit_code, kExitRefused) << unlocked.err;
+  EXPECT_TRUE(contains(unlocked.err, "expired")) << unlocked.err;
+  EXPECT_TRUE(contains(audit(), "approval.expire denied volume=" + vid)) << audit();
+  RunResult r = admin("bob", {"approve", rid, "--reason", "too late"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(contains(r.err, "is expired, not pending")) << r.err;
+}
+
+TEST_F(ApprovalTest, ManualFirstLetsAKnownInstanceRebootUnattended) {
+  auto [vol, vid] = enrolled_under("first");
+  ASSERT_FALSE(vid.empty());
+  auto waiting = unlock_waiting(vol);
+  const std::string rid = pending_request(vid)["request_id"].asString();
+  EXPECT_EQ(admin("bob", {"approve", rid, "--reason", "new web node"}).exit_code, 0);
+  EXPECT_EQ(waiting.get().exit_code, 0);
+  // Its reboots: no request, no wait.
+  for (int boot = 0; boot < 2; ++boot) {
+    RunResult r = unlock(vol, emulator_);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_FALSE(contains(r.err, "waiting for approval")) << r.err;
+  }
+  RunResult listed = admin("vic", {"requests", "--all", "--json"});
+  auto parsed = parse_json_object(listed.out, 1 << 20);
+  ASSERT_TRUE(parsed.is_ok()) << listed.out;
+  EXPECT_EQ(parsed.value()["requests"].size(), 1u) << listed.out;
+}
+
+TEST_F(ApprovalTest, TheAdminApiWantsARecordedCertificateInForce) {
+  // No certificate: 401, and the unlock API on the same port is unaffected.
+  auto cli = api_client(server_);
+  auto res = cli->Get("/v1/admin/requests");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 401);
+  EXPECT_TRUE(contains(res->body, "unauthenticated"));
+  // A revoked certificate is refused; one cannot revoke itself.
+  RunResult serial = admin("vic", {"whoami", "--json"});
+  auto who = parse_json_object(serial.out);
+  ASSERT_TRUE(who.is_ok()) << serial.out;
+  EXPECT_EQ(who.value()["role"].asString(), "viewer");
+  RunResult revoked = admin("alice", {"cert", "revoke", who.value()["serial"].asString()});
+  EXPECT_EQ(revoked.exit_code, 0) << revoked.err;
+  auto alice = parse_json_object(admin("alice", {"whoami", "--json"}).out);
+  ASSERT_TRUE(alice.is_ok());
+  RunResult self = admin("alice", {"cert", "revoke", alice.value()["serial"].asString()});
+  EXPECT_EQ(self.exit_code, kExitRefused);
+  EXPECT_TRUE(contains(self.err, "cannot revoke itself")) << self.err;
+  RunResult after = admin("vic", {"requests"});
+  EXPECT_EQ(after.exit_code, kExitRefused);
+  EXPECT_TRUE(contains(after.err, "is revoked")) << after.err;
+  // Only an admin issues certificates; bootstrap only the first.
+  RunResult issued = admin("bob", {"cert", "issue", "--name", "mallory", "--role", "admin", "--out", folder("mallory")});
+  EXPECT_EQ(issued.exit_code, kExitRefused) << issued.err;
+  RunResult again = run({bin("keygate-server"), "admin", "bootstrap", "--state-dir", server_.state, "--name", "eve",
+                         "--out", folder("eve")});
+  EXPECT_EQ(again.exit_code, kExitUsage);
+  EXPECT_TRUE(contains(again.err, "an admin certificate is in force already")) << again.err;
+  // A certificate of another server's admin CA does not get through the handshake.
+  Server other = start_server("other-admin-ca");
+  ASSERT_GT(other.port, 0);
+  RunResult foreign = run({bin("keygate-server"), "admin", "bootstrap", "--state-dir", other.state, "--name", "eve",
+                           "--out", folder("eve")});
+  ASSERT_EQ(foreign.exit_code, 0) << foreign.err;
+  RunResult crossed = run({bin("keygate-server"), "admin", "whoami", "--admin-dir", folder("eve"), "--server",
+                           server_.url()});
+  EXPECT_NE(crossed.exit_code, 0);
+  other.process.stop();
+  const std::string trail = audit();
+  EXPECT_TRUE(contains(trail, "admin.cert.revoke ok")) << trail;
+  EXPECT_TRUE(contains(trail, "admin.cert.issue refused")) << trail;
+  EXPECT_EQ(run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state}).exit_code, 0);
+}
+
+}  // namespace
+}  // namespace keygate::testing
