@@ -183,6 +183,18 @@ void print_request(const Json::Value& r) {
   if (!r["issued_by"].asString().empty()) {
     std::cout << "    token issued by " << text_of(r, "issued_by") << " (who may not approve)\n";
   }
+  if (!r["policy_by"].asString().empty()) {
+    std::cout << "    policy file put in effect by " << text_of(r, "policy_by") << " (who may not approve)\n";
+  }
+  if (r.isMember("pcr_changes")) {
+    const Json::Value& pcrs = r["pcr_changes"]["pcrs"];
+    for (const auto& pcr : pcrs.getMemberNames()) {
+      std::string accepted;
+      for (const auto& v : pcrs[pcr]["accepted"]) accepted += (accepted.empty() ? "" : " or ") + printable(v.asString(), 128);
+      std::cout << "    PCR " << printable(pcr, 4) << " (" << text_of(r["pcr_changes"], "bank") << "): accepted "
+                << accepted << ", quoted " << text_of(pcrs[pcr], "quoted") << "\n";
+    }
+  }
 }
 
 int print_json_or(const Args& args, const Json::Value& v, const std::function<void()>& human) {

@@ -34,6 +34,42 @@ Result<ApprovalDecision> decision_from_json(const Json::Value& v) {
   return ApprovalDecision{name.value(), reason.value(), time.value()};
 }
 
+Json::Value pcr_changes_json(const std::string& bank, const std::map<uint32_t, PcrChange>& changes) {
+  Json::Value v(Json::objectValue);
+  v["bank"] = bank;
+  Json::Value& pcrs = v["pcrs"] = Json::Value(Json::objectValue);
+  for (const auto& [pcr, change] : changes) {
+    Json::Value& one = pcrs[std::to_string(pcr)] = Json::Value(Json::objectValue);
+    Json::Value& accepted = one["accepted"] = Json::Value(Json::arrayValue);
+    for (const Bytes& b : change.accepted) accepted.append(hex_encode(b));
+    one["quoted"] = hex_encode(change.quoted);
+  }
+  return v;
+}
+
+Status pcr_changes_from_json(const Json::Value& v, std::string* bank, std::map<uint32_t, PcrChange>* out) {
+  auto bad = Status::error(ErrorKind::kInvalidArgument, "pcr_changes");
+  auto b = json_string(v, "bank", 16);
+  if (!b.is_ok() || !v["pcrs"].isObject() || v["pcrs"].size() > 24) return bad;
+  *bank = b.value();
+  for (const auto& key : v["pcrs"].getMemberNames()) {
+    if (key.empty() || key.size() > 2 || key.find_first_not_of("0123456789") != std::string::npos) return bad;
+    const Json::Value& one = v["pcrs"][key];
+    PcrChange change;
+    if (!one["accepted"].isArray() || one["accepted"].size() > 64 || !one["quoted"].isString()) return bad;
+    for (const auto& h : one["accepted"]) {
+      auto value = h.isString() ? hex_decode(h.asString()) : Result<Bytes>(bad);
+      if (!value.is_ok()) return bad;
+      change.accepted.push_back(std::move(value).value());
+    }
+    auto quoted = hex_decode(one["quoted"].asString());
+    if (!quoted.is_ok()) return bad;
+    change.quoted = std::move(quoted).value();
+    (*out)[static_cast<uint32_t>(std::stoul(key))] = std::move(change);
+  }
+  return Status::ok();
+}
+
 }  // namespace
 
 const char* admin_role_name(AdminRole role) {
@@ -92,6 +128,7 @@ Json::Value Approval::to_instance_json(int64_t now) const {
   Json::Value& c = v["claims"] = Json::Value(Json::objectValue);
   for (const auto& [k, value] : claims) c[k] = value;
   v["platform"] = platform;
+  if (!pcr_changes.empty()) v["pcr_changes"] = pcr_changes_json(pcr_bank, pcr_changes);
   return v;
 }
 
@@ -99,6 +136,7 @@ Json::Value Approval::to_json(int64_t now) const {
   Json::Value v = to_instance_json(now);
   v["mode"] = mode;
   v["issued_by"] = issued_by;
+  v["policy_by"] = policy_by;
   v["created_at"] = static_cast<Json::Int64>(created_at);
   v["expires_at"] = static_cast<Json::Int64>(expires_at);
   Json::Value& list = v["approved_by"] = Json::Value(Json::arrayValue);
@@ -115,10 +153,12 @@ ApprovalRecord Approval::to_record() const {
   Json::Value& c = v["claims"] = Json::Value(Json::objectValue);
   for (const auto& [k, value] : claims) c[k] = value;
   v["issued_by"] = issued_by;
+  v["policy_by"] = policy_by;
   v["needed"] = needed;
   Json::Value& list = v["approvals"] = Json::Value(Json::arrayValue);
   for (const auto& d : approvals) list.append(decision_json(d));
   if (denial) v["denial"] = decision_json(*denial);
+  if (!pcr_changes.empty()) v["pcr_changes"] = pcr_changes_json(pcr_bank, pcr_changes);
   return ApprovalRecord{id, volume_id, instance, state, keygate::to_json(v), created_at, expires_at};
 }
 
@@ -139,15 +179,17 @@ Result<Approval> Approval::from_record(const ApprovalRecord& r) {
   auto mode = json_optional_string(v.value(), "mode", 16);
   auto platform = json_optional_string(v.value(), "platform", 16);
   auto issuer = json_optional_string(v.value(), "issued_by", kMaxAdminNameLength);
+  auto policy_by = json_optional_string(v.value(), "policy_by", kMaxAdminNameLength);
   auto needed = json_int(v.value(), "needed", 1, 16);
   for (const Status* s : {&policy.status(), &mode.status(), &platform.status(), &issuer.status(),
-                          &needed.status()}) {
+                          &policy_by.status(), &needed.status()}) {
     if (!s->is_ok()) return bad(s->message());
   }
   a.policy = policy.value();
   a.mode = mode.value();
   a.platform = platform.value();
   a.issued_by = issuer.value();
+  a.policy_by = policy_by.value();
   a.needed = static_cast<int>(needed.value());
   const Json::Value& claims = v.value()["claims"];
   if (!claims.isObject() || claims.size() > kMaxClaims) return bad("claims");
@@ -161,6 +203,10 @@ Result<Approval> Approval::from_record(const ApprovalRecord& r) {
     auto decision = decision_from_json(d);
     if (!decision.is_ok()) return bad(decision.status().message());
     a.approvals.push_back(std::move(decision).value());
+  }
+  if (v.value().isMember("pcr_changes") &&
+      !pcr_changes_from_json(v.value()["pcr_changes"], &a.pcr_bank, &a.pcr_changes).is_ok()) {
+    return bad("pcr_changes");
   }
   if (v.value().isMember("denial")) {
     auto decision = decision_from_json(v.value()["denial"]);
@@ -181,6 +227,11 @@ Status may_approve(const Approval& request, const AdminIdentity& who) {
     return Status::error(ErrorKind::kRefused,
                          str_cat(who.name, " issued the enrollment token of volume ", request.volume_id,
                                  ": someone else must approve its releases"));
+  }
+  if (!request.policy_by.empty() && who.name == request.policy_by) {
+    return Status::error(ErrorKind::kRefused,
+                         str_cat(who.name, " put the policy file in effect that asked for this approval: "
+                                           "someone else must approve it"));
   }
   for (const auto& d : request.approvals) {
     if (d.name == who.name) {

@@ -16,6 +16,7 @@
 #include <string_view>
 #include <vector>
 
+#include "core/encoding.h"
 #include "core/status.h"
 #include "server/store.h"
 
@@ -45,6 +46,13 @@ struct ApprovalDecision {
   int64_t time = 0;
 };
 
+// A TPM-bound volume's PCR whose quoted value it does not accept.
+struct PcrChange {
+  std::vector<Bytes> accepted;  // what the volume accepts now
+  Bytes quoted;                 // what this boot's quote says
+  bool operator==(const PcrChange& o) const { return accepted == o.accepted && quoted == o.quoted; }
+};
+
 struct Approval {
   std::string id;  // "req-" and 12 characters of [a-z2-7]
   std::string volume_id;
@@ -55,7 +63,12 @@ struct Approval {
   std::string platform;
   std::map<std::string, std::string> claims;  // what the provider vouched for
   std::string issued_by;  // who issued the volume's token (may not approve)
+  std::string policy_by;  // who put the policy file in effect (may not approve)
   int needed = 1;         // approvals from different people
+  // A PCR change (policy pcr_change "approval"): approving it adds the
+  // quoted values to the volume's accepted set. Empty: none.
+  std::string pcr_bank;
+  std::map<uint32_t, PcrChange> pcr_changes;
   std::vector<ApprovalDecision> approvals;
   std::optional<ApprovalDecision> denial;
   int64_t created_at = 0;
@@ -76,7 +89,8 @@ std::string new_approval_id();
 bool is_approval_id(std::string_view id);
 
 // Whether `who` may approve `request`: the approver role, not the instance
-// that asked, not whoever issued the volume's token, not twice. The message
+// that asked, not whoever issued the volume's token or put the policy file
+// in effect, not twice. The message
 // says why not (for the approver and the trail).
 Status may_approve(const Approval& request, const AdminIdentity& who);
 

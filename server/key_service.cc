@@ -1,5 +1,7 @@
 #include "server/key_service.h"
 
+#include <algorithm>
+
 #include "core/crypto.h"
 #include "core/envelope.h"
 #include "core/json.h"
@@ -234,7 +236,8 @@ ApiResponse KeyService::challenge(const std::string& peer) {
 
 std::optional<Refusal> KeyService::check_tpm(const Call& call, const VolumeRecord& record,
                                              const VolumePolicy& policy, const Json::Value& request,
-                                             const Attested& attested) {
+                                             const Attested& attested, const NamedPolicy* named,
+                                             TpmCheck* changed) {
   if (!request.isMember(api::field::kTpm)) {
     return refused(api::kErrTpmRequired, "this volume's policy requires a TPM quote",
                    "no TPM quote; the volume's policy requires one");
@@ -246,6 +249,10 @@ std::optional<Refusal> KeyService::check_tpm(const Call& call, const VolumeRecor
   if (checked->mismatched.empty()) return std::nullopt;
   const int64_t now = clock_.now_unix();
   if (policy.tpm->accept_next_until == 0 || now > policy.tpm->accept_next_until) {
+    if (named != nullptr && named->pcr_change == "approval") {
+      *changed = std::move(checked).value();  // for people to decide (approval_gate)
+      return std::nullopt;
+    }
     return refused(api::kErrPolicyDenied, "the TPM's PCR values are not accepted",
                    "PCR values not accepted: " + checked->describe_mismatch());
   }
@@ -318,17 +325,21 @@ Checked<ApiResponse> KeyService::serve_unlock(Call& call, std::string_view body)
     return refused(api::kErrRevoked, "this instance's access to the volume has been revoked",
                    str_cat("instance revoked from the image group (", identity->summary(), ")"));
   }
+  TpmCheck pcr_change;  // PCR values for people to decide on, if any
   if (policy->tpm) {
-    if (auto r = check_tpm(call, record.value(), policy.value(), request.value(), attested.value())) {
+    if (auto r = check_tpm(call, record.value(), policy.value(), request.value(), attested.value(),
+                           named ? &*named : nullptr, &pcr_change)) {
       return *r;
     }
   }
   // A policy that wants people to approve: the instance waits (202) until
   // they have, and is refused once they deny or the request expires.
   std::optional<Approval> granted;
-  if (named && named->approval != "automatic" &&
-      !(named->approval == "manual-first" && policy->knows(identity.value()))) {
-    auto gate = approval_gate(call, policy.value(), *named, identity.value(), request.value());
+  const bool pcrs_changed = !pcr_change.mismatched.empty();
+  if (pcrs_changed || (named && named->approval != "automatic" &&
+                       !(named->approval == "manual-first" && policy->knows(identity.value())))) {
+    auto gate = approval_gate(call, policy.value(), *named, identity.value(), request.value(),
+                              pcrs_changed ? &pcr_change : nullptr);
     if (!gate.ok()) return gate.refusal();
     if (gate->wait) return *gate->wait;
     granted = std::move(gate->grant);
@@ -342,6 +353,7 @@ Checked<ApiResponse> KeyService::serve_unlock(Call& call, std::string_view body)
     // The approval is spent and the release audited in one transaction.
     if (auto r = spend_approval(call, *granted, identity.value())) return *r;
     if (granted->mode == "manual-first") remember_instance(record.value(), identity.value());
+    if (!granted->pcr_changes.empty()) allow_approved_pcrs(call, record.value(), *granted);
   } else if (!write_audit(call, "released", identity->summary()).is_ok()) {
     return unaudited(call);
   }
@@ -362,7 +374,12 @@ ApiResponse KeyService::waiting(const Approval& request) {
 
 Checked<KeyService::Gate> KeyService::approval_gate(Call& call, const VolumePolicy& policy,
                                                     const NamedPolicy& named, const Identity& identity,
-                                                    const Json::Value& request) {
+                                                    const Json::Value& request, const TpmCheck* pcrs) {
+  // The PCR changes this quote shows, as a request records them.
+  std::map<uint32_t, PcrChange> changes;
+  if (pcrs != nullptr) {
+    for (uint32_t pcr : pcrs->mismatched) changes[pcr] = PcrChange{policy.tpm->pcrs.at(pcr), pcrs->values.at(pcr)};
+  }
   const std::string instance = policy.instance_of(identity);
   if (instance.empty()) {
     return refused(api::kErrPolicyDenied, "instance has no instance id to approve",
@@ -401,34 +418,38 @@ Checked<KeyService::Gate> KeyService::approval_gate(Call& call, const VolumePoli
                              a.instance, ", not this one (", identity.summary(), ")"));
     }
     const std::string state = a.state_at(now);
-    if (state == "approved") {
-      gate.grant = std::move(a);
-      return gate;
-    }
-    if (state == "pending") {
-      gate.wait = waiting(a);
-      return gate;
-    }
-    if (state == "denied") {
-      return refused(api::kErrApprovalDenied, "the release was denied by an approver",
-                     str_cat("approval request ", a.id, " denied by ", a.denial ? a.denial->name : "-", ": ",
-                             a.denial ? a.denial->reason : "", " (", identity.summary(), ")"));
-    }
-    if (state == "expired") {
-      if (a.state == "pending") {
-        Approval expired = a;
-        expired.state = "expired";
-        const AuditEvent event{now, "approval.expire", "denied", a.volume_id, call.peer,
-                               str_cat(a.id, ": not decided within its time (", a.approvals.size(), " of ",
-                                       a.needed, " approvals)")};
-        Status s = store_.update_approval(a.to_record(), expired.to_record(), event);
-        log_audit(event, s);
+    // A request for another PCR change than this quote shows (the PCRs
+    // moved again, or were allowed meanwhile) is not this one's.
+    if (a.pcr_changes == changes) {
+      if (state == "approved") {
+        gate.grant = std::move(a);
+        return gate;
       }
-      // Asked about by its id: the instance's wait ends, denied. Found as
-      // the newest pending one: a later boot, which asks afresh.
-      if (!asked->empty()) {
-        return refused(api::kErrApprovalDenied, "the approval request expired undecided",
-                       str_cat("approval request ", a.id, " expired undecided (", identity.summary(), ")"));
+      if (state == "pending") {
+        gate.wait = waiting(a);
+        return gate;
+      }
+      if (state == "denied") {
+        return refused(api::kErrApprovalDenied, "the release was denied by an approver",
+                       str_cat("approval request ", a.id, " denied by ", a.denial ? a.denial->name : "-", ": ",
+                               a.denial ? a.denial->reason : "", " (", identity.summary(), ")"));
+      }
+      if (state == "expired") {
+        if (a.state == "pending") {
+          Approval expired = a;
+          expired.state = "expired";
+          const AuditEvent event{now, "approval.expire", "denied", a.volume_id, call.peer,
+                                 str_cat(a.id, ": not decided within its time (", a.approvals.size(), " of ",
+                                         a.needed, " approvals)")};
+          Status s = store_.update_approval(a.to_record(), expired.to_record(), event);
+          log_audit(event, s);
+        }
+        // Asked about by its id: the instance's wait ends, denied. Found as
+        // the newest pending one: a later boot, which asks afresh.
+        if (!asked->empty()) {
+          return refused(api::kErrApprovalDenied, "the approval request expired undecided",
+                         str_cat("approval request ", a.id, " expired undecided (", identity.summary(), ")"));
+        }
       }
     }
     // "used" (a release whose answer was lost, or an earlier boot): a new request.
@@ -442,12 +463,19 @@ Checked<KeyService::Gate> KeyService::approval_gate(Call& call, const VolumePoli
   a.platform = identity.platform;
   a.claims = identity.claims;
   a.issued_by = policy.issued_by;
+  if (auto set = options_.policies != nullptr ? options_.policies->current() : nullptr) a.policy_by = set->loaded_by;
   a.needed = named.approvers;
+  if (!changes.empty()) {
+    a.pcr_bank = policy.tpm->bank;
+    a.pcr_changes = changes;
+    if (a.mode == "automatic") a.mode = "pcr-change";
+  }
   a.created_at = now;
   a.expires_at = now + named.approval_timeout;
   const AuditEvent event{now, "approval.request", "pending", a.volume_id, call.peer,
                          str_cat(a.id, ": ", identity.summary(), " under policy ", named.name, " (", a.mode,
-                                 "), ", a.needed, " approval(s) needed within ", named.approval_timeout, " s")};
+                                 "), ", a.needed, " approval(s) needed within ", named.approval_timeout, " s",
+                                 pcrs != nullptr ? "; PCR values not accepted: " + pcrs->describe_mismatch() : "")};
   Status s = store_.insert_approval(a.to_record(), event);
   log_audit(event, s);
   if (!s.is_ok()) return unaudited(call);  // no request without its record
@@ -503,6 +531,39 @@ void KeyService::remember_instance(const VolumeRecord& record, const Identity& i
     expected = fresh->policy_json;
   }
   log_warning(str_cat("volume ", record.id, ": could not remember the approved instance; it asks again next boot"));
+}
+
+void KeyService::allow_approved_pcrs(const Call& call, const VolumeRecord& record, const Approval& granted) {
+  std::string expected = record.policy_json;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    auto parsed = parse_json_object(expected);
+    auto policy = parsed.is_ok() ? VolumePolicy::from_json(parsed.value()) : Result<VolumePolicy>(parsed.status());
+    if (!policy.is_ok() || !policy->tpm) break;
+    std::string detail;
+    for (const auto& [pcr, change] : granted.pcr_changes) {
+      auto it = policy->tpm->pcrs.find(pcr);
+      if (it == policy->tpm->pcrs.end()) continue;
+      if (std::find(it->second.begin(), it->second.end(), change.quoted) == it->second.end()) {
+        if (it->second.size() >= kMaxAcceptedPcrValues) it->second.erase(it->second.begin() + 1);  // the baseline stays
+        it->second.push_back(change.quoted);
+      }
+      detail += str_cat(detail.empty() ? "" : ", ", "PCR ", pcr, "=", hex_encode(change.quoted));
+    }
+    const std::string updated = to_json(policy->to_json());
+    const int64_t now = clock_.now_unix();
+    Status s = store_.update_volume_policy(record.id, expected, updated, now);
+    if (s.is_ok()) {
+      Call allowed{"tpm.pcr_allow", call.peer, record.id};
+      (void)write_audit(allowed, "ok", str_cat("allowed ", detail, " (approved in ", granted.id, ")"));
+      return;
+    }
+    if (s.kind() != ErrorKind::kConflict) break;
+    auto fresh = store_.get_volume(record.id);
+    if (!fresh.is_ok()) break;
+    expected = fresh->policy_json;
+  }
+  log_warning(str_cat("volume ", record.id, ": the PCR values approved in ", granted.id,
+                      " could not be added; the next boot with them asks again"));
 }
 
 Checked<EnrollmentTemplate> KeyService::enrollment_template(const std::string& token,

@@ -20,6 +20,7 @@
 #include "server/policy_file.h"
 #include "server/rate_limit.h"
 #include "server/refusal.h"
+#include "server/tpm_policy.h"
 #include "server/store.h"
 
 namespace keygate::server {
@@ -79,14 +80,18 @@ class KeyService {
     std::optional<ApiResponse> wait;
     std::optional<Approval> grant;
   };
+  // `pcrs`: the quote's PCR values the volume does not accept (policy
+  // pcr_change "approval"), for the request to show; null: none.
   Checked<Gate> approval_gate(Call& call, const VolumePolicy& policy, const NamedPolicy& named,
-                              const Identity& identity, const Json::Value& request);
+                              const Identity& identity, const Json::Value& request, const TpmCheck* pcrs);
   ApiResponse waiting(const Approval& request);
   // Marks `granted` used with the release's audit record, in one
   // transaction; a refusal if it could not.
   std::optional<Refusal> spend_approval(const Call& call, const Approval& granted, const Identity& identity);
   // manual-first: the volume knows the instance from now on.
   void remember_instance(const VolumeRecord& record, const Identity& identity);
+  // A PCR change approved: its values join the volume's accepted ones.
+  void allow_approved_pcrs(const Call& call, const VolumeRecord& record, const Approval& granted);
 
   // Audits a refusal (or lets a served answer through) and answers.
   ApiResponse answer(const Call& call, Checked<ApiResponse> outcome);
@@ -115,10 +120,12 @@ class KeyService {
   Checked<VolumeRecord> load_volume(const std::string& volume_id);
   Checked<VolumePolicy> stored_policy(const VolumeRecord& record);
   // The TPM part of an unlock: the quote, the PCR values, and an armed
-  // accept-next (applied here).
+  // accept-next (applied here). Values the volume does not accept are
+  // refused, unless `named` says pcr_change "approval": then they are put
+  // in *changed, for people to decide.
   std::optional<Refusal> check_tpm(const Call& call, const VolumeRecord& record,
                                    const VolumePolicy& policy, const Json::Value& request,
-                                   const Attested& attested);
+                                   const Attested& attested, const NamedPolicy* named, TpmCheck* changed);
   // The template a registration enrolls under: a token's, or the first
   // attestation-enrollment rule admitting `identity`. `how` says which;
   // `token_hash` is set to the token's hash (its use is not spent here).

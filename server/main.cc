@@ -301,7 +301,7 @@ int cmd_serve(const Args& args, const Settings& s) {
   // in effect as it was.
   auto load_policies = [&policies, &store, &clock, file = s.policy_file](bool at_start,
                                                                         const std::string& who) -> Result<std::string> {
-    auto loaded = policies.load(file);
+    auto loaded = policies.load(file, who == "local" ? "" : who);
     const std::string by = who == "local" ? "" : str_cat(", by ", who);
     if (!loaded.is_ok()) {
       const std::string why = loaded.status().message();

@@ -135,7 +135,7 @@ Result<TpmPolicy> TpmPolicy::from_json(const Json::Value& v) {
   if (!p.isObject() || p.empty() || p.size() > 24) return bad("pcrs must name 1 to 24 PCRs");
   for (const auto& key : p.getMemberNames()) {
     if (key.empty() || key.size() > 2 || key.find_first_not_of("0123456789") != std::string::npos ||
-        std::stoul(key) > tpm::kMaxPcrIndex || !p[key].isArray() || p[key].empty() || p[key].size() > 64) {
+        std::stoul(key) > tpm::kMaxPcrIndex || !p[key].isArray() || p[key].empty() || p[key].size() > kMaxAcceptedPcrValues) {
       return bad("bad PCR entry '" + key.substr(0, 8) + "'");
     }
     std::vector<Bytes> values;

@@ -65,6 +65,10 @@ struct TpmPolicy {
   static Result<TpmPolicy> from_json(const Json::Value& v);
 };
 
+// The most values one PCR may have accepted (the baseline and those allowed
+// since); allowing another past it drops the oldest allowed one.
+constexpr size_t kMaxAcceptedPcrValues = 64;
+
 constexpr size_t kMaxPolicyNameLength = 64;
 // A person's name in an admin certificate.
 constexpr size_t kMaxAdminNameLength = 64;

@@ -76,9 +76,9 @@ Result<NamedPolicy> parse_one(const std::string& name, const Json::Value& v, con
   if (!v.isObject()) return at.error(v, where + " must be an object");
   for (const std::string& key : v.getMemberNames()) {
     if (key != "platform" && key != "require" && key != "hours_utc" && key != "approval" &&
-        key != "approvers" && key != "approval_timeout") {
+        key != "approvers" && key != "approval_timeout" && key != "pcr_change") {
       return at.error(v[key], str_cat(where, ": unknown key '", printable(key, 64),
-                                      "' (platform, require, hours_utc, approval, approvers, approval_timeout)"));
+                                      "' (platform, require, hours_utc, approval, approvers, approval_timeout, pcr_change)"));
     }
   }
   if (!v.isMember("platform") || !v["platform"].isString()) {
@@ -142,10 +142,18 @@ Result<NamedPolicy> parse_one(const std::string& name, const Json::Value& v, con
                                         "' (automatic, manual, manual-first)"));
     }
   }
-  const bool manual = p.approval != "automatic";
+  if (v.isMember("pcr_change")) {
+    const Json::Value& change = v["pcr_change"];
+    p.pcr_change = change.isString() ? change.asString() : "";
+    if (p.pcr_change != "refuse" && p.pcr_change != "approval") {
+      return at.error(change, str_cat(where, ": 'pcr_change' is \"refuse\" or \"approval\""));
+    }
+  }
+  const bool asks_people = p.approval != "automatic" || p.pcr_change == "approval";
   for (const char* key : {"approvers", "approval_timeout"}) {
-    if (v.isMember(key) && !manual) {
-      return at.error(v[key], str_cat(where, ": '", key, "' needs approval 'manual' or 'manual-first'"));
+    if (v.isMember(key) && !asks_people) {
+      return at.error(v[key], str_cat(where, ": '", key,
+                                      "' needs approval 'manual' or 'manual-first', or pcr_change 'approval'"));
     }
   }
   if (v.isMember("approvers")) {
@@ -226,9 +234,11 @@ Result<PolicySet> read_policy_file(const std::string& path) {
   return parse_policy_file(text.value(), path);
 }
 
-Result<std::shared_ptr<const PolicySet>> PolicyRegistry::load(const std::string& path) {
+Result<std::shared_ptr<const PolicySet>> PolicyRegistry::load(const std::string& path,
+                                                              const std::string& loaded_by) {
   auto set = read_policy_file(path);
   if (!set.is_ok()) return set.status();
+  set->loaded_by = loaded_by;
   auto loaded = std::make_shared<const PolicySet>(std::move(set).value());
   std::lock_guard<std::mutex> lock(mu_);
   current_ = loaded;

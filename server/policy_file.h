@@ -54,6 +54,12 @@ struct NamedPolicy {
   std::string approval = "automatic";
   int approvers = 1;
   int approval_timeout = 900;
+  // A TPM-bound volume's quote with PCR values it does not accept:
+  // "refuse" it, or make it an "approval" request that shows which PCRs
+  // changed (old and new); approving it releases the key and adds the new
+  // values to the volume's accepted set, so the next boot with them is
+  // unattended.
+  std::string pcr_change = "refuse";
   int line = 0;  // where it is defined
 };
 
@@ -61,6 +67,9 @@ struct PolicySet {
   std::map<std::string, NamedPolicy> policies;
   std::string source;  // the file's path
   std::string sha256;  // of the file's bytes, hex
+  // The person who put it in effect through the admin API (who may then
+  // not approve the requests its policies make); empty: at start or SIGHUP.
+  std::string loaded_by;
 };
 
 // Parses a policy file's text; `source` names it in errors ("FILE:LINE: ...").
@@ -79,7 +88,7 @@ class PolicyRegistry {
  public:
   // Reads and validates `path`; on success it becomes the policy in effect,
   // on failure the one in effect stays. Returns the new set or the error.
-  Result<std::shared_ptr<const PolicySet>> load(const std::string& path);
+  Result<std::shared_ptr<const PolicySet>> load(const std::string& path, const std::string& loaded_by = "");
   std::shared_ptr<const PolicySet> current() const;
 
  private:

@@ -280,5 +280,71 @@ TEST_F(ApprovalTest, TheAdminApiWantsARecordedCertificateInForce) {
   EXPECT_EQ(run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state}).exit_code, 0);
 }
 
+// The admin API's input, from a client with a valid approver certificate:
+// each bad request gets a clear 4xx, nothing changes, and the server serves on.
+TEST_F(ApprovalTest, TheAdminApiRefusesGarbageWithClearErrors) {
+  auto [vol, vid] = enrolled_under("manual");
+  ASSERT_FALSE(vid.empty());
+  auto waiting = unlock_waiting(vol, 30);
+  const std::string rid = pending_request(vid)["request_id"].asString();
+  httplib::SSLClient bob("127.0.0.1", server_.port, folder("bob") + "/cert.pem", folder("bob") + "/key.pem");
+  bob.set_ca_cert_path(server_.ca().c_str());
+  bob.enable_server_certificate_verification(true);
+  bob.set_connection_timeout(5);
+  bob.set_read_timeout(10);
+  struct Case {
+    const char* method;
+    std::string path;
+    std::string body;
+    int status;
+    const char* says;
+  };
+  const std::string approve = "/v1/admin/requests/" + rid + "/approve";
+  const std::vector<Case> cases = {
+      {"POST", approve, "{not json", 400, "bad_request"},
+      {"POST", approve, std::string(api::kMaxRequestBody + 1, ' '), 400, "request_too_large"},
+      {"POST", approve, R"({"reason": "ok\u001b[2J"})", 400, "control character"},
+      {"POST", approve, R"({"reason": 5})", 400, "reason"},
+      {"POST", approve, std::string(R"({"reason": ")") + std::string(300, 'x') + "\"}", 400, "reason"},
+      {"POST", approve, "{}", 400, "needs a reason"},
+      {"POST", "/v1/admin/requests/req-%1b%5b2J/approve", R"({"reason": "x"})", 400, "not a request id"},
+      {"POST", "/v1/admin/requests/" + rid + "/../../certs", "{}", 404, "no such admin endpoint"},
+      {"GET", "/v1/admin/requests?all=1;drop", "", 400, "the only query is all=1"},
+      {"GET", approve, "", 404, "no such admin endpoint"},
+      {"PUT", approve, "{}", 405, "method not allowed"},
+      {"POST", "/v1/admin/certs", R"({"name": "x\u0007y", "role": "admin", "public_key": "k"})", 403, "needs the admin role"},
+  };
+  for (const Case& c : cases) {
+    httplib::Result res = c.method == std::string("GET")    ? bob.Get(c.path)
+                          : c.method == std::string("PUT") ? bob.Put(c.path, c.body, "application/json")
+                                                           : bob.Post(c.path, c.body, "application/json");
+    ASSERT_TRUE(res) << c.path;
+    EXPECT_EQ(res->status, c.status) << c.path << ": " << res->body;
+    EXPECT_TRUE(contains(res->body, c.says)) << c.path << ": " << res->body;
+  }
+  // An admin's bad certificate requests: refused, nothing issued.
+  httplib::SSLClient alice("127.0.0.1", server_.port, folder("alice") + "/cert.pem", folder("alice") + "/key.pem");
+  alice.set_ca_cert_path(server_.ca().c_str());
+  alice.enable_server_certificate_verification(true);
+  for (const std::string& body : {std::string(R"({"name": "x\u0007y", "role": "admin", "public_key": "k"})"),
+                                  std::string(R"({"name": "mallory", "role": "root", "public_key": "k"})"),
+                                  std::string(R"({"name": "mallory", "role": "admin", "public_key": "not a key"})"),
+                                  std::string(R"({"name": "mallory", "role": "admin", "public_key": "k", "days": 100000})")}) {
+    auto res = alice.Post("/v1/admin/certs", body, "application/json");
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 400) << body << ": " << res->body;
+  }
+  RunResult certs = admin("vic", {"certs"});
+  EXPECT_FALSE(contains(certs.out, "mallory")) << certs.out;
+  // Still pending, still decidable, and the waiting unlock completes.
+  RunResult r = admin("bob", {"approve", rid, "--reason", "after the garbage"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(waiting.get().exit_code, 0);
+  // No control character reached the log.
+  const std::string log = read_file(server_.process.log_path());
+  EXPECT_FALSE(contains(log, "\x1b[2J")) << log;
+  EXPECT_FALSE(contains(log, "\x07")) << log;
+}
+
 }  // namespace
 }  // namespace keygate::testing

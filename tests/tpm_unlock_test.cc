@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <future>
 #include <regex>
 
 #include "core/crypto.h"
@@ -198,6 +199,87 @@ TEST_F(TpmUnlockTest, ChangedPcrIsRefusedUntilAcceptNextLetsOneBootThrough) {
   ASSERT_TRUE(q.is_ok());
   server_cmd({"volumes", "pcr-allow", vid, "7=" + q.value()["pcrs"]["7"].asString()});
   EXPECT_EQ(unlock(vol, tpm_a_).exit_code, 0);
+}
+
+// A policy with pcr_change "approval": a boot whose PCRs changed waits for
+// a person, who sees the old and new values; once approved, the new values
+// are the volume's too and the next boot with them is unattended.
+TEST_F(TpmUnlockTest, AChangedPcrBecomesARequestAndOnceApprovedItsValuesAreAccepted) {
+  const std::string policy = unique("policy") + ".json";
+  write_file(policy, R"({"policies": {"tpm-fleet": {"platform": "aws", "require": {"account_id": "123456789012"},
+    "pcr_change": "approval"}}})");
+  server_.stop();
+  const std::string port_file = dir_ + "/server-policy.port";
+  server_ = Background({bin("keygate-server"), "serve", "--state-dir", dir_ + "/server", "--listen", "127.0.0.1:0",
+                        "--port-file", port_file, "--aws-trust-dir", dir_ + "/emu/aws-trust", "--policy-file", policy},
+                       dir_ + "/server.log");
+  port_ = wait_for_port_file(port_file, server_);
+  ASSERT_GT(port_, 0) << read_file(dir_ + "/server.log");
+  ASSERT_EQ(run({bin("keygate-server"), "admin", "bootstrap", "--state-dir", dir_ + "/server", "--name", "alice",
+                 "--out", dir_ + "/alice", "--server-url", "https://127.0.0.1:" + std::to_string(port_)})
+                .exit_code,
+            0);
+  RunResult bob = run({bin("keygate-server"), "admin", "cert", "issue", "--name", "bob", "--role", "approver",
+                       "--out", dir_ + "/bob", "--admin-dir", dir_ + "/alice"});
+  ASSERT_EQ(bob.exit_code, 0) << bob.err;
+  RunResult token = run({bin("keygate-server"), "admin", "token", "create", "--policy", "tpm-fleet",
+                         "--admin-dir", dir_ + "/alice"});
+  ASSERT_EQ(token.exit_code, 0) << token.err;
+  const std::string token_file = unique("token");
+  write_file(token_file, token.out);
+  const std::string vol = new_volume();
+  RunResult enrolled = run({bin("keygate"), "enroll", vol, "--format", "--no-recovery", "--server",
+                            "https://127.0.0.1:" + std::to_string(port_), "--ca", dir_ + "/server/ca.pem",
+                            "--enrollment-token-file", token_file, "--metadata-url", metadata_url(), "--tpm",
+                            "required", "--tcti", tpm_a_.tcti(), "--tpm-pcrs", "0,7"});
+  ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
+  const std::string vid = token_of(vol).volume_id;
+  ASSERT_EQ(unlock(vol, tpm_a_).exit_code, 0);  // unchanged: automatic
+
+  extend(tpm_a_, 7);  // a kernel or firmware update
+  auto waiting = std::async(std::launch::async, [&] {
+    return run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url", metadata_url(), "--tcti",
+                tpm_a_.tcti(), "--timeout", "5", "--deadline", "60"});
+  });
+  Json::Value request;
+  for (int i = 0; i < 200 && request.isNull(); ++i) {
+    RunResult listed = run({bin("keygate-server"), "admin", "requests", "--json", "--admin-dir", dir_ + "/bob"});
+    auto parsed = parse_json_object(listed.out, 1 << 20);
+    if (parsed.is_ok() && !parsed.value()["requests"].empty()) request = parsed.value()["requests"][0];
+    if (request.isNull()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_FALSE(request.isNull()) << "no request for the changed PCR";
+  EXPECT_EQ(request["volume_id"].asString(), vid);
+  EXPECT_EQ(request["mode"].asString(), "pcr-change");
+  // The approver sees which PCR changed, what was accepted and what is quoted.
+  const Json::Value& pcr7 = request["pcr_changes"]["pcrs"]["7"];
+  ASSERT_TRUE(pcr7.isObject()) << to_json(request);
+  EXPECT_EQ(pcr7["accepted"].size(), 1u);
+  EXPECT_NE(pcr7["quoted"].asString(), pcr7["accepted"][0].asString());
+  EXPECT_FALSE(request["pcr_changes"]["pcrs"].isMember("0"));  // unchanged
+  RunResult shown = run({bin("keygate-server"), "admin", "request", request["request_id"].asString(), "--admin-dir",
+                         dir_ + "/bob"});
+  EXPECT_TRUE(contains(shown.out, "PCR 7 (sha256): accepted " + pcr7["accepted"][0].asString() + ", quoted " +
+                                      pcr7["quoted"].asString()))
+      << shown.out;
+  RunResult approved = run({bin("keygate-server"), "admin", "approve", request["request_id"].asString(), "--reason",
+                            "kernel 6.1.0-27 rollout", "--admin-dir", dir_ + "/bob"});
+  EXPECT_EQ(approved.exit_code, 0) << approved.err;
+  RunResult unlocked = waiting.get();
+  EXPECT_EQ(unlocked.exit_code, 0) << unlocked.err;
+  EXPECT_TRUE(contains(unlocked.err, "waiting for approval: request " + request["request_id"].asString()))
+      << unlocked.err;
+  EXPECT_TRUE(contains(audit(), "tpm.pcr_allow ok")) << audit();
+  // The next boot with these values: unattended.
+  RunResult next = unlock(vol, tpm_a_);
+  EXPECT_EQ(next.exit_code, 0) << next.err;
+  EXPECT_FALSE(contains(next.err, "waiting for approval")) << next.err;
+  // Another change asks again.
+  extend(tpm_a_, 7);
+  RunResult again = run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url", metadata_url(), "--tcti",
+                         tpm_a_.tcti(), "--timeout", "5", "--deadline", "3"});
+  EXPECT_EQ(again.exit_code, 4) << again.err;  // not decided within its deadline
+  EXPECT_TRUE(contains(again.err, "waiting for approval")) << again.err;
 }
 
 TEST_F(TpmUnlockTest, QuoteFromAnotherTpmIsRefused) {
