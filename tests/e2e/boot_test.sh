@@ -7,6 +7,9 @@
 #
 #   initramfs-tools image (mkinitramfs + keygate's hook):
 #   boot 1:  unattended unlock (dm-crypt), root mounted, its init prints a marker
+#   boot 1a: a root whose policy wants a person's approval: the guest waits
+#            and says so on the console, the test approves through the admin
+#            API (mTLS, an approver's certificate), the root is mounted
 #   boot 2:  volume revoked on the server: the passphrase prompt appears, the
 #            test answers it on the serial console, the same marker appears
 #   boot 3:  the same disk with a key file in the initramfs (timing baseline)
@@ -51,8 +54,17 @@ echo "KEYGATE-E2E-ROOT-MOUNTED: $(/bin/busybox cat /etc/keygate-e2e-data)"
 INIT
 chmod +x "$rootdir/sbin/init"
 
-say "key server and metadata emulator on 127.0.0.1"
-e2e_start_servers "$work" 210987654321 eu-west-1 i-0e2e00000000000001 ami-0e2e000000000001
+say "key server (with a policy file) and metadata emulator on 127.0.0.1"
+cat >"$work/policy.json" <<'POLICY'
+{"policies": {"approve-boot": {"platform": "aws", "require": {"account_id": "210987654321"},
+                               "approval": "manual", "approval_timeout": 600}}}
+POLICY
+e2e_start_servers "$work" 210987654321 eu-west-1 i-0e2e00000000000001 ami-0e2e000000000001 \
+  --policy-file "$work/policy.json"
+# People: alice (admin, from the state folder), bob (approver, through the API).
+"$bin/keygate-server" admin bootstrap --state-dir "$work/srv" --name alice --out "$work/alice" \
+  --server-url "https://127.0.0.1:$srv_port" >/dev/null
+"$bin/keygate-server" admin cert issue --admin-dir "$work/alice" --name bob --role approver --out "$work/bob" >/dev/null
 
 say "encrypt the root image in place and enroll it: keygate encrypt (image-group, from the host)"
 img=$work/root.img
@@ -69,6 +81,19 @@ volume_id=$(sed -n 's/.*enrolled as volume \([0-9a-f-]*\).*/\1/p' "$work/enroll.
 if grep -q "keygate e2e data written" "$img"; then fail "plaintext still in the image"; fi
 uuid=$(cryptsetup luksUUID "$img")
 echo "LUKS2 UUID $uuid"
+
+say "a second root image under the approval policy (alice's token; the same LUKS2 UUID, so the same initramfs opens it)"
+img_approval=$work/root-approval.img
+truncate -s 64M "$img_approval"
+mke2fs -q -F -t ext4 -b 4096 -d "$rootdir" "$img_approval"
+"$bin/keygate-server" admin token create --admin-dir "$work/alice" --policy approve-boot --image-group \
+  --account 210987654321 --region eu-west-1 --image-id ami-0e2e000000000001 >"$work/token-approval"
+"$bin/keygate" encrypt "$img_approval" --recovery-passphrase-file "$work/recovery.pass" --no-evidence \
+  --server "https://127.0.0.1:$srv_port" --token-server "https://169.254.169.253:8443" \
+  --ca "$work/srv/ca.pem" --enrollment-token-file "$work/token-approval" | tee "$work/enroll-approval.out"
+approval_volume=$(sed -n 's/.*enrolled as volume \([0-9a-f-]*\).*/\1/p' "$work/enroll-approval.out")
+[ -n "$approval_volume" ] || fail "encryption and enrollment of the approval image"
+cryptsetup luksUUID --batch-mode --uuid "$uuid" "$img_approval"
 
 say "initramfs: mkinitramfs with keygate's hook (crypttab and modules bound in a private mount namespace)"
 conf=$work/initramfs-conf
@@ -173,7 +198,7 @@ boot() {  # name, initrd, expect, extra driver args...
     timeout 600 qemu-system-x86_64 -accel tcg -cpu max -m "${BOOT_MEMORY:-512}" -smp 1 -nographic -no-reboot \
       -kernel "$kroot/boot/vmlinuz-$kver" -initrd "$initrd" \
       -append "console=ttyS0 panic=-1 root=/dev/mapper/cryptroot rootfstype=ext4 rw ip=dhcp ${BOOT_APPEND:-}" \
-      -drive file="$img",format=raw,if=virtio \
+      -drive file="${BOOT_IMG:-$img}",format=raw,if=virtio \
       -netdev "user,id=n0,restrict=on,net=169.254.0.0/16,host=169.254.169.1,guestfwd=tcp:169.254.169.254:80-cmd:busybox nc 127.0.0.1 $emu_port,guestfwd=tcp:169.254.169.253:8443-cmd:busybox nc 127.0.0.1 $srv_port" \
       -device virtio-net-pci,netdev=n0,romfile= \
       -chardev socket,id=chrtpm,path="$tpm/sock" -tpmdev emulator,id=tpm0,chardev=chrtpm \
@@ -187,6 +212,38 @@ say "boot 1: unattended unlock"
 boot unattended "$work/initrd.img" "$marker" --forbid "Please unlock disk" || { tail -40 "$work/console-unattended.log"; fail "boot 1"; }
 grep -q "key released by https://169.254.169.253:8443" "$work/console-unattended.log" || fail "boot 1: no release logged"
 grep -q "/dev/mapper/cryptroot" "$work/console-unattended.log" || fail "boot 1: root not on dm-crypt"
+
+say "boot 1a: the root needs approval: the guest waits, bob approves through the admin API"
+# bob, as an approver would: waits for the request to appear, reads what
+# it claims, approves it with a reason.
+(
+  for _ in $(seq 600); do
+    rid=$("$bin/keygate-server" admin requests --json --admin-dir "$work/bob" 2>/dev/null | python3 -c '
+import json, sys
+for r in json.load(sys.stdin)["requests"]:
+    if r["volume_id"] == sys.argv[1] and r["instance"] == "i-0e2e00000000000001":
+        print(r["request_id"]); break' "$approval_volume" || true)
+    if [ -n "$rid" ]; then
+      echo "$rid" >"$work/approval-request"
+      "$bin/keygate-server" admin approve "$rid" --reason "e2e: boot 1a" --admin-dir "$work/bob"
+      exit 0
+    fi
+    sleep 1
+  done
+  exit 1
+) >"$work/approver.log" 2>&1 &
+approver=$!
+pids+=($approver)
+BOOT_IMG=$img_approval boot approval "$work/initrd.img" "$marker" --forbid "Please unlock disk" ||
+  { tail -40 "$work/console-approval.log"; cat "$work/approver.log"; fail "boot 1a"; }
+wait "$approver" || { cat "$work/approver.log"; fail "boot 1a: the approver found no request"; }
+rid=$(cat "$work/approval-request")
+grep -q "waiting for approval: request $rid (volume $approval_volume, instance i-0e2e00000000000001)" \
+  "$work/console-approval.log" || fail "boot 1a: the waiting message is not on the console"
+grep -q "$rid: approved (1 of 1 approvals)" "$work/approver.log" || fail "boot 1a: not approved"
+"$bin/keygate-server" audit --state-dir "$work/srv" --limit 1000 | grep -q "approved by bob ($rid)" ||
+  fail "boot 1a: the release does not name its approver"
+echo "boot 1a: request $rid approved by bob while the guest waited"
 
 fi
 
@@ -243,8 +300,8 @@ printf '%-34s %s s\n' "keygate (initramfs-tools): root unlocked" \
   "$(sed -n 's/.*keygate: cryptroot unlocked \([0-9.]*\) s after kernel start.*/\1/p' "$work/console-unattended.log" | head -1)"
 printf '%-34s %s s\n' "keygate (dracut): root unlocked" \
   "$(sed -n 's/.*keygate: cryptroot unlocked \([0-9.]*\) s after kernel start.*/\1/p' "$work/console-dracut.log" | head -1)"
-for name in unattended revoked keyfile dracut-token dracut dracut-revoked; do
+for name in unattended approval revoked keyfile dracut-token dracut dracut-revoked; do
   printf '%-34s %s s\n' "$name: root mounted" "$(sed -n 's/.*KEYGATE-E2E: root uptime \([0-9.]*\).*/\1/p' "$work/console-$name.log" | head -1)"
 done
 echo
-echo "e2e: 6 passed, 0 failed"
+echo "e2e: 7 passed, 0 failed"

@@ -50,6 +50,7 @@ e2e_wait_port() {
 # 127.0.0.1, state in WORK; the server's certificate also names
 # 169.254.169.253, where guests reach it. Appends both to pids; sets
 # emu_port and srv_port. Usage: e2e_start_servers WORK ACCOUNT REGION INSTANCE IMAGE
+# [SERVER OPTION ...]
 e2e_start_servers() {
   local work=$1
   "$bin/keygate-metadata-emulator" init --state-dir "$work/emu" --region "$3" >/dev/null
@@ -58,7 +59,7 @@ e2e_start_servers() {
     --instance-id "$4" --image-id "$5" 2>"$work/emu.log" &
   pids+=($!)
   "$bin/keygate-server" serve --state-dir "$work/srv" --listen 127.0.0.1:0 --port-file "$work/srv.port" \
-    --aws-trust-dir "$work/emu/aws-trust" --tls-san IP:169.254.169.253 2>"$work/srv.log" &
+    --aws-trust-dir "$work/emu/aws-trust" --tls-san IP:169.254.169.253 "${@:6}" 2>"$work/srv.log" &
   pids+=($!)
   emu_port=$(e2e_wait_port "$work/emu.port")
   srv_port=$(e2e_wait_port "$work/srv.port")
