@@ -1,6 +1,7 @@
 // libFuzzer target: what the unlocker reads from the network. The first
 // byte picks an HTTP status; the rest is an answer's body, read as the key
-// server's answer (error, challenge, unlock envelope, registration) and as
+// server's answer (error, challenge, unlock envelope, registration, a 202's
+// approval request, whose id and instance reach the console) and as
 // each cloud's metadata answer, and its lines as response header lines.
 // Whatever is read must be bounded and printable where it can reach a
 // console; an envelope that opens must have come from the real key.
@@ -52,6 +53,21 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       abort();
     }
     if (read_registration(answer.value(), *g_keys, nonce).is_ok()) abort();
+  }
+
+  if (auto parsed = parse_json_object(body, api::kMaxResponseBody); parsed.is_ok()) {
+    auto pending = read_pending_approval(parsed.value());
+    if (pending.is_ok()) {
+      const std::string& id = pending->request_id;
+      if (id.empty() || id.size() > 64 || id.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-") != std::string::npos) {
+        abort();
+      }
+      if (pending->instance.size() > 4 * 64 + 3 || !is_display_text(pending->instance)) abort();
+      for (char c : pending->instance) {
+        if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) >= 0x7f) abort();
+      }
+      if (pending->expires_in_s < 0 || pending->expires_in_s > 86400) abort();
+    }
   }
 
   HttpResponse r{status, body, {}};

@@ -58,11 +58,15 @@ write("server_request", "confirm", request(2, {"volume_id": PENDING_VOLUME, "pro
 write("server_request", "abandon", request(3, {"volume_id": PENDING_VOLUME, "proof": proof}))
 write("server_request", "challenge", request(4, {}))
 
-# client_answer: first byte picks the status (0: 200, 1: 400, 2: 403, 4: 409, 5: 429, 6: 500).
+# client_answer: first byte picks the status (0: 200, 1: 400, 2: 403, 4: 409, 5: 429, 6: 500, 8: 202).
 envelope = {"alg": "X25519-HKDF-SHA256-A256GCM", "epk": b64(bytes(range(32))), "sealed": b64(bytes(60))}
 write("client_answer", "challenge", b"\x00" + json.dumps({"nonce": b64(bytes(32)), "expires_in": 60}).encode())
 write("client_answer", "unlock", b"\x00" + json.dumps({"wrapped": envelope}).encode())
 write("client_answer", "register", b"\x00" + json.dumps({"volume_id": AWS_VOLUME, "wrapped": envelope, "policy": {"platform": "aws"}}).encode())
+write("client_answer", "approval", b"\x08" + json.dumps({"volume_id": AWS_VOLUME, "approval": {
+    "request_id": "req-k3v9q2m7xw4d", "state": "pending", "instance": "i-0c5541936caf78c12\u001b[2J",
+    "expires_in": 871, "approvals": 0, "approvals_needed": 2, "policy": "payroll", "platform": "aws",
+    "claims": {"account_id": "189292791360"}}}).encode())
 write("client_answer", "refusal", b"\x02" + json.dumps({"error": {"code": "policy_denied", "message": "instance does not satisfy the volume's policy"}}).encode())
 write("client_answer", "busy", b"\x05" + json.dumps({"error": {"code": "rate_limited", "message": "slow down"}}).encode())
 write("client_answer", "azure-document", b"\x00" + fx("azure/regular.attested.json", "rb"))
