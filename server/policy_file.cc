@@ -1,5 +1,7 @@
 #include "server/policy_file.h"
 
+#include <set>
+
 #include <algorithm>
 #include <cstdio>
 
@@ -58,6 +60,14 @@ Result<int> parse_clock(std::string_view hhmm) {
   return h * 60 + m;
 }
 
+// Day names, in the order of the weekday of 1970-01-01 + n days (a Thursday).
+constexpr const char* kDays[] = {"mon", "tue", "wed", "thu", "fri", "sat", "sun"};
+
+int weekday_utc(int64_t now) {  // 0: Monday
+  const int64_t days = (now >= 0 ? now : now - 86399) / 86400;
+  return static_cast<int>(((days + 3) % 7 + 7) % 7);
+}
+
 std::string clock_text(int minutes) {
   char buf[16];
   snprintf(buf, sizeof(buf), "%02d:%02d", minutes / 60, minutes % 60);
@@ -76,9 +86,9 @@ Result<NamedPolicy> parse_one(const std::string& name, const Json::Value& v, con
   if (!v.isObject()) return at.error(v, where + " must be an object");
   for (const std::string& key : v.getMemberNames()) {
     if (key != "platform" && key != "require" && key != "hours_utc" && key != "approval" &&
-        key != "approvers" && key != "approval_timeout" && key != "pcr_change") {
+        key != "approvers" && key != "approval_timeout" && key != "pcr_change" && key != "days_utc") {
       return at.error(v[key], str_cat(where, ": unknown key '", printable(key, 64),
-                                      "' (platform, require, hours_utc, approval, approvers, approval_timeout, pcr_change)"));
+                                      "' (platform, require, hours_utc, days_utc, approval, approvers, approval_timeout, pcr_change)"));
     }
   }
   if (!v.isMember("platform") || !v["platform"].isString()) {
@@ -132,6 +142,20 @@ Result<NamedPolicy> parse_one(const std::string& name, const Json::Value& v, con
       return at.error(hours, str_cat(where, ": 'hours_utc' is \"HH:MM-HH:MM\" (UTC; the end may be past midnight, e.g. \"22:00-06:00\")"));
     }
     p.hours_utc = std::make_pair(start.value(), end.value());
+  }
+  if (v.isMember("days_utc")) {
+    const Json::Value& days = v["days_utc"];
+    const std::string usage = where + ": 'days_utc' lists days of the week (UTC) as \"mon\" ... \"sun\", each once";
+    if (!days.isArray() || days.empty() || days.size() > 7) return at.error(days, usage);
+    std::set<int> seen;
+    for (const auto& d : days) {
+      int found = -1;
+      for (int i = 0; i < 7; ++i) {
+        if (d.isString() && d.asString() == kDays[i]) found = i;
+      }
+      if (found < 0 || !seen.insert(found).second) return at.error(d, usage);
+    }
+    p.days_utc = std::move(seen);
   }
   if (v.isMember("approval")) {
     const Json::Value& approval = v["approval"];
@@ -213,6 +237,15 @@ Status evaluate_named_policy(const NamedPolicy& p, const Identity& identity, int
       return Status::error(ErrorKind::kRefused, str_cat("policy ", p.name, ": ", claim, " ",
                                                         got.empty() ? "-" : printable(got, 128),
                                                         " is not allowed"));
+    }
+  }
+  if (!p.days_utc.empty()) {
+    const int today = weekday_utc(now);
+    if (p.days_utc.count(today) == 0) {
+      std::string allowed;
+      for (int d : p.days_utc) allowed += str_cat(allowed.empty() ? "" : ",", kDays[d]);
+      return Status::error(ErrorKind::kRefused, str_cat("policy ", p.name, ": not on its days (", allowed,
+                                                        " UTC; today ", kDays[today], ")"));
     }
   }
   if (p.hours_utc) {

@@ -23,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -46,6 +47,9 @@ struct NamedPolicy {
   // Minutes after midnight UTC, [start, end); start > end wraps past
   // midnight. Unset: any time.
   std::optional<std::pair<int, int>> hours_utc;
+  // Days of the week (UTC, 0 Monday ... 6 Sunday) on which it admits;
+  // empty: every day.
+  std::set<int> days_utc;
   // "automatic"; "manual": every release waits for `approvers` different
   // people to approve it; "manual-first": an instance's first release does,
   // and once approved the instance is known to the volume and its reboots

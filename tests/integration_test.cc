@@ -390,6 +390,46 @@ TEST_F(KeygateTest, PolicyFileConditionsAndReloadOnSighup) {
 // the register is refused (exit 3), no token use is spent and the blank
 // device stays blank; an instance the policy admits enrolls with the same
 // token.
+// days_utc, through a real server: a policy for today admits, one for
+// every other day refuses, and a reload moves a volume between them.
+TEST_F(KeygateTest, APolicysDaysOfTheWeekAdmitOnlyOnThoseDays) {
+  const Identity id;
+  static const char* kDays[] = {"mon", "tue", "wed", "thu", "fri", "sat", "sun"};
+  const time_t now = time(nullptr);
+  const int today = static_cast<int>(((now / 86400) + 3) % 7);
+  // Just before midnight UTC the day may turn during the test: wait it out.
+  if (now % 86400 > 86400 - 60) std::this_thread::sleep_for(std::chrono::seconds(61));
+  std::string others;
+  for (int d = 0; d < 7; ++d) {
+    if (d != today) others += str_cat(others.empty() ? "" : ", ", "\"", kDays[d], "\"");
+  }
+  const std::string file = dir_ + "/" + unique("days") + ".json";
+  auto policy = [&](const std::string& days) {
+    return str_cat("{\"policies\": {\"days\": {\"platform\": \"aws\", \"require\": {\"account_id\": \"", id.account,
+                   "\"}, \"days_utc\": [", days, "]}}}");
+  };
+  write_file(file, policy(str_cat("\"", kDays[today], "\"")));
+  server_.process.stop();
+  server_ = start_server("days", {"--policy-file", file});
+  ASSERT_GT(server_.port, 0) << read_file(server_.process.log_path());
+  const std::string vol = new_volume_file();
+  RunResult enrolled = enroll_format(vol, server_, make_token(server_, {"--policy", "days", "--policy-file", file}), emulator_);
+  ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  write_file(file, policy(others));
+  ASSERT_EQ(kill(server_.process.pid(), SIGHUP), 0);
+  RunResult refused;
+  for (int i = 0; i < 50; ++i) {
+    refused = unlock(vol, emulator_);
+    if (refused.exit_code == kExitRefused) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(refused.exit_code, kExitRefused) << refused.err;
+  const std::string trail = run({bin("keygate-server"), "audit", "--state-dir", server_.state, "--limit", "100"}).out;
+  EXPECT_TRUE(contains(trail, str_cat("policy days: not on its days (", "")) ) << trail;
+  EXPECT_TRUE(contains(trail, str_cat("today ", kDays[today], ")"))) << trail;
+}
+
 TEST_F(KeygateTest, ATokenForAPolicyEnrollsOnlyInstancesItAdmits) {
   const Identity id;  // region us-east-1
   const std::string file = dir_ + "/" + unique("policy") + ".json";

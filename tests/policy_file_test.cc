@@ -82,6 +82,33 @@ TEST(PolicyFile, EachConditionAdmitsTheMatchingInstanceAndRefusesAnother) {
   EXPECT_FALSE(evaluate_named_policy(night, ok, kMonday0900 - 3 * 3600).is_ok());  // 06:00
 }
 
+TEST(PolicyFile, DaysOfTheWeekAdmitOnlyOnThoseDaysInUtc) {
+  auto set = parse_policy_file(R"({"policies": {"weekdays": {"platform": "aws",
+    "require": {"account_id": "111122223333"}, "days_utc": ["mon", "tue", "wed", "thu", "fri"],
+    "hours_utc": "06:00-20:00"}}})",
+                               "p.json");
+  ASSERT_TRUE(set.is_ok()) << set.status().message();
+  const NamedPolicy& p = set->policies.at("weekdays");
+  const Identity ok = aws("111122223333", "us-east-1");
+  for (int day = 0; day < 5; ++day) {
+    EXPECT_TRUE(evaluate_named_policy(p, ok, kMonday0900 + day * 86400).is_ok()) << day;
+  }
+  Status s = evaluate_named_policy(p, ok, kMonday0900 + 5 * 86400);
+  EXPECT_EQ(s.kind(), ErrorKind::kRefused);
+  EXPECT_TRUE(contains(s.message(), "not on its days (mon,tue,wed,thu,fri UTC; today sat)")) << s.message();
+  EXPECT_TRUE(contains(evaluate_named_policy(p, ok, kMonday0900 - 86400).message(), "today sun"));
+  // Both conditions hold: a weekday outside the hours is refused too.
+  EXPECT_FALSE(evaluate_named_policy(p, ok, kMonday0900 + 12 * 3600).is_ok());
+  for (const char* bad : {R"(["mon", "mon"])", R"(["funday"])", R"([])", R"("mon")"}) {
+    auto r = parse_policy_file(str_cat("{\"policies\": {\"a\": {\"platform\": \"aws\", \"require\": {\"account_id\": \"1\"},\n\"days_utc\": ",
+                                       bad, "}}}"),
+                               "p.json");
+    ASSERT_FALSE(r.is_ok()) << bad;
+    EXPECT_TRUE(contains(r.status().message(), "p.json:2:")) << r.status().message();
+    EXPECT_TRUE(contains(r.status().message(), "'days_utc' lists days of the week")) << r.status().message();
+  }
+}
+
 // Each error: the file and the line of what is wrong.
 TEST(PolicyFile, EveryErrorNamesItsLine) {
   struct Case {
