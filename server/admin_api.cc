@@ -8,6 +8,7 @@
 #include "core/protocol.h"
 #include "server/key_service.h"
 #include "server/policy.h"
+#include "server/volume_edits.h"
 
 namespace keygate::server {
 namespace {
@@ -170,9 +171,14 @@ ApiResponse AdminService::route(const AdminIdentity& who, Request& r) {
   }
   if (!p.empty() && p[0] == "volumes") {
     if (p.size() == 1 && get) return list_volumes();
+    if (p.size() == 2 && get) return show_volume(p[1]);
     if (p.size() == 3 && !get && p[2] == "revoke") {
       if (auto no = needs(AdminRole::kAdmin, "revoke")) return *no;
       return revoke_volume(who, r, p[1]);
+    }
+    if (p.size() == 3 && !get && p[2] == "revoke-instance") {
+      if (auto no = needs(AdminRole::kAdmin, "revoke.instance")) return *no;
+      return revoke_instance(r, p[1]);
     }
     return not_found();
   }
@@ -297,6 +303,36 @@ ApiResponse AdminService::list_volumes() {
   for (const auto& v : volumes.value()) out.append(volume_json(v));
   Json::Value v(Json::objectValue);
   v["volumes"] = out;
+  return ok(v);
+}
+
+ApiResponse AdminService::show_volume(const std::string& id) {
+  if (!api::is_valid_volume_id(id)) return error_response(400, api::kErrBadRequest, "not a volume id");
+  auto record = store_.get_volume(id);
+  if (!record.is_ok()) {
+    if (record.status().kind() == ErrorKind::kNotFound) return error_response(404, api::kErrNotFound, str_cat("no volume ", id));
+    return error_response(500, api::kErrInternal, "volumes unavailable");
+  }
+  return ok(volume_json(record.value()));
+}
+
+ApiResponse AdminService::revoke_instance(Request& r, const std::string& id) {
+  if (!api::is_valid_volume_id(id)) return error_response(400, api::kErrBadRequest, "not a volume id");
+  auto instance = json_string(r.json, "instance", 512);
+  if (!instance.is_ok()) return error_response(400, api::kErrBadRequest, instance.status().message());
+  auto edit = edit_volume_policy(store_, clock_, id, "revoke.instance", r.source, str_cat("by ", r.who, ": "),
+                                 revoke_instance_change(id, instance.value()));
+  if (!edit.is_ok()) {
+    const Status& s = edit.status();
+    if (s.kind() == ErrorKind::kNotFound) return error_response(404, api::kErrNotFound, s.message());
+    if (s.kind() == ErrorKind::kInvalidArgument) return error_response(400, api::kErrBadRequest, s.message());
+    if (s.kind() == ErrorKind::kConflict) return error_response(409, admin_error::kConflict, s.message());
+    log_error(str_cat("admin API: revoke instance: ", s.message()));
+    return error_response(500, api::kErrInternal, "the instance could not be revoked");
+  }
+  Json::Value v(Json::objectValue);
+  v["id"] = id;
+  v["result"] = edit->detail.empty() ? edit->unchanged : edit->detail;
   return ok(v);
 }
 

@@ -1,10 +1,10 @@
 // The admin API, under /v1/admin/ on the key server's own HTTPS port, for
 // people with a certificate of the admin CA (server/admin_ca.h). What each
 // role may do:
-//   viewer    GET whoami, requests, requests/ID, volumes, certs
+//   viewer    GET whoami, requests, requests/ID, volumes, volumes/ID, certs
 //   approver  POST requests/ID/approve, requests/ID/deny ({"reason": ...})
 //   admin     POST tokens, certs, certs/SERIAL/revoke, volumes/ID/revoke,
-//             policy/reload
+//             volumes/ID/revoke-instance ({"instance": ...}), policy/reload
 // Every change, and every refused attempt at one, is on the audit trail
 // with the person's name. The `keygate-server admin` commands are its
 // client.
@@ -60,7 +60,9 @@ class AdminService {
   std::optional<ApiResponse> load_request(const std::string& id, Approval* out);
   ApiResponse decide(const AdminIdentity& who, Request& request, const std::string& id, bool approve);
   ApiResponse list_volumes();
+  ApiResponse show_volume(const std::string& id);
   ApiResponse revoke_volume(const AdminIdentity& who, Request& request, const std::string& id);
+  ApiResponse revoke_instance(Request& request, const std::string& id);
   ApiResponse create_token(const AdminIdentity& who, Request& request);
   ApiResponse list_certs();
   ApiResponse issue_cert(const AdminIdentity& who, Request& request);

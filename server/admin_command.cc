@@ -350,6 +350,20 @@ int admin_command(const Args& args, const Settings& settings, const Result<Enrol
       }
     });
   }
+  if (sub == "volume" && pos.size() == 3) {
+    auto res = c.call("GET", "volumes/" + third);
+    if (!res.is_ok()) return call_failed(res.status());
+    std::cout << to_pretty_json(res.value()) << "\n";
+    return 0;
+  }
+  if (sub == "revoke" && pos.size() == 3 && args.has("instance")) {
+    Json::Value body(Json::objectValue);
+    body["instance"] = args.get("instance");
+    auto res = c.call("POST", str_cat("volumes/", third, "/revoke-instance"), &body);
+    if (!res.is_ok()) return call_failed(res.status());
+    std::cout << "volume " << third << ": " << text_of(res.value(), "result") << "\n";
+    return 0;
+  }
   if (sub == "revoke" && pos.size() == 3) {
     auto res = c.call("POST", str_cat("volumes/", third, "/revoke"));
     if (!res.is_ok()) return call_failed(res.status());
@@ -395,7 +409,7 @@ int admin_command(const Args& args, const Settings& settings, const Result<Enrol
     return 0;
   }
   return usage("bootstrap | whoami | requests [--all] | request ID | approve ID --reason R | deny ID --reason R | "
-               "volumes | revoke VOLUME_ID | token create ... | certs | cert issue ... | cert revoke SERIAL | "
+               "volumes | volume ID | revoke VOLUME_ID [--instance ID] | token create ... | certs | cert issue ... | cert revoke SERIAL | "
                "policy reload");
 }
 

@@ -30,6 +30,7 @@
 #include "server/settings.h"
 #include "server/state_files.h"
 #include "server/store.h"
+#include "server/volume_edits.h"
 
 using namespace keygate;
 using namespace keygate::server;
@@ -80,7 +81,11 @@ Commands:
                      approve ID --reason TEXT  (approver, admin)
                      deny ID --reason TEXT     (approver, admin)
                      volumes
-                     revoke VOLUME_ID          (admin)
+                     volume ID                 one volume, its policy (known and
+                                               revoked instances)
+                     revoke VOLUME_ID [--instance ID]          (admin; with
+                                               --instance, one instance of
+                                               an image group)
                      token create [token create's options]   (admin; the
                                                issuer may not approve the
                                                volume's releases)
@@ -466,80 +471,33 @@ int cmd_volumes_revoke(const Args& args, const Settings& s) {
   return 0;
 }
 
-// Reads volume ID's policy, lets `change` edit it, and stores it back
-// (compare-and-swap: a concurrent unlock's accept-next is not overwritten),
-// on the audit trail as `event` with the detail `change` gives. `change`
-// may leave *detail empty: nothing to do, nothing stored or audited.
-int edit_policy(const Settings& s, const std::string& id, const char* event,
-                const std::function<Status(VolumePolicy&, int64_t now, std::string* detail)>& change) {
+// edit_volume_policy from the server's host ("local"), its result printed.
+int edit_policy(const Settings& s, const std::string& id, const char* event, const PolicyChange& change) {
   auto store = open_store(s);
   if (!store.is_ok()) return fail(store.status());
   SystemClock clock;
-  for (int attempt = 0; attempt < 3; ++attempt) {
-    auto record = store.value()->get_volume(id);
-    if (!record.is_ok()) return fail(record.status());
-    auto json = parse_json_object(record->policy_json);
-    if (!json.is_ok()) return fail(json.status());
-    auto policy = VolumePolicy::from_json(json.value());
-    if (!policy.is_ok()) return fail(policy.status());
-    std::string detail;
-    Status changed = change(policy.value(), clock.now_unix(), &detail);
-    if (!changed.is_ok()) return fail(changed);
-    if (detail.empty()) return 0;
-    Status st = store.value()->update_volume_policy(id, record->policy_json,
-                                                    to_json(policy->to_json()), clock.now_unix());
-    if (st.kind() == ErrorKind::kConflict) continue;
-    if (!st.is_ok()) return fail(st);
-    if (Status audited = store.value()->append_audit(AuditEvent{clock.now_unix(), event, "ok", id, "local", detail});
-        !audited.is_ok()) {
-      return fail(audited.with_context(str_cat("volume ", id, ": ", detail, ", but not on the audit trail")));
-    }
-    std::cout << "volume " << id << ": " << detail << "\n";
-    return 0;
-  }
-  return fail(Status::error(ErrorKind::kConflict, "the volume's policy keeps changing; try again"));
+  auto edit = edit_volume_policy(*store.value(), clock, id, event, "local", "", change);
+  if (!edit.is_ok()) return fail(edit.status());
+  if (!edit->detail.empty()) std::cout << "volume " << id << ": " << edit->detail << "\n";
+  if (!edit->unchanged.empty()) std::cout << "volume " << id << ": " << edit->unchanged << "\n";
+  return 0;
 }
 
 // edit_policy for a TPM volume's TPM policy.
 int edit_tpm_policy(const Settings& s, const std::string& id, const char* event,
                     const std::function<Status(TpmPolicy&, int64_t now, std::string* detail)>& change) {
-  return edit_policy(s, id, event, [&](VolumePolicy& policy, int64_t now, std::string* detail) {
+  return edit_policy(s, id, event, [&](VolumePolicy& policy, int64_t now, PolicyEdit* edit) {
     if (!policy.tpm) {
       return Status::error(ErrorKind::kInvalidArgument, str_cat("volume ", id, " was not enrolled with a TPM"));
     }
-    return change(*policy.tpm, now, detail);
+    return change(*policy.tpm, now, &edit->detail);
   });
 }
 
 // One instance of an image group's volume refused from now on; the group's
 // other instances go on unlocking it.
 int cmd_volumes_revoke_instance(const std::string& id, const std::string& instance, const Settings& s) {
-  if (instance.empty() || instance.size() > 128 ||
-      !std::all_of(instance.begin(), instance.end(), [](char c) { return c > 0x20 && c < 0x7f; })) {
-    return fail(Status::error(ErrorKind::kInvalidArgument,
-                              str_cat("--instance '", printable(instance, 64),
-                                      "': an instance id is 1 to 128 printable characters, no spaces")));
-  }
-  return edit_policy(s, id, "revoke.instance", [&](VolumePolicy& policy, int64_t, std::string* detail) {
-    if (!policy.is_image_group()) {
-      return Status::error(ErrorKind::kInvalidArgument,
-                           str_cat("volume ", id, " belongs to one instance, not an image group: revoke the volume "
-                                   "(volumes revoke ", id, ")"));
-    }
-    if (policy.revoked_instances.count(instance) != 0) {
-      std::cout << "volume " << id << ": instance " << instance << " was already revoked\n";
-      return Status::ok();
-    }
-    if (policy.revoked_instances.size() >= kMaxRevokedInstances) {
-      return Status::error(ErrorKind::kInvalidArgument,
-                           str_cat("volume ", id, " has ", kMaxRevokedInstances,
-                                   " instances revoked already, the most one volume keeps; rotate the group "
-                                   "onto a new volume"));
-    }
-    policy.revoked_instances.insert(instance);
-    *detail = str_cat("instance ", instance, " revoked; the group's other instances still unlock");
-    return Status::ok();
-  });
+  return edit_policy(s, id, "revoke.instance", revoke_instance_change(id, instance));
 }
 
 int cmd_volumes_accept_next(const Args& args, const Settings& s) {

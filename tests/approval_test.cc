@@ -280,6 +280,39 @@ TEST_F(ApprovalTest, TheAdminApiWantsARecordedCertificateInForce) {
   EXPECT_EQ(run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state}).exit_code, 0);
 }
 
+TEST_F(ApprovalTest, AnAdminRevokesOneInstanceOfAGroupThroughTheApi) {
+  const Identity id;
+  RunResult token = admin("alice", {"token", "create", "--image-group"});
+  ASSERT_EQ(token.exit_code, 0) << token.err;
+  const std::string token_file = dir_ + "/" + unique("token");
+  write_file(token_file, token.out);
+  const std::string vol = new_volume_file();
+  RunResult enrolled = enroll_format(vol, server_, token_file, emulator_);
+  ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(enrolled.out, m, std::regex("enrolled as volume ([0-9a-f-]+)")));
+  const std::string vid = m[1].str();
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  RunResult r = admin("bob", {"revoke", vid, "--instance", id.instance});
+  EXPECT_EQ(r.exit_code, kExitRefused);  // an approver is not an admin
+  r = admin("alice", {"revoke", vid, "--instance", "i-1\x1b[2J"});
+  EXPECT_EQ(r.exit_code, kExitUsage);
+  EXPECT_TRUE(contains(r.err, "printable characters")) << r.err;
+  EXPECT_FALSE(contains(r.err, "\x1b")) << r.err;  // escaped, never raw on the terminal
+  r = admin("alice", {"revoke", vid, "--instance", id.instance});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.out, "instance " + id.instance + " revoked; the group's other instances still unlock")) << r.out;
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, kExitRefused);
+  r = admin("alice", {"revoke", vid, "--instance", id.instance});
+  EXPECT_TRUE(contains(r.out, "was already revoked")) << r.out;
+  RunResult shown = admin("vic", {"volume", vid});
+  EXPECT_EQ(shown.exit_code, 0) << shown.err;
+  EXPECT_TRUE(contains(shown.out, "\"revoked_instances\"")) << shown.out;
+  EXPECT_TRUE(contains(audit(), "revoke.instance ok volume=" + vid + " peer=127.0.0.1 by alice (admin): instance " +
+                                    id.instance))
+      << audit();
+}
+
 // The admin API's input, from a client with a valid approver certificate:
 // each bad request gets a clear 4xx, nothing changes, and the server serves on.
 TEST_F(ApprovalTest, TheAdminApiRefusesGarbageWithClearErrors) {
