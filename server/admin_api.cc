@@ -296,24 +296,35 @@ ApiResponse AdminService::decide(const AdminIdentity& who, Request& r, const std
   return ok(decided.to_json(now));
 }
 
-ApiResponse AdminService::list_volumes() {
-  auto volumes = store_.list_volumes();
-  if (!volumes.is_ok()) return error_response(500, api::kErrInternal, "volumes unavailable");
+// {"<key>": [each of `items` as `as_json` shows it]}, or a 500 naming `what`.
+template <typename T>
+ApiResponse list_of(const Result<std::vector<T>>& items, const char* key, Json::Value (*as_json)(const T&),
+                    const char* what) {
+  if (!items.is_ok()) return error_response(500, api::kErrInternal, str_cat(what, " unavailable"));
   Json::Value out(Json::arrayValue);
-  for (const auto& v : volumes.value()) out.append(volume_json(v));
+  for (const auto& item : items.value()) out.append(as_json(item));
   Json::Value v(Json::objectValue);
-  v["volumes"] = out;
+  v[key] = out;
   return ok(v);
 }
 
-ApiResponse AdminService::show_volume(const std::string& id) {
+ApiResponse AdminService::list_volumes() { return list_of(store_.list_volumes(), "volumes", &volume_json, "volumes"); }
+
+std::optional<ApiResponse> AdminService::load_volume(const std::string& id, VolumeRecord* out) {
   if (!api::is_valid_volume_id(id)) return error_response(400, api::kErrBadRequest, "not a volume id");
   auto record = store_.get_volume(id);
   if (!record.is_ok()) {
     if (record.status().kind() == ErrorKind::kNotFound) return error_response(404, api::kErrNotFound, str_cat("no volume ", id));
     return error_response(500, api::kErrInternal, "volumes unavailable");
   }
-  return ok(volume_json(record.value()));
+  *out = std::move(record).value();
+  return std::nullopt;
+}
+
+ApiResponse AdminService::show_volume(const std::string& id) {
+  VolumeRecord record;
+  if (auto failed = load_volume(id, &record)) return *failed;
+  return ok(volume_json(record));
 }
 
 ApiResponse AdminService::revoke_instance(Request& r, const std::string& id) {
@@ -337,16 +348,12 @@ ApiResponse AdminService::revoke_instance(Request& r, const std::string& id) {
 }
 
 ApiResponse AdminService::revoke_volume(const AdminIdentity&, Request& r, const std::string& id) {
-  if (!api::is_valid_volume_id(id)) return error_response(400, api::kErrBadRequest, "not a volume id");
-  auto record = store_.get_volume(id);
-  if (!record.is_ok()) {
-    if (record.status().kind() == ErrorKind::kNotFound) return error_response(404, api::kErrNotFound, str_cat("no volume ", id));
-    return error_response(500, api::kErrInternal, "volumes unavailable");
-  }
-  if (record->state == VolumeState::kRevoked) {
+  VolumeRecord record;
+  if (auto failed = load_volume(id, &record)) return *failed;
+  if (record.state == VolumeState::kRevoked) {
     return error_response(409, admin_error::kConflict, str_cat("volume ", id, " was already revoked"));
   }
-  Status s = store_.transition_volume(id, record->state, VolumeState::kRevoked, clock_.now_unix());
+  Status s = store_.transition_volume(id, record.state, VolumeState::kRevoked, clock_.now_unix());
   if (s.kind() == ErrorKind::kConflict) return error_response(409, admin_error::kConflict, s.message());
   if (!s.is_ok()) return error_response(500, api::kErrInternal, "volume could not be revoked");
   (void)audit(r, "revoke", "ok", id, "");
@@ -390,13 +397,7 @@ ApiResponse AdminService::create_token(const AdminIdentity& who, Request& r) {
 }
 
 ApiResponse AdminService::list_certs() {
-  auto certs = store_.list_admin_certs();
-  if (!certs.is_ok()) return error_response(500, api::kErrInternal, "admin certificates unavailable");
-  Json::Value out(Json::arrayValue);
-  for (const auto& c : certs.value()) out.append(cert_json(c));
-  Json::Value v(Json::objectValue);
-  v["certs"] = out;
-  return ok(v);
+  return list_of(store_.list_admin_certs(), "certs", &cert_json, "admin certificates");
 }
 
 ApiResponse AdminService::issue_cert(const AdminIdentity& who, Request& r) {

@@ -61,6 +61,7 @@ class AdminService {
   ApiResponse decide(const AdminIdentity& who, Request& request, const std::string& id, bool approve);
   ApiResponse list_volumes();
   ApiResponse show_volume(const std::string& id);
+  std::optional<ApiResponse> load_volume(const std::string& id, VolumeRecord* out);
   ApiResponse revoke_volume(const AdminIdentity& who, Request& request, const std::string& id);
   ApiResponse revoke_instance(Request& request, const std::string& id);
   ApiResponse create_token(const AdminIdentity& who, Request& request);

@@ -50,9 +50,13 @@ class ApprovalTest : public KeygateTest {
   }
 
   // A volume enrolled with a token alice issued through the admin API for
-  // the policy `policy`; returns (path, volume id).
-  std::pair<std::string, std::string> enrolled_under(const std::string& policy) {
-    RunResult token = admin("alice", {"token", "create", "--policy", policy});
+  // the policy `policy` (empty: `token_options` only); returns (path, volume id).
+  std::pair<std::string, std::string> enrolled_under(const std::string& policy,
+                                                     std::vector<std::string> token_options = {}) {
+    std::vector<std::string> args = {"token", "create"};
+    if (!policy.empty()) token_options.insert(token_options.begin(), {"--policy", policy});
+    for (auto& o : token_options) args.push_back(o);
+    RunResult token = admin("alice", args);
     EXPECT_EQ(token.exit_code, 0) << token.err;
     const std::string token_file = dir_ + "/" + unique("token");
     write_file(token_file, token.out);
@@ -282,16 +286,8 @@ TEST_F(ApprovalTest, TheAdminApiWantsARecordedCertificateInForce) {
 
 TEST_F(ApprovalTest, AnAdminRevokesOneInstanceOfAGroupThroughTheApi) {
   const Identity id;
-  RunResult token = admin("alice", {"token", "create", "--image-group"});
-  ASSERT_EQ(token.exit_code, 0) << token.err;
-  const std::string token_file = dir_ + "/" + unique("token");
-  write_file(token_file, token.out);
-  const std::string vol = new_volume_file();
-  RunResult enrolled = enroll_format(vol, server_, token_file, emulator_);
-  ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
-  std::smatch m;
-  ASSERT_TRUE(std::regex_search(enrolled.out, m, std::regex("enrolled as volume ([0-9a-f-]+)")));
-  const std::string vid = m[1].str();
+  auto [vol, vid] = enrolled_under("", {"--image-group"});
+  ASSERT_FALSE(vid.empty());
   EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
   RunResult r = admin("bob", {"revoke", vid, "--instance", id.instance});
   EXPECT_EQ(r.exit_code, kExitRefused);  // an approver is not an admin
