@@ -349,11 +349,27 @@ Checked<ApiResponse> KeyService::serve_unlock(Call& call, std::string_view body)
   auto wrapped = wrap_secret_for_client(secret.value(), attested->client_public_key, call.volume_id,
                                         attested->nonce);
   if (!wrapped.is_ok()) return bad_request("client public key unusable");
+  // max_releases: this release is counted in its own audit record's transaction.
+  std::optional<CountedRelease> counted;
+  if (named && named->max_releases) {
+    const int64_t now = clock_.now_unix();
+    counted = CountedRelease{call.volume_id, policy->instance_of(identity.value()), now,
+                             now - named->max_releases->second, named->max_releases->first};
+  }
   if (granted) {
     // The approval is spent and the release audited in one transaction.
-    if (auto r = spend_approval(call, *granted, identity.value())) return *r;
+    if (auto r = spend_approval(call, *granted, identity.value(), counted ? &*counted : nullptr)) return *r;
     if (granted->mode == "manual-first") remember_instance(record.value(), identity.value());
     if (!granted->pcr_changes.empty()) allow_approved_pcrs(call, record.value(), *granted);
+  } else if (counted) {
+    const AuditEvent event{clock_.now_unix(), call.event, "released", call.volume_id, call.peer, identity->summary()};
+    Status s = store_.record_counted_release(*counted, event);
+    if (s.kind() == ErrorKind::kRefused) {
+      return refused(api::kErrPolicyDenied, "this instance's releases for the period are used up",
+                     str_cat("policy ", named->name, ": ", s.message(), " (", identity->summary(), ")"));
+    }
+    log_audit(event, s);
+    if (!s.is_ok()) return unaudited(call);
   } else if (!write_audit(call, "released", identity->summary()).is_ok()) {
     return unaudited(call);
   }
@@ -484,14 +500,18 @@ Checked<KeyService::Gate> KeyService::approval_gate(Call& call, const VolumePoli
 }
 
 std::optional<Refusal> KeyService::spend_approval(const Call& call, const Approval& granted,
-                                                  const Identity& identity) {
+                                                  const Identity& identity, const CountedRelease* counted) {
   Approval used = granted;
   used.state = "used";
   std::string by;
   for (const auto& d : granted.approvals) by += (by.empty() ? "" : ", ") + d.name;
   const AuditEvent event{clock_.now_unix(), call.event, "released", call.volume_id, call.peer,
                          str_cat(identity.summary(), ", approved by ", by, " (", granted.id, ")")};
-  Status s = store_.update_approval(granted.to_record(), used.to_record(), event);
+  Status s = store_.update_approval(granted.to_record(), used.to_record(), event, counted);
+  if (s.kind() == ErrorKind::kRefused) {  // the period's releases are used up; the approval stays
+    return refused(api::kErrPolicyDenied, "this instance's releases for the period are used up",
+                   str_cat(s.message(), " (", identity.summary(), ")"));
+  }
   log_audit(event, s);
   if (s.is_ok()) return std::nullopt;
   if (s.kind() == ErrorKind::kConflict) {

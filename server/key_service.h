@@ -87,7 +87,9 @@ class KeyService {
   ApiResponse waiting(const Approval& request);
   // Marks `granted` used with the release's audit record, in one
   // transaction; a refusal if it could not.
-  std::optional<Refusal> spend_approval(const Call& call, const Approval& granted, const Identity& identity);
+  // With `counted`, the release also counts against max_releases.
+  std::optional<Refusal> spend_approval(const Call& call, const Approval& granted, const Identity& identity,
+                                        const CountedRelease* counted);
   // manual-first: the volume knows the instance from now on.
   void remember_instance(const VolumeRecord& record, const Identity& identity);
   // A PCR change approved: its values join the volume's accepted ones.

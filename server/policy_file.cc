@@ -86,9 +86,10 @@ Result<NamedPolicy> parse_one(const std::string& name, const Json::Value& v, con
   if (!v.isObject()) return at.error(v, where + " must be an object");
   for (const std::string& key : v.getMemberNames()) {
     if (key != "platform" && key != "require" && key != "hours_utc" && key != "approval" &&
-        key != "approvers" && key != "approval_timeout" && key != "pcr_change" && key != "days_utc") {
+        key != "approvers" && key != "approval_timeout" && key != "pcr_change" && key != "days_utc" &&
+        key != "max_releases") {
       return at.error(v[key], str_cat(where, ": unknown key '", printable(key, 64),
-                                      "' (platform, require, hours_utc, days_utc, approval, approvers, approval_timeout, pcr_change)"));
+                                      "' (platform, require, hours_utc, days_utc, max_releases, approval, approvers, approval_timeout, pcr_change)"));
     }
   }
   if (!v.isMember("platform") || !v["platform"].isString()) {
@@ -156,6 +157,17 @@ Result<NamedPolicy> parse_one(const std::string& name, const Json::Value& v, con
       if (found < 0 || !seen.insert(found).second) return at.error(d, usage);
     }
     p.days_utc = std::move(seen);
+  }
+  if (v.isMember("max_releases")) {
+    const Json::Value& m = v["max_releases"];
+    const std::string usage = str_cat(where, ": 'max_releases' is {\"count\": 1 to ", kMaxReleaseCount,
+                                      ", \"period\": ", kMinReleasePeriod, " to ", kMaxReleasePeriod, " seconds}");
+    if (!m.isObject() || m.size() != 2 || !m["count"].isInt() || !m["period"].isInt()) return at.error(m, usage);
+    const int count = m["count"].asInt(), period = m["period"].asInt();
+    if (count < 1 || count > kMaxReleaseCount || period < kMinReleasePeriod || period > kMaxReleasePeriod) {
+      return at.error(m, usage);
+    }
+    p.max_releases = std::make_pair(count, period);
   }
   if (v.isMember("approval")) {
     const Json::Value& approval = v["approval"];

@@ -37,6 +37,9 @@ constexpr size_t kMaxPolicyFile = 1 << 20;
 constexpr size_t kMaxPolicies = 1000;
 constexpr size_t kMaxAllowedValues = 64;
 constexpr int kMaxApprovers = 5;
+constexpr int kMaxReleaseCount = 100000;
+constexpr int kMinReleasePeriod = 60;
+constexpr int kMaxReleasePeriod = 31 * 86400;
 constexpr int kMinApprovalTimeout = 10;
 constexpr int kMaxApprovalTimeout = 24 * 3600;
 
@@ -50,6 +53,10 @@ struct NamedPolicy {
   // Days of the week (UTC, 0 Monday ... 6 Sunday) on which it admits;
   // empty: every day.
   std::set<int> days_utc;
+  // At most `first` releases to one instance of a volume within `second`
+  // seconds (a boot loop, or a stolen identity used over and over); unset:
+  // no limit. Counted with the release's audit record, in its transaction.
+  std::optional<std::pair<int, int>> max_releases;
   // "automatic"; "manual": every release waits for `approvers` different
   // people to approve it; "manual-first": an instance's first release does,
   // and once approved the instance is known to the volume and its reboots

@@ -70,6 +70,12 @@ CREATE TABLE IF NOT EXISTS approvals (
   expires_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS approvals_by_instance ON approvals(volume_id, instance, state);
+CREATE TABLE IF NOT EXISTS releases (
+  volume_id TEXT NOT NULL,
+  instance TEXT NOT NULL,
+  time INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS releases_by_instance ON releases(volume_id, instance, time);
 CREATE TABLE IF NOT EXISTS admin_certs (
   serial TEXT PRIMARY KEY,
   name TEXT NOT NULL,
@@ -448,10 +454,19 @@ class SqliteStore final : public Store {
     return out;
   }
 
+  Status record_counted_release(const CountedRelease& count, const AuditEvent& event) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return in_transaction("counted release", [&]() -> Status {
+      KEYGATE_RETURN_IF_ERROR(count_release_locked(count));
+      return insert_audit_locked(event);
+    });
+  }
+
   Status update_approval(const ApprovalRecord& expected, const ApprovalRecord& updated,
-                         const AuditEvent& event) override {
+                         const AuditEvent& event, const CountedRelease* count) override {
     std::lock_guard<std::mutex> lock(mu_);
     return in_transaction("approval change", [&]() -> Status {
+      if (count != nullptr) KEYGATE_RETURN_IF_ERROR(count_release_locked(*count));
       Stmt s(stmts_,
              "UPDATE approvals SET state = ?, record = ? WHERE id = ? AND state = ? AND record = ?");
       if (!s.ok()) return db_error("prepare approval update");
@@ -669,6 +684,35 @@ class SqliteStore final : public Store {
     }
     if (!status.is_ok()) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
     return status;
+  }
+
+  // Forgets `count`'s instance's releases before its period, counts the
+  // rest, and records this one if there are fewer than its max. mu_ held,
+  // inside the caller's transaction.
+  Status count_release_locked(const CountedRelease& count) {
+    Stmt forget(stmts_, "DELETE FROM releases WHERE volume_id = ? AND instance = ? AND time < ?");
+    if (!forget.ok()) return db_error("prepare release pruning");
+    forget.bind(1, count.volume_id);
+    forget.bind(2, count.instance);
+    forget.bind(3, count.since);
+    if (forget.step() != SQLITE_DONE) return db_error("prune releases");
+    Stmt n(stmts_, "SELECT count(*) FROM releases WHERE volume_id = ? AND instance = ?");
+    if (!n.ok()) return db_error("prepare release count");
+    n.bind(1, count.volume_id);
+    n.bind(2, count.instance);
+    if (n.step() != SQLITE_ROW) return db_error("count releases");
+    const int64_t released = n.integer(0);
+    if (released >= count.max) {
+      return Status::error(ErrorKind::kRefused, str_cat(released, " releases to instance ", count.instance,
+                                                        " within the period already (at most ", count.max, ")"));
+    }
+    Stmt add(stmts_, "INSERT INTO releases(volume_id, instance, time) VALUES(?, ?, ?)");
+    if (!add.ok()) return db_error("prepare release insert");
+    add.bind(1, count.volume_id);
+    add.bind(2, count.instance);
+    add.bind(3, count.now);
+    if (add.step() != SQLITE_DONE) return db_error("insert release");
+    return Status::ok();
   }
 
   static ApprovalRecord read_approval(Stmt& s) {

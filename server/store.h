@@ -59,6 +59,18 @@ struct ApprovalRecord {
   int64_t expires_at = 0;
 };
 
+// A release that counts against a policy's max_releases: the releases of
+// `instance` of `volume_id` at or after `since` are counted in the same
+// transaction as the release's record; at `max` already, nothing is written
+// (kRefused).
+struct CountedRelease {
+  std::string volume_id;
+  std::string instance;
+  int64_t now = 0;
+  int64_t since = 0;
+  int max = 0;
+};
+
 // A certificate of the admin CA (server/admin_ca.h) and who holds it.
 struct AdminCertRecord {
   std::string serial;  // hex
@@ -121,8 +133,12 @@ class Store {
                                                                       const std::string& instance) = 0;
   // Newest first; only pending ones if `pending_only`.
   virtual Result<std::vector<ApprovalRecord>> list_approvals(bool pending_only, int limit) = 0;
+  // With `count`, the release it records (event) is counted as well.
   virtual Status update_approval(const ApprovalRecord& expected, const ApprovalRecord& updated,
-                                 const AuditEvent& event) = 0;
+                                 const AuditEvent& event, const CountedRelease* count = nullptr) = 0;
+  // A release's audit record, counted (see CountedRelease), in one
+  // transaction: kRefused, and nothing written, when the limit is reached.
+  virtual Status record_counted_release(const CountedRelease& count, const AuditEvent& event) = 0;
 
   // Admin certificates: issued (a serial is recorded once) and revoked,
   // each with its event, in one transaction.

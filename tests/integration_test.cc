@@ -430,6 +430,42 @@ TEST_F(KeygateTest, APolicysDaysOfTheWeekAdmitOnlyOnThoseDays) {
   EXPECT_TRUE(contains(trail, str_cat("today ", kDays[today], ")"))) << trail;
 }
 
+// max_releases through a real server: the instance gets its count of
+// releases in the period, then a refusal; the volume's other instances,
+// and a volume of its own, count apart (SQLite, in the release's transaction).
+TEST_F(KeygateTest, MaxReleasesRefusesAnInstanceAfterItsCountInThePeriod) {
+  const Identity id;
+  const std::string file = dir_ + "/" + unique("max") + ".json";
+  write_file(file, str_cat(R"({"policies": {"twice": {"platform": "aws", "require": {"account_id": ")", id.account,
+                           R"("}, "max_releases": {"count": 2, "period": 3600}}}})"));
+  server_.process.stop();
+  server_ = start_server("max-releases", {"--policy-file", file});
+  ASSERT_GT(server_.port, 0) << read_file(server_.process.log_path());
+  auto enrolled = [&] {
+    const std::string vol = new_volume_file();
+    RunResult r = enroll_format(vol, server_, make_token(server_, {"--policy", "twice", "--policy-file", file}), emulator_);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return vol;
+  };
+  const std::string vol = enrolled();
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  RunResult third = unlock(vol, emulator_);
+  EXPECT_EQ(third.exit_code, kExitRefused) << third.err;
+  EXPECT_TRUE(contains(third.err, "policy_denied")) << third.err;
+  const std::string trail = run({bin("keygate-server"), "audit", "--state-dir", server_.state, "--limit", "100"}).out;
+  EXPECT_TRUE(contains(trail, "policy twice: 2 releases to instance " + id.instance + " within the period already"))
+      << trail;
+  EXPECT_EQ(unlock(enrolled(), emulator_).exit_code, 0);  // another volume counts apart
+  // A restart keeps the count: it is in the store.
+  server_.process.stop();
+  server_ = start_server("max-releases", {"--policy-file", file, "--listen", "127.0.0.1:" + std::to_string(server_.port)},
+                         server_.state);
+  ASSERT_GT(server_.port, 0);
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, kExitRefused);
+  EXPECT_EQ(run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state}).exit_code, 0);
+}
+
 TEST_F(KeygateTest, ATokenForAPolicyEnrollsOnlyInstancesItAdmits) {
   const Identity id;  // region us-east-1
   const std::string file = dir_ + "/" + unique("policy") + ".json";

@@ -144,10 +144,10 @@ class KeyServiceTest : public ::testing::Test {
 
   // A policy file in effect with one policy, "held", that wants one approval
   // within 60 s; and a volume of the fixture's instance under it.
-  std::string add_held_volume() {
+  std::string add_held_volume(const std::string& conditions = R"("approval": "manual", "approval_timeout": 60)") {
     const std::string file = ::testing::TempDir() + "/keygate-held-policy.json";
     write_file(file, str_cat(R"({"policies": {"held": {"platform": "aws", "require": {"account_id": ")", kAccount,
-                             R"("}, "approval": "manual", "approval_timeout": 60}}})"));
+                             R"("}, )", conditions, "}}}"));
     EXPECT_TRUE(policies_.load(file).is_ok());
     ServiceOptions o = options_;
     o.policies = &policies_;
@@ -424,6 +424,25 @@ TEST_F(KeyServiceTest, AnApprovalRequestIsNotMadeWithoutItsAuditRecord) {
   EXPECT_EQ(code_of(r), api::kErrAuditUnavailable);
   store_.fail(Op::kAppendAudit, Status::ok());
   EXPECT_TRUE(store_.list_approvals(false, 10).value().empty());
+}
+
+TEST_F(KeyServiceTest, MaxReleasesRefusesAnInstanceOnceItsPeriodsReleasesAreUsedUp) {
+  const std::string vid = add_held_volume(R"("max_releases": {"count": 2, "period": 3600})");
+  EXPECT_EQ(unlock(unlock_request(vid)).status, 200);
+  clock_.advance_ms(1500);  // the per-instance rate limit
+  EXPECT_EQ(unlock(unlock_request(vid)).status, 200);
+  clock_.advance_ms(1500);
+  ApiResponse r = unlock(unlock_request(vid));
+  EXPECT_EQ(r.status, 403);
+  EXPECT_EQ(code_of(r), api::kErrPolicyDenied);
+  EXPECT_FALSE(r.body.isMember(api::field::kWrapped));
+  EXPECT_EQ(last_audit().outcome, "refused");
+  EXPECT_TRUE(contains(last_audit().detail, "policy held: 2 releases to instance i-0c5541936caf78c12 within the period"))
+      << last_audit().detail;
+  // An hour after the first: one more.
+  clock_.set(kNow + 3601);
+  EXPECT_EQ(unlock(unlock_request(vid)).status, 200);
+  EXPECT_EQ(last_audit().outcome, "released");
 }
 
 TEST_F(KeyServiceTest, AnotherVolumesApprovalDoesNotOpenThisOne) {

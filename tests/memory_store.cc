@@ -209,8 +209,27 @@ Result<std::vector<ApprovalRecord>> MemoryStore::list_approvals(bool pending_onl
   return out;
 }
 
+Status MemoryStore::count_release_locked(const CountedRelease& count) {
+  std::vector<int64_t>& times = releases_[{count.volume_id, count.instance}];
+  times.erase(std::remove_if(times.begin(), times.end(), [&](int64_t t) { return t < count.since; }), times.end());
+  if (static_cast<int64_t>(times.size()) >= count.max) {
+    return Status::error(ErrorKind::kRefused, str_cat(times.size(), " releases to instance ", count.instance,
+                                                      " within the period already (at most ", count.max, ")"));
+  }
+  times.push_back(count.now);
+  return Status::ok();
+}
+
+Status MemoryStore::record_counted_release(const CountedRelease& count, const AuditEvent& event) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kAppendAudit));
+  KEYGATE_RETURN_IF_ERROR(count_release_locked(count));
+  push_audit_locked(event);
+  return Status::ok();
+}
+
 Status MemoryStore::update_approval(const ApprovalRecord& expected, const ApprovalRecord& updated,
-                                    const AuditEvent& event) {
+                                    const AuditEvent& event, const CountedRelease* count) {
   std::lock_guard<std::mutex> lock(mu_);
   KEYGATE_RETURN_IF_ERROR(injected(Op::kApprovals));
   KEYGATE_RETURN_IF_ERROR(injected(Op::kAppendAudit));
@@ -219,6 +238,7 @@ Status MemoryStore::update_approval(const ApprovalRecord& expected, const Approv
     if (r.state != expected.state || r.record != expected.record) {
       return Status::error(ErrorKind::kConflict, str_cat("approval request ", expected.id, " changed meanwhile"));
     }
+    if (count != nullptr) KEYGATE_RETURN_IF_ERROR(count_release_locked(*count));
     r.state = updated.state;
     r.record = updated.record;
     push_audit_locked(event);

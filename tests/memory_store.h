@@ -57,7 +57,8 @@ class MemoryStore final : public Store {
                                                               const std::string& instance) override;
   Result<std::vector<ApprovalRecord>> list_approvals(bool pending_only, int limit) override;
   Status update_approval(const ApprovalRecord& expected, const ApprovalRecord& updated,
-                         const AuditEvent& event) override;
+                         const AuditEvent& event, const CountedRelease* count = nullptr) override;
+  Status record_counted_release(const CountedRelease& count, const AuditEvent& event) override;
   Status insert_admin_cert(const AdminCertRecord& record, const AuditEvent& event) override;
   Result<AdminCertRecord> get_admin_cert(const std::string& serial) override;
   Result<std::vector<AdminCertRecord>> list_admin_certs() override;
@@ -84,6 +85,9 @@ class MemoryStore final : public Store {
   std::vector<AuditRecord> audit_;
   std::vector<ApprovalRecord> approvals_;  // in creation order
   std::map<std::string, AdminCertRecord> admin_certs_;
+  std::map<std::pair<std::string, std::string>, std::vector<int64_t>> releases_;  // (volume, instance) -> times
+  // Checks and, if under the limit, records `count` (mu_ held).
+  Status count_release_locked(const CountedRelease& count);
 };
 
 }  // namespace keygate::server

@@ -222,6 +222,32 @@ TEST_P(StoreContract, ApprovalRequestsChangeByCompareAndSwapWithTheirAuditRecord
   EXPECT_EQ(trail.back().detail, "bob");
 }
 
+TEST_P(StoreContract, ACountedReleaseIsRecordedOnlyUnderItsLimit) {
+  auto at = [](int64_t now) { return CountedRelease{"vol-1", "i-1", now, now - 100, 2}; };
+  const AuditEvent released{0, "unlock", "released", "vol-1", "p", "i-1"};
+  ASSERT_TRUE(store_->record_counted_release(at(10), released).is_ok());
+  ASSERT_TRUE(store_->record_counted_release(at(20), released).is_ok());
+  EXPECT_EQ(store_->record_counted_release(at(30), released).kind(), ErrorKind::kRefused);
+  EXPECT_EQ(store_->recent_audit(100)->size(), 2u);  // the refused one left no record
+  // Another instance, or another volume, counts on its own.
+  EXPECT_TRUE(store_->record_counted_release(CountedRelease{"vol-1", "i-2", 30, -70, 2}, released).is_ok());
+  EXPECT_TRUE(store_->record_counted_release(CountedRelease{"vol-2", "i-1", 30, -70, 2}, released).is_ok());
+  // Once the first has left the period, one more.
+  EXPECT_TRUE(store_->record_counted_release(at(111), released).is_ok());
+  EXPECT_EQ(store_->record_counted_release(at(112), released).kind(), ErrorKind::kRefused);
+  // An approval spent with a count at its limit: refused, the approval unchanged.
+  const ApprovalRecord approved{"req-a", "vol-1", "i-1", "approved", "{}", 100, 1000};
+  ASSERT_TRUE(store_->insert_approval(approved, released).is_ok());
+  ApprovalRecord used = approved;
+  used.state = "used";
+  const CountedRelease full = at(113);
+  EXPECT_EQ(store_->update_approval(approved, used, released, &full).kind(), ErrorKind::kRefused);
+  EXPECT_EQ(store_->get_approval("req-a")->state, "approved");
+  const CountedRelease later = at(300);
+  EXPECT_TRUE(store_->update_approval(approved, used, released, &later).is_ok());
+  EXPECT_EQ(store_->get_approval("req-a")->state, "used");
+}
+
 TEST_P(StoreContract, AdminCertificatesAreRecordedOnceAndRevokedOnce) {
   const AdminCertRecord alice{"4a", "alice", "admin", "bootstrap", 10, 1000, 0};
   const AuditEvent issued{10, "admin.cert.issue", "ok", "", "local", "alice"};
