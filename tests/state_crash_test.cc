@@ -162,5 +162,59 @@ TEST_F(StateCrashTest, ChainingAnOldTrailKilledAtEveryStepLosesNothing) {
   EXPECT_GT(kills, 3) << "the chaining was not killed where it should have been";
 }
 
+// The first admin certificate (`admin bootstrap`: the admin CA, the
+// person's folder, the record), killed at every step: afterwards either
+// nothing is in force and bootstrap runs again, or the certificate is
+// recorded and its folder is whole (its key and certificate a pair); the
+// admin CA is never half made, and the trail is intact.
+TEST_F(StateCrashTest, AdminBootstrapKilledAtEveryStepLeavesNoHalfAdmin) {
+  auto bootstrap = [&](const std::string& state, const std::string& strace_args) {
+    return run({"bash", "-c", "ASAN_OPTIONS=\"${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0\" strace -f -qq " +
+                                  strace_args + " '" + bin("keygate-server") + "' admin bootstrap --name alice --state-dir '" +
+                                  state + "' --out '" + state + "-alice'"});
+  };
+  const std::string counted = dir_ + "/" + unique("bootstrap-counted");
+  const std::string trace_log = counted + ".trace";
+  RunResult clean = bootstrap(counted, std::string("-o '") + trace_log + "' -e trace=" + kSteps);
+  ASSERT_EQ(clean.exit_code, 0) << clean.err;
+  std::map<std::string, int> counts;
+  std::istringstream lines(read_file(trace_log));
+  for (std::string line; std::getline(lines, line);) {
+    const size_t space = line.find(' '), paren = line.find('(');
+    if (space == std::string::npos || paren == std::string::npos || paren < space) continue;
+    const size_t call = line.find_first_not_of(' ', space);
+    ++counts[line.substr(call, paren - call)];
+  }
+  ASSERT_GT(counts["write"] + counts["pwrite64"], 8) << read_file(trace_log);
+  auto same_key = [&](const std::string& folder) {
+    RunResult cert = run({"openssl", "x509", "-noout", "-pubkey", "-in", folder + "/cert.pem"});
+    RunResult key = run({"openssl", "pkey", "-pubout", "-in", folder + "/key.pem"});
+    return cert.exit_code == 0 && key.exit_code == 0 && cert.out == key.out;
+  };
+  int kills = 0;
+  for (const auto& [call, count] : counts) {
+    for (int n = 1; n <= count; ++n) {
+      const std::string step = str_cat(call, " #", n);
+      const std::string state = dir_ + "/" + unique("bootstrap-killed");
+      RunResult killed = bootstrap(state, str_cat("-o /dev/null -e trace=", call, " -e inject=", call,
+                                                  ":signal=KILL:when=", n));
+      if (killed.exit_code != 0) ++kills;
+      RunResult again = run({bin("keygate-server"), "admin", "bootstrap", "--name", "alice", "--state-dir", state,
+                             "--out", state + "-alice"});
+      if (again.exit_code != 0) {
+        // Refused only because the first one is in force, and then whole.
+        EXPECT_TRUE(contains(again.err, "an admin certificate is in force already")) << step << ": " << again.err;
+      }
+      EXPECT_TRUE(same_key(state + "-alice")) << "after a kill at " << step << ": the folder's key and certificate";
+      RunResult ca = run({"openssl", "x509", "-noout", "-in", state + "/admin-ca.pem"});
+      EXPECT_EQ(ca.exit_code, 0) << "after a kill at " << step << ": " << ca.err;
+      RunResult verified = run({bin("keygate-server"), "audit", "verify", "--state-dir", state});
+      EXPECT_EQ(verified.exit_code, 0) << "after a kill at " << step << ": " << verified.err;
+      if (HasFailure()) return;
+    }
+  }
+  EXPECT_GT(kills, 8) << "bootstrap was not killed where it should have been";
+}
+
 }  // namespace
 }  // namespace keygate::testing
