@@ -50,6 +50,9 @@ attested = {"nonce": "@NONCE@", "client_public_key": client_key}
 for name, evidence in (("aws", aws), ("gcp", gcp), ("azure", azure)):
     write("server_request", f"unlock-{name}", request(0, dict(attested, volume_id=AWS_VOLUME, evidence=evidence)))
     write("server_request", f"register-{name}", request(1, dict(attested, evidence=evidence, enrollment_token="kgt_fuzztoken", description="seed")))
+write("server_request", "unlock-held", request(0, dict(attested, volume_id="00000000-0000-4000-8000-000000000004", evidence=aws)))
+write("server_request", "unlock-held-poll", request(0, dict(attested, volume_id="00000000-0000-4000-8000-000000000004", evidence=aws, approval_request="req-aaaaaaaaaaaa")))
+write("server_request", "unlock-counted", request(0, dict(attested, volume_id="00000000-0000-4000-8000-000000000005", evidence=aws)))
 write("server_request", "unlock-tpm", request(0, dict(attested, volume_id=TPM_VOLUME, evidence=aws, tpm=tpm)))
 write("server_request", "register-tpm", request(1, dict(attested, evidence=aws, tpm=dict(tpm, sealed=False), enrollment_token="kgt_fuzztoken")))
 write("server_request", "register-by-attestation", request(1, dict(attested, evidence=gcp)))

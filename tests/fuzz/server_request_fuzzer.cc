@@ -3,10 +3,14 @@
 // memory, with the real AWS, GCP and Azure trust fixtures). The first byte
 // picks the endpoint; every "@NONCE@" in the body becomes a fresh
 // challenge's nonce, so the fuzzer reaches past the nonce check into the
-// evidence, token, policy and TPM paths. Any crash, sanitizer report or
+// evidence, token, policy (a policy file with approvals and max_releases)
+// and TPM paths. Any crash, sanitizer report or
 // exception out of KeyService is a finding; so is a 200 that carries no
 // answer, or an answer that is neither 200 nor an error body.
 #include <cstdint>
+#include <unistd.h>
+
+#include <cstdlib>
 #include <memory>
 
 #include "core/crypto.h"
@@ -26,6 +30,12 @@ constexpr int64_t kNow = 1771203600;  // inside the AWS document's certificate's
 constexpr char kAwsVolume[] = "00000000-0000-4000-8000-000000000001";
 constexpr char kTpmVolume[] = "00000000-0000-4000-8000-000000000002";
 constexpr char kPendingVolume[] = "00000000-0000-4000-8000-000000000003";
+// Under the policy file's "held" (manual approval) and "twice" (max_releases).
+constexpr char kHeldVolume[] = "00000000-0000-4000-8000-000000000004";
+constexpr char kCountedVolume[] = "00000000-0000-4000-8000-000000000005";
+constexpr char kPolicies[] = R"({"policies": {
+  "held": {"platform": "aws", "require": {"account_id": "189292791360"}, "approval": "manual", "approvers": 2},
+  "twice": {"platform": "aws", "require": {"account_id": "189292791360"}, "max_releases": {"count": 2, "period": 60}}}})";
 constexpr char kToken[] = "kgt_fuzztoken";
 // Fresh state now and then: the store and the nonce table grow with
 // every registration and challenge.
@@ -36,14 +46,16 @@ struct World {
   EvidenceTrust trust;
   FixedClock clock{kNow};
   std::unique_ptr<KeyService> service;
+  PolicyRegistry policies;
   int runs = 0;
 };
 
 World* g_world = nullptr;
 
 void add_volume(Store& store, const SecretBuffer& kek, const std::string& id, VolumeState state,
-                bool tpm) {
+                bool tpm, const std::string& named = "") {
   VolumePolicy policy;
+  policy.named_policy = named;
   policy.platform = "aws";
   policy.require = {{"account_id", "189292791360"}, {"region", "ap-southeast-2"},
                     {"instance_id", "i-0c5541936caf78c12"}};
@@ -69,6 +81,8 @@ void fresh_service(World& w) {
   add_volume(*w.store, kek, kAwsVolume, VolumeState::kActive, false);
   add_volume(*w.store, kek, kTpmVolume, VolumeState::kActive, true);
   add_volume(*w.store, kek, kPendingVolume, VolumeState::kPending, false);
+  add_volume(*w.store, kek, kHeldVolume, VolumeState::kActive, false, "held");
+  add_volume(*w.store, kek, kCountedVolume, VolumeState::kActive, false, "twice");
   EnrollmentTemplate tmpl;
   tmpl.require = {{"account_id", "189292791360"}};
   if (!w.store->create_enrollment_token(sha256(std::string_view(kToken)), to_json(tmpl.to_json()),
@@ -83,6 +97,7 @@ void fresh_service(World& w) {
   rule.platform = "gcp";
   rule.require = {{"project_id", "rhsm-fuzz"}};
   options.attestation_enrollment = {rule};
+  options.policies = &w.policies;
   w.service = std::make_unique<KeyService>(*w.store, std::move(kek), w.trust, w.clock, options);
   w.runs = 0;
 }
@@ -117,6 +132,12 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
                         "intermediate-microsoft-azure-tls-issuing-ca-05.pem"}) {
     if (!w.trust.azure.add_pem(fuzz::fixture(std::string("azure/") + f), f).is_ok()) abort();
   }
+  char path[] = "/tmp/keygate-fuzz-policy-XXXXXX";
+  const int fd = mkstemp(path);
+  if (fd < 0 || write(fd, kPolicies, sizeof kPolicies - 1) != static_cast<ssize_t>(sizeof kPolicies - 1)) abort();
+  close(fd);
+  if (!w.policies.load(path).is_ok()) abort();
+  unlink(path);
   fresh_service(w);
   return 0;
 }
@@ -137,7 +158,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   // Every answer is an object; every refusal carries an error code.
   if (!r.body.isObject()) abort();
-  if (r.status != 200 && !r.body[api::field::kError][api::field::kCode].isString()) abort();
+  // A wait names its request; anything else that is not a 200 is an error.
+  if (r.status == 202) {
+    if (!is_approval_id(r.body[api::field::kApproval][api::field::kRequestId].asString())) abort();
+  } else if (r.status != 200 && !r.body[api::field::kError][api::field::kCode].isString()) {
+    abort();
+  }
   (void)to_json(r.body);  // what the front would send: must serialise
   return 0;
 }
