@@ -182,6 +182,7 @@ ApiResponse AdminService::route(const AdminIdentity& who, Request& r) {
     }
     return not_found();
   }
+  if (p.size() == 1 && p[0] == "instances" && get) return list_instances();
   if (p.size() == 1 && p[0] == "tokens" && !get) {
     if (auto no = needs(AdminRole::kAdmin, "token.create")) return *no;
     return create_token(who, r);
@@ -319,6 +320,35 @@ std::optional<ApiResponse> AdminService::load_volume(const std::string& id, Volu
   }
   *out = std::move(record).value();
   return std::nullopt;
+}
+
+ApiResponse AdminService::list_instances() {
+  auto volumes = store_.list_volumes();
+  if (!volumes.is_ok()) return error_response(500, api::kErrInternal, "volumes unavailable");
+  Json::Value out(Json::arrayValue);
+  auto add = [&out](const std::string& instance, const VolumePolicy& policy, const VolumeRecord& v, const char* how) {
+    Json::Value one(Json::objectValue);
+    one["instance"] = instance;
+    one["platform"] = policy.platform;
+    one["volume_id"] = v.id;
+    one["volume_state"] = volume_state_name(v.state);
+    one["relation"] = how;
+    out.append(one);
+  };
+  for (const auto& v : volumes.value()) {
+    auto json = parse_json_object(v.policy_json);
+    auto policy = json.is_ok() ? VolumePolicy::from_json(json.value()) : Result<VolumePolicy>(json.status());
+    if (!policy.is_ok()) continue;
+    const PlatformSpec* spec = platform_spec(policy->platform);
+    if (spec != nullptr && policy->require.count(spec->instance_claim) != 0) {
+      add(policy->require.at(spec->instance_claim), policy.value(), v, "bound");
+    }
+    for (const auto& i : policy->known_instances) add(i, policy.value(), v, "known");
+    for (const auto& i : policy->revoked_instances) add(i, policy.value(), v, "revoked");
+  }
+  Json::Value body(Json::objectValue);
+  body["instances"] = out;
+  return ok(body);
 }
 
 ApiResponse AdminService::show_volume(const std::string& id) {

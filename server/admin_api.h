@@ -1,7 +1,9 @@
 // The admin API, under /v1/admin/ on the key server's own HTTPS port, for
 // people with a certificate of the admin CA (server/admin_ca.h). What each
 // role may do:
-//   viewer    GET whoami, requests, requests/ID, volumes, volumes/ID, certs
+//   viewer    GET whoami, requests, requests/ID, volumes, volumes/ID, instances
+//             (each volume's bound instance, and an image group's known and
+//             revoked ones), certs
 //   approver  POST requests/ID/approve, requests/ID/deny ({"reason": ...})
 //   admin     POST tokens, certs, certs/SERIAL/revoke, volumes/ID/revoke,
 //             volumes/ID/revoke-instance ({"instance": ...}), policy/reload
@@ -61,6 +63,7 @@ class AdminService {
   ApiResponse decide(const AdminIdentity& who, Request& request, const std::string& id, bool approve);
   ApiResponse list_volumes();
   ApiResponse show_volume(const std::string& id);
+  ApiResponse list_instances();
   std::optional<ApiResponse> load_volume(const std::string& id, VolumeRecord* out);
   ApiResponse revoke_volume(const AdminIdentity& who, Request& request, const std::string& id);
   ApiResponse revoke_instance(Request& request, const std::string& id);

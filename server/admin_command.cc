@@ -350,6 +350,16 @@ int admin_command(const Args& args, const Settings& settings, const Result<Enrol
       }
     });
   }
+  if (sub == "instances" && pos.size() == 2) {
+    auto res = c.call("GET", "instances");
+    if (!res.is_ok()) return call_failed(res.status());
+    return print_json_or(args, res.value(), [&] {
+      for (const auto& i : res.value()["instances"]) {
+        std::cout << text_of(i, "instance") << "  " << text_of(i, "platform") << "  " << text_of(i, "relation")
+                  << "  volume " << text_of(i, "volume_id") << " (" << text_of(i, "volume_state") << ")\n";
+      }
+    });
+  }
   if (sub == "volume" && pos.size() == 3) {
     auto res = c.call("GET", "volumes/" + third);
     if (!res.is_ok()) return call_failed(res.status());
@@ -409,7 +419,7 @@ int admin_command(const Args& args, const Settings& settings, const Result<Enrol
     return 0;
   }
   return usage("bootstrap | whoami | requests [--all] | request ID | approve ID --reason R | deny ID --reason R | "
-               "volumes | volume ID | revoke VOLUME_ID [--instance ID] | token create ... | certs | cert issue ... | cert revoke SERIAL | "
+               "volumes | volume ID | instances | revoke VOLUME_ID [--instance ID] | token create ... | certs | cert issue ... | cert revoke SERIAL | "
                "policy reload");
 }
 

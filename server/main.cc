@@ -83,6 +83,8 @@ Commands:
                      volumes
                      volume ID                 one volume, its policy (known and
                                                revoked instances)
+                     instances                 every volume's bound instance, and
+                                               image groups' known and revoked ones
                      revoke VOLUME_ID [--instance ID]          (admin; with
                                                --instance, one instance of
                                                an image group)

@@ -237,6 +237,8 @@ TEST_F(ApprovalTest, ManualFirstLetsAKnownInstanceRebootUnattended) {
   auto parsed = parse_json_object(listed.out, 1 << 20);
   ASSERT_TRUE(parsed.is_ok()) << listed.out;
   EXPECT_EQ(parsed.value()["requests"].size(), 1u) << listed.out;
+  RunResult instances = admin("vic", {"instances"});
+  EXPECT_TRUE(contains(instances.out, Identity().instance + "  aws  known  volume " + vid)) << instances.out;
 }
 
 TEST_F(ApprovalTest, TheAdminApiWantsARecordedCertificateInForce) {
@@ -304,6 +306,9 @@ TEST_F(ApprovalTest, AnAdminRevokesOneInstanceOfAGroupThroughTheApi) {
   RunResult shown = admin("vic", {"volume", vid});
   EXPECT_EQ(shown.exit_code, 0) << shown.err;
   EXPECT_TRUE(contains(shown.out, "\"revoked_instances\"")) << shown.out;
+  RunResult instances = admin("vic", {"instances"});
+  EXPECT_EQ(instances.exit_code, 0) << instances.err;
+  EXPECT_TRUE(contains(instances.out, id.instance + "  aws  revoked  volume " + vid + " (active)")) << instances.out;
   EXPECT_TRUE(contains(audit(), "revoke.instance ok volume=" + vid + " peer=127.0.0.1 by alice (admin): instance " +
                                     id.instance))
       << audit();
