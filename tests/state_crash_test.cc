@@ -18,6 +18,27 @@ namespace {
 
 constexpr char kSteps[] = "write,pwrite64,fsync,fdatasync,rename,link,linkat,unlink,unlinkat,ftruncate";
 
+// How many of each call a strace log ("PID  call(..." lines) holds.
+std::map<std::string, int> steps_in(const std::string& trace) {
+  std::map<std::string, int> counts;
+  std::istringstream lines(trace);
+  for (std::string line; std::getline(lines, line);) {
+    const size_t space = line.find(' '), paren = line.find('(');
+    if (space == std::string::npos || paren == std::string::npos || paren < space) continue;
+    const size_t call = line.find_first_not_of(' ', space);
+    ++counts[line.substr(call, paren - call)];
+  }
+  return counts;
+}
+
+// keygate-server with `args` (shell words, quoted) under strace with
+// `strace_args`. LeakSanitizer cannot run under ptrace: off for traced runs
+// (the sanitized build's other checks stay on).
+RunResult traced_server(const std::string& strace_args, const std::string& args) {
+  return run({"bash", "-c", "ASAN_OPTIONS=\"${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0\" strace -f -qq " +
+                                strace_args + " '" + bin("keygate-server") + "' " + args});
+}
+
 class StateCrashTest : public KeygateTest {
  protected:
   // The first start of a server on `state`, under strace with `strace_args`,
@@ -122,26 +143,15 @@ TEST_F(StateCrashTest, ChainingAnOldTrailKilledAtEveryStepLosesNothing) {
     sqlite3_close(db);
     return state;
   };
-  // LeakSanitizer cannot run under ptrace: off for the traced runs (the
-  // sanitized build's other checks stay on).
   auto verify = [&](const std::string& state, const std::string& strace_args) {
-    return run({"bash", "-c", "ASAN_OPTIONS=\"${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0\" strace -f -qq " +
-                                  strace_args + " '" + bin("keygate-server") + "' audit verify --state-dir '" +
-                                  state + "'"});
+    return traced_server(strace_args, "audit verify --state-dir '" + state + "'");
   };
   const std::string counted = old_store("chain-counted");
   const std::string trace_log = counted + ".trace";
   RunResult clean = verify(counted, std::string("-o '") + trace_log + "' -e trace=" + kSteps);
   ASSERT_EQ(clean.exit_code, 0) << clean.err;
   ASSERT_TRUE(contains(clean.out, "intact: 41 records")) << clean.out;
-  std::map<std::string, int> counts;
-  std::istringstream lines(read_file(trace_log));
-  for (std::string line; std::getline(lines, line);) {
-    const size_t space = line.find(' '), paren = line.find('(');
-    if (space == std::string::npos || paren == std::string::npos || paren < space) continue;
-    const size_t call = line.find_first_not_of(' ', space);
-    ++counts[line.substr(call, paren - call)];
-  }
+  std::map<std::string, int> counts = steps_in(read_file(trace_log));
   ASSERT_GT(counts["pwrite64"] + counts["write"], 3) << read_file(trace_log);
   int kills = 0;
   for (const auto& [call, count] : counts) {
@@ -169,22 +179,13 @@ TEST_F(StateCrashTest, ChainingAnOldTrailKilledAtEveryStepLosesNothing) {
 // admin CA is never half made, and the trail is intact.
 TEST_F(StateCrashTest, AdminBootstrapKilledAtEveryStepLeavesNoHalfAdmin) {
   auto bootstrap = [&](const std::string& state, const std::string& strace_args) {
-    return run({"bash", "-c", "ASAN_OPTIONS=\"${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0\" strace -f -qq " +
-                                  strace_args + " '" + bin("keygate-server") + "' admin bootstrap --name alice --state-dir '" +
-                                  state + "' --out '" + state + "-alice'"});
+    return traced_server(strace_args, "admin bootstrap --name alice --state-dir '" + state + "' --out '" + state + "-alice'");
   };
   const std::string counted = dir_ + "/" + unique("bootstrap-counted");
   const std::string trace_log = counted + ".trace";
   RunResult clean = bootstrap(counted, std::string("-o '") + trace_log + "' -e trace=" + kSteps);
   ASSERT_EQ(clean.exit_code, 0) << clean.err;
-  std::map<std::string, int> counts;
-  std::istringstream lines(read_file(trace_log));
-  for (std::string line; std::getline(lines, line);) {
-    const size_t space = line.find(' '), paren = line.find('(');
-    if (space == std::string::npos || paren == std::string::npos || paren < space) continue;
-    const size_t call = line.find_first_not_of(' ', space);
-    ++counts[line.substr(call, paren - call)];
-  }
+  std::map<std::string, int> counts = steps_in(read_file(trace_log));
   ASSERT_GT(counts["write"] + counts["pwrite64"], 8) << read_file(trace_log);
   auto same_key = [&](const std::string& folder) {
     RunResult cert = run({"openssl", "x509", "-noout", "-pubkey", "-in", folder + "/cert.pem"});
