@@ -77,9 +77,11 @@ class ApprovalTest : public KeygateTest {
   }
 
   // The pending request of `volume_id` once the server has made it (as a
-  // viewer sees it), or null after 20 s.
+  // viewer sees it), or null after 30 s (wall clock, however slow each
+  // listing is: a sanitized build's are).
   Json::Value pending_request(const std::string& volume_id, const std::string& other_than = "") {
-    for (int i = 0; i < 200; ++i) {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (std::chrono::steady_clock::now() < give_up) {
       RunResult listed = admin("vic", {"requests", "--json"});
       EXPECT_EQ(listed.exit_code, 0) << listed.err;
       auto parsed = parse_json_object(listed.out, 1 << 20);
@@ -90,7 +92,8 @@ class ApprovalTest : public KeygateTest {
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
-    ADD_FAILURE() << "no pending request for volume " << volume_id;
+    ADD_FAILURE() << "no pending request for volume " << volume_id << "; server log:\n"
+                  << read_file(server_.process.log_path());
     return Json::Value();
   }
 

@@ -7,6 +7,9 @@
 #include <gtest/gtest.h>
 
 #include <cctype>
+#include <unistd.h>
+
+#include <atomic>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -145,7 +148,9 @@ class KeyServiceTest : public ::testing::Test {
   // A policy file in effect with one policy, "held", that wants one approval
   // within 60 s; and a volume of the fixture's instance under it.
   std::string add_held_volume(const std::string& conditions = R"("approval": "manual", "approval_timeout": 60)") {
-    const std::string file = ::testing::TempDir() + "/keygate-held-policy.json";
+    // One file per process and call: ctest runs these tests in parallel.
+    static std::atomic<int> made{0};
+    const std::string file = str_cat(::testing::TempDir(), "/keygate-held-policy-", getpid(), "-", ++made, ".json");
     write_file(file, str_cat(R"({"policies": {"held": {"platform": "aws", "require": {"account_id": ")", kAccount,
                              R"("}, )", conditions, "}}}"));
     EXPECT_TRUE(policies_.load(file).is_ok());
