@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <spawn.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -12,6 +13,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <stdexcept>
@@ -55,20 +57,31 @@ std::vector<char*> c_argv(const std::vector<std::string>& argv) {
   return out;
 }
 
-// Forks and execs argv with stdin, stdout and stderr from the given paths.
+// Starts argv with stdin, stdout and stderr from the given paths. Tests
+// start programs from several threads at once (an unlock waiting on a thread
+// while the main thread runs admin commands), so nothing may run between a
+// fork and the exec that could wait on a lock another thread held at the
+// fork: a sanitizer's allocator lock held that way hung a child forever
+// (building argv in the child). posix_spawnp allocates nothing in the child.
+// -1 if the program could not be started.
 pid_t spawn(const std::vector<std::string>& argv, const std::string& in, const std::string& out,
             const std::string& err, int out_flags) {
-  pid_t pid = fork();
-  if (pid == 0) {
-    int in_fd = open(in.c_str(), O_RDONLY);
-    int out_fd = open(out.c_str(), O_WRONLY | O_CREAT | out_flags, 0600);
-    int err_fd = out == err ? out_fd : open(err.c_str(), O_WRONLY | O_CREAT | out_flags, 0600);
-    dup2(in_fd, 0);
-    dup2(out_fd, 1);
-    dup2(err_fd, 2);
-    auto args = c_argv(argv);
-    execvp(args[0], args.data());
-    _exit(127);
+  auto args = c_argv(argv);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 0, in.c_str(), O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 1, out.c_str(), O_WRONLY | O_CREAT | out_flags, 0600);
+  if (out == err) {
+    posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  } else {
+    posix_spawn_file_actions_addopen(&actions, 2, err.c_str(), O_WRONLY | O_CREAT | out_flags, 0600);
+  }
+  pid_t pid = -1;
+  const int rc = posix_spawnp(&pid, args[0], &actions, nullptr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) {
+    fprintf(stderr, "posix_spawnp %s: %s\n", argv[0].c_str(), std::strerror(rc));
+    return -1;
   }
   return pid;
 }
@@ -81,8 +94,8 @@ RunResult run(const std::vector<std::string>& argv, const std::string& input) {
   write_file(in_path, input);
   auto start = std::chrono::steady_clock::now();
   pid_t pid = spawn(argv, in_path, out_path, err_path, O_TRUNC);
-  int status = 0;
-  waitpid(pid, &status, 0);
+  int status = 127 << 8;  // as a shell says of a command it could not start
+  if (pid > 0) waitpid(pid, &status, 0);
   RunResult r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
