@@ -68,6 +68,10 @@ class AdminService {
   ApiResponse revoke_volume(const AdminIdentity& who, Request& request, const std::string& id);
   ApiResponse revoke_instance(Request& request, const std::string& id);
   ApiResponse create_token(const AdminIdentity& who, Request& request);
+  // An active volume bound to one instance: a one-use token with which that
+  // instance's `keygate rotate` enrolls its new key; confirming the new
+  // volume revokes this one (KeyService).
+  ApiResponse rotate_volume(const AdminIdentity& who, Request& request, const std::string& id);
   ApiResponse list_certs();
   ApiResponse issue_cert(const AdminIdentity& who, Request& request);
   ApiResponse revoke_cert(const AdminIdentity& who, Request& request, const std::string& serial);

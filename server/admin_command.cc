@@ -380,6 +380,20 @@ int admin_command(const Args& args, const Settings& settings, const Result<Enrol
     std::cout << "volume " << third << " revoked\n";
     return 0;
   }
+  if (sub == "rotate" && pos.size() == 3) {
+    auto ttl = args.get_int("ttl", 3600, 1, 30 * 86400);
+    if (!ttl.is_ok()) return fail(ttl.status());
+    Json::Value body(Json::objectValue);
+    body["ttl"] = static_cast<Json::Int64>(ttl.value());
+    auto res = c.call("POST", str_cat("volumes/", third, "/rotate"), &body);
+    if (!res.is_ok()) return call_failed(res.status());
+    // The token alone on stdout, as 'token create' prints one; what to do
+    // with it on stderr.
+    std::cout << res.value()["token"].asString() << "\n";
+    log_info(str_cat("volume ", third, ": on its instance, 'keygate rotate DEVICE --enrollment-token-file FILE' "
+                     "with this token moves it to a new secret; confirming that revokes this volume"));
+    return 0;
+  }
   if (sub == "token" && third == "create" && pos.size() == 3) {
     if (!tmpl.is_ok()) return fail(tmpl.status());
     Json::Value body = tmpl.value().to_json();
@@ -419,7 +433,7 @@ int admin_command(const Args& args, const Settings& settings, const Result<Enrol
     return 0;
   }
   return usage("bootstrap | whoami | requests [--all] | request ID | approve ID --reason R | deny ID --reason R | "
-               "volumes | volume ID | instances | revoke VOLUME_ID [--instance ID] | token create ... | certs | cert issue ... | cert revoke SERIAL | "
+               "volumes | volume ID | instances | revoke VOLUME_ID [--instance ID] | rotate VOLUME_ID [--ttl S] | token create ... | certs | cert issue ... | cert revoke SERIAL | "
                "policy reload");
 }
 

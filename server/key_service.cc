@@ -749,10 +749,44 @@ Checked<ApiResponse> KeyService::serve_confirm(Call& call, std::string_view body
     if (!s.is_ok() && s.kind() != ErrorKind::kConflict) return server_error("could not confirm", s.message());
   }
   (void)write_audit(call, "ok", "");
+  if (auto retired = retire_rotated_volume(call, record.value())) return *retired;
   ApiResponse r;
   r.body[api::field::kVolumeId] = call.volume_id;
   r.body[api::field::kState] = "active";
   return r;
+}
+
+std::optional<Refusal> KeyService::retire_rotated_volume(const Call& call, const VolumeRecord& confirmed) {
+  auto policy = stored_policy(confirmed);
+  if (!policy.ok()) return policy.refusal();
+  const std::string& old_id = policy->rotates;
+  if (old_id.empty()) return std::nullopt;
+  auto old_record = store_.get_volume(old_id);
+  if (!old_record.is_ok()) {
+    return server_error("rotation not completed", str_cat("volume ", old_id, ": ", old_record.status().message()));
+  }
+  if (old_record->state == VolumeState::kRevoked) return std::nullopt;  // a confirm asked again
+  auto old_policy = stored_policy(old_record.value());
+  if (!old_policy.ok()) return old_policy.refusal();
+  // The rotation token bound the old volume's instance; a mismatch here is
+  // a store edited by hand, and nothing is revoked on its word.
+  const PlatformSpec* spec = platform_spec(policy->platform);
+  const std::string claim = spec != nullptr ? spec->instance_claim : "";
+  if (claim.empty() || old_policy->platform != policy->platform ||
+      old_policy->require.count(claim) == 0 || old_policy->require.at(claim) != policy->require.at(claim)) {
+    return server_error("rotation not completed", str_cat("volume ", old_id, " is not this instance's"));
+  }
+  // The new keyslot opens (the client checked before it confirmed): from
+  // now on only the new secret is released, and the old one, in every copy
+  // of the volume made before, is refused.
+  Status s = store_.transition_volume(old_id, old_record->state, VolumeState::kRevoked, clock_.now_unix());
+  if (!s.is_ok() && s.kind() != ErrorKind::kConflict) {
+    return server_error("rotation not completed", str_cat("revoking volume ", old_id, ": ", s.message()));
+  }
+  const AuditEvent event{clock_.now_unix(), "rotate", "ok", old_id, call.peer,
+                         str_cat("replaced by volume ", call.volume_id, ": revoked")};
+  log_audit(event, store_.append_audit(event));
+  return std::nullopt;
 }
 
 Result<size_t> KeyService::expire_pending_volumes() {

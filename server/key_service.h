@@ -135,6 +135,10 @@ class KeyService {
                                                   const std::optional<Identity>& identity,
                                                   std::string* how,
                                                   std::optional<Bytes>* token_hash);
+  // A confirmed volume that an administrator's rotation made revokes the
+  // volume it replaces (audited as rotate); a refusal if that cannot be
+  // done, so that the client asks again.
+  std::optional<Refusal> retire_rotated_volume(const Call& call, const VolumeRecord& confirmed);
   // A 429 when `key`'s bucket is empty (audited once per burst).
   std::optional<Refusal> limit(RateLimiter& limiter, const std::string& key, const char* what);
   std::optional<Refusal> limit_instance(const Identity& identity);

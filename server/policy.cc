@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/json.h"
+#include "core/protocol.h"
 #include "tpm/tpm2_format.h"
 
 namespace keygate::server {
@@ -158,6 +159,7 @@ Json::Value VolumePolicy::to_json() const {
   if (tpm) v["tpm"] = tpm->to_json();
   if (!named_policy.empty()) v["named_policy"] = named_policy;
   if (!issued_by.empty()) v["issued_by"] = issued_by;
+  if (!rotates.empty()) v["rotates"] = rotates;
   for (const auto& [key, set] : {std::pair{"revoked_instances", &revoked_instances},
                                  std::pair{"known_instances", &known_instances}}) {
     if (set->empty()) continue;
@@ -214,6 +216,11 @@ Result<VolumePolicy> VolumePolicy::from_json(const Json::Value& v) {
   auto issuer = json_optional_string(v, "issued_by", kMaxAdminNameLength);
   if (!issuer.is_ok()) return issuer.status().with_context("policy");
   p.issued_by = std::move(issuer).value();
+  auto rotates = json_optional_string(v, "rotates", 36);
+  if (!rotates.is_ok() || !(rotates->empty() || api::is_valid_volume_id(rotates.value()))) {
+    return Status::error(ErrorKind::kInvalidArgument, "policy: 'rotates' must be a volume id");
+  }
+  p.rotates = std::move(rotates).value();
   for (const auto& [key, set] : {std::pair{"revoked_instances", &p.revoked_instances},
                                  std::pair{"known_instances", &p.known_instances}}) {
     if (!v.isMember(key)) continue;
@@ -276,6 +283,7 @@ Json::Value EnrollmentTemplate::to_json() const {
   v["image_group"] = image_group;
   if (!named_policy.empty()) v["policy"] = named_policy;
   if (!issued_by.empty()) v["issued_by"] = issued_by;
+  if (!rotates.empty()) v["rotates"] = rotates;
   return v;
 }
 
@@ -294,6 +302,9 @@ Result<EnrollmentTemplate> EnrollmentTemplate::from_json(const Json::Value& v) {
   auto issuer = json_optional_string(v, "issued_by", kMaxAdminNameLength);
   if (!issuer.is_ok()) return issuer.status().with_context("enrollment template");
   t.issued_by = std::move(issuer).value();
+  auto rotates = json_optional_string(v, "rotates", 36);
+  if (!rotates.is_ok()) return rotates.status().with_context("enrollment template");
+  t.rotates = std::move(rotates).value();
   KEYGATE_RETURN_IF_ERROR(t.validate());
   return t;
 }
@@ -326,6 +337,10 @@ Status EnrollmentTemplate::validate() const {
                                    " characters"));
     }
   }
+  if (!rotates.empty() && (!api::is_valid_volume_id(rotates) || image_group || !require.count(spec->instance_claim))) {
+    return Status::error(ErrorKind::kInvalidArgument,
+                         "a rotation token names a volume id and binds the volume's one instance");
+  }
   if (image_group && require.count(spec->instance_claim)) {
     return Status::error(ErrorKind::kInvalidArgument,
                          str_cat("an image-group token cannot bind '", spec->instance_claim, "'"));
@@ -347,6 +362,7 @@ Result<VolumePolicy> policy_for_enrollment(const EnrollmentTemplate& tmpl,
   p.require = tmpl.require;
   p.named_policy = tmpl.named_policy;
   p.issued_by = tmpl.issued_by;
+  p.rotates = tmpl.rotates;
   if (identity != nullptr) {
     // Every claim the token names must hold for the enrolling instance,
     // except a group volume's group claims: the image it is baked into is

@@ -70,6 +70,7 @@ struct TpmPolicy {
 constexpr size_t kMaxAcceptedPcrValues = 64;
 
 constexpr size_t kMaxPolicyNameLength = 64;
+
 // A person's name in an admin certificate.
 constexpr size_t kMaxAdminNameLength = 64;
 // Whether a policy file's policy name is well formed: 1 to 64 of
@@ -96,6 +97,9 @@ struct VolumePolicy {
   // manual-first: the instances whose first release was approved; their
   // later releases need no approval. At most kMaxRevokedInstances.
   std::set<std::string> known_instances;
+  // The volume this one replaces (an administrator's rotation): confirming
+  // this one revokes that one.
+  std::string rotates;
 
   // Whether the volume is an image group's (it binds no one instance).
   bool is_image_group() const;
@@ -121,6 +125,7 @@ struct EnrollmentTemplate {
   bool image_group = false;  // true: do not bind the enrolling instance
   std::string named_policy;  // a policy of the policy file the volume refers to
   std::string issued_by;     // the admin who issued the token, if through the admin API
+  std::string rotates;       // a rotation token's: the volume the new one replaces
 
   Json::Value to_json() const;
   static Result<EnrollmentTemplate> from_json(const Json::Value& v);

@@ -2,7 +2,9 @@
 // policy file, people's certificates from its admin CA (mTLS), the real
 // keygate unlocker waiting on a real LUKS2 header, and the real
 // `keygate-server admin` commands deciding.
+#include <atomic>
 #include <future>
+#include <thread>
 
 #include "tests/keygate_fixture.h"
 
@@ -315,6 +317,98 @@ TEST_F(ApprovalTest, AnAdminRevokesOneInstanceOfAGroupThroughTheApi) {
   EXPECT_TRUE(contains(audit(), "revoke.instance ok volume=" + vid + " peer=127.0.0.1 by alice (admin): instance " +
                                     id.instance))
       << audit();
+}
+
+// An administrator rotates a volume's secret: the admin API hands out a
+// one-use token bound to the volume's instance, the instance's `keygate
+// rotate` moves the device to a new secret, and confirming it revokes the
+// old volume, so a copy of the device taken before no longer opens. Unlocks
+// running meanwhile all open the device.
+TEST_F(ApprovalTest, AnAdminRotatesAVolumeAndACopyTakenBeforeNoLongerOpens) {
+  auto [vol, vid] = enrolled_under("");
+  ASSERT_FALSE(vid.empty());
+  const std::string copy = dir_ + "/" + unique("snapshot") + ".img";
+  ASSERT_EQ(run({"cp", "--sparse=always", vol, copy}).exit_code, 0);
+  ASSERT_EQ(unlock(copy, emulator_).exit_code, 0);
+
+  RunResult r = admin("bob", {"rotate", vid});
+  EXPECT_EQ(r.exit_code, kExitRefused);  // an approver is not an admin
+  EXPECT_TRUE(contains(r.err, "bob is approver; this needs the admin role")) << r.err;
+  r = admin("alice", {"rotate", vid, "--ttl", "0"});
+  EXPECT_EQ(r.exit_code, kExitUsage) << r.err;
+  r = admin("alice", {"rotate", "no-such-volume"});
+  EXPECT_NE(r.exit_code, 0);
+  RunResult issued = admin("alice", {"rotate", vid});
+  ASSERT_EQ(issued.exit_code, 0) << issued.err;
+  EXPECT_TRUE(contains(issued.err, "keygate rotate DEVICE --enrollment-token-file")) << issued.err;
+  const std::string token_file = dir_ + "/" + unique("rotation-token");
+  write_file(token_file, issued.out);
+
+  // Unlocks while the rotation runs (paced within the instance's rate limit).
+  std::atomic<bool> stop{false};
+  std::vector<RunResult> during;
+  std::thread unlocker([&] {
+    for (int i = 0; i < 12 && !stop; ++i) {
+      during.push_back(unlock(vol, emulator_));
+      std::this_thread::sleep_for(std::chrono::milliseconds(150));
+    }
+  });
+  RunResult rotated = run({bin("keygate"), "rotate", vol, "--enrollment-token-file", token_file, "--metadata-url",
+                           emulator_.url(), "--timeout", "10"});
+  stop = true;
+  unlocker.join();
+  ASSERT_EQ(rotated.exit_code, 0) << rotated.err;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(rotated.out, m, std::regex("rotated from volume ([0-9a-f-]+) to volume ([0-9a-f-]+)")))
+      << rotated.out;
+  EXPECT_EQ(m[1].str(), vid);
+  const std::string new_id = m[2].str();
+  EXPECT_FALSE(during.empty());
+  for (const RunResult& u : during) EXPECT_EQ(u.exit_code, 0) << u.err;
+
+  // The old volume is revoked: the device opens with its new secret, the
+  // copy taken before (the old token and keyslot only) does not.
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  RunResult old_copy = unlock(copy, emulator_);
+  EXPECT_EQ(old_copy.exit_code, kExitRefused) << old_copy.err;
+  EXPECT_TRUE(contains(admin("vic", {"volume", vid}).out, "\"state\" : \"revoked\"")) << admin("vic", {"volume", vid}).out;
+  EXPECT_TRUE(contains(admin("vic", {"volume", new_id}).out, "\"state\" : \"active\""));
+  RunResult status = run({bin("keygate"), "status", vol, "--json"});
+  EXPECT_TRUE(contains(status.out, new_id) && !contains(status.out, vid)) << status.out;
+
+  // The token was for one use, and only an active volume is rotated.
+  const std::string header = read_file(vol).substr(0, 1 << 20);
+  RunResult again = run({bin("keygate"), "rotate", vol, "--enrollment-token-file", token_file, "--metadata-url",
+                         emulator_.url(), "--timeout", "10"});
+  EXPECT_NE(again.exit_code, 0);
+  EXPECT_EQ(read_file(vol).substr(0, 1 << 20), header);
+  r = admin("alice", {"rotate", vid});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_TRUE(contains(r.err, "is revoked; only an active volume is rotated")) << r.err;
+
+  const std::string trail = audit();
+  EXPECT_TRUE(contains(trail, "rotate.request ok volume=" + vid + " peer=127.0.0.1 by alice (admin)")) << trail;
+  EXPECT_TRUE(contains(trail, "rotate ok volume=" + vid)) << trail;
+  EXPECT_TRUE(contains(trail, "replaced by volume " + new_id)) << trail;
+  EXPECT_EQ(run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state}).exit_code, 0);
+}
+
+// A group's secret opens every instance's copy: it is not rotated (each
+// instance moves to a key of its own instead), and a token made by hand
+// cannot claim to be a rotation.
+TEST_F(ApprovalTest, AnImageGroupsVolumeIsNotRotatedAndNoTokenClaimsToRotate) {
+  auto [vol, vid] = enrolled_under("", {"--image-group"});
+  ASSERT_FALSE(vid.empty());
+  RunResult r = admin("alice", {"rotate", vid});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_TRUE(contains(r.err, "is an image group's; each instance moves to a key of its own")) << r.err;
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  const std::string people_ca = folder("alice");
+  RunResult forged = run({"curl", "-s", "--cacert", people_ca + "/server-ca.pem", "--cert", people_ca + "/cert.pem", "--key",
+                          people_ca + "/key.pem", "-H", "Content-Type: application/json", "--data",
+                          R"({"platform": "aws", "require": {}, "rotates": ")" + vid + R"("})",
+                          server_.url() + "/v1/admin/tokens"});
+  EXPECT_TRUE(contains(forged.out, "a rotation token comes from volumes/ID/rotate")) << forged.out << forged.err;
 }
 
 // The admin API's input, from a client with a valid approver certificate:
