@@ -325,22 +325,10 @@ TEST_F(KeygateTest, PolicyFileConditionsAndReloadOnSighup) {
   const std::string later = enrolled_with("later");
   EXPECT_EQ(unlock(web, emulator_).exit_code, 0);
   EXPECT_EQ(unlock(later, emulator_).exit_code, 0);
-  auto audit = [&] { return run({bin("keygate-server"), "audit", "--state-dir", server_.state, "--limit", "1000"}).out; };
+  auto audit = [&] { return audit_text(server_); };
   // The audit shows the file loaded with its hash.
   EXPECT_TRUE(contains(audit(), "policy.load ok volume=- peer=local " + file + " sha256 ")) << audit();
-
-  auto reload = [&](const std::string& text, size_t loads) {
-    write_file(file, text);
-    EXPECT_EQ(kill(server_.process.pid(), SIGHUP), 0);
-    for (int i = 0; i < 100; ++i) {
-      const std::string trail = audit();
-      size_t n = 0;
-      for (size_t at = trail.find("policy.load"); at != std::string::npos; at = trail.find("policy.load", at + 1)) ++n;
-      if (n >= loads) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    ADD_FAILURE() << "the reload was not audited: " << audit();
-  };
+  auto reload = [&](const std::string& text, size_t loads) { reload_policy_file(server_, file, text, loads); };
   // "later" given hours that do not include now: refused.
   reload(policies(both, away), 2);
   RunResult r = unlock(later, emulator_);
@@ -392,6 +380,48 @@ TEST_F(KeygateTest, PolicyFileConditionsAndReloadOnSighup) {
 // token.
 // days_utc, through a real server: a policy for today admits, one for
 // every other day refuses, and a reload moves a volume between them.
+// Each claim a policy file can require, through a real server: the
+// instance's own value admits it, another value refuses it (named in the
+// trail), and its value again admits it.
+TEST_F(KeygateTest, EachClaimOfAPolicyAdmitsTheMatchingInstanceAndRefusesAnother) {
+  const Identity id;
+  const std::string file = dir_ + "/" + unique("claims") + ".json";
+  auto policy = [&](const std::string& claim, const std::string& value) {
+    std::string require = str_cat("\"account_id\": \"", id.account, "\"");
+    if (claim != "account_id") require += str_cat(", \"", claim, "\": \"", value, "\"");
+    else require = str_cat("\"account_id\": \"", value, "\"");
+    return str_cat("{\"policies\": {\"p\": {\"platform\": \"aws\", \"require\": {", require, "}}}}\n");
+  };
+  write_file(file, policy("region", id.region));
+  server_.process.stop();
+  server_ = start_server("claims", {"--policy-file", file});
+  ASSERT_GT(server_.port, 0) << read_file(server_.process.log_path());
+  const std::string vol = new_volume_file();
+  RunResult enrolled = enroll_format(vol, server_, make_token(server_, {"--policy", "p", "--policy-file", file}),
+                                     emulator_);
+  ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
+  const std::vector<std::tuple<std::string, std::string, std::string>> claims = {
+      {"account_id", id.account, "210987654321"},
+      {"region", id.region, "eu-west-1"},
+      {"availability_zone", id.region + "a", id.region + "b"},
+      {"image_id", id.image, "ami-0ccccccccccccccc2"},
+      {"instance_id", id.instance, "i-0ddddddddddddddd3"},
+      {"instance_type", "t3.micro", "m5.large"}};
+  size_t loads = 1;
+  for (const auto& [claim, mine, other] : claims) {
+    reload_policy_file(server_, file, policy(claim, mine), ++loads);
+    RunResult r = unlock(vol, emulator_);
+    EXPECT_EQ(r.exit_code, 0) << claim << ": " << r.err;
+    reload_policy_file(server_, file, policy(claim, other), ++loads);
+    r = unlock(vol, emulator_);
+    EXPECT_EQ(r.exit_code, kExitRefused) << claim << ": " << r.err;
+    EXPECT_TRUE(contains(audit_text(server_), str_cat("policy p: ", claim, " ", mine, " is not allowed")))
+        << claim << ": " << audit_text(server_);
+  }
+  reload_policy_file(server_, file, policy("instance_type", "t3.micro"), ++loads);
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+}
+
 TEST_F(KeygateTest, APolicysDaysOfTheWeekAdmitOnlyOnThoseDays) {
   const Identity id;
   static const char* kDays[] = {"mon", "tue", "wed", "thu", "fri", "sat", "sun"};

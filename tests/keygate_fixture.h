@@ -10,6 +10,7 @@
 #include <sqlite3.h>
 
 #include <arpa/inet.h>
+#include <signal.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -197,6 +198,27 @@ class KeygateTest : public ::testing::Test {
       d.server = start_server(d.name, {"--listen", "127.0.0.1:" + std::to_string(d.server.port)},
                               d.server.state);
     });
+  }
+
+  // The server's audit trail, as the host's `keygate-server audit` prints it.
+  std::string audit_text(const Server& server) {
+    return run({bin("keygate-server"), "audit", "--state-dir", server.state, "--limit", "1000"}).out;
+  }
+
+  // Writes `text` to `server`'s policy file and sends SIGHUP; returns once
+  // the trail holds `loads` policy.load records (the reload's, either way).
+  void reload_policy_file(const Server& server, const std::string& file, const std::string& text, size_t loads) {
+    write_file(file, text);
+    EXPECT_EQ(kill(server.process.pid(), SIGHUP), 0);
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (std::chrono::steady_clock::now() < give_up) {
+      const std::string trail = audit_text(server);
+      size_t n = 0;
+      for (size_t at = trail.find("policy.load"); at != std::string::npos; at = trail.find("policy.load", at + 1)) ++n;
+      if (n >= loads) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    ADD_FAILURE() << "the reload was not audited: " << audit_text(server);
   }
 
   RunResult unlock(const std::string& volume, const Emulator& emu) {
