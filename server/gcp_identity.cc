@@ -269,6 +269,13 @@ Result<Identity> verify_gcp_identity_token(std::string_view token, const JwkSet&
     }
     id.claims["license_id"] = joined;
   }
+  // The instance's service account, as Google states it (verified). One
+  // that is absent, unverified or too long sets no claim: a policy that
+  // requires one then refuses.
+  if (p["email"].isString() && p["email_verified"].isBool() && p["email_verified"].asBool()) {
+    const std::string email = p["email"].asString();
+    if (!email.empty() && email.size() <= 128 && printable(email, 128) == email) id.claims["service_account"] = email;
+  }
   return id;
 }
 

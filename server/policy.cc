@@ -25,7 +25,7 @@ const std::vector<PlatformSpec>& specs() {
       // GCP identity tokens do not name the image: a group volume is bound to
       // the project (and whatever else the token names).
       {"gcp",
-       {"project_id", "project_number", "zone", "instance_id", "instance_name", "license_id"},
+       {"project_id", "project_number", "zone", "instance_id", "instance_name", "license_id", "service_account"},
        {"project_id"},
        "instance_id",
        {},

@@ -49,6 +49,7 @@ TEST(GcpIdentity, RealTokenVerifies) {
   EXPECT_EQ(id->claim("instance_id"), "2589221140676718026");
   EXPECT_EQ(id->claim("instance_name"), "instance-1");
   EXPECT_EQ(id->claim("license_id"), "5731035067256925298");
+  EXPECT_EQ(id->claim("service_account"), "161958465613-compute@developer.gserviceaccount.com");
 }
 
 TEST(GcpIdentity, EveryAlteredByteIsRefused) {

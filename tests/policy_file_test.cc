@@ -32,7 +32,9 @@ constexpr char kFile[] = R"({
       "require": {"account_id": "111122223333"},
       "hours_utc": "22:00-06:00"
     },
-    "gcp-batch": {"platform": "gcp", "require": {"project_id": "batch-prod"}}
+    "gcp-batch": {"platform": "gcp", "require": {"project_id": "batch-prod"}},
+    "gcp-runner": {"platform": "gcp", "require": {"project_id": "batch-prod",
+                   "service_account": "runner@batch-prod.iam.gserviceaccount.com"}}
   }
 })";
 
@@ -41,7 +43,7 @@ constexpr int64_t kMonday0900 = 1764579600;  // 2025-12-01T09:00:00Z
 TEST(PolicyFile, ParsesAndRecordsWhereEachPolicyIs) {
   auto set = parse_policy_file(kFile, "policy.json");
   ASSERT_TRUE(set.is_ok()) << set.status().message();
-  EXPECT_EQ(set->policies.size(), 4u);
+  EXPECT_EQ(set->policies.size(), 5u);
   EXPECT_EQ(set->policies.at("web").line, 3);
   EXPECT_EQ(set->policies.at("office-hours").line, 7);
   EXPECT_EQ(set->sha256.size(), 64u);
@@ -68,6 +70,17 @@ TEST(PolicyFile, EachConditionAdmitsTheMatchingInstanceAndRefusesAnother) {
   s = evaluate_named_policy(web, gcp, kMonday0900);
   EXPECT_TRUE(contains(s.message(), "platform gcp, not aws")) << s.message();
   EXPECT_TRUE(evaluate_named_policy(set.policies.at("gcp-batch"), gcp, kMonday0900).is_ok());
+  // A service account, where the platform reports one: required, it must be
+  // there and be that one.
+  const NamedPolicy& runner = set.policies.at("gcp-runner");
+  EXPECT_EQ(evaluate_named_policy(runner, gcp, kMonday0900).kind(), ErrorKind::kRefused);
+  Identity as_runner = gcp;
+  as_runner.claims["service_account"] = "runner@batch-prod.iam.gserviceaccount.com";
+  EXPECT_TRUE(evaluate_named_policy(runner, as_runner, kMonday0900).is_ok());
+  as_runner.claims["service_account"] = "123-compute@developer.gserviceaccount.com";
+  s = evaluate_named_policy(runner, as_runner, kMonday0900);
+  EXPECT_TRUE(contains(s.message(), "service_account 123-compute@developer.gserviceaccount.com is not allowed"))
+      << s.message();
 
   const NamedPolicy& office = set.policies.at("office-hours");
   const Identity ok = aws("111122223333", "us-east-1");
