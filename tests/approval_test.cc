@@ -467,6 +467,21 @@ TEST_F(ApprovalTest, TheAdminApiRefusesGarbageWithClearErrors) {
   }
   RunResult certs = admin("vic", {"certs"});
   EXPECT_FALSE(contains(certs.out, "mallory")) << certs.out;
+  // An admin's bad rotation requests: refused, no token made.
+  const std::string rotate = "/v1/admin/volumes/" + vid + "/rotate";
+  const std::vector<std::pair<std::string, std::string>> rotations = {
+      {rotate, R"({"ttl": 0})"},
+      {rotate, R"({"ttl": "3600"})"},
+      {rotate, R"({"ttl": 99999999999})"},
+      {rotate, R"({"uses": 5})"},
+      {rotate, "[1, 2]"},
+      {"/v1/admin/volumes/%1b%5b2J/rotate", "{}"}};
+  for (const auto& [path, body] : rotations) {
+    auto res = alice.Post(path, body, "application/json");
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 400) << path << " " << body << ": " << res->body;
+  }
+  EXPECT_FALSE(contains(audit(), "rotate.request")) << audit();
   // Still pending, still decidable, and the waiting unlock completes.
   RunResult r = admin("bob", {"approve", rid, "--reason", "after the garbage"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
