@@ -71,6 +71,8 @@ constexpr char kRequestId[] = "request_id";
 constexpr char kEnrollmentToken[] = "enrollment_token";
 constexpr char kDescription[] = "description";
 constexpr char kProof[] = "proof";
+constexpr char kRotates[] = "rotates";
+constexpr char kRotatesProof[] = "rotates_proof";
 constexpr char kWrapped[] = "wrapped";
 constexpr char kPolicy[] = "policy";
 constexpr char kState[] = "state";
@@ -112,5 +114,10 @@ Bytes enrollment_confirmation(const SecretBuffer& secret, std::string_view volum
 // (its keyslot removed), that it holds the secret:
 // HMAC-SHA256(secret, "keygate-v1 abandon" || volume_id).
 Bytes enrollment_abandonment(const SecretBuffer& secret, std::string_view volume_id);
+
+// Proof, sent with a registration that replaces a volume (keygate rotate),
+// that the client holds the old volume's secret now:
+// HMAC-SHA256(old secret, "keygate-v1 rotate" || old volume_id || nonce).
+Bytes rotation_proof(const SecretBuffer& old_secret, std::string_view old_volume_id, const Bytes& nonce);
 
 }  // namespace keygate::api

@@ -680,6 +680,9 @@ Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view bod
     }
   }
   policy->tpm = tpm_policy;
+  auto replaced = replaced_volume(request.value(), attested->nonce, policy.value(), tmpl.value());
+  if (!replaced.ok()) return replaced.refusal();
+  policy->rotates = replaced.value();
   call.volume_id = new_volume_id();
   auto secret = SecretBuffer::random(api::kVolumeSecretSize);
   if (!secret.is_ok()) return server_error("no randomness", secret.status().message());
@@ -694,7 +697,8 @@ Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view bod
   const std::string who = identity ? identity->summary() : std::string("no evidence");
   // The token's use, the pending volume and its audit record: one
   // transaction, so a crash or a failure leaves all three or none.
-  const AuditEvent event{now, call.event, "ok", call.volume_id, call.peer, str_cat(who, ", by ", how)};
+  const AuditEvent event{now, call.event, "ok", call.volume_id, call.peer,
+                         str_cat(who, ", by ", how, policy->rotates.empty() ? "" : ", replacing volume " + policy->rotates)};
   Status recorded = store_.record_enrollment(token_hash ? &*token_hash : nullptr, now, record, event);
   log_audit(event, recorded);
   if (recorded.kind() == ErrorKind::kRefused) {  // the token's last use went to another request
@@ -754,6 +758,45 @@ Checked<ApiResponse> KeyService::serve_confirm(Call& call, std::string_view body
   r.body[api::field::kVolumeId] = call.volume_id;
   r.body[api::field::kState] = "active";
   return r;
+}
+
+Checked<std::string> KeyService::replaced_volume(const Json::Value& request, const Bytes& nonce,
+                                                 const VolumePolicy& policy, const EnrollmentTemplate& tmpl) {
+  if (!request.isMember(api::field::kRotates)) return tmpl.rotates;
+  auto old_id = json_string(request, api::field::kRotates, 64);
+  if (!old_id.is_ok() || !api::is_valid_volume_id(old_id.value())) return bad_request("rotates: not a volume id");
+  auto proof = decode_fixed(request, api::field::kRotatesProof, kSha256Size);
+  if (!proof.ok()) return proof.refusal();
+  if (!tmpl.rotates.empty() && tmpl.rotates != old_id.value()) {
+    return refused(api::kErrTokenInvalid, "this token rotates another volume",
+                   str_cat("token rotates volume ", tmpl.rotates, ", not ", old_id.value()));
+  }
+  auto old_record = load_volume(old_id.value());
+  if (!old_record.ok()) return old_record.refusal();
+  if (old_record->state != VolumeState::kActive) {
+    return refused(api::kErrRevoked, "the volume to replace is not active",
+                   str_cat("rotation of volume ", old_id.value(), ", which is ", volume_state_name(old_record->state)));
+  }
+  auto old_secret = open_volume_secret(kek_, old_record->sealed_secret, old_id.value());
+  if (!old_secret.is_ok()) return server_error("volume secret unavailable", old_secret.status().message());
+  if (!constant_time_equal(api::rotation_proof(old_secret.value(), old_id.value(), nonce), proof.value())) {
+    return refused(api::kErrPolicyDenied, "rotation proof does not match",
+                   str_cat("rotation proof for volume ", old_id.value(), " does not match"));
+  }
+  auto old_policy = stored_policy(old_record.value());
+  if (!old_policy.ok()) return old_policy.refusal();
+  // An image group's volume stays: the group's other instances open it.
+  if (old_policy->is_image_group()) return tmpl.rotates;
+  const PlatformSpec* spec = platform_spec(policy.platform);
+  const std::string claim = spec != nullptr ? spec->instance_claim : "";
+  const auto mine = policy.require.find(claim);
+  const auto theirs = old_policy->require.find(claim);
+  if (old_policy->platform != policy.platform || mine == policy.require.end() ||
+      theirs == old_policy->require.end() || mine->second != theirs->second) {
+    return refused(api::kErrPolicyDenied, "the volume to replace is another instance's",
+                   str_cat("rotation of volume ", old_id.value(), ", bound to another instance"));
+  }
+  return old_id.value();
 }
 
 std::optional<Refusal> KeyService::retire_rotated_volume(const Call& call, const VolumeRecord& confirmed) {

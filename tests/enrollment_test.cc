@@ -212,6 +212,9 @@ TEST_F(KeygateTest, RotationUnderConcurrentUnlocksNeverLeavesTheVolumeUnopenable
   ASSERT_GT(server_.port, 0);
   auto [vol, id] = enrolled_volume();
   ASSERT_FALSE(id.empty());
+  // A copy of the device (a snapshot) taken before the rotations.
+  const std::string copy = dir_ + "/" + unique("snapshot") + ".img";
+  ASSERT_EQ(run({"cp", "--sparse=always", vol, copy}).exit_code, 0);
   std::atomic<bool> stop{false};
   std::atomic<int> unlocks{0};
   std::mutex mu;
@@ -252,6 +255,37 @@ TEST_F(KeygateTest, RotationUnderConcurrentUnlocksNeverLeavesTheVolumeUnopenable
   EXPECT_TRUE(contains(status.out, volume_ids.back())) << status.out;
   for (size_t i = 0; i + 1 < volume_ids.size(); ++i) EXPECT_FALSE(contains(status.out, volume_ids[i])) << status.out;
   EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  // Each rotation retired the volume it replaced: the copy no longer opens.
+  RunResult old_copy = unlock(copy, emulator_);
+  EXPECT_EQ(old_copy.exit_code, kExitRefused) << old_copy.err;
+  const std::string listed = run({bin("keygate-server"), "volumes", "list", "--state-dir", server_.state}).out;
+  for (size_t i = 0; i + 1 < volume_ids.size(); ++i) {
+    EXPECT_TRUE(std::regex_search(listed, std::regex(volume_ids[i] + " +revoked"))) << listed;
+  }
+}
+
+// An image's root moves from the group's key to a key of its own: the group
+// volume stays open for the image's other instances (their disks are copies
+// of the same image), while the instance's own device opens with its own key.
+TEST_F(KeygateTest, RotatingOffAnImageGroupsKeyLeavesTheGroupOpenForItsOthers) {
+  Identity builder;
+  std::string token = make_token(server_, {"--image-group", "--account", builder.account, "--region",
+                                           builder.region, "--image-id", builder.image});
+  std::string vol = new_volume_file();
+  RunResult e = run({bin("keygate"), "enroll", vol, "--format", "--no-recovery", "--no-evidence", "--server",
+                     server_.url(), "--ca", server_.ca(), "--enrollment-token-file", token});
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  const std::string other_disk = dir_ + "/" + unique("other-instance") + ".img";
+  ASSERT_EQ(run({"cp", "--sparse=always", vol, other_disk}).exit_code, 0);
+  RunResult r = run({bin("keygate"), "rotate", vol, "--enrollment-token-file", make_token(server_), "--metadata-url",
+                     emulator_.url(), "--timeout", "10"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  Identity other = builder;
+  other.instance = "i-0eeeeeeeeeeeeeee1";
+  Emulator emu = start_emulator(other, dir_ + "/emu");
+  RunResult theirs = unlock(other_disk, emu);
+  EXPECT_EQ(theirs.exit_code, 0) << theirs.err;
 }
 
 TEST_F(KeygateTest, FormatRefusesDeviceWithFilesystemAndServerDownLeavesDeviceUntouched) {

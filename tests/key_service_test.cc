@@ -562,6 +562,69 @@ TEST_F(KeyServiceTest, RegistersConfirmsAndUnlocks) {
   EXPECT_EQ(unlock(unlock_request(vid)).status, 200);
 }
 
+// A registration that replaces a volume (keygate rotate) proves, over its
+// own nonce, that it holds that volume's secret; confirming the new volume
+// revokes the old one if it was this instance's alone, never an image
+// group's (the group's other instances open it) nor another instance's.
+TEST_F(KeyServiceTest, ARotationProvesTheOldSecretAndRetiresOnlyThisInstancesVolume) {
+  auto replacing = [&](const std::string& id, const SecretBuffer& secret, bool other_nonce = false) {
+    Json::Value req = registration();
+    Bytes nonce = base64_decode(req[api::field::kNonce].asString()).value();
+    if (other_nonce) nonce[0] ^= 1;
+    req[api::field::kRotates] = id;
+    req[api::field::kRotatesProof] = base64_encode(api::rotation_proof(secret, id, nonce));
+    return std::make_pair(service_->enroll_register(to_json(req), "peer"), req);
+  };
+  auto confirm = [&](const ApiResponse& reg, const Json::Value& req) {
+    const std::string vid = reg.body[api::field::kVolumeId].asString();
+    const Bytes nonce = base64_decode(req[api::field::kNonce].asString()).value();
+    auto secret = unwrap_secret(WrappedSecret::from_json(reg.body[api::field::kWrapped]).value(), keys_, vid, nonce);
+    EXPECT_TRUE(secret.is_ok());
+    Json::Value c;
+    c[api::field::kVolumeId] = vid;
+    c[api::field::kProof] = base64_encode(api::enrollment_confirmation(secret.value(), vid));
+    return service_->enroll_confirm(to_json(c), "peer");
+  };
+  const std::string old = add_volume(VolumeState::kActive);
+  const auto stranger = SecretBuffer::random(32).value();
+  // Not holding the old secret, or a proof over another nonce: refused,
+  // nothing stored.
+  for (bool replay : {false, true}) {
+    ApiResponse r = replacing(old, replay ? secrets_.at(old) : stranger, replay).first;
+    EXPECT_EQ(r.status, 403);
+    EXPECT_EQ(code_of(r), api::kErrPolicyDenied);
+    EXPECT_TRUE(contains(last_audit().detail, "rotation proof for volume " + old + " does not match"));
+  }
+  EXPECT_EQ(store_.list_volumes().value().size(), 1u);
+  // Another instance's volume is not this one's to replace.
+  const std::string theirs = add_volume(VolumeState::kActive, {{"account_id", kAccount}, {"region", "ap-southeast-2"},
+                                                               {"instance_id", "i-0ffffffffffffffff"}});
+  EXPECT_EQ(code_of(replacing(theirs, secrets_.at(theirs)).first), api::kErrPolicyDenied);
+  EXPECT_TRUE(contains(last_audit().detail, "bound to another instance")) << last_audit().detail;
+
+  // This instance's own: registered, and confirming revokes the old one.
+  auto [reg, req] = replacing(old, secrets_.at(old));
+  ASSERT_EQ(reg.status, 200) << to_json(reg.body);
+  EXPECT_TRUE(contains(last_audit().detail, "replacing volume " + old)) << last_audit().detail;
+  EXPECT_EQ(store_.get_volume(old)->state, VolumeState::kActive);  // until the new one is confirmed
+  ASSERT_EQ(confirm(reg, req).status, 200);
+  EXPECT_EQ(store_.get_volume(old)->state, VolumeState::kRevoked);
+  EXPECT_EQ(last_audit().event, "rotate");
+  EXPECT_EQ(last_audit().volume_id, old);
+  EXPECT_EQ(code_of(unlock(unlock_request(old))), api::kErrRevoked);
+  // A revoked volume is not replaced again.
+  EXPECT_EQ(code_of(replacing(old, secrets_.at(old)).first), api::kErrRevoked);
+
+  // An image group's volume stays active for the group.
+  const std::string group = add_volume(VolumeState::kActive, {{"account_id", kAccount}, {"region", "ap-southeast-2"},
+                                                              {"image_id", "ami-0cbde744623b7506b"}});
+  auto [greg, greq] = replacing(group, secrets_.at(group));
+  ASSERT_EQ(greg.status, 200) << to_json(greg.body);
+  ASSERT_EQ(confirm(greg, greq).status, 200);
+  EXPECT_EQ(store_.get_volume(group)->state, VolumeState::kActive);
+  EXPECT_EQ(unlock(unlock_request(group)).status, 200);
+}
+
 TEST_F(KeyServiceTest, AWrongConfirmationProofIsRefusedAndAudited) {
   const std::string vid = add_volume(VolumeState::kPending);
   Json::Value confirm;

@@ -24,11 +24,12 @@ struct Registered {
 Result<Registered> register_with_first_server(const ServerChoice& choice, long timeout_ms,
                                               const SecretBuffer& token,
                                               EvidenceCollector* evidence, TpmAttester* tpm,
-                                              const std::string& description) {
+                                              const std::string& description,
+                                              const Replacing* replacing = nullptr) {
   Status last = Status::error(ErrorKind::kInvalidArgument, "no key server given");
   for (const auto& url : choice.servers) {
     auto r = register_volume(ServerEndpoint{url, choice.ca_pem, timeout_ms}, token, evidence, tpm,
-                             description);
+                             description, replacing);
     if (r.is_ok()) {
       log_info(str_cat("registered volume ", r->volume_id, " with ", url));
       return Registered{std::move(r).value(), url};
@@ -295,9 +296,13 @@ Result<Rotated> rotate_volume(const RotateRequest& r) {
                              r.settings.request_timeout_ms);
   std::unique_ptr<TpmAttester> tpm;
   if (old.tpm) tpm = std::make_unique<TpmAttester>(r.settings.tcti, *old.tpm);
+  // The server retires the old volume once the new one is confirmed (if it
+  // was this instance's alone): copies of the device made before then no
+  // longer open. The proof shows this client holds the old secret now.
+  const Replacing replacing{old.volume_id, &current->passphrase};
   auto registered = register_with_first_server(
       choice.value(), r.settings.request_timeout_ms, r.enrollment_token, &evidence, tpm.get(),
-      r.description.empty() ? "rotated from " + old.volume_id : r.description);
+      r.description.empty() ? "rotated from " + old.volume_id : r.description, &replacing);
   if (!registered.is_ok()) return registered.status();
   const SecretBuffer& passphrase = registered->enrollment.secret;
   KeygateToken token = old;

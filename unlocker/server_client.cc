@@ -210,7 +210,7 @@ Result<SecretBuffer> request_volume_secret(const ServerEndpoint& server,
 Result<Enrollment> register_volume(const ServerEndpoint& server,
                                    const SecretBuffer& enrollment_token,
                                    EvidenceCollector* evidence, TpmAttester* tpm,
-                                   const std::string& description) {
+                                   const std::string& description, const Replacing* replacing) {
   for (size_t i = 0; i < enrollment_token.size(); ++i) {
     char c = static_cast<char>(enrollment_token.data()[i]);
     bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
@@ -241,6 +241,11 @@ Result<Enrollment> register_volume(const ServerEndpoint& server,
     req[api::field::kTpm] = quote.value();
   }
   if (!description.empty()) req[api::field::kDescription] = description;
+  if (replacing != nullptr) {
+    req[api::field::kRotates] = replacing->volume_id;
+    const Bytes proof = api::rotation_proof(*replacing->secret, replacing->volume_id, challenge.value());
+    req[api::field::kRotatesProof] = base64_encode(proof.data(), proof.size());
+  }
   // Splice the token into the body inside secret memory:
   // {...,"enrollment_token":"TOKEN"}
   std::string head = to_json(req);

@@ -63,13 +63,21 @@ struct PendingApproval {
 };
 Result<PendingApproval> read_pending_approval(const Json::Value& answer);
 
+// The volume a registration replaces, and its secret (keygate rotate).
+struct Replacing {
+  std::string volume_id;
+  const SecretBuffer* secret = nullptr;
+};
+
 // Registers a new volume. `enrollment_token` travels only in secret memory.
+// With `replacing`, the server revokes that volume once the new one is
+// confirmed, if it was bound to this instance alone.
 // `evidence` may be null (image builders enrolling offline); with `tpm`,
 // the attestation key and a quote (the PCR baseline) are registered.
 Result<Enrollment> register_volume(const ServerEndpoint& server,
                                    const SecretBuffer& enrollment_token,
                                    EvidenceCollector* evidence, TpmAttester* tpm,
-                                   const std::string& description);
+                                   const std::string& description, const Replacing* replacing = nullptr);
 
 // Confirms that the keyslot holding `secret` is in place. The server
 // accepts a confirm again, so one whose answer was lost can be repeated.
