@@ -57,6 +57,7 @@ write("server_request", "unlock-tpm", request(0, dict(attested, volume_id=TPM_VO
 write("server_request", "register-tpm", request(1, dict(attested, evidence=aws, tpm=dict(tpm, sealed=False), enrollment_token="kgt_fuzztoken")))
 write("server_request", "register-by-attestation", request(1, dict(attested, evidence=gcp)))
 proof = b64(bytes(32))
+write("server_request", "register-rotates", request(1, dict(attested, evidence=aws, enrollment_token="kgt_fuzztoken", rotates=AWS_VOLUME, rotates_proof=proof)))
 write("server_request", "confirm", request(2, {"volume_id": PENDING_VOLUME, "proof": proof}))
 write("server_request", "abandon", request(3, {"volume_id": PENDING_VOLUME, "proof": proof}))
 write("server_request", "challenge", request(4, {}))
