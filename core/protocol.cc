@@ -36,7 +36,8 @@ Bytes enrollment_abandonment(const SecretBuffer& secret, std::string_view volume
   return hmac_sha256(secret, data);
 }
 
-Bytes rotation_proof(const SecretBuffer& old_secret, std::string_view old_volume_id, const Bytes& nonce) {
+Bytes rotation_proof(const SecretBuffer& old_secret, std::string_view old_volume_id,
+                     const Bytes& nonce) {
   std::string data = "keygate-v1 rotate";
   data.append(old_volume_id);
   data.append(reinterpret_cast<const char*>(nonce.data()), nonce.size());

@@ -118,6 +118,7 @@ Bytes enrollment_abandonment(const SecretBuffer& secret, std::string_view volume
 // Proof, sent with a registration that replaces a volume (keygate rotate),
 // that the client holds the old volume's secret now:
 // HMAC-SHA256(old secret, "keygate-v1 rotate" || old volume_id || nonce).
-Bytes rotation_proof(const SecretBuffer& old_secret, std::string_view old_volume_id, const Bytes& nonce);
+Bytes rotation_proof(const SecretBuffer& old_secret, std::string_view old_volume_id,
+                     const Bytes& nonce);
 
 }  // namespace keygate::api

@@ -410,7 +410,8 @@ ApiResponse AdminService::create_token(const AdminIdentity& who, Request& r) {
     return error_response(400, api::kErrBadRequest, "'issued_by' is the certificate's name, not a field");
   }
   if (tmpl_json.isMember("rotates")) {
-    return error_response(400, api::kErrBadRequest, "a rotation token comes from volumes/ID/rotate, not a field");
+    return error_response(400, api::kErrBadRequest,
+                          "a rotation token comes from volumes/ID/rotate, not a field");
   }
   tmpl_json["issued_by"] = who.name;
   auto tmpl = EnrollmentTemplate::from_json(tmpl_json);
@@ -433,31 +434,40 @@ ApiResponse AdminService::create_token(const AdminIdentity& who, Request& r) {
   return ok(v);
 }
 
-ApiResponse AdminService::rotate_volume(const AdminIdentity& who, Request& r, const std::string& id) {
-  auto ttl = r.json.isMember("ttl") ? json_int(r.json, "ttl", 1, kMaxTokenTtl) : Result<int64_t>(3600);
+ApiResponse AdminService::rotate_volume(const AdminIdentity& who, Request& r,
+                                        const std::string& id) {
+  auto ttl =
+      r.json.isMember("ttl") ? json_int(r.json, "ttl", 1, kMaxTokenTtl) : Result<int64_t>(3600);
   if (!ttl.is_ok()) return error_response(400, api::kErrBadRequest, ttl.status().message());
   for (const auto& key : r.json.getMemberNames()) {
-    if (key != "ttl") return error_response(400, api::kErrBadRequest, str_cat("unknown field '", printable(key, 64), "'"));
+    if (key != "ttl")
+      return error_response(400, api::kErrBadRequest,
+                            str_cat("unknown field '", printable(key, 64), "'"));
   }
   VolumeRecord record;
   if (auto failed = load_volume(id, &record)) return *failed;
   if (record.state != VolumeState::kActive) {
-    return error_response(409, admin_error::kConflict, str_cat("volume ", id, " is ", volume_state_name(record.state),
-                                                               "; only an active volume is rotated"));
+    return error_response(409, admin_error::kConflict,
+                          str_cat("volume ", id, " is ", volume_state_name(record.state),
+                                  "; only an active volume is rotated"));
   }
   auto parsed = parse_json_object(record.policy_json);
-  auto policy = parsed.is_ok() ? VolumePolicy::from_json(parsed.value()) : Result<VolumePolicy>(parsed.status());
-  if (!policy.is_ok()) return error_response(500, api::kErrInternal, "the volume's policy is unreadable");
+  auto policy = parsed.is_ok() ? VolumePolicy::from_json(parsed.value())
+                               : Result<VolumePolicy>(parsed.status());
+  if (!policy.is_ok())
+    return error_response(500, api::kErrInternal, "the volume's policy is unreadable");
   // A group's secret opens every instance's copy: replacing it would shut
   // out all the others. Each instance moves to a key of its own instead.
   if (policy->is_image_group()) {
     return error_response(409, admin_error::kConflict,
-                          str_cat("volume ", id, " is an image group's; each instance moves to a key of its own "
+                          str_cat("volume ", id,
+                                  " is an image group's; each instance moves to a key of its own "
                                   "with 'keygate rotate' and an enrollment token"));
   }
   if (policy->tpm && policy->tpm->sealed) {
-    return error_response(409, admin_error::kConflict,
-                          str_cat("volume ", id, " is two-factor (TPM-sealed); enroll it again instead"));
+    return error_response(
+        409, admin_error::kConflict,
+        str_cat("volume ", id, " is two-factor (TPM-sealed); enroll it again instead"));
   }
   EnrollmentTemplate tmpl;
   tmpl.platform = policy->platform;
@@ -466,12 +476,15 @@ ApiResponse AdminService::rotate_volume(const AdminIdentity& who, Request& r, co
   tmpl.issued_by = who.name;
   tmpl.rotates = id;
   if (Status valid = tmpl.validate(); !valid.is_ok()) {
-    return error_response(500, api::kErrInternal, str_cat("the volume's policy makes no token: ", valid.message()));
+    return error_response(500, api::kErrInternal,
+                          str_cat("the volume's policy makes no token: ", valid.message()));
   }
   const int64_t now = clock_.now_unix();
   auto token = create_enrollment_token(store_, tmpl, now, ttl.value(), 1);
-  if (!token.is_ok()) return error_response(500, api::kErrInternal, "the token could not be stored");
-  (void)audit(r, "rotate.request", "ok", id, str_cat("token for the new volume, ", ttl.value(), " s"));
+  if (!token.is_ok())
+    return error_response(500, api::kErrInternal, "the token could not be stored");
+  (void)audit(r, "rotate.request", "ok", id,
+              str_cat("token for the new volume, ", ttl.value(), " s"));
   Json::Value v(Json::objectValue);
   v["id"] = id;
   v["token"] = token.value();

@@ -390,8 +390,10 @@ int admin_command(const Args& args, const Settings& settings, const Result<Enrol
     // The token alone on stdout, as 'token create' prints one; what to do
     // with it on stderr.
     std::cout << res.value()["token"].asString() << "\n";
-    log_info(str_cat("volume ", third, ": on its instance, 'keygate rotate DEVICE --enrollment-token-file FILE' "
-                     "with this token moves it to a new secret; confirming that revokes this volume"));
+    log_info(
+        str_cat("volume ", third,
+                ": on its instance, 'keygate rotate DEVICE --enrollment-token-file FILE' "
+                "with this token moves it to a new secret; confirming that revokes this volume"));
     return 0;
   }
   if (sub == "token" && third == "create" && pos.size() == 3) {
@@ -432,9 +434,12 @@ int admin_command(const Args& args, const Settings& settings, const Result<Enrol
     std::cout << "policy loaded: " << text_of(res.value(), "loaded") << "\n";
     return 0;
   }
-  return usage("bootstrap | whoami | requests [--all] | request ID | approve ID --reason R | deny ID --reason R | "
-               "volumes | volume ID | instances | revoke VOLUME_ID [--instance ID] | rotate VOLUME_ID [--ttl S] | token create ... | certs | cert issue ... | cert revoke SERIAL | "
-               "policy reload");
+  return usage(
+      "bootstrap | whoami | requests [--all] | request ID | approve ID --reason R | deny ID "
+      "--reason R | "
+      "volumes | volume ID | instances | revoke VOLUME_ID [--instance ID] | rotate VOLUME_ID "
+      "[--ttl S] | token create ... | certs | cert issue ... | cert revoke SERIAL | "
+      "policy reload");
 }
 
 }  // namespace keygate::server

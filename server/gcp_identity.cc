@@ -274,7 +274,8 @@ Result<Identity> verify_gcp_identity_token(std::string_view token, const JwkSet&
   // requires one then refuses.
   if (p["email"].isString() && p["email_verified"].isBool() && p["email_verified"].asBool()) {
     const std::string email = p["email"].asString();
-    if (!email.empty() && email.size() <= 128 && printable(email, 128) == email) id.claims["service_account"] = email;
+    if (!email.empty() && email.size() <= 128 && printable(email, 128) == email)
+      id.claims["service_account"] = email;
   }
   return id;
 }

@@ -697,8 +697,14 @@ Checked<ApiResponse> KeyService::serve_register(Call& call, std::string_view bod
   const std::string who = identity ? identity->summary() : std::string("no evidence");
   // The token's use, the pending volume and its audit record: one
   // transaction, so a crash or a failure leaves all three or none.
-  const AuditEvent event{now, call.event, "ok", call.volume_id, call.peer,
-                         str_cat(who, ", by ", how, policy->rotates.empty() ? "" : ", replacing volume " + policy->rotates)};
+  const AuditEvent event{
+      now,
+      call.event,
+      "ok",
+      call.volume_id,
+      call.peer,
+      str_cat(who, ", by ", how,
+              policy->rotates.empty() ? "" : ", replacing volume " + policy->rotates)};
   Status recorded = store_.record_enrollment(token_hash ? &*token_hash : nullptr, now, record, event);
   log_audit(event, recorded);
   if (recorded.kind() == ErrorKind::kRefused) {  // the token's last use went to another request
@@ -761,10 +767,12 @@ Checked<ApiResponse> KeyService::serve_confirm(Call& call, std::string_view body
 }
 
 Checked<std::string> KeyService::replaced_volume(const Json::Value& request, const Bytes& nonce,
-                                                 const VolumePolicy& policy, const EnrollmentTemplate& tmpl) {
+                                                 const VolumePolicy& policy,
+                                                 const EnrollmentTemplate& tmpl) {
   if (!request.isMember(api::field::kRotates)) return tmpl.rotates;
   auto old_id = json_string(request, api::field::kRotates, 64);
-  if (!old_id.is_ok() || !api::is_valid_volume_id(old_id.value())) return bad_request("rotates: not a volume id");
+  if (!old_id.is_ok() || !api::is_valid_volume_id(old_id.value()))
+    return bad_request("rotates: not a volume id");
   auto proof = decode_fixed(request, api::field::kRotatesProof, kSha256Size);
   if (!proof.ok()) return proof.refusal();
   if (!tmpl.rotates.empty() && tmpl.rotates != old_id.value()) {
@@ -775,11 +783,14 @@ Checked<std::string> KeyService::replaced_volume(const Json::Value& request, con
   if (!old_record.ok()) return old_record.refusal();
   if (old_record->state != VolumeState::kActive) {
     return refused(api::kErrRevoked, "the volume to replace is not active",
-                   str_cat("rotation of volume ", old_id.value(), ", which is ", volume_state_name(old_record->state)));
+                   str_cat("rotation of volume ", old_id.value(), ", which is ",
+                           volume_state_name(old_record->state)));
   }
   auto old_secret = open_volume_secret(kek_, old_record->sealed_secret, old_id.value());
-  if (!old_secret.is_ok()) return server_error("volume secret unavailable", old_secret.status().message());
-  if (!constant_time_equal(api::rotation_proof(old_secret.value(), old_id.value(), nonce), proof.value())) {
+  if (!old_secret.is_ok())
+    return server_error("volume secret unavailable", old_secret.status().message());
+  if (!constant_time_equal(api::rotation_proof(old_secret.value(), old_id.value(), nonce),
+                           proof.value())) {
     return refused(api::kErrPolicyDenied, "rotation proof does not match",
                    str_cat("rotation proof for volume ", old_id.value(), " does not match"));
   }
@@ -799,14 +810,16 @@ Checked<std::string> KeyService::replaced_volume(const Json::Value& request, con
   return old_id.value();
 }
 
-std::optional<Refusal> KeyService::retire_rotated_volume(const Call& call, const VolumeRecord& confirmed) {
+std::optional<Refusal> KeyService::retire_rotated_volume(const Call& call,
+                                                         const VolumeRecord& confirmed) {
   auto policy = stored_policy(confirmed);
   if (!policy.ok()) return policy.refusal();
   const std::string& old_id = policy->rotates;
   if (old_id.empty()) return std::nullopt;
   auto old_record = store_.get_volume(old_id);
   if (!old_record.is_ok()) {
-    return server_error("rotation not completed", str_cat("volume ", old_id, ": ", old_record.status().message()));
+    return server_error("rotation not completed",
+                        str_cat("volume ", old_id, ": ", old_record.status().message()));
   }
   if (old_record->state == VolumeState::kRevoked) return std::nullopt;  // a confirm asked again
   auto old_policy = stored_policy(old_record.value());
@@ -816,17 +829,25 @@ std::optional<Refusal> KeyService::retire_rotated_volume(const Call& call, const
   const PlatformSpec* spec = platform_spec(policy->platform);
   const std::string claim = spec != nullptr ? spec->instance_claim : "";
   if (claim.empty() || old_policy->platform != policy->platform ||
-      old_policy->require.count(claim) == 0 || old_policy->require.at(claim) != policy->require.at(claim)) {
-    return server_error("rotation not completed", str_cat("volume ", old_id, " is not this instance's"));
+      old_policy->require.count(claim) == 0 ||
+      old_policy->require.at(claim) != policy->require.at(claim)) {
+    return server_error("rotation not completed",
+                        str_cat("volume ", old_id, " is not this instance's"));
   }
   // The new keyslot opens (the client checked before it confirmed): from
   // now on only the new secret is released, and the old one, in every copy
   // of the volume made before, is refused.
-  Status s = store_.transition_volume(old_id, old_record->state, VolumeState::kRevoked, clock_.now_unix());
+  Status s =
+      store_.transition_volume(old_id, old_record->state, VolumeState::kRevoked, clock_.now_unix());
   if (!s.is_ok() && s.kind() != ErrorKind::kConflict) {
-    return server_error("rotation not completed", str_cat("revoking volume ", old_id, ": ", s.message()));
+    return server_error("rotation not completed",
+                        str_cat("revoking volume ", old_id, ": ", s.message()));
   }
-  const AuditEvent event{clock_.now_unix(), "rotate", "ok", old_id, call.peer,
+  const AuditEvent event{clock_.now_unix(),
+                         "rotate",
+                         "ok",
+                         old_id,
+                         call.peer,
                          str_cat("replaced by volume ", call.volume_id, ": revoked")};
   log_audit(event, store_.append_audit(event));
   return std::nullopt;

@@ -139,8 +139,8 @@ class KeyService {
   // holds that volume's secret now; a volume bound to this instance alone is
   // returned (revoked once the new one is confirmed), an image group's is
   // not (""). A rotation token's volume if the request names none.
-  Checked<std::string> replaced_volume(const Json::Value& request, const Bytes& nonce, const VolumePolicy& policy,
-                                       const EnrollmentTemplate& tmpl);
+  Checked<std::string> replaced_volume(const Json::Value& request, const Bytes& nonce,
+                                       const VolumePolicy& policy, const EnrollmentTemplate& tmpl);
   // A confirmed volume that a rotation made revokes the
   // volume it replaces (audited as rotate); a refusal if that cannot be
   // done, so that the client asks again.

@@ -25,7 +25,8 @@ const std::vector<PlatformSpec>& specs() {
       // GCP identity tokens do not name the image: a group volume is bound to
       // the project (and whatever else the token names).
       {"gcp",
-       {"project_id", "project_number", "zone", "instance_id", "instance_name", "license_id", "service_account"},
+       {"project_id", "project_number", "zone", "instance_id", "instance_name", "license_id",
+        "service_account"},
        {"project_id"},
        "instance_id",
        {},
@@ -337,7 +338,8 @@ Status EnrollmentTemplate::validate() const {
                                    " characters"));
     }
   }
-  if (!rotates.empty() && (!api::is_valid_volume_id(rotates) || image_group || !require.count(spec->instance_claim))) {
+  if (!rotates.empty() &&
+      (!api::is_valid_volume_id(rotates) || image_group || !require.count(spec->instance_claim))) {
     return Status::error(ErrorKind::kInvalidArgument,
                          "a rotation token names a volume id and binds the volume's one instance");
   }

@@ -353,13 +353,14 @@ TEST_F(ApprovalTest, AnAdminRotatesAVolumeAndACopyTakenBeforeNoLongerOpens) {
       std::this_thread::sleep_for(std::chrono::milliseconds(150));
     }
   });
-  RunResult rotated = run({bin("keygate"), "rotate", vol, "--enrollment-token-file", token_file, "--metadata-url",
-                           emulator_.url(), "--timeout", "10"});
+  RunResult rotated = run({bin("keygate"), "rotate", vol, "--enrollment-token-file", token_file,
+                           "--metadata-url", emulator_.url(), "--timeout", "10"});
   stop = true;
   unlocker.join();
   ASSERT_EQ(rotated.exit_code, 0) << rotated.err;
   std::smatch m;
-  ASSERT_TRUE(std::regex_search(rotated.out, m, std::regex("rotated from volume ([0-9a-f-]+) to volume ([0-9a-f-]+)")))
+  ASSERT_TRUE(std::regex_search(
+      rotated.out, m, std::regex("rotated from volume ([0-9a-f-]+) to volume ([0-9a-f-]+)")))
       << rotated.out;
   EXPECT_EQ(m[1].str(), vid);
   const std::string new_id = m[2].str();
@@ -371,15 +372,16 @@ TEST_F(ApprovalTest, AnAdminRotatesAVolumeAndACopyTakenBeforeNoLongerOpens) {
   EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
   RunResult old_copy = unlock(copy, emulator_);
   EXPECT_EQ(old_copy.exit_code, kExitRefused) << old_copy.err;
-  EXPECT_TRUE(contains(admin("vic", {"volume", vid}).out, "\"state\" : \"revoked\"")) << admin("vic", {"volume", vid}).out;
+  EXPECT_TRUE(contains(admin("vic", {"volume", vid}).out, "\"state\" : \"revoked\""))
+      << admin("vic", {"volume", vid}).out;
   EXPECT_TRUE(contains(admin("vic", {"volume", new_id}).out, "\"state\" : \"active\""));
   RunResult status = run({bin("keygate"), "status", vol, "--json"});
   EXPECT_TRUE(contains(status.out, new_id) && !contains(status.out, vid)) << status.out;
 
   // The token was for one use, and only an active volume is rotated.
   const std::string header = read_file(vol).substr(0, 1 << 20);
-  RunResult again = run({bin("keygate"), "rotate", vol, "--enrollment-token-file", token_file, "--metadata-url",
-                         emulator_.url(), "--timeout", "10"});
+  RunResult again = run({bin("keygate"), "rotate", vol, "--enrollment-token-file", token_file,
+                         "--metadata-url", emulator_.url(), "--timeout", "10"});
   EXPECT_NE(again.exit_code, 0);
   EXPECT_EQ(read_file(vol).substr(0, 1 << 20), header);
   r = admin("alice", {"rotate", vid});
@@ -387,10 +389,13 @@ TEST_F(ApprovalTest, AnAdminRotatesAVolumeAndACopyTakenBeforeNoLongerOpens) {
   EXPECT_TRUE(contains(r.err, "is revoked; only an active volume is rotated")) << r.err;
 
   const std::string trail = audit();
-  EXPECT_TRUE(contains(trail, "rotate.request ok volume=" + vid + " peer=127.0.0.1 by alice (admin)")) << trail;
+  EXPECT_TRUE(
+      contains(trail, "rotate.request ok volume=" + vid + " peer=127.0.0.1 by alice (admin)"))
+      << trail;
   EXPECT_TRUE(contains(trail, "rotate ok volume=" + vid)) << trail;
   EXPECT_TRUE(contains(trail, "replaced by volume " + new_id)) << trail;
-  EXPECT_EQ(run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state}).exit_code, 0);
+  EXPECT_EQ(run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state}).exit_code,
+            0);
 }
 
 // A group's secret opens every instance's copy: it is not rotated (each
@@ -401,14 +406,17 @@ TEST_F(ApprovalTest, AnImageGroupsVolumeIsNotRotatedAndNoTokenClaimsToRotate) {
   ASSERT_FALSE(vid.empty());
   RunResult r = admin("alice", {"rotate", vid});
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_TRUE(contains(r.err, "is an image group's; each instance moves to a key of its own")) << r.err;
+  EXPECT_TRUE(contains(r.err, "is an image group's; each instance moves to a key of its own"))
+      << r.err;
   EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
   const std::string people_ca = folder("alice");
-  RunResult forged = run({"curl", "-s", "--cacert", people_ca + "/server-ca.pem", "--cert", people_ca + "/cert.pem", "--key",
-                          people_ca + "/key.pem", "-H", "Content-Type: application/json", "--data",
+  RunResult forged = run({"curl", "-s", "--cacert", people_ca + "/server-ca.pem", "--cert",
+                          people_ca + "/cert.pem", "--key", people_ca + "/key.pem", "-H",
+                          "Content-Type: application/json", "--data",
                           R"({"platform": "aws", "require": {}, "rotates": ")" + vid + R"("})",
                           server_.url() + "/v1/admin/tokens"});
-  EXPECT_TRUE(contains(forged.out, "a rotation token comes from volumes/ID/rotate")) << forged.out << forged.err;
+  EXPECT_TRUE(contains(forged.out, "a rotation token comes from volumes/ID/rotate"))
+      << forged.out << forged.err;
 }
 
 // The admin API's input, from a client with a valid approver certificate:

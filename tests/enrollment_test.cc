@@ -258,7 +258,8 @@ TEST_F(KeygateTest, RotationUnderConcurrentUnlocksNeverLeavesTheVolumeUnopenable
   // Each rotation retired the volume it replaced: the copy no longer opens.
   RunResult old_copy = unlock(copy, emulator_);
   EXPECT_EQ(old_copy.exit_code, kExitRefused) << old_copy.err;
-  const std::string listed = run({bin("keygate-server"), "volumes", "list", "--state-dir", server_.state}).out;
+  const std::string listed =
+      run({bin("keygate-server"), "volumes", "list", "--state-dir", server_.state}).out;
   for (size_t i = 0; i + 1 < volume_ids.size(); ++i) {
     EXPECT_TRUE(std::regex_search(listed, std::regex(volume_ids[i] + " +revoked"))) << listed;
   }
@@ -269,16 +270,18 @@ TEST_F(KeygateTest, RotationUnderConcurrentUnlocksNeverLeavesTheVolumeUnopenable
 // of the same image), while the instance's own device opens with its own key.
 TEST_F(KeygateTest, RotatingOffAnImageGroupsKeyLeavesTheGroupOpenForItsOthers) {
   Identity builder;
-  std::string token = make_token(server_, {"--image-group", "--account", builder.account, "--region",
-                                           builder.region, "--image-id", builder.image});
+  std::string token =
+      make_token(server_, {"--image-group", "--account", builder.account, "--region",
+                           builder.region, "--image-id", builder.image});
   std::string vol = new_volume_file();
-  RunResult e = run({bin("keygate"), "enroll", vol, "--format", "--no-recovery", "--no-evidence", "--server",
-                     server_.url(), "--ca", server_.ca(), "--enrollment-token-file", token});
+  RunResult e =
+      run({bin("keygate"), "enroll", vol, "--format", "--no-recovery", "--no-evidence", "--server",
+           server_.url(), "--ca", server_.ca(), "--enrollment-token-file", token});
   ASSERT_EQ(e.exit_code, 0) << e.err;
   const std::string other_disk = dir_ + "/" + unique("other-instance") + ".img";
   ASSERT_EQ(run({"cp", "--sparse=always", vol, other_disk}).exit_code, 0);
-  RunResult r = run({bin("keygate"), "rotate", vol, "--enrollment-token-file", make_token(server_), "--metadata-url",
-                     emulator_.url(), "--timeout", "10"});
+  RunResult r = run({bin("keygate"), "rotate", vol, "--enrollment-token-file", make_token(server_),
+                     "--metadata-url", emulator_.url(), "--timeout", "10"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
   Identity other = builder;

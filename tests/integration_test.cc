@@ -328,7 +328,9 @@ TEST_F(KeygateTest, PolicyFileConditionsAndReloadOnSighup) {
   auto audit = [&] { return audit_text(server_); };
   // The audit shows the file loaded with its hash.
   EXPECT_TRUE(contains(audit(), "policy.load ok volume=- peer=local " + file + " sha256 ")) << audit();
-  auto reload = [&](const std::string& text, size_t loads) { reload_policy_file(server_, file, text, loads); };
+  auto reload = [&](const std::string& text, size_t loads) {
+    reload_policy_file(server_, file, text, loads);
+  };
   // "later" given hours that do not include now: refused.
   reload(policies(both, away), 2);
   RunResult r = unlock(later, emulator_);
@@ -388,17 +390,20 @@ TEST_F(KeygateTest, EachClaimOfAPolicyAdmitsTheMatchingInstanceAndRefusesAnother
   const std::string file = dir_ + "/" + unique("claims") + ".json";
   auto policy = [&](const std::string& claim, const std::string& value) {
     std::string require = str_cat("\"account_id\": \"", id.account, "\"");
-    if (claim != "account_id") require += str_cat(", \"", claim, "\": \"", value, "\"");
-    else require = str_cat("\"account_id\": \"", value, "\"");
-    return str_cat("{\"policies\": {\"p\": {\"platform\": \"aws\", \"require\": {", require, "}}}}\n");
+    if (claim != "account_id")
+      require += str_cat(", \"", claim, "\": \"", value, "\"");
+    else
+      require = str_cat("\"account_id\": \"", value, "\"");
+    return str_cat("{\"policies\": {\"p\": {\"platform\": \"aws\", \"require\": {", require,
+                   "}}}}\n");
   };
   write_file(file, policy("region", id.region));
   server_.process.stop();
   server_ = start_server("claims", {"--policy-file", file});
   ASSERT_GT(server_.port, 0) << read_file(server_.process.log_path());
   const std::string vol = new_volume_file();
-  RunResult enrolled = enroll_format(vol, server_, make_token(server_, {"--policy", "p", "--policy-file", file}),
-                                     emulator_);
+  RunResult enrolled = enroll_format(
+      vol, server_, make_token(server_, {"--policy", "p", "--policy-file", file}), emulator_);
   ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
   const std::vector<std::tuple<std::string, std::string, std::string>> claims = {
       {"account_id", id.account, "210987654321"},
@@ -415,7 +420,8 @@ TEST_F(KeygateTest, EachClaimOfAPolicyAdmitsTheMatchingInstanceAndRefusesAnother
     reload_policy_file(server_, file, policy(claim, other), ++loads);
     r = unlock(vol, emulator_);
     EXPECT_EQ(r.exit_code, kExitRefused) << claim << ": " << r.err;
-    EXPECT_TRUE(contains(audit_text(server_), str_cat("policy p: ", claim, " ", mine, " is not allowed")))
+    EXPECT_TRUE(
+        contains(audit_text(server_), str_cat("policy p: ", claim, " ", mine, " is not allowed")))
         << claim << ": " << audit_text(server_);
   }
   reload_policy_file(server_, file, policy("instance_type", "t3.micro"), ++loads);

@@ -567,7 +567,8 @@ TEST_F(KeyServiceTest, RegistersConfirmsAndUnlocks) {
 // revokes the old one if it was this instance's alone, never an image
 // group's (the group's other instances open it) nor another instance's.
 TEST_F(KeyServiceTest, ARotationProvesTheOldSecretAndRetiresOnlyThisInstancesVolume) {
-  auto replacing = [&](const std::string& id, const SecretBuffer& secret, bool other_nonce = false) {
+  auto replacing = [&](const std::string& id, const SecretBuffer& secret,
+                       bool other_nonce = false) {
     Json::Value req = registration();
     Bytes nonce = base64_decode(req[api::field::kNonce].asString()).value();
     if (other_nonce) nonce[0] ^= 1;
@@ -578,7 +579,8 @@ TEST_F(KeyServiceTest, ARotationProvesTheOldSecretAndRetiresOnlyThisInstancesVol
   auto confirm = [&](const ApiResponse& reg, const Json::Value& req) {
     const std::string vid = reg.body[api::field::kVolumeId].asString();
     const Bytes nonce = base64_decode(req[api::field::kNonce].asString()).value();
-    auto secret = unwrap_secret(WrappedSecret::from_json(reg.body[api::field::kWrapped]).value(), keys_, vid, nonce);
+    auto secret = unwrap_secret(WrappedSecret::from_json(reg.body[api::field::kWrapped]).value(),
+                                keys_, vid, nonce);
     EXPECT_TRUE(secret.is_ok());
     Json::Value c;
     c[api::field::kVolumeId] = vid;
@@ -593,12 +595,15 @@ TEST_F(KeyServiceTest, ARotationProvesTheOldSecretAndRetiresOnlyThisInstancesVol
     ApiResponse r = replacing(old, replay ? secrets_.at(old) : stranger, replay).first;
     EXPECT_EQ(r.status, 403);
     EXPECT_EQ(code_of(r), api::kErrPolicyDenied);
-    EXPECT_TRUE(contains(last_audit().detail, "rotation proof for volume " + old + " does not match"));
+    EXPECT_TRUE(
+        contains(last_audit().detail, "rotation proof for volume " + old + " does not match"));
   }
   EXPECT_EQ(store_.list_volumes().value().size(), 1u);
   // Another instance's volume is not this one's to replace.
-  const std::string theirs = add_volume(VolumeState::kActive, {{"account_id", kAccount}, {"region", "ap-southeast-2"},
-                                                               {"instance_id", "i-0ffffffffffffffff"}});
+  const std::string theirs =
+      add_volume(VolumeState::kActive, {{"account_id", kAccount},
+                                        {"region", "ap-southeast-2"},
+                                        {"instance_id", "i-0ffffffffffffffff"}});
   EXPECT_EQ(code_of(replacing(theirs, secrets_.at(theirs)).first), api::kErrPolicyDenied);
   EXPECT_TRUE(contains(last_audit().detail, "bound to another instance")) << last_audit().detail;
 
@@ -616,8 +621,10 @@ TEST_F(KeyServiceTest, ARotationProvesTheOldSecretAndRetiresOnlyThisInstancesVol
   EXPECT_EQ(code_of(replacing(old, secrets_.at(old)).first), api::kErrRevoked);
 
   // An image group's volume stays active for the group.
-  const std::string group = add_volume(VolumeState::kActive, {{"account_id", kAccount}, {"region", "ap-southeast-2"},
-                                                              {"image_id", "ami-0cbde744623b7506b"}});
+  const std::string group =
+      add_volume(VolumeState::kActive, {{"account_id", kAccount},
+                                        {"region", "ap-southeast-2"},
+                                        {"image_id", "ami-0cbde744623b7506b"}});
   auto [greg, greq] = replacing(group, secrets_.at(group));
   ASSERT_EQ(greg.status, 200) << to_json(greg.body);
   ASSERT_EQ(confirm(greg, greq).status, 200);

@@ -10,8 +10,8 @@
 #include <sqlite3.h>
 
 #include <arpa/inet.h>
-#include <signal.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -202,19 +202,23 @@ class KeygateTest : public ::testing::Test {
 
   // The server's audit trail, as the host's `keygate-server audit` prints it.
   std::string audit_text(const Server& server) {
-    return run({bin("keygate-server"), "audit", "--state-dir", server.state, "--limit", "1000"}).out;
+    return run({bin("keygate-server"), "audit", "--state-dir", server.state, "--limit", "1000"})
+        .out;
   }
 
   // Writes `text` to `server`'s policy file and sends SIGHUP; returns once
   // the trail holds `loads` policy.load records (the reload's, either way).
-  void reload_policy_file(const Server& server, const std::string& file, const std::string& text, size_t loads) {
+  void reload_policy_file(const Server& server, const std::string& file, const std::string& text,
+                          size_t loads) {
     write_file(file, text);
     EXPECT_EQ(kill(server.process.pid(), SIGHUP), 0);
     const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
     while (std::chrono::steady_clock::now() < give_up) {
       const std::string trail = audit_text(server);
       size_t n = 0;
-      for (size_t at = trail.find("policy.load"); at != std::string::npos; at = trail.find("policy.load", at + 1)) ++n;
+      for (size_t at = trail.find("policy.load"); at != std::string::npos;
+           at = trail.find("policy.load", at + 1))
+        ++n;
       if (n >= loads) return;
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }

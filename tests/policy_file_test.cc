@@ -79,7 +79,8 @@ TEST(PolicyFile, EachConditionAdmitsTheMatchingInstanceAndRefusesAnother) {
   EXPECT_TRUE(evaluate_named_policy(runner, as_runner, kMonday0900).is_ok());
   as_runner.claims["service_account"] = "123-compute@developer.gserviceaccount.com";
   s = evaluate_named_policy(runner, as_runner, kMonday0900);
-  EXPECT_TRUE(contains(s.message(), "service_account 123-compute@developer.gserviceaccount.com is not allowed"))
+  EXPECT_TRUE(contains(s.message(),
+                       "service_account 123-compute@developer.gserviceaccount.com is not allowed"))
       << s.message();
 
   const NamedPolicy& office = set.policies.at("office-hours");

@@ -243,7 +243,8 @@ Result<Enrollment> register_volume(const ServerEndpoint& server,
   if (!description.empty()) req[api::field::kDescription] = description;
   if (replacing != nullptr) {
     req[api::field::kRotates] = replacing->volume_id;
-    const Bytes proof = api::rotation_proof(*replacing->secret, replacing->volume_id, challenge.value());
+    const Bytes proof =
+        api::rotation_proof(*replacing->secret, replacing->volume_id, challenge.value());
     req[api::field::kRotatesProof] = base64_encode(proof.data(), proof.size());
   }
   // Splice the token into the body inside secret memory:

@@ -77,7 +77,8 @@ struct Replacing {
 Result<Enrollment> register_volume(const ServerEndpoint& server,
                                    const SecretBuffer& enrollment_token,
                                    EvidenceCollector* evidence, TpmAttester* tpm,
-                                   const std::string& description, const Replacing* replacing = nullptr);
+                                   const std::string& description,
+                                   const Replacing* replacing = nullptr);
 
 // Confirms that the keyslot holding `secret` is in place. The server
 // accepts a confirm again, so one whose answer was lost can be repeated.
