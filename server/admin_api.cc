@@ -85,21 +85,31 @@ AdminService::AdminService(Store& store, const Clock& clock, const AdminCa& ca, 
                            PolicyReload reload)
     : store_(store), clock_(clock), ca_(ca), policies_(policies), reload_(std::move(reload)) {}
 
+AuditEvent AdminService::admin_event(const Request& request, const char* event, const char* outcome,
+                                     const std::string& volume_id, const std::string& detail) {
+  return AuditEvent{clock_.now_unix(), event, outcome, volume_id, request.source,
+                    str_cat("by ", request.who, detail.empty() ? "" : ": ", detail)};
+}
+
 Status AdminService::audit(const Request& request, const char* event, const char* outcome,
                            const std::string& volume_id, const std::string& detail) {
-  const AuditEvent e{clock_.now_unix(), event, outcome, volume_id, request.source,
-                     str_cat("by ", request.who, detail.empty() ? "" : ": ", detail)};
+  const AuditEvent e = admin_event(request, event, outcome, volume_id, detail);
   Status s = store_.append_audit(e);
+  log_admin_event(e, s);
+  return s;
+}
+
+void AdminService::log_admin_event(const AuditEvent& e, const Status& s) {
+  const std::string& volume_id = e.volume_id;
   const std::string line = str_cat(e.event, " ", e.outcome, " volume=", volume_id.empty() ? "-" : volume_id,
                                    " peer=", e.peer, " detail=", printable(e.detail, 1024));
   if (!s.is_ok()) {
     log_error(str_cat("audit write failed (", line, "): ", s.message()));
-  } else if (std::string(outcome) == "refused") {
+  } else if (e.outcome == "refused") {
     log_warning(line);
   } else {
     log_info(line);
   }
-  return s;
 }
 
 ApiResponse AdminService::refuse(const Request& request, const char* event, int status, const char* code,
@@ -387,10 +397,15 @@ ApiResponse AdminService::revoke_volume(const AdminIdentity&, Request& r, const 
   if (record.state == VolumeState::kRevoked) {
     return error_response(409, admin_error::kConflict, str_cat("volume ", id, " was already revoked"));
   }
-  Status s = store_.transition_volume(id, record.state, VolumeState::kRevoked, clock_.now_unix());
+  // The revocation and its record: one transaction.
+  const AuditEvent e = admin_event(r, "revoke", "ok", id, "");
+  Status s = store_.revoke_volume(id, record.state, clock_.now_unix(), e);
   if (s.kind() == ErrorKind::kConflict) return error_response(409, admin_error::kConflict, s.message());
-  if (!s.is_ok()) return error_response(500, api::kErrInternal, "volume could not be revoked");
-  (void)audit(r, "revoke", "ok", id, "");
+  if (!s.is_ok()) {
+    log_admin_event(e, s);
+    return error_response(500, api::kErrInternal, "volume could not be revoked");
+  }
+  log_admin_event(e, s);
   Json::Value v(Json::objectValue);
   v["id"] = id;
   v["state"] = "revoked";

@@ -76,6 +76,11 @@ class AdminService {
   ApiResponse issue_cert(const AdminIdentity& who, Request& request);
   ApiResponse revoke_cert(const AdminIdentity& who, Request& request, const std::string& serial);
   ApiResponse reload_policy(const AdminIdentity& who, Request& request);
+  // The trail's record of an admin action by the request's person, and its
+  // log line (with whether it was written).
+  AuditEvent admin_event(const Request& request, const char* event, const char* outcome,
+                         const std::string& volume_id, const std::string& detail);
+  void log_admin_event(const AuditEvent& event, const Status& written);
   // Audits an admin action (or a refused one) and says whether it was written.
   Status audit(const Request& request, const char* event, const char* outcome, const std::string& volume_id,
                const std::string& detail);

@@ -837,19 +837,15 @@ std::optional<Refusal> KeyService::retire_rotated_volume(const Call& call,
   // The new keyslot opens (the client checked before it confirmed): from
   // now on only the new secret is released, and the old one, in every copy
   // of the volume made before, is refused.
-  Status s =
-      store_.transition_volume(old_id, old_record->state, VolumeState::kRevoked, clock_.now_unix());
-  if (!s.is_ok() && s.kind() != ErrorKind::kConflict) {
+  const AuditEvent event{clock_.now_unix(), "rotate", "ok", old_id, call.peer,
+                         str_cat("replaced by volume ", call.volume_id, ": revoked")};
+  Status s = store_.revoke_volume(old_id, old_record->state, clock_.now_unix(), event);
+  if (s.kind() == ErrorKind::kConflict) return std::nullopt;  // revoked meanwhile
+  log_audit(event, s);
+  if (!s.is_ok()) {
     return server_error("rotation not completed",
                         str_cat("revoking volume ", old_id, ": ", s.message()));
   }
-  const AuditEvent event{clock_.now_unix(),
-                         "rotate",
-                         "ok",
-                         old_id,
-                         call.peer,
-                         str_cat("replaced by volume ", call.volume_id, ": revoked")};
-  log_audit(event, store_.append_audit(event));
   return std::nullopt;
 }
 

@@ -464,11 +464,10 @@ int cmd_volumes_revoke(const Args& args, const Settings& s) {
     std::cout << "volume " << id << " was already revoked\n";
     return 0;
   }
-  Status st = store.value()->transition_volume(id, record->state, VolumeState::kRevoked,
-                                               clock.now_unix());
+  // The revocation and its record: one transaction.
+  Status st = store.value()->revoke_volume(id, record->state, clock.now_unix(),
+                                           AuditEvent{clock.now_unix(), "revoke", "ok", id, "local", ""});
   if (!st.is_ok()) return fail(st);
-  (void)store.value()->append_audit(
-      AuditEvent{clock.now_unix(), "revoke", "ok", id, "local", ""});
   std::cout << "volume " << id << " revoked\n";
   return 0;
 }

@@ -314,6 +314,20 @@ class SqliteStore final : public Store {
   Status transition_volume(const std::string& id, VolumeState from, VolumeState to,
                            int64_t now) override {
     std::lock_guard<std::mutex> lock(mu_);
+    return transition_locked(id, from, to, now);
+  }
+
+  Status revoke_volume(const std::string& id, VolumeState from, int64_t now,
+                       const AuditEvent& event) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return in_transaction("revocation", [&]() -> Status {
+      KEYGATE_RETURN_IF_ERROR(transition_locked(id, from, VolumeState::kRevoked, now));
+      return insert_audit_locked(event);
+    });
+  }
+
+  // mu_ held.
+  Status transition_locked(const std::string& id, VolumeState from, VolumeState to, int64_t now) {
     Stmt s(stmts_, "UPDATE volumes SET state = ?, updated_at = ? WHERE id = ? AND state = ?");
     if (!s.ok()) return db_error("prepare transition");
     s.bind(1, std::string(volume_state_name(to)));

@@ -111,6 +111,11 @@ class Store {
   // kNotFound if unknown.
   virtual Status transition_volume(const std::string& id, VolumeState from, VolumeState to,
                                    int64_t now) = 0;
+  // Revokes a volume that is in `from` and appends `event` to the trail in
+  // one transaction: both or neither. kConflict if it is not in `from`,
+  // kNotFound if unknown.
+  virtual Status revoke_volume(const std::string& id, VolumeState from, int64_t now,
+                               const AuditEvent& event) = 0;
   // Replaces a volume's policy only if it is still `expected` (a
   // compare-and-swap, so a one-shot change is used once); kConflict if it
   // changed meanwhile, kNotFound if unknown.

@@ -110,6 +110,21 @@ Status MemoryStore::transition_volume(const std::string& id, VolumeState from, V
                                       int64_t now) {
   std::lock_guard<std::mutex> lock(mu_);
   KEYGATE_RETURN_IF_ERROR(injected(Op::kTransitionVolume));
+  return transition_locked(id, from, to, now);
+}
+
+Status MemoryStore::revoke_volume(const std::string& id, VolumeState from, int64_t now,
+                                  const AuditEvent& event) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kTransitionVolume));
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kAppendAudit));  // nothing changes without its record
+  KEYGATE_RETURN_IF_ERROR(transition_locked(id, from, VolumeState::kRevoked, now));
+  push_audit_locked(event);
+  return Status::ok();
+}
+
+Status MemoryStore::transition_locked(const std::string& id, VolumeState from, VolumeState to,
+                                      int64_t now) {
   auto it = volumes_.find(id);
   if (it == volumes_.end()) return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
   if (it->second.state != from) {

@@ -46,6 +46,8 @@ class MemoryStore final : public Store {
   Result<VolumeRecord> get_volume(const std::string& id) override;
   Status transition_volume(const std::string& id, VolumeState from, VolumeState to,
                            int64_t now) override;
+  Status revoke_volume(const std::string& id, VolumeState from, int64_t now,
+                       const AuditEvent& event) override;
   Status update_volume_policy(const std::string& id, const std::string& expected,
                               const std::string& updated, int64_t now) override;
   Result<std::vector<VolumeRecord>> list_volumes() override;
@@ -70,6 +72,8 @@ class MemoryStore final : public Store {
  private:
   Status injected(Op op);
   void push_audit_locked(const AuditEvent& event);  // mu_ held
+  Status transition_locked(const std::string& id, VolumeState from, VolumeState to,
+                           int64_t now);  // mu_ held
 
   struct Token {
     std::string template_json;

@@ -449,5 +449,44 @@ TEST_F(StoreTest, TlsMaterialIsGeneratedOnceWithPrivateKeys) {
   EXPECT_NE(access((dir_ + "/fresh/server.key").c_str(), F_OK), 0);
 }
 
+// A revocation and its record are one transaction: a volume is never revoked
+// without its record on the trail, nor recorded as revoked while it is not.
+TEST_P(StoreContract, ARevocationAndItsRecordAreWrittenTogether) {
+  VolumeRecord r{"vol-r", VolumeState::kActive, "{}", random_bytes(60), "", 1, 1};
+  ASSERT_TRUE(store_->insert_volume(r).is_ok());
+  const AuditEvent event{5, "revoke", "ok", "vol-r", "local", "by alice"};
+  EXPECT_EQ(store_->revoke_volume("vol-r", VolumeState::kPending, 5, event).kind(),
+            ErrorKind::kConflict);
+  EXPECT_EQ(store_->revoke_volume("zzz", VolumeState::kActive, 5, event).kind(),
+            ErrorKind::kNotFound);
+  EXPECT_TRUE(store_->recent_audit(10)->empty());  // refused: nothing recorded
+
+  // The trail cannot be written: the volume stays as it was.
+  sqlite3* db = nullptr;
+  if (GetParam() == "sqlite") {
+    ASSERT_EQ(sqlite3_open((dir_ + "/keygate.db").c_str(), &db), SQLITE_OK);
+    ASSERT_EQ(sql(db, "CREATE TRIGGER full BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END"),
+              "");
+  } else {
+    static_cast<MemoryStore*>(store_.get())
+        ->fail(MemoryStore::Op::kAppendAudit, Status::error(ErrorKind::kIo, "disk full"));
+  }
+  EXPECT_FALSE(store_->revoke_volume("vol-r", VolumeState::kActive, 5, event).is_ok());
+  EXPECT_EQ(store_->get_volume("vol-r")->state, VolumeState::kActive);
+  if (db != nullptr) {
+    EXPECT_EQ(sql(db, "DROP TRIGGER full"), "");
+    sqlite3_close(db);
+  } else {
+    static_cast<MemoryStore*>(store_.get())->fail(MemoryStore::Op::kAppendAudit, Status::ok());
+  }
+
+  ASSERT_TRUE(store_->revoke_volume("vol-r", VolumeState::kActive, 5, event).is_ok());
+  EXPECT_EQ(store_->get_volume("vol-r")->state, VolumeState::kRevoked);
+  auto trail = store_->recent_audit(10).value();
+  ASSERT_EQ(trail.size(), 1u);
+  EXPECT_EQ(trail[0].event, "revoke");
+  EXPECT_EQ(trail[0].volume_id, "vol-r");
+}
+
 }  // namespace
 }  // namespace keygate::server
