@@ -798,12 +798,7 @@ Checked<std::string> KeyService::replaced_volume(const Json::Value& request, con
   if (!old_policy.ok()) return old_policy.refusal();
   // An image group's volume stays: the group's other instances open it.
   if (old_policy->is_image_group()) return tmpl.rotates;
-  const PlatformSpec* spec = platform_spec(policy.platform);
-  const std::string claim = spec != nullptr ? spec->instance_claim : "";
-  const auto mine = policy.require.find(claim);
-  const auto theirs = old_policy->require.find(claim);
-  if (old_policy->platform != policy.platform || mine == policy.require.end() ||
-      theirs == old_policy->require.end() || mine->second != theirs->second) {
+  if (!policy.binds_same_instance_as(old_policy.value())) {
     return refused(api::kErrPolicyDenied, "the volume to replace is another instance's",
                    str_cat("rotation of volume ", old_id.value(), ", bound to another instance"));
   }
@@ -826,11 +821,7 @@ std::optional<Refusal> KeyService::retire_rotated_volume(const Call& call,
   if (!old_policy.ok()) return old_policy.refusal();
   // The rotation token bound the old volume's instance; a mismatch here is
   // a store edited by hand, and nothing is revoked on its word.
-  const PlatformSpec* spec = platform_spec(policy->platform);
-  const std::string claim = spec != nullptr ? spec->instance_claim : "";
-  if (claim.empty() || old_policy->platform != policy->platform ||
-      old_policy->require.count(claim) == 0 ||
-      old_policy->require.at(claim) != policy->require.at(claim)) {
+  if (!policy->binds_same_instance_as(old_policy.value())) {
     return server_error("rotation not completed",
                         str_cat("volume ", old_id, " is not this instance's"));
   }

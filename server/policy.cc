@@ -178,6 +178,14 @@ bool is_policy_name(std::string_view name) {
   });
 }
 
+bool VolumePolicy::binds_same_instance_as(const VolumePolicy& other) const {
+  const PlatformSpec* spec = platform_spec(platform);
+  if (spec == nullptr || other.platform != platform) return false;
+  const auto mine = require.find(spec->instance_claim);
+  const auto theirs = other.require.find(spec->instance_claim);
+  return mine != require.end() && theirs != other.require.end() && mine->second == theirs->second;
+}
+
 bool VolumePolicy::is_image_group() const {
   const PlatformSpec* spec = platform_spec(platform);
   return spec != nullptr && require.count(spec->instance_claim) == 0;

@@ -108,6 +108,9 @@ struct VolumePolicy {
   // Whether `identity` is one of revoked_instances, or of known_instances.
   bool revokes(const Identity& identity) const;
   bool knows(const Identity& identity) const;
+  // Whether both bind the same one instance on the same platform (a
+  // rotation replaces only a volume of its own instance).
+  bool binds_same_instance_as(const VolumePolicy& other) const;
 
   Json::Value to_json() const;
   static Result<VolumePolicy> from_json(const Json::Value& v);

@@ -220,5 +220,27 @@ TEST(Policy, JsonRoundTripAndValidation) {
   EXPECT_EQ(t->require.at("sku"), "s");
 }
 
+// A rotation replaces only a volume of its own instance: the same platform
+// and instance claim on both sides, never a group's (no instance claim).
+TEST(Policy, OnlyAVolumeOfTheSameInstanceBindsTheSameInstance) {
+  VolumePolicy mine;
+  mine.platform = "aws";
+  mine.require = {{"account_id", "1"}, {"region", "r"}, {"instance_id", "i-1"}};
+  VolumePolicy same = mine;
+  same.require.erase("region");
+  EXPECT_TRUE(mine.binds_same_instance_as(same));
+  VolumePolicy other = mine;
+  other.require["instance_id"] = "i-2";
+  EXPECT_FALSE(mine.binds_same_instance_as(other));
+  VolumePolicy group = mine;
+  group.require.erase("instance_id");
+  group.require["image_id"] = "ami-1";
+  EXPECT_FALSE(mine.binds_same_instance_as(group));
+  EXPECT_FALSE(group.binds_same_instance_as(mine));
+  VolumePolicy gcp = mine;
+  gcp.platform = "gcp";
+  EXPECT_FALSE(mine.binds_same_instance_as(gcp));
+}
+
 }  // namespace
 }  // namespace keygate::server
