@@ -401,11 +401,8 @@ ApiResponse AdminService::revoke_volume(const AdminIdentity&, Request& r, const 
   const AuditEvent e = admin_event(r, "revoke", "ok", id, "");
   Status s = store_.revoke_volume(id, record.state, clock_.now_unix(), e);
   if (s.kind() == ErrorKind::kConflict) return error_response(409, admin_error::kConflict, s.message());
-  if (!s.is_ok()) {
-    log_admin_event(e, s);
-    return error_response(500, api::kErrInternal, "volume could not be revoked");
-  }
   log_admin_event(e, s);
+  if (!s.is_ok()) return error_response(500, api::kErrInternal, "volume could not be revoked");
   Json::Value v(Json::objectValue);
   v["id"] = id;
   v["state"] = "revoked";

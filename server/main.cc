@@ -88,6 +88,10 @@ Commands:
                      revoke VOLUME_ID [--instance ID]          (admin; with
                                                --instance, one instance of
                                                an image group)
+                     rotate VOLUME_ID [--ttl S]  (admin) a one-use token for
+                                               the volume's instance: its
+                                               keygate rotate moves it to a
+                                               new secret and retires this one
                      token create [token create's options]   (admin; the
                                                issuer may not approve the
                                                volume's releases)

@@ -97,8 +97,8 @@ struct VolumePolicy {
   // manual-first: the instances whose first release was approved; their
   // later releases need no approval. At most kMaxRevokedInstances.
   std::set<std::string> known_instances;
-  // The volume this one replaces (an administrator's rotation): confirming
-  // this one revokes that one.
+  // The volume this one replaces (keygate rotate, with an ordinary or an
+  // administrator's rotation token): confirming this one revokes that one.
   std::string rotates;
 
   // Whether the volume is an image group's (it binds no one instance).
