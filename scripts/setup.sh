@@ -7,6 +7,9 @@ packages=(
   build-essential cmake pkg-config
   libssl-dev libcryptsetup-dev libblkid-dev libcurl4-openssl-dev libjsoncpp-dev
   libsqlite3-dev libgtest-dev libgmock-dev
+  # the PostgreSQL store (libpq) and the server its tests start (initdb and
+  # pg_ctl in a throwaway cluster under the test's own folder)
+  libpq-dev postgresql
   # the server's HTTPS front (Boost.Beast and Asio, headers only); cpp-httplib
   # for the metadata emulator and the tests' clients
   libboost1.81-dev libcpp-httplib-dev

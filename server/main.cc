@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <climits>
 #include <ctime>
 #include <cerrno>
@@ -116,8 +117,15 @@ Common options:
                    8192 and 128; past them a new one is closed at once),
                    pending_ttl (seconds a registered volume may stay
                    unconfirmed before it is revoked; default 86400),
-                   policy_file (as --policy-file)
+                   policy_file (as --policy-file), store (as --store),
+                   store_connections (the PostgreSQL store's connections
+                   per process; default 8)
                    (options on the command line win)
+  --store CONNINFO PostgreSQL connection string (key=value pairs or a
+                   postgresql:// URI; no password in it: use a password
+                   file or a service file). Without it, the state folder's
+                   store.conf if present, else SQLite in the state folder.
+                   Every replica and every command needs the same one.
 
   --policy-file FILE        named policies tokens can refer to (README
                             "Policy file"); serve reloads it on SIGHUP, and
@@ -174,7 +182,7 @@ const std::set<std::string> kValueOptions = {
     "state-dir", "config",  "listen",     "port-file", "tls-san", "aws-trust-dir", "nonce-ttl",
     "log-level", "account", "region",     "image-id",  "ttl",     "uses",          "limit",
     "gcp-jwks",  "azure-trust-dir", "evidence-max-age", "platform", "require", "head", "instance", "policy", "policy-file",
-    "file",      "output", "name", "role", "days", "out", "reason", "server", "admin-dir", "server-url"};
+    "file",      "output", "name", "role", "days", "out", "reason", "server", "admin-dir", "server-url", "store"};
 const std::set<std::string> kFlagOptions = {"no-default-aws-trust", "image-group", "json",
                                             "help", "all"};
 
@@ -209,6 +217,8 @@ Result<Settings> load_settings(const Args& args) {
   s.state_dir = args.get("state-dir", s.state_dir);
   s.listen = args.get("listen", s.listen);
   s.policy_file = args.get("policy-file", s.policy_file);
+  s.store = args.get("store", s.store);
+  if (args.has("store")) KEYGATE_RETURN_IF_ERROR(check_postgres_conninfo(s.store).with_context("--store"));
   for (const auto& d : args.get_all("aws-trust-dir")) s.aws_trust_dirs.push_back(d);
   for (const auto& d : args.get_all("gcp-jwks")) s.gcp_jwks_files.push_back(d);
   for (const auto& d : args.get_all("azure-trust-dir")) s.azure_trust_dirs.push_back(d);
@@ -222,9 +232,22 @@ Result<Settings> load_settings(const Args& args) {
   return s;
 }
 
+// The store: PostgreSQL when the settings or the state folder's store.conf
+// name a database, else the embedded SQLite store in the state folder.
 Result<std::unique_ptr<Store>> open_store(const Settings& s) {
   KEYGATE_RETURN_IF_ERROR(ensure_state_dir(s.state_dir));
-  return open_sqlite_store(s.state_dir + "/keygate.db");
+  std::string conninfo = s.store;
+  const std::string conf = s.state_dir + "/store.conf";
+  if (conninfo.empty() && access(conf.c_str(), F_OK) == 0) {
+    auto text = read_small_file(conf, 4096);
+    if (!text.is_ok()) return text.status();
+    conninfo = text.value();
+    while (!conninfo.empty() && std::isspace(static_cast<unsigned char>(conninfo.back()))) conninfo.pop_back();
+    if (conninfo.empty()) return Status::error(ErrorKind::kInvalidArgument, str_cat(conf, ": empty"));
+    KEYGATE_RETURN_IF_ERROR(check_postgres_conninfo(conninfo).with_context(conf));
+  }
+  if (conninfo.empty()) return open_sqlite_store(s.state_dir + "/keygate.db");
+  return open_postgres_store(conninfo, s.store_connections);
 }
 
 int cmd_serve(const Args& args, const Settings& s) {

@@ -134,7 +134,7 @@ Result<Settings> parse_settings(std::string_view text) {
       "listen",           "state_dir",        "aws_trust_dirs", "gcp_jwks_files",
       "azure_trust_dirs", "evidence_max_age", "tls_san",        "nonce_ttl",
       "enroll_by_attestation", "rate_limits", "connections",    "pending_ttl",
-      "policy_file"};
+      "policy_file", "store", "store_connections"};
   for (const auto& key : c.getMemberNames()) {
     if (!kKeys.count(key)) {
       return Status::error(ErrorKind::kInvalidArgument,
@@ -143,7 +143,7 @@ Result<Settings> parse_settings(std::string_view text) {
   }
   Settings s;
   for (Status st : {read_text(c, "listen", &s.listen), read_text(c, "state_dir", &s.state_dir),
-                    read_text(c, "policy_file", &s.policy_file),
+                    read_text(c, "policy_file", &s.policy_file), read_text(c, "store", &s.store),
                     read_seconds(c, "nonce_ttl", 1, 3600, "1 to 3600", &s.nonce_ttl),
                     read_seconds(c, "evidence_max_age", 10, 6 * 3600, "10 to 21600",
                                  &s.evidence_max_age),
@@ -158,6 +158,17 @@ Result<Settings> parse_settings(std::string_view text) {
                            std::pair{"azure_trust_dirs", &s.azure_trust_dirs},
                            std::pair{"tls_san", &s.tls_san}}) {
     KEYGATE_RETURN_IF_ERROR(read_string_list(c, key, list));
+  }
+  if (!s.store.empty()) {
+    Status st = check_postgres_conninfo(s.store);
+    if (!st.is_ok()) return bad_key("store", st.message().substr(st.message().find(": ") + 2));
+  }
+  if (c.isMember("store_connections")) {
+    const Json::Value& v = c["store_connections"];
+    if (!v.isIntegral() || !v.isInt64() || v.asInt64() < 1 || v.asInt64() > 256) {
+      return bad_key("store_connections", "must be a whole number from 1 to 256");
+    }
+    s.store_connections = static_cast<int>(v.asInt64());
   }
   return s;
 }

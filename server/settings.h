@@ -13,6 +13,7 @@
 #include "server/key_service.h"
 #include "server/policy.h"
 #include "server/rate_limit.h"
+#include "server/store.h"
 
 namespace keygate::server {
 
@@ -34,6 +35,10 @@ struct Settings {
   RateLimit per_instance = ServiceOptions().per_instance;
   int max_connections = HttpOptions().max_connections;
   int max_connections_per_source = HttpOptions().max_connections_per_source;
+  // A PostgreSQL connection string (README "PostgreSQL"); empty: the
+  // embedded SQLite store in state_dir, unless state_dir holds store.conf.
+  std::string store;
+  int store_connections = 8;  // the PostgreSQL store's pool, per process
 };
 
 

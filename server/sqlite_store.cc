@@ -2,7 +2,6 @@
 #include <sys/stat.h>
 
 #include <algorithm>
-#include <condition_variable>
 #include <functional>
 #include <ctime>
 #include <map>
@@ -11,6 +10,7 @@
 #include <unordered_map>
 
 #include "server/audit_chain.h"
+#include "server/group_commit.h"
 #include "server/store.h"
 
 namespace keygate::server {
@@ -570,33 +570,8 @@ class SqliteStore final : public Store {
     });
   }
 
-  // Group commit: concurrent appends share one transaction and one fsync.
-  // The first caller with no commit in progress takes every event queued so
-  // far and commits them together; the others wait for the commit that holds
-  // theirs. Each caller returns only once its own event is durable (or the
-  // whole group failed: nothing of it is written).
-  Status append_audit(const AuditEvent& e) override {
-    std::unique_lock<std::mutex> lock(audit_mu_);
-    std::shared_ptr<AuditGroup> mine = open_group_;
-    mine->events.push_back(e);
-    while (!mine->done) {
-      if (committing_) {
-        audit_cv_.wait(lock);
-        continue;
-      }
-      committing_ = true;
-      std::shared_ptr<AuditGroup> group = std::move(open_group_);
-      open_group_ = std::make_shared<AuditGroup>();
-      lock.unlock();
-      Status status = commit_audit_group(group->events);
-      lock.lock();
-      group->status = std::move(status);
-      group->done = true;
-      committing_ = false;
-      audit_cv_.notify_all();
-    }
-    return mine->status;
-  }
+  // Concurrent appends share one transaction and one fsync (GroupCommit).
+  Status append_audit(const AuditEvent& e) override { return audit_group_.append(e); }
 
   Result<std::vector<AuditEvent>> recent_audit(int limit) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -813,19 +788,10 @@ class SqliteStore final : public Store {
     return Status::ok();
   }
 
-  struct AuditGroup {
-    std::vector<AuditEvent> events;
-    bool done = false;
-    Status status;
-  };
-
   sqlite3* db_;
   StmtCache stmts_;
   std::mutex mu_;
-  std::mutex audit_mu_;
-  std::condition_variable audit_cv_;
-  std::shared_ptr<AuditGroup> open_group_ = std::make_shared<AuditGroup>();
-  bool committing_ = false;
+  GroupCommit audit_group_{[this](const std::vector<AuditEvent>& events) { return commit_audit_group(events); }};
   NonceTable nonces_;
 };
 

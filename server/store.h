@@ -2,7 +2,8 @@
 // nonces, enrollment tokens (only their hashes) and the audit trail, a hash
 // chain: every write that appends events chains them onto the trail's head
 // inside its own transaction.
-// Store is the interface; SqliteStore is the embedded default.
+// Store is the interface; SqliteStore is the embedded default, PgStore
+// (server/pg_store.cc) the shared one for several replicas.
 #pragma once
 
 #include <cstdint>
@@ -162,5 +163,17 @@ class Store {
 
 // Opens (creating if needed) the SQLite store at `path`, file mode 0600.
 Result<std::unique_ptr<Store>> open_sqlite_store(const std::string& path);
+
+// kInvalidArgument if `conninfo` is not a PostgreSQL connection string
+// (key=value pairs or a postgresql:// URI) or holds a password: a password
+// belongs in a password file or a service file, not in a string that
+// reaches command lines and configuration files.
+Status check_postgres_conninfo(const std::string& conninfo);
+
+// Connects to the PostgreSQL database `conninfo` names, with at most
+// `connections` connections at once, and brings its schema to this
+// server's version (in one transaction; a database of a newer schema is
+// refused with kInvalidArgument). The database must exist.
+Result<std::unique_ptr<Store>> open_postgres_store(const std::string& conninfo, int connections = 8);
 
 }  // namespace keygate::server

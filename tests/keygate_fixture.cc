@@ -1,5 +1,11 @@
 #include "tests/keygate_fixture.h"
 
+#include <sys/stat.h>
+
+#include <cerrno>
+
+#include "tests/pg_cluster.h"
+
 namespace keygate::testing {
 
 std::string KeygateTest::dir_;
@@ -20,6 +26,19 @@ RunResult cryptsetup_with_plugin(const std::string& args, const std::string& plu
   return run({"unshare", "-m", "sh", "-c",
               "mkdir -p '" + target + "' && mount --bind '" + plugins + "' '" + target + "' && " +
                   env + " cryptsetup " + args});
+}
+
+void KeygateTest::use_test_store(const std::string& state) {
+  const char* store = getenv("KEYGATE_TEST_STORE");
+  if (store == nullptr || std::string(store) != "postgresql") return;
+  const std::string conf = state + "/store.conf";
+  if (access(conf.c_str(), F_OK) == 0) return;  // a restart: the same database
+  PgCluster& pg = PgCluster::shared();
+  ASSERT_EQ(pg.error(), "");
+  const std::string conninfo = pg.create_database();
+  ASSERT_NE(conninfo, "");
+  ASSERT_TRUE(mkdir(state.c_str(), 0700) == 0 || errno == EEXIST) << state;
+  write_file(conf, conninfo + "\n");
 }
 
 }  // namespace keygate::testing

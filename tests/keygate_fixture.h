@@ -107,6 +107,7 @@ class KeygateTest : public ::testing::Test {
     s.state = state.empty() ? dir_ + "/" + unique("server-" + name) : state;
     std::string port_file = s.state + ".port";
     unlink(port_file.c_str());
+    use_test_store(s.state);
     std::vector<std::string> argv = {bin("keygate-server"), "serve",    "--state-dir",
                                      s.state,               "--listen", "127.0.0.1:0",
                                      "--port-file",         port_file,  "--aws-trust-dir",
@@ -116,6 +117,12 @@ class KeygateTest : public ::testing::Test {
     s.port = wait_for_port_file(port_file, s.process);
     return s;
   }
+
+  // With KEYGATE_TEST_STORE=postgresql (ctest's pg.* pass), a server's
+  // state folder names a PostgreSQL database of its own in the run's
+  // cluster (store.conf), so the server and every command run with that
+  // folder use it.
+  static void use_test_store(const std::string& state);
 
   static Emulator start_emulator(const Identity& id, const std::string& state) {
     Emulator e;

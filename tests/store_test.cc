@@ -13,6 +13,7 @@
 #include "server/state_files.h"
 #include "server/store.h"
 #include "tests/memory_store.h"
+#include "tests/pg_cluster.h"
 
 namespace keygate::server {
 namespace {
@@ -37,15 +38,35 @@ class StoreTest : public ::testing::Test {
 
 // The contract of server/store.h, on SQLite and on the in-memory store the
 // KeyService unit tests use: the fake behaves like the real one.
+// On PostgreSQL, each test has a database of its own in the run's cluster
+// (tests/pg_cluster.h).
 class StoreContract : public StoreTest, public ::testing::WithParamInterface<std::string> {
  protected:
   void SetUp() override {
     StoreTest::SetUp();
     if (GetParam() == "memory") store_ = std::make_unique<MemoryStore>();
+    if (GetParam() == "postgres") {
+      testing::PgCluster& pg = testing::PgCluster::shared();
+      ASSERT_EQ(pg.error(), "");
+      conninfo_ = pg.create_database();
+      ASSERT_NE(conninfo_, "");
+      auto s = open_postgres_store(conninfo_);
+      ASSERT_TRUE(s.is_ok()) << s.status().message();
+      store_ = std::move(s).value();
+    }
   }
+  // Runs SQL on the store's database behind its back (SQLite or
+  // PostgreSQL); "" or the error.
+  std::string raw_sql(const std::string& sqlite_sql, const std::string& pg_sql);
+  std::string conninfo_;  // PostgreSQL only
 };
 
-INSTANTIATE_TEST_SUITE_P(Stores, StoreContract, ::testing::Values("sqlite", "memory"),
+INSTANTIATE_TEST_SUITE_P(Stores, StoreContract, ::testing::Values("sqlite", "memory", "postgres"),
+                         [](const auto& p) { return p.param; });
+
+// The databases' own: SQL run on them behind the store's back.
+class DurableStoreContract : public StoreContract {};
+INSTANTIATE_TEST_SUITE_P(Stores, DurableStoreContract, ::testing::Values("sqlite", "postgres"),
                          [](const auto& p) { return p.param; });
 
 TEST_F(StoreTest, FileIsPrivate) {
@@ -355,15 +376,21 @@ std::string sql(sqlite3* db, const std::string& statement) {
   return msg;
 }
 
+std::string StoreContract::raw_sql(const std::string& sqlite_sql, const std::string& pg_sql) {
+  if (GetParam() == "postgres") return testing::PgCluster::exec(conninfo_, pg_sql);
+  sqlite3* db = nullptr;
+  if (sqlite3_open((dir_ + "/keygate.db").c_str(), &db) != SQLITE_OK) return "cannot open the SQLite store";
+  std::string err = sql(db, sqlite_sql);
+  sqlite3_close(db);
+  return err;
+}
+
 // Records cut from the end of the trail leave no break by themselves; the
 // next record written shows the gap, because its number comes from the
 // highest ever given, not from what is left.
-TEST_F(StoreTest, ATrailCutBackShowsAGapOnceTheNextRecordIsWritten) {
+TEST_P(DurableStoreContract, ATrailCutBackShowsAGapOnceTheNextRecordIsWritten) {
   for (int i = 0; i < 5; ++i) ASSERT_TRUE(store_->append_audit(AuditEvent{i, "unlock", "released", "v", "p", ""}).is_ok());
-  sqlite3* db = nullptr;
-  ASSERT_EQ(sqlite3_open((dir_ + "/keygate.db").c_str(), &db), SQLITE_OK);
-  EXPECT_EQ(sql(db, "DELETE FROM audit WHERE seq > 3"), "");
-  sqlite3_close(db);
+  EXPECT_EQ(raw_sql("DELETE FROM audit WHERE seq > 3", "DELETE FROM audit WHERE seq > 3"), "");
   EXPECT_TRUE(verify_trail(*store_).is_ok());
   ASSERT_TRUE(store_->append_audit(AuditEvent{9, "unlock", "released", "v", "p", ""}).is_ok());
   const Status s = verify_trail(*store_);
@@ -462,22 +489,23 @@ TEST_P(StoreContract, ARevocationAndItsRecordAreWrittenTogether) {
   EXPECT_TRUE(store_->recent_audit(10)->empty());  // refused: nothing recorded
 
   // The trail cannot be written: the volume stays as it was.
-  sqlite3* db = nullptr;
-  if (GetParam() == "sqlite") {
-    ASSERT_EQ(sqlite3_open((dir_ + "/keygate.db").c_str(), &db), SQLITE_OK);
-    ASSERT_EQ(sql(db, "CREATE TRIGGER full BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END"),
-              "");
-  } else {
+  const std::string pg_fail =
+      "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'disk full'; END$$; "
+      "CREATE TRIGGER full_disk BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION disk_full()";
+  if (GetParam() == "memory") {
     static_cast<MemoryStore*>(store_.get())
         ->fail(MemoryStore::Op::kAppendAudit, Status::error(ErrorKind::kIo, "disk full"));
+  } else {
+    ASSERT_EQ(raw_sql("CREATE TRIGGER full_disk BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+                      pg_fail),
+              "");
   }
   EXPECT_FALSE(store_->revoke_volume("vol-r", VolumeState::kActive, 5, event).is_ok());
   EXPECT_EQ(store_->get_volume("vol-r")->state, VolumeState::kActive);
-  if (db != nullptr) {
-    EXPECT_EQ(sql(db, "DROP TRIGGER full"), "");
-    sqlite3_close(db);
-  } else {
+  if (GetParam() == "memory") {
     static_cast<MemoryStore*>(store_.get())->fail(MemoryStore::Op::kAppendAudit, Status::ok());
+  } else {
+    ASSERT_EQ(raw_sql("DROP TRIGGER full_disk", "DROP TRIGGER full_disk ON audit"), "");
   }
 
   ASSERT_TRUE(store_->revoke_volume("vol-r", VolumeState::kActive, 5, event).is_ok());
@@ -486,6 +514,200 @@ TEST_P(StoreContract, ARevocationAndItsRecordAreWrittenTogether) {
   ASSERT_EQ(trail.size(), 1u);
   EXPECT_EQ(trail[0].event, "revoke");
   EXPECT_EQ(trail[0].volume_id, "vol-r");
+}
+
+// PostgreSQL's own: replicas on one database, its schema, its outages.
+class PgStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_EQ(testing::PgCluster::shared().error(), "");
+    conninfo_ = testing::PgCluster::shared().create_database();
+    ASSERT_NE(conninfo_, "");
+  }
+  std::unique_ptr<Store> open() {
+    auto s = open_postgres_store(conninfo_);
+    EXPECT_TRUE(s.is_ok()) << s.status().message();
+    return s.is_ok() ? std::move(s).value() : nullptr;
+  }
+  std::string conninfo_;
+};
+
+TEST_F(PgStoreTest, TheSchemaIsMigratedOnceAndANewerOneIsRefused) {
+  ASSERT_NE(open(), nullptr);
+  EXPECT_EQ(testing::PgCluster::query(conninfo_, "SELECT version FROM keygate_schema"), "1");
+  ASSERT_NE(open(), nullptr);  // again: nothing to do
+  EXPECT_EQ(testing::PgCluster::query(conninfo_, "SELECT count(*) FROM keygate_schema"), "1");
+  ASSERT_EQ(testing::PgCluster::exec(conninfo_, "UPDATE keygate_schema SET version = 7"), "");
+  auto newer = open_postgres_store(conninfo_);
+  ASSERT_FALSE(newer.is_ok());
+  EXPECT_EQ(newer.status().kind(), ErrorKind::kInvalidArgument);
+  EXPECT_NE(newer.status().message().find("schema is version 7, newer than this keygate-server knows (1)"),
+            std::string::npos)
+      << newer.status().message();
+}
+
+// Replicas started together on a new database: one migrates (the advisory
+// lock), the others find it done; none fails.
+TEST_F(PgStoreTest, ReplicasStartingTogetherAllComeUpOnOneSchema) {
+  for (int round = 0; round < 8; ++round) {
+    const std::string db = testing::PgCluster::shared().create_database();
+    ASSERT_NE(db, "");
+    std::vector<std::thread> replicas;
+    std::atomic<int> up{0};
+    std::string failure;
+    std::mutex mu;
+    for (int i = 0; i < 4; ++i) {
+      replicas.emplace_back([&] {
+        auto s = open_postgres_store(db);
+        if (s.is_ok()) {
+          ++up;
+        } else {
+          std::lock_guard<std::mutex> lock(mu);
+          failure = s.status().message();
+        }
+      });
+    }
+    for (auto& t : replicas) t.join();
+    EXPECT_EQ(up.load(), 4) << failure;
+    EXPECT_EQ(testing::PgCluster::query(db, "SELECT string_agg(version::text, ',') FROM keygate_schema"), "1");
+  }
+}
+
+// A nonce one replica issued is accepted once by whichever replica sees it
+// first, also when two answer at the same moment.
+TEST_F(PgStoreTest, ANonceIssuedByOneReplicaIsConsumedOnceByAny) {
+  auto a = open();
+  auto b = open();
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  Bytes n = random_bytes(32);
+  ASSERT_TRUE(a->put_nonce(n, 10, 100).is_ok());
+  EXPECT_TRUE(b->consume_nonce(n, 20).value());
+  EXPECT_FALSE(a->consume_nonce(n, 20).value());
+  EXPECT_FALSE(b->consume_nonce(n, 20).value());
+  for (int round = 0; round < 200; ++round) {
+    Bytes m = random_bytes(32);
+    ASSERT_TRUE((round % 2 ? a : b)->put_nonce(m, 10, 100).is_ok());
+    std::atomic<int> accepted{0};
+    std::atomic<bool> go{false};
+    auto answer = [&](Store* s) {
+      while (!go) std::this_thread::yield();
+      auto r = s->consume_nonce(m, 20);
+      if (r.is_ok() && r.value()) ++accepted;
+    };
+    std::thread ta(answer, a.get()), tb(answer, b.get());
+    go = true;
+    ta.join();
+    tb.join();
+    ASSERT_EQ(accepted.load(), 1) << "round " << round;
+  }
+}
+
+// Two replicas appending at once (group commits, revocations, counted
+// releases) write one chain: every record, numbered without a gap, verifies.
+TEST_F(PgStoreTest, ReplicasWritingAtOnceKeepOneUnbrokenChain) {
+  auto a = open();
+  auto b = open();
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  constexpr int kThreads = 4, kEach = 40;
+  for (int t = 0; t < kThreads; ++t) {
+    ASSERT_TRUE(a->insert_volume(VolumeRecord{"v" + std::to_string(t), VolumeState::kActive, "{}", random_bytes(60),
+                                              "", 1, 1})
+                    .is_ok());
+  }
+  std::vector<std::thread> threads;
+  std::atomic<int> failed{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      Store* s = t % 2 ? a.get() : b.get();
+      const std::string vol = "v" + std::to_string(t);
+      for (int i = 0; i < kEach; ++i) {
+        const AuditEvent e{i, "unlock", "released", vol, "p", std::to_string(i)};
+        const Status st = i % 5 == 4 ? s->record_counted_release(CountedRelease{vol, "i", i, 0, 1000}, e)
+                                     : s->append_audit(e);
+        if (!st.is_ok()) ++failed;
+      }
+      if (!s->revoke_volume(vol, VolumeState::kActive, 99, AuditEvent{99, "revoke", "ok", vol, "p", ""}).is_ok()) {
+        ++failed;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failed.load(), 0);
+  int64_t count = 0;
+  const Status v = verify_trail(*a, &count);
+  EXPECT_TRUE(v.is_ok()) << v.message();
+  EXPECT_EQ(count, kThreads * (kEach + 1));
+}
+
+// max_releases counted by two replicas at once: never more than the max.
+TEST_F(PgStoreTest, ReplicasCountingOneInstancesReleasesNeverPassItsMax) {
+  auto a = open();
+  auto b = open();
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  for (int round = 0; round < 5; ++round) {
+    const std::string vol = "vol-" + std::to_string(round);
+    std::atomic<int> released{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 8; ++t) {
+      threads.emplace_back([&, t] {
+        Store* s = t % 2 ? a.get() : b.get();
+        for (int i = 0; i < 3; ++i) {
+          if (s->record_counted_release(CountedRelease{vol, "i-1", 50, 0, 5},
+                                        AuditEvent{50, "unlock", "released", vol, "p", ""})
+                  .is_ok()) {
+            ++released;
+          }
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    EXPECT_EQ(released.load(), 5) << vol;
+  }
+}
+
+TEST_F(PgStoreTest, APasswordInTheConnectionStringIsRefusedWithoutQuotingIt) {
+  for (const std::string bad : {"host=/tmp dbname=k password=hunter2secret", "postgresql://keygate:hunter2secret@/k"}) {
+    auto s = open_postgres_store(bad);
+    ASSERT_FALSE(s.is_ok()) << bad;
+    EXPECT_EQ(s.status().kind(), ErrorKind::kInvalidArgument);
+    EXPECT_NE(s.status().message().find("password file"), std::string::npos) << s.status().message();
+    EXPECT_EQ(s.status().message().find("hunter2"), std::string::npos) << s.status().message();
+  }
+  auto garbage = open_postgres_store("host=/tmp dbname='unterminated hunter2secret");
+  ASSERT_FALSE(garbage.is_ok());
+  EXPECT_EQ(garbage.status().kind(), ErrorKind::kInvalidArgument);
+  EXPECT_EQ(garbage.status().message().find("hunter2"), std::string::npos) << garbage.status().message();
+}
+
+// While the database is down every call fails as "unavailable" (retry),
+// nothing is written half; once it is back the same store serves again.
+TEST_F(PgStoreTest, WhileTheDatabaseIsDownCallsFailRetryablyAndServeAgainAfter) {
+  auto own = testing::PgCluster::start_own();
+  ASSERT_EQ(own->error(), "");
+  const std::string db = own->create_database();
+  ASSERT_NE(db, "");
+  auto opened = open_postgres_store(db);
+  ASSERT_TRUE(opened.is_ok()) << opened.status().message();
+  std::unique_ptr<Store> store = std::move(opened).value();
+  ASSERT_TRUE(store->insert_volume(VolumeRecord{"v", VolumeState::kActive, "{}", random_bytes(60), "", 1, 1}).is_ok());
+  ASSERT_TRUE(store->append_audit(AuditEvent{1, "unlock", "released", "v", "p", ""}).is_ok());
+
+  ASSERT_EQ(own->stop(), "");
+  EXPECT_EQ(store->get_volume("v").status().kind(), ErrorKind::kUnavailable);
+  EXPECT_EQ(store->append_audit(AuditEvent{2, "unlock", "released", "v", "p", ""}).kind(), ErrorKind::kUnavailable);
+  EXPECT_EQ(store->put_nonce(random_bytes(32), 1, 100).kind(), ErrorKind::kUnavailable);
+  EXPECT_EQ(store->revoke_volume("v", VolumeState::kActive, 3, AuditEvent{3, "revoke", "ok", "v", "p", ""}).kind(),
+            ErrorKind::kUnavailable);
+
+  ASSERT_EQ(own->start(), "");
+  EXPECT_EQ(store->get_volume("v")->state, VolumeState::kActive);
+  ASSERT_TRUE(store->append_audit(AuditEvent{4, "unlock", "released", "v", "p", ""}).is_ok());
+  int64_t count = 0;
+  EXPECT_TRUE(verify_trail(*store, &count).is_ok());
+  EXPECT_EQ(count, 2);  // the one before and the one after; nothing from the outage
 }
 
 }  // namespace
