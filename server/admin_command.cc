@@ -225,9 +225,7 @@ int cmd_bootstrap(const Args& args, const Settings& s) {
   }
   auto days = args.get_int("days", kDefaultAdminCertDays, 1, kMaxAdminCertDays);
   if (!days.is_ok()) return fail(days.status());
-  Status dir = ensure_state_dir(s.state_dir);
-  if (!dir.is_ok()) return fail(dir);
-  auto store = open_sqlite_store(s.state_dir + "/keygate.db");
+  auto store = open_store(s);
   if (!store.is_ok()) return fail(store.status());
   SystemClock clock;
   const int64_t now = clock.now_unix();

@@ -140,6 +140,7 @@ Refusal KeyService::unaudited(const Call& call) {
                            "audit trail unavailable");
   r.http_status = 503;
   r.code = api::kErrAuditUnavailable;
+  r.retry_after_seconds = 2;
   r.audited = true;
   return r;
 }
@@ -189,7 +190,7 @@ Checked<KeyService::Attested> KeyService::parse_attested(const Json::Value& requ
 
 std::optional<Refusal> KeyService::spend_nonce(const Bytes& nonce) {
   auto fresh = store_.consume_nonce(nonce, clock_.now_unix());
-  if (!fresh.is_ok()) return server_error("store unavailable", fresh.status().message());
+  if (!fresh.is_ok()) return store_error("store unavailable", fresh.status());
   if (!fresh.value()) {
     return refused(api::kErrNonceInvalid, "challenge nonce unknown, reused or expired",
                    "nonce unknown, reused or expired");
@@ -204,7 +205,7 @@ Checked<VolumeRecord> KeyService::load_volume(const std::string& volume_id) {
     if (record.status().kind() == ErrorKind::kNotFound) {
       return refused(api::kErrPolicyDenied, "not authorised for this volume", "unknown volume");
     }
-    return server_error("store unavailable", record.status().message());
+    return store_error("store unavailable", record.status());
   }
   return std::move(record).value();
 }
@@ -422,11 +423,11 @@ Checked<KeyService::Gate> KeyService::approval_gate(Call& call, const VolumePoli
   } else {
     found = store_.find_pending_approval(call.volume_id, instance);
   }
-  if (!found.is_ok()) return server_error("approval requests unavailable", found.status().message());
+  if (!found.is_ok()) return store_error("approval requests unavailable", found.status());
   Gate gate;
   if (found->has_value()) {
     auto current = Approval::from_record(**found);
-    if (!current.is_ok()) return server_error("approval request unreadable", current.status().message());
+    if (!current.is_ok()) return store_error("approval request unreadable", current.status());
     Approval& a = current.value();
     if (a.volume_id != call.volume_id || a.instance != instance) {
       return refused(api::kErrApprovalDenied, "the approval request is another instance's",
@@ -756,7 +757,7 @@ Checked<ApiResponse> KeyService::serve_confirm(Call& call, std::string_view body
     Status s = store_.transition_volume(call.volume_id, VolumeState::kPending, VolumeState::kActive,
                                         clock_.now_unix());
     // A confirmation that raced another one finds the volume active: fine.
-    if (!s.is_ok() && s.kind() != ErrorKind::kConflict) return server_error("could not confirm", s.message());
+    if (!s.is_ok() && s.kind() != ErrorKind::kConflict) return store_error("could not confirm", s);
   }
   (void)write_audit(call, "ok", "");
   if (auto retired = retire_rotated_volume(call, record.value())) return *retired;
@@ -882,7 +883,7 @@ Checked<ApiResponse> KeyService::serve_abandon(Call& call, std::string_view body
                                         clock_.now_unix());
     // A confirm that came first made it active.
     if (s.kind() == ErrorKind::kConflict) return still_active();
-    if (!s.is_ok()) return server_error("could not abandon", s.message());
+    if (!s.is_ok()) return store_error("could not abandon", s);
   }
   (void)write_audit(call, "ok", "abandoned by its enrolling client: keyslot removed, volume revoked");
   ApiResponse r;

@@ -232,24 +232,6 @@ Result<Settings> load_settings(const Args& args) {
   return s;
 }
 
-// The store: PostgreSQL when the settings or the state folder's store.conf
-// name a database, else the embedded SQLite store in the state folder.
-Result<std::unique_ptr<Store>> open_store(const Settings& s) {
-  KEYGATE_RETURN_IF_ERROR(ensure_state_dir(s.state_dir));
-  std::string conninfo = s.store;
-  const std::string conf = s.state_dir + "/store.conf";
-  if (conninfo.empty() && access(conf.c_str(), F_OK) == 0) {
-    auto text = read_small_file(conf, 4096);
-    if (!text.is_ok()) return text.status();
-    conninfo = text.value();
-    while (!conninfo.empty() && std::isspace(static_cast<unsigned char>(conninfo.back()))) conninfo.pop_back();
-    if (conninfo.empty()) return Status::error(ErrorKind::kInvalidArgument, str_cat(conf, ": empty"));
-    KEYGATE_RETURN_IF_ERROR(check_postgres_conninfo(conninfo).with_context(conf));
-  }
-  if (conninfo.empty()) return open_sqlite_store(s.state_dir + "/keygate.db");
-  return open_postgres_store(conninfo, s.store_connections);
-}
-
 int cmd_serve(const Args& args, const Settings& s) {
   auto colon = s.listen.rfind(':');
   if (colon == std::string::npos) {

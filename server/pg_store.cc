@@ -20,9 +20,11 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
+#include "core/encoding.h"
 #include "server/audit_chain.h"
 #include "server/group_commit.h"
 #include "server/store.h"
@@ -110,9 +112,27 @@ constexpr int64_t kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
 constexpr int64_t kMigrationLock = 0x6b657967617465;
 
 // Statement parameters, all sent in binary: no quoting or escaping anywhere.
+// Text as PostgreSQL keeps it: UTF-8 without NUL (a database in UTF-8
+// refuses anything else). Bytes that are not well-formed UTF-8, and NUL,
+// become U+FFFD, so a client's garbage cannot make its request's record
+// unwritable.
+std::string pg_text(std::string_view s) {
+  std::string out = to_utf8_lossy(s);
+  if (out.find('\0') == std::string::npos) return out;
+  std::string clean;
+  for (char c : out) {
+    if (c == '\0') {
+      clean += "\xEF\xBF\xBD";
+    } else {
+      clean += c;
+    }
+  }
+  return clean;
+}
+
 class Params {
  public:
-  Params& text(const std::string& s) { return add(s, kTextOid); }
+  Params& text(const std::string& s) { return add(pg_text(s), kTextOid); }
   Params& bytes(const Bytes& b) { return add(std::string(b.begin(), b.end()), kByteaOid); }
   Params& int8(int64_t v) {
     const uint64_t be = htobe64(static_cast<uint64_t>(v));
@@ -365,7 +385,10 @@ Status in_transaction(Conn& c, const char* what, const std::function<Status()>& 
 // appends from every replica are chained one after another in the order
 // the database commits them; its number is one past the highest ever given,
 // so records cut from the end show as a gap once the next is written.
-Status insert_audit(Conn& c, const AuditEvent& e) {
+Status insert_audit(Conn& c, const AuditEvent& raw) {
+  // Chained as stored: the text made storable first.
+  const AuditEvent e{raw.time, pg_text(raw.event), pg_text(raw.outcome), pg_text(raw.volume_id), pg_text(raw.peer),
+                     pg_text(raw.detail)};
   auto next = c.exec("advance the audit head", "UPDATE audit_head SET seq = seq + 1 RETURNING seq");
   if (!next.is_ok()) return next.status();
   if (next->count() != 1) return Status::error(ErrorKind::kIo, "store: the audit head's row is missing");

@@ -40,6 +40,15 @@ Refusal server_error(std::string client_message, std::string detail) {
   return r;
 }
 
+Refusal store_error(std::string client_message, const Status& cause) {
+  if (cause.kind() != ErrorKind::kUnavailable) return server_error(std::move(client_message), cause.message());
+  Refusal r = server_error("the key store is unavailable; retry", cause.message());
+  r.http_status = 503;
+  r.code = api::kErrBusy;
+  r.retry_after_seconds = 2;
+  return r;
+}
+
 Refusal refusal_for(const Status& status, const char* code, std::string client_message) {
   switch (status.kind()) {
     case ErrorKind::kInvalidArgument: return bad_request(status.message());
@@ -47,6 +56,7 @@ Refusal refusal_for(const Status& status, const char* code, std::string client_m
       Refusal r = server_error("the server is busy; retry", status.message());
       r.http_status = 503;
       r.code = api::kErrBusy;
+      r.retry_after_seconds = 2;
       return r;
     }
     case ErrorKind::kIo:

@@ -52,6 +52,10 @@ Refusal bad_request(std::string detail);
 Refusal refused(const char* code, std::string client_message, std::string detail);
 // 500 internal: the client gets `client_message`, the trail the cause.
 Refusal server_error(std::string client_message, std::string detail);
+// A store call that failed: 503 with Retry-After when the store is only
+// unavailable (its database down or unreachable: the client retries),
+// otherwise server_error.
+Refusal store_error(std::string client_message, const Status& cause);
 
 // The one ErrorKind-to-HTTP mapping, for a failed step whose Status kind
 // says who is at fault:

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -46,5 +47,10 @@ struct Settings {
 // its type and range, no other key. kInvalidArgument naming the key
 // otherwise; the caller adds the file's name.
 Result<Settings> parse_settings(std::string_view text);
+
+// The store the settings name: PostgreSQL when `store` or the state
+// folder's store.conf holds a connection string, else the embedded SQLite
+// store in the state folder (created, mode 0700, if missing).
+Result<std::unique_ptr<Store>> open_store(const Settings& s);
 
 }  // namespace keygate::server

@@ -13,7 +13,9 @@
 #include <sstream>
 
 #include "server/audit_chain.h"
+#include "server/store.h"
 #include "tests/keygate_fixture.h"
+#include "tests/pg_cluster.h"
 
 namespace keygate::testing {
 namespace {
@@ -32,10 +34,21 @@ class AuditTrailTest : public KeygateTest {
     ASSERT_EQ(unlock(second.first, emulator_).exit_code, kExitRefused);
   }
 
-  // A copy of the server's state folder's database, to tamper with.
+  // A copy of the server's store, to tamper with: a state folder holding
+  // a copy of its SQLite file, or naming a copy of its PostgreSQL database
+  // (pg_dump into a new database of the run's cluster).
   std::string copy_of_store(const std::string& name) {
     const std::string dir = server_.state + "-" + name;
     EXPECT_EQ(run({"mkdir", "-p", dir}).exit_code, 0);
+    if (on_postgres()) {
+      const std::string copy = PgCluster::shared().create_database();
+      EXPECT_NE(copy, "");
+      RunResult dumped = run({"sh", "-c", "pg_dump \"$1\" | psql -q -v ON_ERROR_STOP=1 \"$2\" >/dev/null", "sh",
+                              conninfo_of(server_.state), copy});
+      EXPECT_EQ(dumped.exit_code, 0) << dumped.err;
+      write_file(dir + "/store.conf", copy + "\n");
+      return dir;
+    }
     sqlite3* db = nullptr;
     EXPECT_EQ(sqlite3_open((server_.state + "/keygate.db").c_str(), &db), SQLITE_OK);
     EXPECT_EQ(exec(db, "VACUUM INTO '" + dir + "/keygate.db'"), "");
@@ -50,13 +63,37 @@ class AuditTrailTest : public KeygateTest {
     sqlite3_free(err);
     return msg;
   }
+  // Runs SQL on the store of `state`, behind the server's back.
   static void tamper(const std::string& state, const std::string& sql) {
+    if (on_postgres()) {
+      EXPECT_EQ(store_sql(state, sql), "") << sql;
+      return;
+    }
     sqlite3* db = nullptr;
     ASSERT_EQ(sqlite3_open((state + "/keygate.db").c_str(), &db), SQLITE_OK);
     EXPECT_EQ(exec(db, sql), "") << sql;
     sqlite3_close(db);
   }
-
+  // The first column of the first row SQL returns on the store of `state`.
+  static std::string query(const std::string& state, const std::string& sql) {
+    if (on_postgres()) return PgCluster::query(conninfo_of(state), sql);
+    sqlite3* db = nullptr;
+    std::string out;
+    if (sqlite3_open((state + "/keygate.db").c_str(), &db) == SQLITE_OK) {
+      sqlite3_stmt* st = nullptr;
+      if (sqlite3_prepare_v2(db, sql.c_str(), -1, &st, nullptr) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW &&
+          sqlite3_column_text(st, 0) != nullptr) {
+        out = reinterpret_cast<const char*>(sqlite3_column_text(st, 0));
+      }
+      sqlite3_finalize(st);
+    }
+    sqlite3_close(db);
+    return out;
+  }
+  // A byte string as an SQL literal of the store's dialect.
+  static std::string blob(const Bytes& b) {
+    return on_postgres() ? "'\\x" + hex_encode(b) + "'::bytea" : "x'" + hex_encode(b) + "'";
+  }
   RunResult verify(const std::string& state, std::vector<std::string> extra = {}) {
     std::vector<std::string> argv = {bin("keygate-server"), "audit", "verify", "--state-dir", state};
     argv.insert(argv.end(), extra.begin(), extra.end());
@@ -86,16 +123,8 @@ TEST_F(AuditTrailTest, AHandEditedRecordIsNamed) {
   // A release rewritten as a refusal, as someone covering a release would.
   tamper(state, "UPDATE audit SET outcome = 'refused' WHERE seq = "
                 "(SELECT MIN(seq) FROM audit WHERE event = 'unlock' AND outcome = 'released')");
-  sqlite3* db = nullptr;
-  ASSERT_EQ(sqlite3_open((state + "/keygate.db").c_str(), &db), SQLITE_OK);
-  sqlite3_stmt* st = nullptr;
-  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT MIN(seq) FROM audit WHERE event = 'unlock' AND outcome = 'refused'", -1,
-                               &st, nullptr),
-            SQLITE_OK);
-  ASSERT_EQ(sqlite3_step(st), SQLITE_ROW);
-  const std::string seq = std::to_string(sqlite3_column_int64(st, 0));
-  sqlite3_finalize(st);
-  sqlite3_close(db);
+  const std::string seq = query(state, "SELECT MIN(seq) FROM audit WHERE event = 'unlock' AND outcome = 'refused'");
+  ASSERT_FALSE(seq.empty());
   RunResult r = verify(state);
   EXPECT_EQ(r.exit_code, kExitChainBroken) << r.out << r.err;
   EXPECT_TRUE(contains(r.err, "audit trail broken: record " + seq + " (")) << r.err;
@@ -135,40 +164,22 @@ TEST_F(AuditTrailTest, ReorderedRecordsAreFound) {
   // The same with the moved records' hashes recomputed for their new
   // places: the link after them breaks.
   const std::string rehashed = copy_of_store("rehashed");
-  sqlite3* db = nullptr;
-  ASSERT_EQ(sqlite3_open((rehashed + "/keygate.db").c_str(), &db), SQLITE_OK);
-  ASSERT_EQ(exec(db, "UPDATE audit SET seq = -1 WHERE seq = 3; UPDATE audit SET seq = 3 WHERE seq = 4; "
-                     "UPDATE audit SET seq = 4 WHERE seq = -1;"),
-            "");
-  Bytes prev;
-  for (int seq = 1; seq <= 4; ++seq) {
-    sqlite3_stmt* st = nullptr;
-    ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT time, event, outcome, volume_id, peer, detail, hash FROM audit WHERE seq = ?",
-                                 -1, &st, nullptr),
-              SQLITE_OK);
-    sqlite3_bind_int64(st, 1, seq);
-    ASSERT_EQ(sqlite3_step(st), SQLITE_ROW);
-    auto text = [&](int c) { return std::string(reinterpret_cast<const char*>(sqlite3_column_text(st, c))); };
-    server::AuditEvent e{sqlite3_column_int64(st, 0), text(1), text(2), text(3), text(4), text(5)};
-    const uint8_t* h = static_cast<const uint8_t*>(sqlite3_column_blob(st, 6));
-    Bytes stored(h, h + sqlite3_column_bytes(st, 6));
-    sqlite3_finalize(st);
-    if (seq < 3) {
-      prev = stored;
-      continue;
-    }
-    const Bytes hash = server::audit_record_hash(seq, e, prev);
-    st = nullptr;
-    ASSERT_EQ(sqlite3_prepare_v2(db, "UPDATE audit SET prev_hash = ?, hash = ? WHERE seq = ?", -1, &st, nullptr),
-              SQLITE_OK);
-    sqlite3_bind_blob(st, 1, prev.data(), static_cast<int>(prev.size()), SQLITE_TRANSIENT);
-    sqlite3_bind_blob(st, 2, hash.data(), static_cast<int>(hash.size()), SQLITE_TRANSIENT);
-    sqlite3_bind_int64(st, 3, seq);
-    ASSERT_EQ(sqlite3_step(st), SQLITE_DONE);
-    sqlite3_finalize(st);
+  tamper(rehashed, "UPDATE audit SET seq = -1 WHERE seq = 3; UPDATE audit SET seq = 3 WHERE seq = 4; "
+                   "UPDATE audit SET seq = 4 WHERE seq = -1;");
+  std::vector<server::AuditRecord> records;
+  {
+    auto store = open_store_of(rehashed);
+    ASSERT_NE(store, nullptr);
+    records = store->read_audit(0, 4).value();
+  }
+  ASSERT_EQ(records.size(), 4u);
+  Bytes prev = records[1].hash;
+  for (int seq = 3; seq <= 4; ++seq) {
+    const Bytes hash = server::audit_record_hash(seq, records[seq - 1].event, prev);
+    tamper(rehashed, "UPDATE audit SET prev_hash = " + blob(prev) + ", hash = " + blob(hash) +
+                         " WHERE seq = " + std::to_string(seq));
     prev = hash;
   }
-  sqlite3_close(db);
   r = verify(rehashed);
   EXPECT_EQ(r.exit_code, kExitChainBroken) << r.err;
   EXPECT_TRUE(contains(r.err, "record 5 (")) << r.err;

@@ -83,13 +83,26 @@ TEST_F(KeygateTest, RevokedVolumeIsRefused) {
 TEST_F(KeygateTest, NoKeyIsReleasedWhileTheAuditLogCannotBeWritten) {
   auto [vol, id] = enrolled_volume();
   sqlite3* db = nullptr;
-  ASSERT_EQ(sqlite3_open((server_.state + "/keygate.db").c_str(), &db), SQLITE_OK);
-  ASSERT_EQ(sqlite3_exec(db, "BEGIN EXCLUSIVE", nullptr, nullptr, nullptr), SQLITE_OK);
+  if (on_postgres()) {
+    // Every insert into the trail fails, as on a full disk.
+    ASSERT_EQ(store_sql(server_.state,
+                        "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS "
+                        "$$BEGIN RAISE EXCEPTION 'disk full'; END$$; "
+                        "CREATE TRIGGER full_disk BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION disk_full()"),
+              "");
+  } else {
+    ASSERT_EQ(sqlite3_open((server_.state + "/keygate.db").c_str(), &db), SQLITE_OK);
+    ASSERT_EQ(sqlite3_exec(db, "BEGIN EXCLUSIVE", nullptr, nullptr, nullptr), SQLITE_OK);
+  }
   // The server waits 5 s for the lock before it gives up on the write.
   RunResult held = run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url",
                         emulator_.url(), "--timeout", "20"});
-  ASSERT_EQ(sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr), SQLITE_OK);
-  sqlite3_close(db);
+  if (on_postgres()) {
+    ASSERT_EQ(store_sql(server_.state, "DROP TRIGGER full_disk ON audit"), "");
+  } else {
+    ASSERT_EQ(sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr), SQLITE_OK);
+    sqlite3_close(db);
+  }
   EXPECT_EQ(held.exit_code, kExitUnreachable) << held.err;
   EXPECT_TRUE(contains(held.err, "audit_unavailable")) << held.err;
   EXPECT_FALSE(contains(held.out, "opens keyslot")) << held.out;
@@ -415,15 +428,15 @@ TEST_F(KeygateTest, DescriptionsAreTextAndTheVolumeListIsUtf8) {
   // A description an older server stored with raw bytes.
   server_.process.stop();
   {
-    auto store = server::open_sqlite_store(server_.state + "/keygate.db");
-    ASSERT_TRUE(store.is_ok()) << store.status().message();
+    auto store = open_store_of(server_.state);
+    ASSERT_NE(store, nullptr);
     server::VolumeRecord old;
     old.id = "old-volume-with-raw-bytes";
     old.state = server::VolumeState::kActive;
     old.policy_json = "{\"note\":\"\x1b[2J\"}";
     old.sealed_secret = Bytes(60, 1);
     old.description = "\xff\xfe\x1b[2J";
-    ASSERT_TRUE(store.value()->insert_volume(old).is_ok());
+    ASSERT_TRUE(store->insert_volume(old).is_ok());
   }
   RunResult list = run({bin("keygate-server"), "volumes", "list", "--json", "--state-dir", server_.state});
   ASSERT_EQ(list.exit_code, 0) << list.err;
@@ -510,15 +523,15 @@ TEST_F(KeygateTest, AStartRevokesPendingVolumesPastTheirTime) {
   server_.process.stop();
   const int64_t now = static_cast<int64_t>(time(nullptr));
   {
-    auto store = server::open_sqlite_store(server_.state + "/keygate.db");
-    ASSERT_TRUE(store.is_ok()) << store.status().message();
+    auto store = open_store_of(server_.state);
+    ASSERT_NE(store, nullptr);
     for (auto [id, created] : {std::pair{"left-two-days-ago", now - 2 * 86400}, std::pair{"left-now", now}}) {
       server::VolumeRecord v;
       v.id = id;
       v.policy_json = "{}";
       v.sealed_secret = Bytes(60, 1);
       v.created_at = v.updated_at = created;
-      ASSERT_TRUE(store.value()->insert_volume(v).is_ok());
+      ASSERT_TRUE(store->insert_volume(v).is_ok());
     }
   }
   Server again = start_server("pending-ttl", {}, server_.state);

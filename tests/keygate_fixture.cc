@@ -28,9 +28,30 @@ RunResult cryptsetup_with_plugin(const std::string& args, const std::string& plu
                   env + " cryptsetup " + args});
 }
 
-void KeygateTest::use_test_store(const std::string& state) {
+bool KeygateTest::on_postgres() {
   const char* store = getenv("KEYGATE_TEST_STORE");
-  if (store == nullptr || std::string(store) != "postgresql") return;
+  return store != nullptr && std::string(store) == "postgresql";
+}
+
+std::string KeygateTest::conninfo_of(const std::string& state) {
+  std::string c = read_file(state + "/store.conf");
+  while (!c.empty() && c.back() == '\n') c.pop_back();
+  return c;
+}
+
+std::unique_ptr<server::Store> KeygateTest::open_store_of(const std::string& state) {
+  auto s = on_postgres() ? server::open_postgres_store(conninfo_of(state))
+                         : server::open_sqlite_store(state + "/keygate.db");
+  EXPECT_TRUE(s.is_ok()) << s.status().message();
+  return s.is_ok() ? std::move(s).value() : nullptr;
+}
+
+std::string KeygateTest::store_sql(const std::string& state, const std::string& sql) {
+  return PgCluster::exec(conninfo_of(state), sql);
+}
+
+void KeygateTest::use_test_store(const std::string& state) {
+  if (!on_postgres()) return;
   const std::string conf = state + "/store.conf";
   if (access(conf.c_str(), F_OK) == 0) return;  // a restart: the same database
   PgCluster& pg = PgCluster::shared();

@@ -26,6 +26,7 @@
 #include "core/envelope.h"
 #include "core/json.h"
 #include "core/protocol.h"
+#include "server/store.h"
 #include "tests/harness.h"
 #include "unlocker/evidence.h"
 #include "unlocker/luks.h"
@@ -123,6 +124,19 @@ class KeygateTest : public ::testing::Test {
   // cluster (store.conf), so the server and every command run with that
   // folder use it.
   static void use_test_store(const std::string& state);
+ public:
+  // Whether this run's servers keep their store in PostgreSQL.
+  static bool on_postgres();
+  // The connection string in `state`'s store.conf (PostgreSQL only).
+  static std::string conninfo_of(const std::string& state);
+  // The store of `state`, opened as the server opens it (its SQLite file,
+  // or its PostgreSQL database); the server should be stopped.
+  static std::unique_ptr<server::Store> open_store_of(const std::string& state);
+  // Runs SQL on the PostgreSQL store of `state` behind the server's back;
+  // "" or the error.
+  static std::string store_sql(const std::string& state, const std::string& sql);
+
+ protected:
 
   static Emulator start_emulator(const Identity& id, const std::string& state) {
     Emulator e;

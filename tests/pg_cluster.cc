@@ -3,6 +3,7 @@
 #include <libpq-fe.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 
@@ -87,7 +88,16 @@ std::string PgCluster::create_database() {
     std::lock_guard<std::mutex> lock(mu);
     name = "keygate_" + std::to_string(getpid()) + "_" + std::to_string(++databases_);
   }
-  return exec(conninfo("postgres"), "CREATE DATABASE " + name).empty() ? conninfo(name) : "";
+  // Two CREATE DATABASE at once (parallel tests) may find the template in
+  // use: try again for a while.
+  std::string err;
+  for (int attempt = 0; attempt < 50; ++attempt) {
+    err = exec(conninfo("postgres"), "CREATE DATABASE " + name);
+    if (err.empty()) return conninfo(name);
+    usleep(100 * 1000);
+  }
+  fprintf(stderr, "CREATE DATABASE %s: %s\n", name.c_str(), err.c_str());
+  return "";
 }
 
 std::string PgCluster::exec(const std::string& conninfo, const std::string& sql) {

@@ -516,6 +516,24 @@ TEST_P(StoreContract, ARevocationAndItsRecordAreWrittenTogether) {
   EXPECT_EQ(trail[0].volume_id, "vol-r");
 }
 
+// A client's garbage reaching the trail (bytes that are not UTF-8, NUL) is
+// recorded and chained all the same: a refusal is never left off the trail
+// because of what the refused client sent.
+TEST_P(StoreContract, AuditTextThatIsNotUtf8IsRecordedAndChained) {
+  const std::string garbage("\xff\xfe\0\x1b[2Jvol", 10);
+  ASSERT_TRUE(store_->append_audit(AuditEvent{1, "unlock", "refused", garbage, garbage, garbage}).is_ok());
+  VolumeRecord r{"v", VolumeState::kActive, "{}", random_bytes(60), "", 1, 1};
+  ASSERT_TRUE(store_->insert_volume(r).is_ok());
+  ASSERT_TRUE(store_->revoke_volume("v", VolumeState::kActive, 2, AuditEvent{2, "revoke", "ok", "v", "p", garbage}).is_ok());
+  int64_t count = 0;
+  const Status v = verify_trail(*store_, &count);
+  EXPECT_TRUE(v.is_ok()) << v.message();
+  EXPECT_EQ(count, 2);
+  auto trail = store_->recent_audit(10).value();
+  ASSERT_EQ(trail.size(), 2u);
+  EXPECT_NE(trail[0].detail.find("vol"), std::string::npos);
+}
+
 // PostgreSQL's own: replicas on one database, its schema, its outages.
 class PgStoreTest : public ::testing::Test {
  protected:

@@ -1,0 +1,216 @@
+// Several keygate-server replicas on one PostgreSQL database, and a
+// database that goes away: real servers over real TLS, the real unlocker,
+// a real PostgreSQL cluster (tests/pg_cluster.h). Whatever the run's
+// KEYGATE_TEST_STORE, these servers use PostgreSQL.
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "core/envelope.h"
+#include "tests/keygate_fixture.h"
+#include "tests/pg_cluster.h"
+
+namespace keygate::testing {
+namespace {
+
+size_t count_of(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+class ReplicaTest : public KeygateTest {
+ protected:
+  // A state folder naming the PostgreSQL database `conninfo`.
+  static std::string state_on(const std::string& conninfo, const std::string& name) {
+    const std::string state = dir_ + "/" + unique(name);
+    EXPECT_EQ(mkdir(state.c_str(), 0700), 0);
+    write_file(state + "/store.conf", conninfo + "\n");
+    return state;
+  }
+
+  // Two replicas on one new database. They share the KEK, the TLS
+  // certificate and the admin CA as replicas must (by configuration: the
+  // second's state folder is a copy of the first's).
+  void start_replicas() {
+    const std::string db = PgCluster::shared().create_database();
+    ASSERT_NE(db, "");
+    a_ = start_server("a", {}, state_on(db, "replica-a"));
+    ASSERT_GT(a_.port, 0) << read_file(a_.process.log_path());
+    const std::string b_state = dir_ + "/" + unique("replica-b");
+    ASSERT_EQ(run({"cp", "-a", a_.state, b_state}).exit_code, 0);
+    b_ = start_server("b", {}, b_state);
+    ASSERT_GT(b_.port, 0) << read_file(b_.process.log_path());
+  }
+
+  // An unlock request for `volume_id` answering `nonce`.
+  std::string unlock_request(const std::string& volume_id, const Bytes& nonce) {
+    auto keys = X25519KeyPair::generate().value();
+    Json::Value req;
+    req["volume_id"] = volume_id;
+    req["nonce"] = base64_encode(nonce);
+    req["client_public_key"] = base64_encode(keys.public_key.data(), keys.public_key.size());
+    req["evidence"] = evidence_;
+    return to_json(req);
+  }
+  int post_unlock(const Server& s, const std::string& body) {
+    auto res = api_client(s)->Post(api::kUnlockPath, body, "application/json");
+    return res ? res->status : -1;
+  }
+
+  void TearDown() override {
+    a_.process.stop();
+    b_.process.stop();
+    KeygateTest::TearDown();
+  }
+
+  Server a_, b_;
+  Json::Value evidence_;
+};
+
+// Any replica serves any request: a nonce one issued is accepted once by
+// the other, also when both are asked at the same moment; a revocation
+// made through one holds at the other; both write one chain.
+TEST_F(ReplicaTest, TwoReplicasOnOneDatabaseShareNoncesRevocationsAndOneChain) {
+  ASSERT_EQ(PgCluster::shared().error(), "");
+  start_replicas();
+  // Enrolled through the first replica; the volume's token lists the second
+  // first.
+  const std::string vol = new_volume_file();
+  RunResult enrolled = enroll_format(vol, a_, make_token(a_), emulator_, {b_.url()});
+  ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(enrolled.out, m, std::regex("enrolled as volume ([0-9a-f-]+)"))) << enrolled.out;
+  const std::string id = m[1].str();
+  evidence_ = aws_evidence(emulator_);
+
+  const std::string req = unlock_request(id, fresh_nonce(a_));
+  EXPECT_EQ(post_unlock(b_, req), 200);
+  EXPECT_EQ(post_unlock(b_, req), 403);
+  EXPECT_EQ(post_unlock(a_, req), 403);
+  int released = 1;
+
+  // The same answer sent to both replicas at once: one release, many rounds.
+  for (int round = 0; round < 25; ++round) {
+    const std::string same = unlock_request(id, fresh_nonce(round % 2 ? a_ : b_));
+    std::atomic<bool> go{false};
+    int at_a = 0, at_b = 0;
+    std::thread ta([&] {
+      while (!go) std::this_thread::yield();
+      at_a = post_unlock(a_, same);
+    });
+    std::thread tb([&] {
+      while (!go) std::this_thread::yield();
+      at_b = post_unlock(b_, same);
+    });
+    go = true;
+    ta.join();
+    tb.join();
+    ASSERT_TRUE((at_a == 200 && at_b == 403) || (at_a == 403 && at_b == 200))
+        << "round " << round << ": " << at_a << " and " << at_b;
+    ++released;
+  }
+
+  // The real unlocker, with the second replica first in its list: the
+  // volume opens through it.
+  RunResult opened = unlock(vol, emulator_);
+  EXPECT_EQ(opened.exit_code, 0) << opened.err;
+  EXPECT_TRUE(contains(opened.err, "key released by " + b_.url())) << opened.err;
+  ++released;
+
+  // Revoked through the first replica's host command: the second refuses.
+  ASSERT_EQ(run({bin("keygate-server"), "volumes", "revoke", id, "--state-dir", a_.state}).exit_code, 0);
+  EXPECT_EQ(post_unlock(b_, unlock_request(id, fresh_nonce(b_))), 403);
+  EXPECT_EQ(post_unlock(a_, unlock_request(id, fresh_nonce(a_))), 403);
+
+  // One chain, written by both, verified from either side, with every
+  // release on it.
+  for (const Server* s : {&a_, &b_}) {
+    RunResult v = run({bin("keygate-server"), "audit", "verify", "--state-dir", s->state});
+    EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+  }
+  EXPECT_EQ(count_of(audit_text(b_), "unlock released volume=" + id), static_cast<size_t>(released));
+}
+
+// A replica killed in the middle of a run of unlocks and started again
+// serves again; no record is lost and the chain still verifies.
+TEST_F(ReplicaTest, AReplicaKilledMidRunServesAgainAndNoRecordIsLost) {
+  ASSERT_EQ(PgCluster::shared().error(), "");
+  start_replicas();
+  auto [vol, id] = enrolled_volume(&a_);
+  ASSERT_FALSE(id.empty());
+  evidence_ = aws_evidence(emulator_);
+  int ok = 0;
+  for (int i = 0; i < 30; ++i) {
+    if (i == 10) {
+      ASSERT_EQ(kill(b_.process.pid(), SIGKILL), 0);
+      b_.process.stop();
+    }
+    if (i == 20) {
+      b_ = start_server("b", {"--listen", "127.0.0.1:" + std::to_string(b_.port)}, b_.state);
+      ASSERT_GT(b_.port, 0) << read_file(b_.process.log_path());
+    }
+    const Server& s = i % 2 ? a_ : b_;
+    if (i % 2 == 0 && i >= 10 && i < 20) continue;  // b is down
+    const int status = post_unlock(s, unlock_request(id, fresh_nonce(s)));
+    EXPECT_EQ(status, 200) << "unlock " << i;
+    if (status == 200) ++ok;
+  }
+  EXPECT_EQ(ok, 25);
+  RunResult v = run({bin("keygate-server"), "audit", "verify", "--state-dir", b_.state});
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+  EXPECT_EQ(count_of(audit_text(a_), "unlock released volume=" + id), static_cast<size_t>(ok));
+}
+
+// PostgreSQL stopped during a run of unlocks: the server answers 503 with
+// Retry-After (the unlocker retries), releases nothing without its record,
+// and once the database is back the same unlock succeeds within its deadline.
+TEST_F(ReplicaTest, WhilePostgresIsDownUnlocksRetryAndNoKeyLeavesWithoutItsRecord) {
+  auto own = PgCluster::start_own();
+  ASSERT_EQ(own->error(), "");
+  const std::string db = own->create_database();
+  ASSERT_NE(db, "");
+  Server s = start_server("pg-down", {}, state_on(db, "pg-down"));
+  ASSERT_GT(s.port, 0) << read_file(s.process.log_path());
+  auto [vol, id] = enrolled_volume(&s);
+  ASSERT_FALSE(id.empty());
+  ASSERT_EQ(unlock(vol, emulator_).exit_code, 0);
+  evidence_ = aws_evidence(emulator_);
+  const Bytes early_nonce = fresh_nonce(s);  // issued before the outage
+
+  ASSERT_EQ(own->stop(), "");
+  auto challenge = api_client(s)->Post(api::kChallengePath, "{}", "application/json");
+  ASSERT_TRUE(challenge);
+  EXPECT_EQ(challenge->status, 503) << challenge->body;
+  EXPECT_EQ(challenge->get_header_value("Retry-After"), "2");
+  const int during = post_unlock(s, unlock_request(id, early_nonce));
+  EXPECT_EQ(during, 503);
+
+  // The real unlocker, started while the database is down.
+  std::thread back([&] {
+    std::this_thread::sleep_for(std::chrono::seconds(4));
+    EXPECT_EQ(own->start(), "");
+  });
+  const auto started = std::chrono::steady_clock::now();
+  RunResult r = run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url", emulator_.url(), "--timeout",
+                     "5", "--deadline", "60"});
+  const auto took = std::chrono::steady_clock::now() - started;
+  back.join();
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.out, "opens keyslot")) << r.out;
+  EXPECT_GE(took, std::chrono::seconds(3));  // it did wait for the database
+  EXPECT_LT(took, std::chrono::seconds(60));
+
+  // Two releases, two records; the chain verifies.
+  RunResult v = run({bin("keygate-server"), "audit", "verify", "--state-dir", s.state});
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+  EXPECT_EQ(count_of(audit_text(s), "unlock released volume=" + id), 2u);
+  EXPECT_TRUE(contains(read_file(s.process.log_path()), "database")) << read_file(s.process.log_path());
+  s.process.stop();
+}
+
+}  // namespace
+}  // namespace keygate::testing
