@@ -66,6 +66,12 @@ Commands:
                      --output FILE    write FILE (whole or not at all)
                                       instead of standard output
   ca               print the CA certificate clients pin, and its fingerprint
+  migrate-store --to CONNINFO
+                   copy the state folder's SQLite store into an empty
+                   PostgreSQL database (servers stopped): every volume,
+                   token, approval request, admin certificate and the
+                   audit trail as it is, in one transaction; both chains
+                   verified to the same head
   policy check [FILE]
                    validate a policy file (default: --policy-file); an
                    error names its line
@@ -182,7 +188,7 @@ const std::set<std::string> kValueOptions = {
     "state-dir", "config",  "listen",     "port-file", "tls-san", "aws-trust-dir", "nonce-ttl",
     "log-level", "account", "region",     "image-id",  "ttl",     "uses",          "limit",
     "gcp-jwks",  "azure-trust-dir", "evidence-max-age", "platform", "require", "head", "instance", "policy", "policy-file",
-    "file",      "output", "name", "role", "days", "out", "reason", "server", "admin-dir", "server-url", "store"};
+    "file",      "output", "name", "role", "days", "out", "reason", "server", "admin-dir", "server-url", "store", "to"};
 const std::set<std::string> kFlagOptions = {"no-default-aws-trust", "image-group", "json",
                                             "help", "all"};
 
@@ -669,6 +675,71 @@ int cmd_audit_verify(const Args& args, const Settings& s) {
   return 0;
 }
 
+// Copies the state folder's SQLite store into an empty PostgreSQL database,
+// whole and in one transaction: volumes in every state, tokens, approval
+// requests, counted releases, admin certificates and the audit trail as it
+// is (its chain verified first, its numbers and hashes kept), then one
+// store.migrate record chained on. The copy's chain is verified again from
+// PostgreSQL, to the same head. The servers must be stopped meanwhile.
+int cmd_migrate_store(const Args& args, const Settings& s) {
+  const std::string to = args.get("to");
+  if (to.empty()) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate-server migrate-store --to CONNINFO [--state-dir DIR]"));
+  }
+  if (Status ok = check_postgres_conninfo(to); !ok.is_ok()) return fail(ok.with_context("--to"));
+  const std::string path = s.state_dir + "/keygate.db";
+  if (!s.store.empty() || access((s.state_dir + "/store.conf").c_str(), F_OK) == 0) {
+    return fail(Status::error(ErrorKind::kInvalidArgument,
+                              str_cat(s.state_dir, " uses a PostgreSQL store already; migrate-store copies its "
+                                                   "SQLite store (keygate.db)")));
+  }
+  if (access(path.c_str(), F_OK) != 0) {
+    return fail(Status::error(ErrorKind::kInvalidArgument, str_cat("no SQLite store at ", path)));
+  }
+  auto dump = dump_sqlite_store(path);
+  if (!dump.is_ok()) return fail(dump.status());
+  AuditChainVerifier source;
+  for (const AuditRecord& r : dump->audit) {
+    if (Status added = source.add(r); !added.is_ok()) {
+      return chain_result(added.with_context("the SQLite trail, not copied"));
+    }
+  }
+  if (Status done = source.finish(); !done.is_ok()) return chain_result(done.with_context("the SQLite trail, not copied"));
+  int active = 0, pending = 0, revoked = 0;
+  for (const VolumeRecord& v : dump->volumes) {
+    (v.state == VolumeState::kActive ? active : v.state == VolumeState::kPending ? pending : revoked)++;
+  }
+  const std::string head = source.count() > 0 ? format_audit_head(source.head()) : "none";
+  SystemClock clock;
+  const AuditEvent event{clock.now_unix(), "store.migrate", "ok", "", "local",
+                         str_cat("copied from SQLite ", path, ": ", dump->volumes.size(), " volumes (", active,
+                                 " active, ", pending, " pending, ", revoked, " revoked), ", dump->tokens.size(),
+                                 " tokens, ", dump->approvals.size(), " approval requests, ", dump->admin_certs.size(),
+                                 " admin certificates, ", dump->audit.size(), " audit records, head ", head)};
+  if (Status loaded = load_postgres_store(to, dump.value(), event); !loaded.is_ok()) {
+    return fail(loaded.with_context("copy into PostgreSQL (nothing was written)"));
+  }
+  // Read back from PostgreSQL: the same records to the same head, then the
+  // migration's own.
+  auto copy = open_postgres_store(to, 1);
+  if (!copy.is_ok()) return fail(copy.status());
+  AuditChainVerifier target(source.count() > 0 ? std::optional<AuditHead>(AuditHead{source.head().seq, source.head().hash})
+                                               : std::nullopt);
+  Status read = for_each_audit_record(*copy.value(), [&](const AuditRecord& r) { return target.add(r); });
+  if (!read.is_ok()) return chain_result(read.with_context("the PostgreSQL copy"));
+  if (Status done = target.finish(); !done.is_ok()) return chain_result(done.with_context("the PostgreSQL copy"));
+  printf("copied %zu volumes (%d active, %d pending, %d revoked), %zu tokens, %zu approval requests, %zu admin "
+         "certificates and %zu audit records\n",
+         dump->volumes.size(), active, pending, revoked, dump->tokens.size(), dump->approvals.size(),
+         dump->admin_certs.size(), dump->audit.size());
+  printf("audit trail intact on both sides: SQLite head %s; PostgreSQL head %s (the migration's record)\n",
+         head.c_str(), format_audit_head(target.head()).c_str());
+  printf("next: put the connection string in %s/store.conf (or the configuration's \"store\") on every "
+         "replica, then start them\n",
+         s.state_dir.c_str());
+  return 0;
+}
+
 // Every record as stored, checked on the way: a broken chain is still
 // exported whole (it is the evidence), and said (exit 3).
 int cmd_audit_export(const Args& args, const Settings& s) {
@@ -782,6 +853,7 @@ int main(int argc, char** argv) {
     return cmd_audit_export(args.value(), settings.value());
   }
   if (cmd == "ca" && pos.size() == 1) return cmd_ca(settings.value());
+  if (cmd == "migrate-store" && pos.size() == 1) return cmd_migrate_store(args.value(), settings.value());
   if (cmd == "policy" && sub == "check") return cmd_policy_check(args.value(), settings.value());
   if (cmd == "admin") return admin_command(args.value(), settings.value(), template_from_args(args.value()));
   log_error(str_cat("unknown command '", cmd, sub.empty() ? "" : " ", sub, "'"));

@@ -40,7 +40,8 @@ constexpr Oid kByteaOid = 17;
 // version N-1 to N. A released entry is never edited; a change is a new one.
 const char* const kMigrations[] = {
     // 1: the tables of the SQLite store, the audit chain's head and the
-    // nonces (unlogged: short-lived, not worth a WAL write or a standby's
+    // nonces. The trail's text is kept as bytes, exactly as it was hashed
+    // (a detail may quote what a client sent, UTF-8 or not) (unlogged: short-lived, not worth a WAL write or a standby's
     // copy; after a crash the clients ask for new ones).
     R"sql(
 CREATE TABLE volumes (
@@ -61,11 +62,11 @@ CREATE TABLE enrollment_tokens (
 CREATE TABLE audit (
   seq BIGINT PRIMARY KEY,
   time BIGINT NOT NULL,
-  event TEXT NOT NULL,
-  outcome TEXT NOT NULL,
-  volume_id TEXT NOT NULL,
-  peer TEXT NOT NULL,
-  detail TEXT NOT NULL,
+  event BYTEA NOT NULL,
+  outcome BYTEA NOT NULL,
+  volume_id BYTEA NOT NULL,
+  peer BYTEA NOT NULL,
+  detail BYTEA NOT NULL,
   prev_hash BYTEA NOT NULL,
   hash BYTEA NOT NULL
 );
@@ -133,6 +134,8 @@ std::string pg_text(std::string_view s) {
 class Params {
  public:
   Params& text(const std::string& s) { return add(pg_text(s), kTextOid); }
+  // Text kept exactly, as bytes (the audit trail's columns).
+  Params& raw(const std::string& s) { return add(s, kByteaOid); }
   Params& bytes(const Bytes& b) { return add(std::string(b.begin(), b.end()), kByteaOid); }
   Params& int8(int64_t v) {
     const uint64_t be = htobe64(static_cast<uint64_t>(v));
@@ -380,15 +383,14 @@ Status in_transaction(Conn& c, const char* what, const std::function<Status()>& 
   return status;
 }
 
+Status insert_audit_record(Conn& c, const AuditRecord& r);
+
 // One audit record chained onto the trail's head, inside the caller's
 // transaction. The head's row is locked until that transaction ends, so
 // appends from every replica are chained one after another in the order
 // the database commits them; its number is one past the highest ever given,
 // so records cut from the end show as a gap once the next is written.
-Status insert_audit(Conn& c, const AuditEvent& raw) {
-  // Chained as stored: the text made storable first.
-  const AuditEvent e{raw.time, pg_text(raw.event), pg_text(raw.outcome), pg_text(raw.volume_id), pg_text(raw.peer),
-                     pg_text(raw.detail)};
+Status insert_audit(Conn& c, const AuditEvent& e) {
   auto next = c.exec("advance the audit head", "UPDATE audit_head SET seq = seq + 1 RETURNING seq");
   if (!next.is_ok()) return next.status();
   if (next->count() != 1) return Status::error(ErrorKind::kIo, "store: the audit head's row is missing");
@@ -400,21 +402,26 @@ Status insert_audit(Conn& c, const AuditEvent& raw) {
     head.seq = last->int8(0, 0);
     head.hash = last->bytes(0, 1);
   }
-  const AuditRecord r = chain_audit_record(last->count() == 1 ? &head : nullptr, seq, e);
-  auto ins = c.exec("insert audit",
-                    "INSERT INTO audit(seq, time, event, outcome, volume_id, peer, detail, prev_hash, hash) "
-                    "VALUES($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                    Params()
-                        .int8(r.seq)
-                        .int8(r.event.time)
-                        .text(r.event.event)
-                        .text(r.event.outcome)
-                        .text(r.event.volume_id)
-                        .text(r.event.peer)
-                        .text(r.event.detail)
-                        .bytes(r.prev_hash)
-                        .bytes(r.hash));
-  return ins.status();
+  return insert_audit_record(c, chain_audit_record(last->count() == 1 ? &head : nullptr, seq, e));
+}
+
+// One record as it is, hashes and all.
+Status insert_audit_record(Conn& c, const AuditRecord& r) {
+  return c
+      .exec("insert audit",
+            "INSERT INTO audit(seq, time, event, outcome, volume_id, peer, detail, prev_hash, hash) "
+            "VALUES($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            Params()
+                .int8(r.seq)
+                .int8(r.event.time)
+                .raw(r.event.event)
+                .raw(r.event.outcome)
+                .raw(r.event.volume_id)
+                .raw(r.event.peer)
+                .raw(r.event.detail)
+                .bytes(r.prev_hash)
+                .bytes(r.hash))
+      .status();
 }
 
 Status transition(Conn& c, const std::string& id, VolumeState from, VolumeState to, int64_t now) {
@@ -840,6 +847,80 @@ class PgStore final : public Store {
     });
   }
 
+  // migrate-store's copy (server/store.h load_postgres_store).
+  Status load(const StoreDump& d, const AuditEvent& event) {
+    auto c = pool_.acquire();
+    if (!c.is_ok()) return c.status();
+    Conn& conn = **c;
+    // Text a PostgreSQL TEXT column cannot hold would be changed on the way:
+    // refused, except a volume's description, which is only shown.
+    auto exact = [](const std::string& s) { return pg_text(s) == s; };
+    for (const VolumeRecord& v : d.volumes) {
+      if (!exact(v.id) || !exact(v.policy_json)) {
+        return Status::error(ErrorKind::kInvalidArgument,
+                             str_cat("volume ", printable(v.id, 80), ": its id or policy is not UTF-8 text"));
+      }
+    }
+    for (const ApprovalRecord& a : d.approvals) {
+      if (!exact(a.id) || !exact(a.volume_id) || !exact(a.instance) || !exact(a.state) || !exact(a.record)) {
+        return Status::error(ErrorKind::kInvalidArgument,
+                             str_cat("approval request ", printable(a.id, 80), " is not UTF-8 text"));
+      }
+    }
+    return in_transaction(conn, "store copy", [&]() -> Status {
+      KEYGATE_RETURN_IF_ERROR(conn.command(
+          "lock the tables",
+          "LOCK TABLE volumes, enrollment_tokens, approvals, releases, admin_certs, audit, audit_head "
+          "IN EXCLUSIVE MODE"));
+      auto n = conn.exec("count what is there",
+                         "SELECT (SELECT count(*) FROM volumes) + (SELECT count(*) FROM enrollment_tokens) + "
+                         "(SELECT count(*) FROM approvals) + (SELECT count(*) FROM admin_certs) + "
+                         "(SELECT count(*) FROM audit)");
+      if (!n.is_ok()) return n.status();
+      if (n->int8(0, 0) != 0) {
+        return Status::error(ErrorKind::kConflict,
+                             "the PostgreSQL database holds a keygate store already; copy into an empty one");
+      }
+      for (const VolumeRecord& v : d.volumes) KEYGATE_RETURN_IF_ERROR(insert_volume_on(conn, v));
+      for (const StoreDump::Token& tk : d.tokens) {
+        KEYGATE_RETURN_IF_ERROR(conn.exec("insert enrollment token",
+                                          "INSERT INTO enrollment_tokens(token_hash, template, expires_at, uses_left) "
+                                          "VALUES($1, $2, $3, $4)",
+                                          Params().bytes(tk.token_hash).text(tk.template_json).int8(tk.expires_at).int8(
+                                              tk.uses_left))
+                                    .status());
+      }
+      for (const ApprovalRecord& a : d.approvals) {
+        KEYGATE_RETURN_IF_ERROR(
+            conn.exec("insert approval",
+                      "INSERT INTO approvals(id, volume_id, instance, state, record, created_at, expires_at) "
+                      "VALUES($1, $2, $3, $4, $5, $6, $7)",
+                      Params().text(a.id).text(a.volume_id).text(a.instance).text(a.state).text(a.record).int8(
+                          a.created_at).int8(a.expires_at))
+                .status());
+      }
+      for (const StoreDump::Release& r : d.releases) {
+        KEYGATE_RETURN_IF_ERROR(conn.exec("insert release",
+                                          "INSERT INTO releases(volume_id, instance, time) VALUES($1, $2, $3)",
+                                          Params().text(r.volume_id).text(r.instance).int8(r.time))
+                                    .status());
+      }
+      for (const AdminCertRecord& r : d.admin_certs) {
+        KEYGATE_RETURN_IF_ERROR(
+            conn.exec("insert admin certificate",
+                      "INSERT INTO admin_certs(serial, name, role, issued_by, issued_at, expires_at, revoked_at) "
+                      "VALUES($1, $2, $3, $4, $5, $6, $7)",
+                      Params().text(r.serial).text(r.name).text(r.role).text(r.issued_by).int8(r.issued_at).int8(
+                          r.expires_at).int8(r.revoked_at))
+                .status());
+      }
+      for (const AuditRecord& r : d.audit) KEYGATE_RETURN_IF_ERROR(insert_audit_record(conn, r));
+      KEYGATE_RETURN_IF_ERROR(
+          conn.exec("set the audit head", "UPDATE audit_head SET seq = $1", Params().int8(d.audit_last_seq)).status());
+      return insert_audit(conn, event);
+    });
+  }
+
  private:
   static Status insert_volume_on(Conn& c, const VolumeRecord& r) {
     return c.exec("insert volume",
@@ -899,6 +980,13 @@ Status check_postgres_conninfo(const std::string& conninfo) {
                          "(passfile=, PGPASSFILE or ~/.pgpass) or a service file instead");
   }
   return Status::ok();
+}
+
+Status load_postgres_store(const std::string& conninfo, const StoreDump& dump, const AuditEvent& event) {
+  KEYGATE_RETURN_IF_ERROR(check_postgres_conninfo(conninfo));
+  PgStore store(conninfo, 1);
+  KEYGATE_RETURN_IF_ERROR(store.migrate());
+  return store.load(dump, event);
 }
 
 Result<std::unique_ptr<Store>> open_postgres_store(const std::string& conninfo, int connections) {

@@ -797,6 +797,81 @@ class SqliteStore final : public Store {
 
 }  // namespace
 
+Result<StoreDump> dump_sqlite_store(const std::string& path) {
+  sqlite3* db = nullptr;
+  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) != SQLITE_OK) {
+    std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
+    sqlite3_close(db);
+    return Status::error(ErrorKind::kIo, str_cat("open store ", path, ": ", msg));
+  }
+  std::unique_ptr<sqlite3, int (*)(sqlite3*)> closer(db, &sqlite3_close);
+  StoreDump d;
+  StmtCache stmts(db);
+  auto failed = [&](const char* what) {
+    return Status::error(ErrorKind::kIo, str_cat("read store ", path, ": ", what, ": ", sqlite3_errmsg(db)));
+  };
+  // Each query's rows through `row`; every step checked.
+  auto each = [&](const char* sql, const std::function<Status(Stmt&)>& row) -> Status {
+    Stmt s(stmts, sql);
+    if (!s.ok()) return failed(sql);
+    int rc;
+    while ((rc = s.step()) == SQLITE_ROW) KEYGATE_RETURN_IF_ERROR(row(s));
+    return rc == SQLITE_DONE ? Status::ok() : failed(sql);
+  };
+  Status st = [&]() -> Status {
+    if (sqlite3_exec(db, "BEGIN", nullptr, nullptr, nullptr) != SQLITE_OK) return failed("begin");
+    KEYGATE_RETURN_IF_ERROR(each(
+        "SELECT id, state, policy, sealed_secret, description, created_at, updated_at FROM volumes ORDER BY id",
+        [&](Stmt& s) -> Status {
+          auto state = parse_state(s.text(1));
+          if (!state.is_ok()) return state.status();
+          d.volumes.push_back(VolumeRecord{s.text(0), state.value(), s.text(2), s.blob(3), s.text(4), s.integer(5),
+                                           s.integer(6)});
+          return Status::ok();
+        }));
+    KEYGATE_RETURN_IF_ERROR(each("SELECT token_hash, template, expires_at, uses_left FROM enrollment_tokens",
+                                 [&](Stmt& s) {
+                                   d.tokens.push_back(StoreDump::Token{s.blob(0), s.text(1), s.integer(2), s.integer(3)});
+                                   return Status::ok();
+                                 }));
+    KEYGATE_RETURN_IF_ERROR(each(
+        "SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals ORDER BY id",
+        [&](Stmt& s) {
+          d.approvals.push_back(
+              ApprovalRecord{s.text(0), s.text(1), s.text(2), s.text(3), s.text(4), s.integer(5), s.integer(6)});
+          return Status::ok();
+        }));
+    KEYGATE_RETURN_IF_ERROR(each("SELECT volume_id, instance, time FROM releases", [&](Stmt& s) {
+      d.releases.push_back(StoreDump::Release{s.text(0), s.text(1), s.integer(2)});
+      return Status::ok();
+    }));
+    KEYGATE_RETURN_IF_ERROR(each(
+        "SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM admin_certs ORDER BY serial",
+        [&](Stmt& s) {
+          d.admin_certs.push_back(AdminCertRecord{s.text(0), s.text(1), s.text(2), s.text(3), s.integer(4),
+                                                  s.integer(5), s.integer(6)});
+          return Status::ok();
+        }));
+    KEYGATE_RETURN_IF_ERROR(each(
+        "SELECT seq, time, event, outcome, volume_id, peer, detail, prev_hash, hash FROM audit ORDER BY seq",
+        [&](Stmt& s) {
+          d.audit.push_back(AuditRecord{
+              s.integer(0), AuditEvent{s.integer(1), s.text(2), s.text(3), s.text(4), s.text(5), s.text(6)},
+              s.blob(7), s.blob(8)});
+          return Status::ok();
+        }));
+    d.audit_last_seq = d.audit.empty() ? 0 : d.audit.back().seq;
+    return each("SELECT seq FROM sqlite_sequence WHERE name = 'audit'", [&](Stmt& s) {
+      d.audit_last_seq = std::max(d.audit_last_seq, s.integer(0));
+      return Status::ok();
+    });
+  }();
+  sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr);
+  stmts.clear();
+  if (!st.is_ok()) return st;
+  return d;
+}
+
 Result<std::unique_ptr<Store>> open_sqlite_store(const std::string& path) {
   mode_t old = umask(077);
   sqlite3* db = nullptr;

@@ -164,6 +164,38 @@ class Store {
 // Opens (creating if needed) the SQLite store at `path`, file mode 0600.
 Result<std::unique_ptr<Store>> open_sqlite_store(const std::string& path);
 
+// Everything a store holds, as stored (for `keygate-server migrate-store`).
+// Challenge nonces are not in it: they live seconds.
+struct StoreDump {
+  struct Token {
+    Bytes token_hash;
+    std::string template_json;
+    int64_t expires_at = 0;
+    int64_t uses_left = 0;
+  };
+  struct Release {
+    std::string volume_id;
+    std::string instance;
+    int64_t time = 0;
+  };
+  std::vector<VolumeRecord> volumes;
+  std::vector<Token> tokens;
+  std::vector<ApprovalRecord> approvals;
+  std::vector<Release> releases;
+  std::vector<AdminCertRecord> admin_certs;
+  std::vector<AuditRecord> audit;  // in order, hashes as stored
+  int64_t audit_last_seq = 0;      // the highest number ever given
+};
+
+// A consistent copy of the SQLite store at `path` (one read transaction).
+Result<StoreDump> dump_sqlite_store(const std::string& path);
+
+// Writes `dump` into the PostgreSQL database `conninfo` names (its schema
+// made or migrated first), then chains `event` onto the copied trail: all
+// in one transaction. kConflict, and nothing written, if the database holds
+// any volume, token, approval, admin certificate or audit record already.
+Status load_postgres_store(const std::string& conninfo, const StoreDump& dump, const AuditEvent& event);
+
 // kInvalidArgument if `conninfo` is not a PostgreSQL connection string
 // (key=value pairs or a postgresql:// URI) or holds a password: a password
 // belongs in a password file or a service file, not in a string that

@@ -212,5 +212,84 @@ TEST_F(ReplicaTest, WhilePostgresIsDownUnlocksRetryAndNoKeyLeavesWithoutItsRecor
   s.process.stop();
 }
 
+// An SQLite store grown up: migrate-store copies it into PostgreSQL whole
+// (active, pending and revoked volumes, the trail as it is), refuses a
+// database that is not empty and a trail whose chain is broken, and a
+// server on the copy unlocks every active volume.
+TEST_F(ReplicaTest, MigrateStoreMovesAnSqliteStoreWholeAndItsVolumesUnlockAfter) {
+  ASSERT_EQ(PgCluster::shared().error(), "");
+  ASSERT_FALSE(on_postgres());  // this binary's servers start on SQLite
+  auto [active, active_id] = enrolled_volume();
+  auto [gone, gone_id] = enrolled_volume();
+  ASSERT_EQ(run({bin("keygate-server"), "volumes", "revoke", gone_id, "--state-dir", server_.state}).exit_code, 0);
+  ASSERT_EQ(unlock(active, emulator_).exit_code, 0);
+  ASSERT_EQ(unlock(gone, emulator_).exit_code, kExitRefused);
+  server_.process.stop();
+  {
+    auto store = open_store_of(server_.state);
+    ASSERT_NE(store, nullptr);
+    server::VolumeRecord pending;
+    pending.id = "registered-never-confirmed";
+    pending.policy_json = "{}";
+    pending.sealed_secret = Bytes(60, 1);
+    pending.created_at = pending.updated_at = static_cast<int64_t>(time(nullptr));
+    ASSERT_TRUE(store->insert_volume(pending).is_ok());
+  }
+  RunResult before = run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state});
+  ASSERT_EQ(before.exit_code, 0) << before.err;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(before.out, m, std::regex("intact: (\\d+) records; head (\\d+:[0-9a-f]+)")));
+  const std::string records = m[1].str(), head = m[2].str();
+
+  const std::string db = PgCluster::shared().create_database();
+  ASSERT_NE(db, "");
+  RunResult moved = run({bin("keygate-server"), "migrate-store", "--state-dir", server_.state, "--to", db});
+  ASSERT_EQ(moved.exit_code, 0) << moved.out << moved.err;
+  EXPECT_TRUE(contains(moved.out, "copied 3 volumes (1 active, 1 pending, 1 revoked)")) << moved.out;
+  EXPECT_TRUE(contains(moved.out, records + " audit records")) << moved.out;
+  EXPECT_TRUE(contains(moved.out, "SQLite head " + head)) << moved.out;
+  const std::string copied = PgCluster::query(db, "SELECT count(*) FROM audit");
+  EXPECT_EQ(copied, std::to_string(std::stoi(records) + 1));
+
+  // Again into the same database: refused, nothing added.
+  RunResult again = run({bin("keygate-server"), "migrate-store", "--state-dir", server_.state, "--to", db});
+  EXPECT_NE(again.exit_code, 0);
+  EXPECT_TRUE(contains(again.err, "holds a keygate store already")) << again.err;
+  EXPECT_EQ(PgCluster::query(db, "SELECT count(*) FROM audit"), copied);
+
+  // The server on the copy: the SQLite file moved out of the way, so only
+  // PostgreSQL can answer.
+  ASSERT_EQ(rename((server_.state + "/keygate.db").c_str(), (server_.state + "/keygate.db.migrated").c_str()), 0);
+  write_file(server_.state + "/store.conf", db + "\n");
+  server_ = start_server("migrated", {"--listen", "127.0.0.1:" + std::to_string(server_.port)}, server_.state);
+  ASSERT_GT(server_.port, 0) << read_file(server_.process.log_path());
+  RunResult opened = unlock(active, emulator_);
+  EXPECT_EQ(opened.exit_code, 0) << opened.err;
+  EXPECT_EQ(unlock(gone, emulator_).exit_code, kExitRefused);
+  RunResult after = run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state, "--head", head});
+  EXPECT_EQ(after.exit_code, 0) << after.out << after.err;
+  EXPECT_TRUE(contains(audit_text(server_), "store.migrate ok")) << audit_text(server_);
+  EXPECT_TRUE(contains(run({bin("keygate-server"), "volumes", "list", "--state-dir", server_.state}).out,
+                       "registered-never-confirmed"));
+
+  // A trail whose chain is broken is not copied.
+  ASSERT_EQ(rename((server_.state + "/keygate.db.migrated").c_str(), (dir_ + "/broken.db").c_str()), 0);
+  const std::string broken = dir_ + "/" + unique("broken-state");
+  ASSERT_EQ(mkdir(broken.c_str(), 0700), 0);
+  ASSERT_EQ(rename((dir_ + "/broken.db").c_str(), (broken + "/keygate.db").c_str()), 0);
+  {
+    sqlite3* sdb = nullptr;
+    ASSERT_EQ(sqlite3_open((broken + "/keygate.db").c_str(), &sdb), SQLITE_OK);
+    ASSERT_EQ(sqlite3_exec(sdb, "UPDATE audit SET detail = 'edited' WHERE seq = 2", nullptr, nullptr, nullptr),
+              SQLITE_OK);
+    sqlite3_close(sdb);
+  }
+  const std::string fresh = PgCluster::shared().create_database();
+  RunResult refused = run({bin("keygate-server"), "migrate-store", "--state-dir", broken, "--to", fresh});
+  EXPECT_EQ(refused.exit_code, 3) << refused.err;
+  EXPECT_TRUE(contains(refused.err, "not copied")) << refused.err;
+  EXPECT_EQ(PgCluster::query(fresh, "SELECT count(*) FROM audit"), "");  // not even a schema: nothing written
+}
+
 }  // namespace
 }  // namespace keygate::testing
