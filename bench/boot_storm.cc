@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -71,7 +72,8 @@ using asio::use_awaitable;
 constexpr char kUsage[] = R"(usage: keygate-boot-storm keygate|tang [options]
 
 keygate (each unlock: new TCP + TLS connection, challenge, unlock, unwrap check)
-  --url https://127.0.0.1:PORT   the key server
+  --url https://127.0.0.1:PORT   the key server (repeatable: replicas of one
+                                 store, each unlock to the next in turn)
   --ca FILE                      its CA certificate (verified: no way to turn it off)
   --metadata-url URL             the AWS metadata emulator (evidence, fetched once)
   --token-file FILE              an enrollment token: the run enrolls its own volume
@@ -87,6 +89,7 @@ both
   --threads N                    generator threads (default 1)
   --timeout-ms N                 one unlock's bound, an error past it (default 10000)
   --server-pid PID               also report this process's CPU time per unlock
+                                 (repeatable: the replicas' summed)
   --label TEXT                   first column of the row (default: the target)
   --header                       print the column names first
 )";
@@ -189,19 +192,23 @@ Result<UrlParts> parse_url(const std::string& url) {
 
 class KeygateTarget : public Target {
  public:
-  KeygateTarget(asio::io_context& io, UrlParts url, ssl::context& tls, std::string volume_id,
+  KeygateTarget(asio::io_context& io, std::vector<UrlParts> urls, ssl::context& tls, std::string volume_id,
                 SecretBuffer secret, std::string evidence_json)
-      : io_(io), url_(std::move(url)), tls_(tls), volume_id_(std::move(volume_id)),
-        secret_(std::move(secret)), evidence_json_(std::move(evidence_json)),
-        endpoint_(asio::ip::make_address(url_.host), url_.port) {}
+      : io_(io), urls_(std::move(urls)), tls_(tls), volume_id_(std::move(volume_id)),
+        secret_(std::move(secret)), evidence_json_(std::move(evidence_json)) {
+    for (const UrlParts& u : urls_) endpoints_.emplace_back(asio::ip::make_address(u.host), u.port);
+  }
 
   awaitable<bool> exchange(Clock::time_point deadline, std::string* why) override {
+    // Replicas in turn, one whole unlock each (as instances spread over them).
+    const size_t at = next_.fetch_add(1) % urls_.size();
+    const UrlParts& url = urls_[at];
     beast::ssl_stream<beast::tcp_stream> stream(io_, tls_);
     beast::get_lowest_layer(stream).expires_at(deadline);
     // The server's certificate must name the address we dialled.
-    X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(stream.native_handle()), url_.host.c_str());
+    X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(stream.native_handle()), url.host.c_str());
     beast::error_code ec;
-    co_await beast::get_lowest_layer(stream).async_connect(endpoint_,
+    co_await beast::get_lowest_layer(stream).async_connect(endpoints_[at],
                                                            asio::redirect_error(use_awaitable, ec));
     if (ec) {
       *why = "connect: " + ec.message();
@@ -214,7 +221,7 @@ class KeygateTarget : public Target {
     }
     beast::flat_buffer buffer;
     http::response<http::string_body> res;
-    if (!co_await round_trip(stream, buffer, url_.host, api::kChallengePath, "{}", &res, why)) {
+    if (!co_await round_trip(stream, buffer, url.host, api::kChallengePath, "{}", &res, why)) {
       co_return false;
     }
     auto challenge = parse_json_object(res.body(), api::kMaxResponseBody);
@@ -236,7 +243,7 @@ class KeygateTarget : public Target {
         nonce_text.value(), "\",\"", api::field::kClientPublicKey, "\":\"",
         base64_encode(keys->public_key.data(), keys->public_key.size()), "\",\"",
         api::field::kEvidence, "\":", evidence_json_, "}");
-    if (!co_await round_trip(stream, buffer, url_.host, api::kUnlockPath, std::move(body), &res, why)) {
+    if (!co_await round_trip(stream, buffer, url.host, api::kUnlockPath, std::move(body), &res, why)) {
       co_return false;
     }
     // Done with the connection: a booting instance closes it.
@@ -265,12 +272,13 @@ class KeygateTarget : public Target {
 
  private:
   asio::io_context& io_;
-  const UrlParts url_;
+  const std::vector<UrlParts> urls_;
   ssl::context& tls_;
   const std::string volume_id_;
   const SecretBuffer secret_;
   const std::string evidence_json_;
-  const tcp::endpoint endpoint_;
+  std::vector<tcp::endpoint> endpoints_;
+  std::atomic<size_t> next_{0};
 };
 
 // ------------------------------------------------------------------- tang --
@@ -554,10 +562,15 @@ int fail(const std::string& what) {
 
 Result<std::unique_ptr<Target>> keygate_target(const Args& args, asio::io_context& io,
                                                ssl::context& tls) {
-  auto url = parse_url(args.get("url"));
-  if (!url.is_ok() || url->scheme != "https") {
-    return Status::error(ErrorKind::kInvalidArgument, "--url must be https://ADDRESS:PORT");
+  std::vector<UrlParts> urls;
+  for (const std::string& u : args.get_all("url")) {
+    auto url = parse_url(u);
+    if (!url.is_ok() || url->scheme != "https") {
+      return Status::error(ErrorKind::kInvalidArgument, "--url must be https://ADDRESS:PORT");
+    }
+    urls.push_back(url.value());
   }
+  if (urls.empty()) return Status::error(ErrorKind::kInvalidArgument, "--url is required");
   auto ca = read_small_file(args.get("ca"), 1 << 20);
   if (!ca.is_ok()) return ca.status().with_context("--ca");
   tls.set_verify_mode(ssl::verify_peer);
@@ -576,7 +589,7 @@ Result<std::unique_ptr<Target>> keygate_target(const Args& args, asio::io_contex
   if (!token_secret.is_ok()) return token_secret.status();
 
   // Enroll the run's own volume: its secret is what every unlock must get.
-  unlocker::ServerEndpoint server{args.get("url"), ca.value()};
+  unlocker::ServerEndpoint server{args.get_all("url").front(), ca.value()};
   unlocker::EvidenceCollector evidence(args.get("metadata-url"), unlocker::Platform::kAws, 5000);
   auto enrollment = unlocker::register_volume(server, token_secret.value(), &evidence, nullptr,
                                               "boot-storm bench");
@@ -585,7 +598,7 @@ Result<std::unique_ptr<Target>> keygate_target(const Args& args, asio::io_contex
       unlocker::confirm_volume(server, enrollment->volume_id, enrollment->secret));
   auto aws = unlocker::collect_aws_evidence(args.get("metadata-url"), 5000);
   if (!aws.is_ok()) return aws.status().with_context("AWS evidence");
-  return std::unique_ptr<Target>(new KeygateTarget(io, url.value(), tls, enrollment->volume_id,
+  return std::unique_ptr<Target>(new KeygateTarget(io, std::move(urls), tls, enrollment->volume_id,
                                                    std::move(enrollment->secret),
                                                    to_json(aws.value())));
 }
@@ -639,8 +652,17 @@ int main_impl(int argc, char** argv) {
   auto warmup = args.get_int("warmup", 200, 0, 100000000);
   auto threads = args.get_int("threads", 1, 1, 256);
   auto timeout_ms = args.get_int("timeout-ms", 10000, 1, 600000);
-  auto server_pid_arg = args.get_int("server-pid", 0, 0, 1 << 22);
-  for (const auto* r : {&concurrency, &rate, &count, &warmup, &threads, &timeout_ms, &server_pid_arg}) {
+  std::vector<int> server_pids;
+  for (const std::string& p : args.get_all("server-pid")) {
+    char* end = nullptr;
+    const long pid = std::strtol(p.c_str(), &end, 10);
+    if (end == p.c_str() || *end != '\0' || pid <= 0 || pid > (1 << 22)) {
+      std::cerr << "--server-pid: not a process id\n" << kUsage;
+      return 2;
+    }
+    server_pids.push_back(static_cast<int>(pid));
+  }
+  for (const auto* r : {&concurrency, &rate, &count, &warmup, &threads, &timeout_ms}) {
     if (!r->is_ok()) {
       std::cerr << r->status().message() << "\n" << kUsage;
       return 2;
@@ -669,13 +691,22 @@ int main_impl(int argc, char** argv) {
   run.latency_ms.assign(run.count, -1.0);
   if (run.warmup == 0) run.begin_measuring(Clock::now());
 
-  const int server_pid = static_cast<int>(server_pid_arg.value());
+  // The servers' CPU seconds summed (none when a process cannot be read).
+  auto servers_cpu = [&]() -> std::optional<double> {
+    double sum = 0;
+    for (int pid : server_pids) {
+      auto s = process_cpu_seconds(pid);
+      if (!s) return std::nullopt;
+      sum += *s;
+    }
+    return sum;
+  };
   std::optional<double> server_cpu0, server_cpu1;
   double gen_cpu0 = 0;
   // The CPU counters are read when the measured part begins and ends.
   std::thread sampler([&] {
     while (!run.measuring.load()) std::this_thread::sleep_for(std::chrono::microseconds(200));
-    if (server_pid > 0) server_cpu0 = process_cpu_seconds(server_pid);
+    if (!server_pids.empty()) server_cpu0 = servers_cpu();
     gen_cpu0 = self_cpu_seconds();
   });
 
@@ -689,7 +720,7 @@ int main_impl(int argc, char** argv) {
   io.run();
   for (auto& t : pool) t.join();
   sampler.join();
-  if (server_pid > 0) server_cpu1 = process_cpu_seconds(server_pid);
+  if (!server_pids.empty()) server_cpu1 = servers_cpu();
   const double gen_cpu1 = self_cpu_seconds();
 
   Row row;

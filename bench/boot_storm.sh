@@ -5,7 +5,9 @@
 #
 #   keygate: keygate-server (this build, embedded SQLite store, every release
 #            committed to the audit trail before its key leaves) behind real
-#            TLS; for each unlock keygate-boot-storm opens a new TCP and TLS
+#            TLS; then on PostgreSQL (keygate-pg: one replica; keygate-pg-x2:
+#            two replicas on one database, unlocks spread over them), a
+#            throwaway cluster with its default durability; for each unlock keygate-boot-storm opens a new TCP and TLS
 #            connection (no resumption, as at boot), asks for a challenge,
 #            sends an unlock with AWS-format evidence signed by the metadata
 #            emulator, and checks the secret unwraps to the volume's.
@@ -112,6 +114,32 @@ done
 [ -n "$up" ] || helper_failed "tang on port $tang_port" "$work/tang.log"
 tang=http://127.0.0.1:$tang_port
 
+# --- keygate on PostgreSQL: one replica, then two on one database -------------
+# A throwaway cluster (Debian's PostgreSQL 15, default durability: fsync on,
+# synchronous_commit on) on a Unix socket, as tests/pg_cluster.sh makes it.
+tests/pg_cluster.sh start "$work/pg-cluster" || die "PostgreSQL did not start"
+cleanup_pg() { tests/pg_cluster.sh stop "$work/pg-cluster" || true; }
+trap 'cleanup_pg; cleanup' EXIT
+pg_dir=$(cat "$work/pg-cluster")
+psql -q -h "$pg_dir" -U postgres -d postgres -c "CREATE DATABASE bench" >/dev/null
+pg_store="host=$pg_dir user=postgres dbname=bench"
+mkdir -m 0700 "$work/pg1"
+echo "$pg_store" >"$work/pg1/store.conf"
+"$bin/keygate-server" serve --state-dir "$work/pg1" --config "$work/server.json" --listen 127.0.0.1:0 \
+  --port-file "$work/pg1.port" --aws-trust-dir "$work/emu/aws-trust" --log-level warning 2>"$work/pg1.log" &
+pg1_pid=$!
+pids+=($pg1_pid)
+pg1=https://127.0.0.1:$(wait_port "$work/pg1.port" "$work/pg1.log" "$pg1_pid")
+"$bin/keygate-server" token create --state-dir "$work/pg1" --uses 10 >"$work/pg-token"
+# The second replica shares the first's KEK and TLS certificate (a copy of
+# its state folder) and the database.
+cp -a "$work/pg1" "$work/pg2"
+"$bin/keygate-server" serve --state-dir "$work/pg2" --config "$work/server.json" --listen 127.0.0.1:0 \
+  --port-file "$work/pg2.port" --aws-trust-dir "$work/emu/aws-trust" --log-level warning 2>"$work/pg2.log" &
+pg2_pid=$!
+pids+=($pg2_pid)
+pg2=https://127.0.0.1:$(wait_port "$work/pg2.port" "$work/pg2.log" "$pg2_pid")
+
 # --- runs ----------------------------------------------------------------------
 storm() { "$bin/keygate-boot-storm" "$@" --count "$count" 2>>"$work/errors.log"; }
 kg=(keygate --url "$srv" --ca "$work/srv/ca.pem" --metadata-url "$emu" --token-file "$work/token"
@@ -120,6 +148,13 @@ failed=0
 {
   storm "${kg[@]}" --mode closed --concurrency "$clients" --header || failed=1
   for rate in $rates; do storm "${kg[@]}" --mode open --rate "$rate" || failed=1; done
+  pg=(keygate --ca "$work/pg1/ca.pem" --metadata-url "$emu" --token-file "$work/pg-token")
+  pg_one=("${pg[@]}" --url "$pg1" --server-pid "$pg1_pid" --label keygate-pg)
+  pg_two=("${pg[@]}" --url "$pg1" --url "$pg2" --server-pid "$pg1_pid" --server-pid "$pg2_pid" --label keygate-pg-x2)
+  storm "${pg_one[@]}" --mode closed --concurrency "$clients" || failed=1
+  for rate in $rates; do storm "${pg_one[@]}" --mode open --rate "$rate" || failed=1; done
+  storm "${pg_two[@]}" --mode closed --concurrency "$clients" || failed=1
+  for rate in $rates; do storm "${pg_two[@]}" --mode open --rate "$rate" || failed=1; done
   # tang's errors (past the generator's 10 s bound) are its result, not a failed run.
   storm tang --url "$tang" --mode closed --concurrency "$clients" || true
   for rate in $rates; do storm tang --url "$tang" --mode open --rate "$rate" || true; done

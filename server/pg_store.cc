@@ -316,6 +316,9 @@ class Pool {
       return Status::error(ErrorKind::kUnavailable,
                            str_cat("store: cannot connect to the database: ", pg_message(PQerrorMessage(c->pg))));
     }
+    // The server's notices ("already exists, skipping") are not errors and
+    // not for the terminal.
+    PQsetNoticeProcessor(c->pg, [](void*, const char*) {}, nullptr);
     return c;
   }
 
