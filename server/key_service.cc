@@ -77,7 +77,16 @@ KeyService::KeyService(Store& store, SecretBuffer kek, EvidenceTrust& trust, con
 
 std::optional<Refusal> KeyService::limit(RateLimiter& limiter, const std::string& key,
                                          const char* what) {
-  const RateLimiter::Decision d = limiter.take(key, clock_.monotonic_ms());
+  RateLimiter::Decision d;
+  if (store_.shares_rate_limits() && limiter.limit().enabled()) {
+    // Replicas count one client together, in the shared store. A store
+    // that cannot be asked lets the request on: its next step fails on the
+    // same store and answers 503.
+    auto taken = store_.take_rate_token(str_cat(what, " ", key), limiter.limit().per_second, limiter.limit().burst);
+    if (taken.is_ok()) d = RateLimiter::Decision{taken->allowed, taken->burst_start, taken->retry_after_ms};
+  } else {
+    d = limiter.take(key, clock_.monotonic_ms());
+  }
   if (d.allowed) return std::nullopt;
   Refusal r;
   r.http_status = 429;

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <condition_variable>
@@ -35,6 +36,7 @@ namespace {
 constexpr Oid kInt8Oid = 20;
 constexpr Oid kTextOid = 25;
 constexpr Oid kByteaOid = 17;
+constexpr Oid kFloat8Oid = 701;
 
 // The schema, one entry per version: migration N takes a database from
 // version N-1 to N. A released entry is never edited; a change is a new one.
@@ -105,6 +107,14 @@ CREATE UNLOGGED TABLE nonces (
   expires_at BIGINT NOT NULL
 );
 CREATE INDEX nonces_by_expiry ON nonces(expires_at);
+CREATE UNLOGGED TABLE rate_buckets (
+  key TEXT PRIMARY KEY,
+  tokens DOUBLE PRECISION NOT NULL,
+  at_ms BIGINT NOT NULL,
+  refused BIGINT NOT NULL,
+  full_at_ms BIGINT NOT NULL
+);
+CREATE INDEX rate_buckets_by_full ON rate_buckets(full_at_ms);
 )sql",
 };
 constexpr int64_t kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
@@ -140,6 +150,12 @@ class Params {
   Params& int8(int64_t v) {
     const uint64_t be = htobe64(static_cast<uint64_t>(v));
     return add(std::string(reinterpret_cast<const char*>(&be), sizeof(be)), kInt8Oid);
+  }
+  Params& float8(double v) {
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const uint64_t be = htobe64(bits);
+    return add(std::string(reinterpret_cast<const char*>(&be), sizeof(be)), kFloat8Oid);
   }
   int size() const { return static_cast<int>(data_.size()); }
   const Oid* types() const { return types_.data(); }
@@ -179,6 +195,12 @@ class Rows {
   Bytes bytes(int row, int col) const {
     const auto* p = reinterpret_cast<const uint8_t*>(PQgetvalue(r_.get(), row, col));
     return Bytes(p, p + PQgetlength(r_.get(), row, col));
+  }
+  double float8(int row, int col) const {
+    const int64_t bits = int8(row, col);
+    double v = 0;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
   }
   int64_t int8(int row, int col) const {
     uint64_t be = 0;
@@ -779,6 +801,47 @@ class PgStore final : public Store {
     });
   }
 
+  bool shares_rate_limits() const override { return true; }
+
+  // One statement, atomic under concurrent replicas (the row's lock), on
+  // the database's clock (one clock for every replica). `refused` counts the
+  // refusals since the key last got through: the first of a burst is 1.
+  Result<RateTake> take_rate_token(const std::string& key, double per_second, double burst) override {
+    auto c = pool_.acquire();
+    if (!c.is_ok()) return c.status();
+    if (prune_due(static_cast<int64_t>(::time(nullptr)), &last_bucket_prune_)) {
+      KEYGATE_RETURN_IF_ERROR((*c)->exec("forget full buckets",
+                                         "DELETE FROM rate_buckets WHERE full_at_ms < "
+                                         "(extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+                                  .status());
+    }
+    // level: the bucket refilled to now (EXCLUDED.at_ms: the database's
+    // clock, read once by the INSERT).
+#define KEYGATE_LEVEL "LEAST($2, b.tokens + GREATEST(EXCLUDED.at_ms - b.at_ms, 0) * $3 / 1000.0)"
+    auto r = (*c)->exec(
+        "take a rate token",
+        "INSERT INTO rate_buckets AS b (key, tokens, at_ms, refused, full_at_ms) "
+        "SELECT $1, $2 - 1, n.ms, 0, n.ms + (1000 / $3)::bigint "
+        "FROM (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms) n "
+        "ON CONFLICT (key) DO UPDATE SET "
+        "  tokens = CASE WHEN " KEYGATE_LEVEL " >= 1 THEN " KEYGATE_LEVEL " - 1 ELSE " KEYGATE_LEVEL " END, "
+        "  at_ms = GREATEST(EXCLUDED.at_ms, b.at_ms), "
+        "  refused = CASE WHEN " KEYGATE_LEVEL " >= 1 THEN 0 ELSE b.refused + 1 END, "
+        "  full_at_ms = EXCLUDED.at_ms + (($2 - " KEYGATE_LEVEL " + 1) * 1000 / $3)::bigint "
+        "RETURNING b.tokens, b.refused",
+        Params().text(key).float8(burst).float8(per_second));
+#undef KEYGATE_LEVEL
+    if (!r.is_ok()) return r.status();
+    RateTake take;
+    if (r->count() != 1) return take;
+    const double tokens = r->float8(0, 0);
+    const int64_t refused = r->int8(0, 1);
+    take.allowed = refused == 0;
+    take.burst_start = refused == 1;
+    if (!take.allowed) take.retry_after_ms = static_cast<int64_t>(std::ceil((1 - tokens) / per_second * 1000));
+    return take;
+  }
+
   // Concurrent appends share one transaction (GroupCommit).
   Status append_audit(const AuditEvent& e) override { return audit_group_.append(e); }
 
@@ -936,10 +999,11 @@ class PgStore final : public Store {
 
   // True once a second (per replica): time to forget expired nonces and
   // count the outstanding ones again.
-  bool prune_due(int64_t now) {
+  bool prune_due(int64_t now, int64_t* last = nullptr) {
     std::lock_guard<std::mutex> lock(prune_mu_);
-    if (now == last_prune_) return false;
-    last_prune_ = now;
+    int64_t& at = last != nullptr ? *last : last_prune_;
+    if (now == at) return false;
+    at = now;
     return true;
   }
 
@@ -956,6 +1020,7 @@ class PgStore final : public Store {
   Pool pool_;
   std::mutex prune_mu_;
   int64_t last_prune_ = 0;
+  int64_t last_bucket_prune_ = 0;
   std::atomic<bool> nonces_full_{false};
   GroupCommit audit_group_{[this](const std::vector<AuditEvent>& events) { return commit_audit_group(events); }};
 };

@@ -30,6 +30,7 @@ class RateLimiter {
     int64_t retry_after_ms = 0;
   };
   Decision take(const std::string& key, int64_t now_ms);
+  const RateLimit& limit() const { return limit_; }
 
  private:
   struct Bucket {

@@ -83,9 +83,27 @@ struct AdminCertRecord {
   int64_t revoked_at = 0;  // 0: in force
 };
 
+// One request's take from a shared token bucket (see Store::take_rate_token).
+struct RateTake {
+  bool allowed = true;
+  bool burst_start = false;  // the first refusal since the key last got through
+  int64_t retry_after_ms = 0;
+};
+
 class Store {
  public:
   virtual ~Store() = default;
+
+  // Rate-limit buckets kept in the store, for a store several replicas
+  // share (they must count one client together); false: each server counts
+  // in its own memory (server/rate_limit.h).
+  virtual bool shares_rate_limits() const { return false; }
+  // Takes a token from bucket `key` (size `burst`, refilled at `per_second`
+  // by the store's own clock), as RateLimiter::take decides.
+  virtual Result<RateTake> take_rate_token(const std::string& key, double per_second, double burst) {
+    (void)key, (void)per_second, (void)burst;
+    return Status::error(ErrorKind::kInternal, "this store keeps no rate-limit buckets");
+  }
 
   // Records a challenge nonce (and forgets those expired before `now`).
   // kUnavailable when too many challenges are outstanding.

@@ -686,6 +686,40 @@ TEST_F(PgStoreTest, ReplicasCountingOneInstancesReleasesNeverPassItsMax) {
   }
 }
 
+// Rate-limit buckets live in the database: two replicas count one client
+// together, also when they race, and a burst is told once.
+TEST_F(PgStoreTest, ReplicasShareRateLimitBuckets) {
+  auto a = open();
+  auto b = open();
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  ASSERT_TRUE(a->shares_rate_limits());
+  // Burst 3, refilled at one token in 1000 s: nothing comes back during the test.
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE((i % 2 ? a : b)->take_rate_token("address 10.0.0.1", 0.001, 3)->allowed);
+  RateTake first = a->take_rate_token("address 10.0.0.1", 0.001, 3).value();
+  EXPECT_FALSE(first.allowed);
+  EXPECT_TRUE(first.burst_start);
+  EXPECT_GT(first.retry_after_ms, 900 * 1000);
+  RateTake second = b->take_rate_token("address 10.0.0.1", 0.001, 3).value();
+  EXPECT_FALSE(second.allowed);
+  EXPECT_FALSE(second.burst_start);  // the same burst: told once
+  EXPECT_TRUE(a->take_rate_token("address 10.0.0.2", 0.001, 3)->allowed);  // another key counts apart
+
+  std::atomic<int> allowed{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      Store* s = t % 2 ? a.get() : b.get();
+      for (int i = 0; i < 5; ++i) {
+        auto r = s->take_rate_token("instance aws:i-race", 0.001, 10);
+        if (r.is_ok() && r->allowed) ++allowed;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(allowed.load(), 10);
+}
+
 TEST_F(PgStoreTest, APasswordInTheConnectionStringIsRefusedWithoutQuotingIt) {
   for (const std::string bad : {"host=/tmp dbname=k password=hunter2secret", "postgresql://keygate:hunter2secret@/k"}) {
     auto s = open_postgres_store(bad);
