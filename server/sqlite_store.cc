@@ -795,6 +795,45 @@ class SqliteStore final : public Store {
   NonceTable nonces_;
 };
 
+// The schema's version, in the file's user_version: 0 is a store from
+// before versioning (its tables are made as version 1 makes them, IF NOT
+// EXISTS). Checked, upgraded and recorded in one write transaction; a store
+// of a newer version is refused. (Chaining a trail from before the hash
+// chain is a step of its own after it: see chain_unchained_trail.)
+constexpr int64_t kSqliteSchemaVersion = 1;
+
+Status migrate_sqlite_schema(sqlite3* db) {
+  auto error = [&](const char* what) {
+    return Status::error(ErrorKind::kIo, str_cat(what, ": ", sqlite3_errmsg(db)));
+  };
+  if (sqlite3_exec(db, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK) return error("begin migration");
+  Status status = [&]() -> Status {
+    sqlite3_stmt* v = nullptr;
+    if (sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &v, nullptr) != SQLITE_OK || sqlite3_step(v) != SQLITE_ROW) {
+      sqlite3_finalize(v);
+      return error("read the schema version");
+    }
+    const int64_t version = sqlite3_column_int64(v, 0);
+    sqlite3_finalize(v);
+    if (version > kSqliteSchemaVersion) {
+      return Status::error(ErrorKind::kInvalidArgument,
+                           str_cat("the store's schema is version ", version, ", newer than this keygate-server knows (",
+                                   kSqliteSchemaVersion, "): run a keygate-server at least as new as the one that "
+                                   "upgraded it"));
+    }
+    if (version == kSqliteSchemaVersion) return Status::ok();
+    if (sqlite3_exec(db, kSchema, nullptr, nullptr, nullptr) != SQLITE_OK) return error("make the schema");
+    const std::string set = str_cat("PRAGMA user_version = ", kSqliteSchemaVersion);
+    if (sqlite3_exec(db, set.c_str(), nullptr, nullptr, nullptr) != SQLITE_OK) return error("record the schema version");
+    return Status::ok();
+  }();
+  if (status.is_ok() && sqlite3_exec(db, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
+    status = error("commit migration");
+  }
+  if (!status.is_ok()) sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr);
+  return status;
+}
+
 }  // namespace
 
 Result<StoreDump> dump_sqlite_store(const std::string& path) {
@@ -887,12 +926,16 @@ Result<std::unique_ptr<Store>> open_sqlite_store(const std::string& path) {
   sqlite3_busy_timeout(db, 5000);
   char* err = nullptr;
   const char* pragmas = "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;";
-  if (sqlite3_exec(db, pragmas, nullptr, nullptr, &err) != SQLITE_OK ||
-      sqlite3_exec(db, kSchema, nullptr, nullptr, &err) != SQLITE_OK) {
+  if (sqlite3_exec(db, pragmas, nullptr, nullptr, &err) != SQLITE_OK) {
     std::string msg = err ? err : sqlite3_errmsg(db);
     sqlite3_free(err);
     sqlite3_close(db);
     return Status::error(ErrorKind::kIo, str_cat("initialise store ", path, ": ", msg));
+  }
+  Status schema = migrate_sqlite_schema(db);
+  if (!schema.is_ok()) {
+    sqlite3_close(db);
+    return schema.with_context(str_cat("initialise store ", path));
   }
   chmod(path.c_str(), 0600);
   auto store = std::make_unique<SqliteStore>(db);

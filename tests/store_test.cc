@@ -398,6 +398,27 @@ TEST_P(DurableStoreContract, ATrailCutBackShowsAGapOnceTheNextRecordIsWritten) {
   EXPECT_TRUE(s.message().find("records 4 to 5 are missing") != std::string::npos) << s.message();
 }
 
+// The SQLite file carries its schema's version: a new one is made at this
+// server's, and one of a newer server is refused, unchanged.
+TEST_F(StoreTest, TheSqliteSchemaIsVersionedAndANewerOneIsRefused) {
+  store_.reset();
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((dir_ + "/keygate.db").c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* st = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(st), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int64(st, 0), 1);
+  sqlite3_finalize(st);
+  ASSERT_EQ(sql(db, "PRAGMA user_version = 5"), "");
+  sqlite3_close(db);
+  auto newer = open_sqlite_store(dir_ + "/keygate.db");
+  ASSERT_FALSE(newer.is_ok());
+  EXPECT_EQ(newer.status().kind(), ErrorKind::kInvalidArgument);
+  EXPECT_NE(newer.status().message().find("schema is version 5, newer than this keygate-server knows (1)"),
+            std::string::npos)
+      << newer.status().message();
+}
+
 // A store written before the chain existed: opened by this version, its
 // records are chained as found, in order, with one record saying so; its
 // next writes follow on; opening it again changes nothing.
