@@ -61,11 +61,11 @@ PgCluster::~PgCluster() {
   if (owned_) (void)run({script(), "stop", file_});
 }
 
-std::string PgCluster::pg_ctl(const std::string& action) {
+std::string PgCluster::pg_ctl(const std::string& action, const std::string& options) {
   std::vector<std::string> argv = {"runuser", "-u", "postgres", "--", std::string(kBinDir) + "pg_ctl",
                                    "-D", dir_ + "/data", "-l", dir_ + "/server.log", "-w", "-t", "60"};
   if (action == "start") {
-    argv.insert(argv.end(), {"-o", "-k " + dir_ + " -c listen_addresses='' -c max_connections=400"});
+    argv.insert(argv.end(), {"-o", "-k " + dir_ + " -c listen_addresses='' -c max_connections=400 " + options});
   } else {
     argv.insert(argv.end(), {"-m", "fast"});
   }
@@ -75,7 +75,7 @@ std::string PgCluster::pg_ctl(const std::string& action) {
 }
 
 std::string PgCluster::stop() { return pg_ctl("stop"); }
-std::string PgCluster::start() { return pg_ctl("start"); }
+std::string PgCluster::start(const std::string& options) { return pg_ctl("start", options); }
 
 std::string PgCluster::conninfo(const std::string& database) const {
   return "host=" + dir_ + " user=postgres dbname=" + database;

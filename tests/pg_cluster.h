@@ -33,11 +33,15 @@ class PgCluster {
   // Stops the server (fast shutdown: open connections are cut) and starts
   // it again on the same socket and data; "" or the error.
   std::string stop();
-  std::string start();
+  // `options`: more server settings for this start ("-c name=value ...",
+  // after the defaults, so they win).
+  std::string start(const std::string& options = "");
+  // The cluster's data folder (owned by the postgres user).
+  std::string data_dir() const { return dir_ + "/data"; }
 
  private:
   PgCluster() = default;
-  std::string pg_ctl(const std::string& action);
+  std::string pg_ctl(const std::string& action, const std::string& options = "");
 
   std::string file_;  // pg_cluster.sh's file naming the folder
   std::string dir_;

@@ -2,7 +2,11 @@
 // database that goes away: real servers over real TLS, the real unlocker,
 // a real PostgreSQL cluster (tests/pg_cluster.h). Whatever the run's
 // KEYGATE_TEST_STORE, these servers use PostgreSQL.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 #include <atomic>
@@ -289,6 +293,94 @@ TEST_F(ReplicaTest, MigrateStoreMovesAnSqliteStoreWholeAndItsVolumesUnlockAfter)
   EXPECT_EQ(refused.exit_code, 3) << refused.err;
   EXPECT_TRUE(contains(refused.err, "not copied")) << refused.err;
   EXPECT_EQ(PgCluster::query(fresh, "SELECT count(*) FROM audit"), "");  // not even a schema: nothing written
+}
+
+// A free TCP port on 127.0.0.1 (bound and released).
+int free_loopback_port() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  int port = 0;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+    port = ntohs(a.sin_port);
+  }
+  close(fd);
+  return port;
+}
+
+// The database over TLS (sslmode=verify-full against the operator's CA) with
+// a password that is only in a password file: the server serves; a
+// certificate from another CA, a connection without TLS, or a password in
+// the connection string, and it does not start, saying why and never
+// printing the password.
+TEST_F(ReplicaTest, TheDatabaseOverVerifiedTlsWithItsPasswordInAFile) {
+  auto own = PgCluster::start_own();
+  ASSERT_EQ(own->error(), "");
+  const std::string admin = own->conninfo("postgres");
+  ASSERT_EQ(PgCluster::exec(admin, "CREATE ROLE keygate LOGIN PASSWORD 'only-in-the-file-7Q'"), "");
+  ASSERT_EQ(PgCluster::exec(admin, "CREATE DATABASE keys OWNER keygate"), "");
+
+  // A CA and the database's certificate for 127.0.0.1, as an operator makes them.
+  const std::string pki = dir_ + "/" + unique("db-pki");
+  ASSERT_EQ(mkdir(pki.c_str(), 0700), 0);
+  auto ssl = [&](const std::string& cmd) {
+    RunResult r = run({"sh", "-c", "cd '" + pki + "' && " + cmd + " 2>&1"});
+    EXPECT_EQ(r.exit_code, 0) << cmd << "\n" << r.out;
+  };
+  ssl("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 "
+      "-subj /CN=db-ca");
+  ssl("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout other-ca.key -out other-ca.pem "
+      "-days 2 -subj /CN=other-ca");
+  ssl("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key -out server.csr "
+      "-subj /CN=db");
+  ssl("printf 'subjectAltName=IP:127.0.0.1\n' > san.ext && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key "
+      "-CAcreateserial -out server.crt -days 2 -extfile san.ext");
+  const std::string data = own->data_dir();
+  ASSERT_EQ(run({"install", "-o", "postgres", "-m", "0600", pki + "/server.key", data + "/server.key"}).exit_code, 0);
+  ASSERT_EQ(run({"install", "-o", "postgres", "-m", "0644", pki + "/server.crt", data + "/server.crt"}).exit_code, 0);
+  // Only TLS with a password from 127.0.0.1; the superuser on the socket only.
+  write_file(data + "/pg_hba.conf",
+             "local all postgres trust\nhostssl keys keygate 127.0.0.1/32 scram-sha-256\n");
+  const int port = free_loopback_port();
+  ASSERT_GT(port, 0);
+  ASSERT_EQ(own->stop(), "");
+  ASSERT_EQ(own->start("-c listen_addresses=127.0.0.1 -p " + std::to_string(port) + " -c ssl=on"), "");
+
+  const std::string passfile = pki + "/pgpass";
+  write_file(passfile, "127.0.0.1:" + std::to_string(port) + ":keys:keygate:only-in-the-file-7Q\n");
+  ASSERT_EQ(chmod(passfile.c_str(), 0600), 0);
+  const std::string base = "host=127.0.0.1 port=" + std::to_string(port) + " dbname=keys user=keygate passfile=" +
+                           passfile;
+
+  Server s = start_server("tls-db", {}, state_on(base + " sslmode=verify-full sslrootcert=" + pki + "/ca.pem", "tls-db"));
+  ASSERT_GT(s.port, 0) << read_file(s.process.log_path());
+  auto [vol, id] = enrolled_volume(&s);
+  ASSERT_FALSE(id.empty());
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
+  // Every connection the server holds is TLS.
+  const std::string held = PgCluster::query(admin, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'keygate'");
+  EXPECT_NE(held, "0");
+  EXPECT_EQ(PgCluster::query(admin, "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) "
+                                    "WHERE a.usename = 'keygate' AND s.ssl"),
+            held);
+  s.process.stop();
+
+  struct Bad {
+    std::string conninfo;
+    std::string says;
+  };
+  for (const Bad& bad : {Bad{base + " sslmode=verify-full sslrootcert=" + pki + "/other-ca.pem", "certificate verify"},
+                         Bad{base + " sslmode=disable", "pg_hba.conf"},
+                         Bad{base + " password=only-in-the-file-7Q", "password file"}}) {
+    const std::string state = state_on(bad.conninfo, "bad-db");
+    RunResult r = run({bin("keygate-server"), "volumes", "list", "--state-dir", state});
+    EXPECT_NE(r.exit_code, 0) << bad.conninfo;
+    EXPECT_TRUE(contains(r.err, bad.says)) << bad.conninfo << "\n" << r.err;
+    EXPECT_FALSE(contains(r.err, "only-in-the-file")) << r.err;
+  }
 }
 
 }  // namespace
