@@ -38,15 +38,19 @@ class ReplicaTest : public KeygateTest {
 
   // Two replicas on one new database. They share the KEK, the TLS
   // certificate and the admin CA as replicas must (by configuration: the
-  // second's state folder is a copy of the first's).
-  void start_replicas() {
+  // second's state folder is a copy of the first's). One instance unlocks
+  // here many times a second: the per-instance limit (counted by both
+  // together) is raised unless `per_instance` says otherwise.
+  void start_replicas(const std::string& per_instance = R"({"per_second": 1000, "burst": 1000})") {
     const std::string db = PgCluster::shared().create_database();
     ASSERT_NE(db, "");
-    a_ = start_server("a", {}, state_on(db, "replica-a"));
+    const std::string config = dir_ + "/" + unique("replica-config") + ".json";
+    write_file(config, R"({"rate_limits": {"per_instance": )" + per_instance + "}}");
+    a_ = start_server("a", {"--config", config}, state_on(db, "replica-a"));
     ASSERT_GT(a_.port, 0) << read_file(a_.process.log_path());
     const std::string b_state = dir_ + "/" + unique("replica-b");
     ASSERT_EQ(run({"cp", "-a", a_.state, b_state}).exit_code, 0);
-    b_ = start_server("b", {}, b_state);
+    b_ = start_server("b", {"--config", config}, b_state);
     ASSERT_GT(b_.port, 0) << read_file(b_.process.log_path());
   }
 
@@ -139,6 +143,23 @@ TEST_F(ReplicaTest, TwoReplicasOnOneDatabaseShareNoncesRevocationsAndOneChain) {
   EXPECT_EQ(count_of(audit_text(b_), "unlock released volume=" + id), static_cast<size_t>(released));
 }
 
+// One instance's rate is counted by the replicas together: its burst spent
+// at one, the other answers 429 too.
+TEST_F(ReplicaTest, ReplicasCountOneInstancesRateTogether) {
+  ASSERT_EQ(PgCluster::shared().error(), "");
+  start_replicas(R"({"per_second": 0.01, "burst": 4})");
+  auto [vol, id] = enrolled_volume(&a_);  // the registration takes one
+  ASSERT_FALSE(id.empty());
+  evidence_ = aws_evidence(emulator_);
+  EXPECT_EQ(post_unlock(a_, unlock_request(id, fresh_nonce(a_))), 200);
+  EXPECT_EQ(post_unlock(b_, unlock_request(id, fresh_nonce(b_))), 200);
+  EXPECT_EQ(post_unlock(a_, unlock_request(id, fresh_nonce(a_))), 200);
+  EXPECT_EQ(post_unlock(b_, unlock_request(id, fresh_nonce(b_))), 429);
+  EXPECT_EQ(post_unlock(a_, unlock_request(id, fresh_nonce(a_))), 429);
+  // The burst is on the trail once, not once per replica or request.
+  EXPECT_EQ(count_of(audit_text(a_), "rate limit per instance"), 1u) << audit_text(a_);
+}
+
 // A replica killed in the middle of a run of unlocks and started again
 // serves again; no record is lost and the chain still verifies.
 TEST_F(ReplicaTest, AReplicaKilledMidRunServesAgainAndNoRecordIsLost) {
@@ -154,7 +175,9 @@ TEST_F(ReplicaTest, AReplicaKilledMidRunServesAgainAndNoRecordIsLost) {
       b_.process.stop();
     }
     if (i == 20) {
-      b_ = start_server("b", {"--listen", "127.0.0.1:" + std::to_string(b_.port)}, b_.state);
+      const std::string config = dir_ + "/" + unique("replica-config") + ".json";
+      write_file(config, R"({"rate_limits": {"per_instance": {"per_second": 1000, "burst": 1000}}})");
+      b_ = start_server("b", {"--config", config, "--listen", "127.0.0.1:" + std::to_string(b_.port)}, b_.state);
       ASSERT_GT(b_.port, 0) << read_file(b_.process.log_path());
     }
     const Server& s = i % 2 ? a_ : b_;
