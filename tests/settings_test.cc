@@ -27,6 +27,24 @@ TEST(SettingsTest, ReadsEveryKey) {
   EXPECT_EQ(s->max_connections_per_source, 10);
 }
 
+// The shipped examples are configurations this server takes.
+TEST(SettingsTest, TheExamplesParse) {
+  for (const char* name : {"server.json", "server-postgresql.json"}) {
+    FILE* f = fopen((std::string(KEYGATE_SOURCE_DIR) + "/examples/" + name).c_str(), "r");
+    ASSERT_NE(f, nullptr) << name;
+    std::string text;
+    char buf[4096];
+    for (size_t n; (n = fread(buf, 1, sizeof(buf), f)) > 0;) text.append(buf, n);
+    fclose(f);
+    auto s = parse_settings(text);
+    EXPECT_TRUE(s.is_ok()) << name << ": " << s.status().message();
+  }
+  auto pg = parse_settings(R"({"store": "host=db dbname=keygate sslmode=verify-full", "store_connections": 4})");
+  ASSERT_TRUE(pg.is_ok()) << pg.status().message();
+  EXPECT_EQ(pg->store, "host=db dbname=keygate sslmode=verify-full");
+  EXPECT_EQ(pg->store_connections, 4);
+}
+
 TEST(SettingsTest, AnEmptyObjectKeepsTheDefaults) {
   auto s = parse_settings("{}");
   ASSERT_TRUE(s.is_ok());
@@ -53,6 +71,12 @@ TEST(SettingsTest, AValueOfTheWrongTypeOrRangeIsAClearError) {
       {R"({"connections": {"max": 5, "per_source": 6}})", "per_source is more than max"},
       {R"({"rate_limits": {"per_source": {"per_second": -1, "burst": 1}}})", "per_second from 0"},
       {R"({"enroll_by_attestation": {}})", "must be a list of rules"},
+      {R"({"store": "host=/run/pg dbname=k password=s3cret"})", "'store' the PostgreSQL connection string holds a password"},
+      {R"({"store": "postgresql://k:s3cret@db/k"})", "password file"},
+      {R"({"store": "host='unterminated"})", "'store' bad PostgreSQL connection string"},
+      {R"({"store": 5})", "'store' must be a string"},
+      {R"({"store_connections": 0})", "'store_connections' must be a whole number from 1 to 256"},
+      {R"({"store_connections": 257})", "'store_connections' must be a whole number from 1 to 256"},
       {"[]", "JSON"},
       {"{", "JSON"},
   };
@@ -62,6 +86,7 @@ TEST(SettingsTest, AValueOfTheWrongTypeOrRangeIsAClearError) {
     EXPECT_EQ(s.status().kind(), ErrorKind::kInvalidArgument) << text;
     EXPECT_NE(s.status().message().find(expected), std::string::npos)
         << text << " -> " << s.status().message();
+    EXPECT_EQ(s.status().message().find("s3cret"), std::string::npos) << s.status().message();
   }
 }
 
