@@ -108,6 +108,7 @@ std::optional<Refusal> KeyService::limit_instance(const Identity& identity) {
 
 // Deny by default: no policy file, or a file without the name, admits no one.
 Result<NamedPolicy> KeyService::check_named_policy(const std::string& name, const Identity& identity) {
+  KEYGATE_RETURN_IF_ERROR(follow_shared_policy());
   auto set = options_.policies != nullptr ? options_.policies->current() : nullptr;
   if (set == nullptr) {
     return Status::error(ErrorKind::kRefused, str_cat("policy ", name, ": no policy file is in effect"));
@@ -119,6 +120,30 @@ Result<NamedPolicy> KeyService::check_named_policy(const std::string& name, cons
   }
   KEYGATE_RETURN_IF_ERROR(evaluate_named_policy(it->second, identity, clock_.now_unix()));
   return it->second;
+}
+
+Status KeyService::follow_shared_policy() {
+  if (options_.policies == nullptr || !store_.shares_policy()) return Status::ok();
+  auto latest = store_.latest_policy(false);
+  if (!latest.is_ok()) return latest.status();
+  auto current = options_.policies->current();
+  if (latest->version == 0 || (current != nullptr && current->version >= latest->version)) return Status::ok();
+  auto newest = store_.latest_policy(true);
+  if (!newest.is_ok()) return newest.status();
+  const std::string source = str_cat("policy version ", newest->version);
+  if (hex_encode(sha256(newest->text)) != newest->sha256) {
+    return Status::error(ErrorKind::kIntegrity, str_cat(source, " does not match its sha256; the one in effect stays"));
+  }
+  auto set = parse_policy_file(newest->text, source);
+  if (!set.is_ok()) {
+    // A newer server's policy this one cannot read: deny by default.
+    return Status::error(ErrorKind::kRefused, str_cat(source, " (in force) is not readable here: ", set.status().message()));
+  }
+  set->version = newest->version;
+  set->loaded_by = newest->loaded_by;
+  options_.policies->install(std::make_shared<const PolicySet>(std::move(set).value()));
+  log_info(str_cat("policy ", source, " (sha256 ", newest->sha256, ") is in force, loaded by another replica"));
+  return Status::ok();
 }
 
 Status KeyService::write_audit(const Call& call, const char* outcome, const std::string& detail) {

@@ -38,8 +38,10 @@ struct ServiceOptions {
   // (audited as enroll.expire): its client gave up or died.
   int64_t pending_ttl_seconds = 24 * 3600;
   // The policy file in effect (its named policies); null: none configured,
-  // and a volume that names a policy is refused.
-  const PolicyRegistry* policies = nullptr;
+  // and a volume that names a policy is refused. With a store that shares
+  // the policy (replicas), the store's newest version is put in it before
+  // each use.
+  PolicyRegistry* policies = nullptr;
 };
 
 class KeyService {
@@ -72,6 +74,9 @@ class KeyService {
 
   // The policy file's policy `name`, if it admits `identity` now.
   Result<NamedPolicy> check_named_policy(const std::string& name, const Identity& identity);
+  // Puts the shared store's newest policy version in effect here if it is
+  // newer than the one in effect (another replica loaded it).
+  Status follow_shared_policy();
 
   // Approvals (server/approvals.h). The gate, for an unlock under a policy
   // that wants them: `wait` (a 202 naming the request, made if there is

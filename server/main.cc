@@ -323,19 +323,37 @@ int cmd_serve(const Args& args, const Settings& s) {
   // in effect as it was.
   auto load_policies = [&policies, &store, &clock, file = s.policy_file](bool at_start,
                                                                         const std::string& who) -> Result<std::string> {
-    auto loaded = policies.load(file, who == "local" ? "" : who);
+    auto read = read_policy_file(file);
     const std::string by = who == "local" ? "" : str_cat(", by ", who);
-    if (!loaded.is_ok()) {
-      const std::string why = loaded.status().message();
+    if (!read.is_ok()) {
+      const std::string why = read.status().message();
       if (!at_start) log_error(str_cat("policy file refused; the policy in effect stays: ", why));
       (void)store.value()->append_audit(AuditEvent{clock.now_unix(), "policy.load", "refused", "", "local", why + by});
-      return loaded.status();
+      return read.status();
     }
-    const std::string detail = str_cat(file, " sha256 ", loaded.value()->sha256, ", ",
-                                       loaded.value()->policies.size(), " policies");
+    read->loaded_by = who == "local" ? "" : who;
+    std::string detail = str_cat(file, " sha256 ", read->sha256, ", ", read->policies.size(), " policies");
+    const AuditEvent event{clock.now_unix(), "policy.load", "ok", "", "local", detail + by};
+    if (store.value()->shares_policy()) {
+      // Replicas: the load is the newest version, in force on every replica
+      // (each takes it before its next use). A start with the file already
+      // in force publishes nothing new.
+      auto latest = store.value()->latest_policy(false);
+      if (!latest.is_ok()) return latest.status();
+      if (at_start && latest->version != 0 && latest->sha256 == read->sha256) {
+        read->version = latest->version;
+      } else {
+        auto version =
+            store.value()->publish_policy(PolicyVersion{0, read->sha256, read->text, read->loaded_by}, event);
+        if (!version.is_ok()) return version.status();
+        read->version = version.value();
+      }
+      detail += str_cat(", version ", read->version);
+    } else {
+      KEYGATE_RETURN_IF_ERROR(store.value()->append_audit(event));
+    }
+    policies.install(std::make_shared<const PolicySet>(std::move(read).value()));
     log_info(str_cat("policy file loaded: ", detail, by));
-    KEYGATE_RETURN_IF_ERROR(
-        store.value()->append_audit(AuditEvent{clock.now_unix(), "policy.load", "ok", "", "local", detail + by}));
     return detail;
   };
   AdminService::PolicyReload reload;

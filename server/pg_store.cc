@@ -115,6 +115,13 @@ CREATE UNLOGGED TABLE rate_buckets (
   full_at_ms BIGINT NOT NULL
 );
 CREATE INDEX rate_buckets_by_full ON rate_buckets(full_at_ms);
+CREATE TABLE policy_versions (
+  version BIGSERIAL PRIMARY KEY,
+  sha256 TEXT NOT NULL,
+  text TEXT NOT NULL,
+  loaded_by TEXT NOT NULL,
+  loaded_at BIGINT NOT NULL
+);
 )sql",
 };
 constexpr int64_t kSchemaVersion = sizeof(kMigrations) / sizeof(kMigrations[0]);
@@ -799,6 +806,42 @@ class PgStore final : public Store {
       }
       return insert_audit(conn, event);
     });
+  }
+
+  bool shares_policy() const override { return true; }
+
+  Result<int64_t> publish_policy(const PolicyVersion& p, const AuditEvent& event) override {
+    auto c = pool_.acquire();
+    if (!c.is_ok()) return c.status();
+    Conn& conn = **c;
+    int64_t version = 0;
+    Status st = in_transaction(conn, "policy publication", [&]() -> Status {
+      auto r = conn.exec("insert policy version",
+                         "INSERT INTO policy_versions(sha256, text, loaded_by, loaded_at) VALUES($1, $2, $3, $4) "
+                         "RETURNING version",
+                         Params().text(p.sha256).text(p.text).text(p.loaded_by).int8(event.time));
+      if (!r.is_ok()) return r.status();
+      version = r->int8(0, 0);
+      AuditEvent e = event;
+      e.detail += str_cat(", version ", version);
+      return insert_audit(conn, e);
+    });
+    if (!st.is_ok()) return st;
+    return version;
+  }
+
+  Result<PolicyVersion> latest_policy(bool with_text) override {
+    auto c = pool_.acquire();
+    if (!c.is_ok()) return c.status();
+    auto r = with_text ? (*c)->exec("read the policy in force",
+                                    "SELECT version, sha256, text, loaded_by FROM policy_versions "
+                                    "ORDER BY version DESC LIMIT 1")
+                       : (*c)->exec("read the policy version in force",
+                                    "SELECT version, sha256, '', '' FROM policy_versions ORDER BY version DESC LIMIT 1");
+    if (!r.is_ok()) return r.status();
+    PolicyVersion p;
+    if (r->count() == 1) p = PolicyVersion{r->int8(0, 0), r->text(0, 1), r->text(0, 2), r->text(0, 3)};
+    return p;
   }
 
   bool shares_rate_limits() const override { return true; }

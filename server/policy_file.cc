@@ -230,6 +230,7 @@ Result<PolicySet> parse_policy_file(std::string_view text, const std::string& so
   PolicySet set;
   set.source = source;
   set.sha256 = hex_encode(sha256(text));
+  set.text = std::string(text);
   for (const std::string& name : policies.getMemberNames()) {
     auto p = parse_one(name, policies[name], at);
     if (!p.is_ok()) return p.status();
@@ -288,6 +289,12 @@ Result<std::shared_ptr<const PolicySet>> PolicyRegistry::load(const std::string&
   std::lock_guard<std::mutex> lock(mu_);
   current_ = loaded;
   return loaded;
+}
+
+void PolicyRegistry::install(std::shared_ptr<const PolicySet> set) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (current_ != nullptr && set->version != 0 && current_->version > set->version) return;
+  current_ = std::move(set);
 }
 
 std::shared_ptr<const PolicySet> PolicyRegistry::current() const {

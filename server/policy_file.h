@@ -81,6 +81,8 @@ struct PolicySet {
   // The person who put it in effect through the admin API (who may then
   // not approve the requests its policies make); empty: at start or SIGHUP.
   std::string loaded_by;
+  std::string text;      // the file's bytes, as parsed
+  int64_t version = 0;   // its number in a store replicas share; 0: this server's alone
 };
 
 // Parses a policy file's text; `source` names it in errors ("FILE:LINE: ...").
@@ -100,6 +102,9 @@ class PolicyRegistry {
   // Reads and validates `path`; on success it becomes the policy in effect,
   // on failure the one in effect stays. Returns the new set or the error.
   Result<std::shared_ptr<const PolicySet>> load(const std::string& path, const std::string& loaded_by = "");
+  // Puts `set` in effect, unless a set of a newer shared version is in
+  // effect already (replicas following the store's newest version).
+  void install(std::shared_ptr<const PolicySet> set);
   std::shared_ptr<const PolicySet> current() const;
 
  private:

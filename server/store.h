@@ -90,9 +90,35 @@ struct RateTake {
   int64_t retry_after_ms = 0;
 };
 
+// A policy file's text as a shared store keeps it: one version each load.
+struct PolicyVersion {
+  int64_t version = 0;
+  std::string sha256;  // hex, of text
+  std::string text;
+  std::string loaded_by;
+};
+
 class Store {
  public:
   virtual ~Store() = default;
+
+  // The policy in force, kept in the store, for a store several replicas
+  // share: each load of a policy file is published as the newest version,
+  // and every replica evaluates named policies under the newest; false:
+  // each server's own file is in force for it alone.
+  virtual bool shares_policy() const { return false; }
+  // Records `p` (its version ignored) as the newest version with `event` on
+  // the trail (its detail gains ", version N"), in one transaction; returns
+  // its version number.
+  virtual Result<int64_t> publish_policy(const PolicyVersion& p, const AuditEvent& event) {
+    (void)p, (void)event;
+    return Status::error(ErrorKind::kInternal, "this store keeps no policy");
+  }
+  // The newest version (version 0 and nothing else if none was published).
+  virtual Result<PolicyVersion> latest_policy(bool with_text) {
+    (void)with_text;
+    return Status::error(ErrorKind::kInternal, "this store keeps no policy");
+  }
 
   // Rate-limit buckets kept in the store, for a store several replicas
   // share (they must count one client together); false: each server counts

@@ -41,16 +41,19 @@ class ReplicaTest : public KeygateTest {
   // second's state folder is a copy of the first's). One instance unlocks
   // here many times a second: the per-instance limit (counted by both
   // together) is raised unless `per_instance` says otherwise.
-  void start_replicas(const std::string& per_instance = R"({"per_second": 1000, "burst": 1000})") {
+  void start_replicas(const std::string& per_instance = R"({"per_second": 1000, "burst": 1000})",
+                      std::vector<std::string> a_extra = {}, std::vector<std::string> b_extra = {}) {
     const std::string db = PgCluster::shared().create_database();
     ASSERT_NE(db, "");
     const std::string config = dir_ + "/" + unique("replica-config") + ".json";
     write_file(config, R"({"rate_limits": {"per_instance": )" + per_instance + "}}");
-    a_ = start_server("a", {"--config", config}, state_on(db, "replica-a"));
+    a_extra.insert(a_extra.begin(), {"--config", config});
+    b_extra.insert(b_extra.begin(), {"--config", config});
+    a_ = start_server("a", a_extra, state_on(db, "replica-a"));
     ASSERT_GT(a_.port, 0) << read_file(a_.process.log_path());
     const std::string b_state = dir_ + "/" + unique("replica-b");
     ASSERT_EQ(run({"cp", "-a", a_.state, b_state}).exit_code, 0);
-    b_ = start_server("b", {"--config", config}, b_state);
+    b_ = start_server("b", b_extra, b_state);
     ASSERT_GT(b_.port, 0) << read_file(b_.process.log_path());
   }
 
@@ -158,6 +161,52 @@ TEST_F(ReplicaTest, ReplicasCountOneInstancesRateTogether) {
   EXPECT_EQ(post_unlock(a_, unlock_request(id, fresh_nonce(a_))), 429);
   // The burst is on the trail once, not once per replica or request.
   EXPECT_EQ(count_of(audit_text(a_), "rate limit per instance"), 1u) << audit_text(a_);
+}
+
+// The policy in force is the newest one any replica loaded, on every
+// replica: a load at one changes what the other admits, at its next unlock.
+TEST_F(ReplicaTest, ThePolicyLoadedAtOneReplicaIsInForceAtTheOther) {
+  ASSERT_EQ(PgCluster::shared().error(), "");
+  const Identity id;
+  auto policy = [](const std::string& account) {
+    return str_cat(R"({"policies": {"p": {"platform": "aws", "require": {"account_id": ")", account, R"("}}}})", "\n");
+  };
+  const std::string file_a = dir_ + "/" + unique("policy-a") + ".json";
+  const std::string file_b = dir_ + "/" + unique("policy-b") + ".json";
+  write_file(file_a, policy(id.account));
+  write_file(file_b, policy(id.account));
+  start_replicas(R"({"per_second": 1000, "burst": 1000})", {"--policy-file", file_a}, {"--policy-file", file_b});
+  // Same file at both: the second start published nothing new.
+  EXPECT_EQ(count_of(audit_text(a_), "policy.load ok"), 1u) << audit_text(a_);
+  const std::string vol = new_volume_file();
+  RunResult enrolled = enroll_format(vol, a_, make_token(a_, {"--policy", "p", "--policy-file", file_a}), emulator_);
+  ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(enrolled.out, m, std::regex("enrolled as volume ([0-9a-f-]+)")));
+  const std::string vid = m[1].str();
+  evidence_ = aws_evidence(emulator_);
+  EXPECT_EQ(post_unlock(a_, unlock_request(vid, fresh_nonce(a_))), 200);
+
+  // b loads a policy that admits another account only: a refuses too,
+  // though a's own file still admits the instance.
+  write_file(file_b, policy("210987654321"));
+  ASSERT_EQ(kill(b_.process.pid(), SIGHUP), 0);
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (count_of(audit_text(a_), "policy.load ok") < 2 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_TRUE(contains(audit_text(a_), "version 2")) << audit_text(a_);
+  EXPECT_EQ(post_unlock(a_, unlock_request(vid, fresh_nonce(a_))), 403);
+  EXPECT_EQ(post_unlock(b_, unlock_request(vid, fresh_nonce(b_))), 403);
+  EXPECT_TRUE(contains(read_file(a_.process.log_path()), "policy version 2")) << read_file(a_.process.log_path());
+
+  // a loads its own again (SIGHUP): the newest, in force at both.
+  ASSERT_EQ(kill(a_.process.pid(), SIGHUP), 0);
+  while (count_of(audit_text(a_), "policy.load ok") < 3 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(post_unlock(b_, unlock_request(vid, fresh_nonce(b_))), 200);
+  EXPECT_EQ(post_unlock(a_, unlock_request(vid, fresh_nonce(a_))), 200);
 }
 
 // A replica killed in the middle of a run of unlocks and started again
