@@ -34,9 +34,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <memory>
@@ -192,10 +192,14 @@ Result<UrlParts> parse_url(const std::string& url) {
 
 class KeygateTarget : public Target {
  public:
-  KeygateTarget(asio::io_context& io, std::vector<UrlParts> urls, ssl::context& tls, std::string volume_id,
-                SecretBuffer secret, std::string evidence_json)
-      : io_(io), urls_(std::move(urls)), tls_(tls), volume_id_(std::move(volume_id)),
-        secret_(std::move(secret)), evidence_json_(std::move(evidence_json)) {
+  KeygateTarget(asio::io_context& io, std::vector<UrlParts> urls, ssl::context& tls,
+                std::string volume_id, SecretBuffer secret, std::string evidence_json)
+      : io_(io),
+        urls_(std::move(urls)),
+        tls_(tls),
+        volume_id_(std::move(volume_id)),
+        secret_(std::move(secret)),
+        evidence_json_(std::move(evidence_json)) {
     for (const UrlParts& u : urls_) endpoints_.emplace_back(asio::ip::make_address(u.host), u.port);
   }
 
@@ -243,7 +247,8 @@ class KeygateTarget : public Target {
         nonce_text.value(), "\",\"", api::field::kClientPublicKey, "\":\"",
         base64_encode(keys->public_key.data(), keys->public_key.size()), "\",\"",
         api::field::kEvidence, "\":", evidence_json_, "}");
-    if (!co_await round_trip(stream, buffer, url.host, api::kUnlockPath, std::move(body), &res, why)) {
+    if (!co_await round_trip(stream, buffer, url.host, api::kUnlockPath, std::move(body), &res,
+                             why)) {
       co_return false;
     }
     // Done with the connection: a booting instance closes it.

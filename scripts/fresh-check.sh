@@ -4,7 +4,8 @@
 # archive this machine's apt uses, puts a clean copy of the checkout in it
 # (the files git tracks, and untracked ones it does not ignore; no build
 # folders, no caches), and runs scripts/setup.sh and then the release build
-# with an empty library cache inside it. A package that setup.sh forgets, and
+# with an empty library cache inside it, the normal build's configure, and
+# the tests' throwaway PostgreSQL cluster. A package that setup.sh forgets, and
 # that this machine happens to have, fails here.
 #
 # A pass is recorded as a stamp keyed by what it checked (setup.sh and the
@@ -103,6 +104,10 @@ run "scripts/setup.sh" "./scripts/setup.sh"
 [ ! -e "$dir/var/cache/keygate/release-deps" ] || die "the fresh root has a library cache already"
 run "release build, empty library cache" "./scripts/build-release.sh /src/keygate/build-release"
 "$dir/src/keygate/build-release/dist/keygate" --version >>"$log" 2>&1 || die "the release keygate does not run (log: $log)"
+# The normal build's configure finds every library it needs (the server's
+# libpq among them), and the tests' PostgreSQL cluster starts and stops.
+run "normal build: cmake configure" "cmake -S . -B /tmp/keygate-configure -DCMAKE_BUILD_TYPE=RelWithDebInfo"
+run "the tests' PostgreSQL cluster" "tests/pg_cluster.sh start /tmp/pg && tests/pg_cluster.sh stop /tmp/pg"
 if [ "$full" = 1 ]; then
   run "scripts/test.sh (the README's test command)" "./scripts/test.sh"
 fi

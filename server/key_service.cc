@@ -82,8 +82,10 @@ std::optional<Refusal> KeyService::limit(RateLimiter& limiter, const std::string
     // Replicas count one client together, in the shared store. A store
     // that cannot be asked lets the request on: its next step fails on the
     // same store and answers 503.
-    auto taken = store_.take_rate_token(str_cat(what, " ", key), limiter.limit().per_second, limiter.limit().burst);
-    if (taken.is_ok()) d = RateLimiter::Decision{taken->allowed, taken->burst_start, taken->retry_after_ms};
+    auto taken = store_.take_rate_token(str_cat(what, " ", key), limiter.limit().per_second,
+                                        limiter.limit().burst);
+    if (taken.is_ok())
+      d = RateLimiter::Decision{taken->allowed, taken->burst_start, taken->retry_after_ms};
   } else {
     d = limiter.take(key, clock_.monotonic_ms());
   }
@@ -127,22 +129,27 @@ Status KeyService::follow_shared_policy() {
   auto latest = store_.latest_policy(false);
   if (!latest.is_ok()) return latest.status();
   auto current = options_.policies->current();
-  if (latest->version == 0 || (current != nullptr && current->version >= latest->version)) return Status::ok();
+  if (latest->version == 0 || (current != nullptr && current->version >= latest->version))
+    return Status::ok();
   auto newest = store_.latest_policy(true);
   if (!newest.is_ok()) return newest.status();
   const std::string source = str_cat("policy version ", newest->version);
   if (hex_encode(sha256(newest->text)) != newest->sha256) {
-    return Status::error(ErrorKind::kIntegrity, str_cat(source, " does not match its sha256; the one in effect stays"));
+    return Status::error(ErrorKind::kIntegrity,
+                         str_cat(source, " does not match its sha256; the one in effect stays"));
   }
   auto set = parse_policy_file(newest->text, source);
   if (!set.is_ok()) {
     // A newer server's policy this one cannot read: deny by default.
-    return Status::error(ErrorKind::kRefused, str_cat(source, " (in force) is not readable here: ", set.status().message()));
+    return Status::error(
+        ErrorKind::kRefused,
+        str_cat(source, " (in force) is not readable here: ", set.status().message()));
   }
   set->version = newest->version;
   set->loaded_by = newest->loaded_by;
   options_.policies->install(std::make_shared<const PolicySet>(std::move(set).value()));
-  log_info(str_cat("policy ", source, " (sha256 ", newest->sha256, ") is in force, loaded by another replica"));
+  log_info(str_cat("policy ", source, " (sha256 ", newest->sha256,
+                   ") is in force, loaded by another replica"));
   return Status::ok();
 }
 

@@ -3,14 +3,14 @@
 
 #include <algorithm>
 #include <cctype>
-#include <climits>
-#include <ctime>
 #include <cerrno>
+#include <climits>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <functional>
-#include <optional>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -184,11 +184,41 @@ audit trail's chain is broken (audit verify, audit export), or the admin
 API refused (not authenticated, or not this role's or person's to do).
 )";
 
-const std::set<std::string> kValueOptions = {
-    "state-dir", "config",  "listen",     "port-file", "tls-san", "aws-trust-dir", "nonce-ttl",
-    "log-level", "account", "region",     "image-id",  "ttl",     "uses",          "limit",
-    "gcp-jwks",  "azure-trust-dir", "evidence-max-age", "platform", "require", "head", "instance", "policy", "policy-file",
-    "file",      "output", "name", "role", "days", "out", "reason", "server", "admin-dir", "server-url", "store", "to"};
+const std::set<std::string> kValueOptions = {"state-dir",
+                                             "config",
+                                             "listen",
+                                             "port-file",
+                                             "tls-san",
+                                             "aws-trust-dir",
+                                             "nonce-ttl",
+                                             "log-level",
+                                             "account",
+                                             "region",
+                                             "image-id",
+                                             "ttl",
+                                             "uses",
+                                             "limit",
+                                             "gcp-jwks",
+                                             "azure-trust-dir",
+                                             "evidence-max-age",
+                                             "platform",
+                                             "require",
+                                             "head",
+                                             "instance",
+                                             "policy",
+                                             "policy-file",
+                                             "file",
+                                             "output",
+                                             "name",
+                                             "role",
+                                             "days",
+                                             "out",
+                                             "reason",
+                                             "server",
+                                             "admin-dir",
+                                             "server-url",
+                                             "store",
+                                             "to"};
 const std::set<std::string> kFlagOptions = {"no-default-aws-trust", "image-group", "json",
                                             "help", "all"};
 
@@ -224,7 +254,8 @@ Result<Settings> load_settings(const Args& args) {
   s.listen = args.get("listen", s.listen);
   s.policy_file = args.get("policy-file", s.policy_file);
   s.store = args.get("store", s.store);
-  if (args.has("store")) KEYGATE_RETURN_IF_ERROR(check_postgres_conninfo(s.store).with_context("--store"));
+  if (args.has("store"))
+    KEYGATE_RETURN_IF_ERROR(check_postgres_conninfo(s.store).with_context("--store"));
   for (const auto& d : args.get_all("aws-trust-dir")) s.aws_trust_dirs.push_back(d);
   for (const auto& d : args.get_all("gcp-jwks")) s.gcp_jwks_files.push_back(d);
   for (const auto& d : args.get_all("azure-trust-dir")) s.azure_trust_dirs.push_back(d);
@@ -321,8 +352,8 @@ int cmd_serve(const Args& args, const Settings& s) {
   // trail with the file's hash and who asked (SIGHUP: "local"). A file
   // refused at start stops the start; one refused later leaves the policy
   // in effect as it was.
-  auto load_policies = [&policies, &store, &clock, file = s.policy_file](bool at_start,
-                                                                        const std::string& who) -> Result<std::string> {
+  auto load_policies = [&policies, &store, &clock, file = s.policy_file](
+                           bool at_start, const std::string& who) -> Result<std::string> {
     auto read = read_policy_file(file);
     const std::string by = who == "local" ? "" : str_cat(", by ", who);
     if (!read.is_ok()) {
@@ -332,7 +363,8 @@ int cmd_serve(const Args& args, const Settings& s) {
       return read.status();
     }
     read->loaded_by = who == "local" ? "" : who;
-    std::string detail = str_cat(file, " sha256 ", read->sha256, ", ", read->policies.size(), " policies");
+    std::string detail =
+        str_cat(file, " sha256 ", read->sha256, ", ", read->policies.size(), " policies");
     const AuditEvent event{clock.now_unix(), "policy.load", "ok", "", "local", detail + by};
     if (store.value()->shares_policy()) {
       // Replicas: the load is the newest version, in force on every replica
@@ -343,8 +375,8 @@ int cmd_serve(const Args& args, const Settings& s) {
       if (at_start && latest->version != 0 && latest->sha256 == read->sha256) {
         read->version = latest->version;
       } else {
-        auto version =
-            store.value()->publish_policy(PolicyVersion{0, read->sha256, read->text, read->loaded_by}, event);
+        auto version = store.value()->publish_policy(
+            PolicyVersion{0, read->sha256, read->text, read->loaded_by}, event);
         if (!version.is_ok()) return version.status();
         read->version = version.value();
       }
@@ -702,14 +734,17 @@ int cmd_audit_verify(const Args& args, const Settings& s) {
 int cmd_migrate_store(const Args& args, const Settings& s) {
   const std::string to = args.get("to");
   if (to.empty()) {
-    return fail(Status::error(ErrorKind::kInvalidArgument, "usage: keygate-server migrate-store --to CONNINFO [--state-dir DIR]"));
+    return fail(
+        Status::error(ErrorKind::kInvalidArgument,
+                      "usage: keygate-server migrate-store --to CONNINFO [--state-dir DIR]"));
   }
   if (Status ok = check_postgres_conninfo(to); !ok.is_ok()) return fail(ok.with_context("--to"));
   const std::string path = s.state_dir + "/keygate.db";
   if (!s.store.empty() || access((s.state_dir + "/store.conf").c_str(), F_OK) == 0) {
     return fail(Status::error(ErrorKind::kInvalidArgument,
-                              str_cat(s.state_dir, " uses a PostgreSQL store already; migrate-store copies its "
-                                                   "SQLite store (keygate.db)")));
+                              str_cat(s.state_dir,
+                                      " uses a PostgreSQL store already; migrate-store copies its "
+                                      "SQLite store (keygate.db)")));
   }
   if (access(path.c_str(), F_OK) != 0) {
     return fail(Status::error(ErrorKind::kInvalidArgument, str_cat("no SQLite store at ", path)));
@@ -722,18 +757,26 @@ int cmd_migrate_store(const Args& args, const Settings& s) {
       return chain_result(added.with_context("the SQLite trail, not copied"));
     }
   }
-  if (Status done = source.finish(); !done.is_ok()) return chain_result(done.with_context("the SQLite trail, not copied"));
+  if (Status done = source.finish(); !done.is_ok())
+    return chain_result(done.with_context("the SQLite trail, not copied"));
   int active = 0, pending = 0, revoked = 0;
   for (const VolumeRecord& v : dump->volumes) {
-    (v.state == VolumeState::kActive ? active : v.state == VolumeState::kPending ? pending : revoked)++;
+    (v.state == VolumeState::kActive    ? active
+     : v.state == VolumeState::kPending ? pending
+                                        : revoked)++;
   }
   const std::string head = source.count() > 0 ? format_audit_head(source.head()) : "none";
   SystemClock clock;
-  const AuditEvent event{clock.now_unix(), "store.migrate", "ok", "", "local",
-                         str_cat("copied from SQLite ", path, ": ", dump->volumes.size(), " volumes (", active,
-                                 " active, ", pending, " pending, ", revoked, " revoked), ", dump->tokens.size(),
-                                 " tokens, ", dump->approvals.size(), " approval requests, ", dump->admin_certs.size(),
-                                 " admin certificates, ", dump->audit.size(), " audit records, head ", head)};
+  const AuditEvent event{
+      clock.now_unix(),
+      "store.migrate",
+      "ok",
+      "",
+      "local",
+      str_cat("copied from SQLite ", path, ": ", dump->volumes.size(), " volumes (", active,
+              " active, ", pending, " pending, ", revoked, " revoked), ", dump->tokens.size(),
+              " tokens, ", dump->approvals.size(), " approval requests, ", dump->admin_certs.size(),
+              " admin certificates, ", dump->audit.size(), " audit records, head ", head)};
   if (Status loaded = load_postgres_store(to, dump.value(), event); !loaded.is_ok()) {
     return fail(loaded.with_context("copy into PostgreSQL (nothing was written)"));
   }
@@ -741,20 +784,29 @@ int cmd_migrate_store(const Args& args, const Settings& s) {
   // migration's own.
   auto copy = open_postgres_store(to, 1);
   if (!copy.is_ok()) return fail(copy.status());
-  AuditChainVerifier target(source.count() > 0 ? std::optional<AuditHead>(AuditHead{source.head().seq, source.head().hash})
+  AuditChainVerifier target(source.count() > 0 ? std::optional<AuditHead>(AuditHead{
+                                                     source.head().seq, source.head().hash})
                                                : std::nullopt);
-  Status read = for_each_audit_record(*copy.value(), [&](const AuditRecord& r) { return target.add(r); });
+  Status read =
+      for_each_audit_record(*copy.value(), [&](const AuditRecord& r) { return target.add(r); });
   if (!read.is_ok()) return chain_result(read.with_context("the PostgreSQL copy"));
-  if (Status done = target.finish(); !done.is_ok()) return chain_result(done.with_context("the PostgreSQL copy"));
-  printf("copied %zu volumes (%d active, %d pending, %d revoked), %zu tokens, %zu approval requests, %zu admin "
-         "certificates and %zu audit records\n",
-         dump->volumes.size(), active, pending, revoked, dump->tokens.size(), dump->approvals.size(),
-         dump->admin_certs.size(), dump->audit.size());
-  printf("audit trail intact on both sides: SQLite head %s; PostgreSQL head %s (the migration's record)\n",
-         head.c_str(), format_audit_head(target.head()).c_str());
-  printf("next: put the connection string in %s/store.conf (or the configuration's \"store\") on every "
-         "replica, then start them\n",
-         s.state_dir.c_str());
+  if (Status done = target.finish(); !done.is_ok())
+    return chain_result(done.with_context("the PostgreSQL copy"));
+  printf(
+      "copied %zu volumes (%d active, %d pending, %d revoked), %zu tokens, %zu approval requests, "
+      "%zu admin "
+      "certificates and %zu audit records\n",
+      dump->volumes.size(), active, pending, revoked, dump->tokens.size(), dump->approvals.size(),
+      dump->admin_certs.size(), dump->audit.size());
+  printf(
+      "audit trail intact on both sides: SQLite head %s; PostgreSQL head %s (the migration's "
+      "record)\n",
+      head.c_str(), format_audit_head(target.head()).c_str());
+  printf(
+      "next: put the connection string in %s/store.conf (or the configuration's \"store\") on "
+      "every "
+      "replica, then start them\n",
+      s.state_dir.c_str());
   return 0;
 }
 
@@ -871,7 +923,8 @@ int main(int argc, char** argv) {
     return cmd_audit_export(args.value(), settings.value());
   }
   if (cmd == "ca" && pos.size() == 1) return cmd_ca(settings.value());
-  if (cmd == "migrate-store" && pos.size() == 1) return cmd_migrate_store(args.value(), settings.value());
+  if (cmd == "migrate-store" && pos.size() == 1)
+    return cmd_migrate_store(args.value(), settings.value());
   if (cmd == "policy" && sub == "check") return cmd_policy_check(args.value(), settings.value());
   if (cmd == "admin") return admin_command(args.value(), settings.value(), template_from_args(args.value()));
   log_error(str_cat("unknown command '", cmd, sub.empty() ? "" : " ", sub, "'"));

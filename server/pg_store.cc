@@ -12,9 +12,9 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <condition_variable>
 #include <ctime>
 #include <deque>
 #include <functional>
@@ -43,7 +43,8 @@ constexpr Oid kFloat8Oid = 701;
 const char* const kMigrations[] = {
     // 1: the tables of the SQLite store, the audit chain's head and the
     // nonces. The trail's text is kept as bytes, exactly as it was hashed
-    // (a detail may quote what a client sent, UTF-8 or not) (unlogged: short-lived, not worth a WAL write or a standby's
+    // (a detail may quote what a client sent, UTF-8 or not) (unlogged: short-lived, not worth a WAL
+    // write or a standby's
     // copy; after a crash the clients ask for new ones).
     R"sql(
 CREATE TABLE volumes (
@@ -197,7 +198,8 @@ class Rows {
     return n[0] == '\0' ? 0 : std::strtoll(n, nullptr, 10);
   }
   std::string text(int row, int col) const {
-    return std::string(PQgetvalue(r_.get(), row, col), static_cast<size_t>(PQgetlength(r_.get(), row, col)));
+    return std::string(PQgetvalue(r_.get(), row, col),
+                       static_cast<size_t>(PQgetlength(r_.get(), row, col)));
   }
   Bytes bytes(int row, int col) const {
     const auto* p = reinterpret_cast<const uint8_t*>(PQgetvalue(r_.get(), row, col));
@@ -220,14 +222,15 @@ class Rows {
   std::unique_ptr<PGresult, void (*)(PGresult*)> r_;
 };
 
-// libpq's message, its trailing newline cut, on one line.
+// libpq's message on one line, whatever it quotes (a host name, a value
+// from the database) escaped for a log or a terminal.
 std::string pg_message(const char* m) {
   std::string s = m != nullptr ? m : "";
   while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
   for (char& c : s) {
     if (c == '\n' || c == '\t') c = ' ';
   }
-  return s;
+  return printable(s, 1024);
 }
 
 // One database connection and the statements prepared on it (by the SQL
@@ -247,7 +250,8 @@ struct Conn {
     // connections, a serialisation failure or a deadlock: retry later.
     if (broken() || code == "40001" || code == "40P01" || code.rfind("08", 0) == 0 ||
         code.rfind("57P", 0) == 0 || code == "53300") {
-      return Status::error(ErrorKind::kUnavailable, str_cat("store: ", what, ": database unavailable: ", msg));
+      return Status::error(ErrorKind::kUnavailable,
+                           str_cat("store: ", what, ": database unavailable: ", msg));
     }
     return Status::error(ErrorKind::kIo, str_cat("store: ", what, ": ", msg));
   }
@@ -261,7 +265,8 @@ struct Conn {
       if (PQresultStatus(prep.get()) != PGRES_COMMAND_OK) return error(what, prep.get());
       it = prepared.emplace(sql, std::move(name)).first;
     }
-    PGresult* r = PQexecPrepared(pg, it->second.c_str(), p.size(), p.values(), p.lengths(), p.formats(), 1);
+    PGresult* r =
+        PQexecPrepared(pg, it->second.c_str(), p.size(), p.values(), p.lengths(), p.formats(), 1);
     Rows rows(r);
     const ExecStatusType st = PQresultStatus(r);
     if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) return error(what, r);
@@ -277,7 +282,6 @@ struct Conn {
     return Status::ok();
   }
 };
-
 
 // A bounded pool of connections. A connection left broken or inside a
 // transaction is closed, not reused; a new one is opened on demand. While
@@ -310,7 +314,8 @@ class Pool {
     std::unique_lock<std::mutex> lock(mu_);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
     while (idle_.empty() && open_ >= max_) {
-      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && idle_.empty() && open_ >= max_) {
+      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && idle_.empty() &&
+          open_ >= max_) {
         return Status::error(ErrorKind::kUnavailable, "store: every database connection is busy");
       }
     }
@@ -335,19 +340,23 @@ class Pool {
   // them (a wait for a database that does not answer is bounded).
   static Result<std::unique_ptr<Conn>> connect(const std::string& conninfo) {
     const char* keys[] = {"connect_timeout", "application_name", "options", "dbname", nullptr};
-    const char* values[] = {"5", "keygate-server",
-                            "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000",
-                            conninfo.c_str(), nullptr};
+    const char* values[] = {
+        "5", "keygate-server",
+        "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000", conninfo.c_str(),
+        nullptr};
     auto c = std::make_unique<Conn>();
     c->pg = PQconnectdbParams(keys, values, 1);
-    if (c->pg == nullptr) return Status::error(ErrorKind::kUnavailable, "store: database connection: out of memory");
+    if (c->pg == nullptr)
+      return Status::error(ErrorKind::kUnavailable, "store: database connection: out of memory");
     if (PQstatus(c->pg) != CONNECTION_OK) {
-      return Status::error(ErrorKind::kUnavailable,
-                           str_cat("store: cannot connect to the database: ", pg_message(PQerrorMessage(c->pg))));
+      return Status::error(
+          ErrorKind::kUnavailable,
+          str_cat("store: cannot connect to the database: ", pg_message(PQerrorMessage(c->pg))));
     }
     // The server's notices ("already exists, skipping") are not errors and
     // not for the terminal.
-    PQsetNoticeProcessor(c->pg, [](void*, const char*) {}, nullptr);
+    PQsetNoticeProcessor(
+        c->pg, [](void*, const char*) {}, nullptr);
     return c;
   }
 
@@ -425,9 +434,11 @@ Status insert_audit_record(Conn& c, const AuditRecord& r);
 Status insert_audit(Conn& c, const AuditEvent& e) {
   auto next = c.exec("advance the audit head", "UPDATE audit_head SET seq = seq + 1 RETURNING seq");
   if (!next.is_ok()) return next.status();
-  if (next->count() != 1) return Status::error(ErrorKind::kIo, "store: the audit head's row is missing");
+  if (next->count() != 1)
+    return Status::error(ErrorKind::kIo, "store: the audit head's row is missing");
   const int64_t seq = next->int8(0, 0);
-  auto last = c.exec("read the audit head", "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1");
+  auto last =
+      c.exec("read the audit head", "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1");
   if (!last.is_ok()) return last.status();
   AuditRecord head;
   if (last->count() == 1) {
@@ -440,32 +451,36 @@ Status insert_audit(Conn& c, const AuditEvent& e) {
 // One record as it is, hashes and all.
 Status insert_audit_record(Conn& c, const AuditRecord& r) {
   return c
-      .exec("insert audit",
-            "INSERT INTO audit(seq, time, event, outcome, volume_id, peer, detail, prev_hash, hash) "
-            "VALUES($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            Params()
-                .int8(r.seq)
-                .int8(r.event.time)
-                .raw(r.event.event)
-                .raw(r.event.outcome)
-                .raw(r.event.volume_id)
-                .raw(r.event.peer)
-                .raw(r.event.detail)
-                .bytes(r.prev_hash)
-                .bytes(r.hash))
+      .exec(
+          "insert audit",
+          "INSERT INTO audit(seq, time, event, outcome, volume_id, peer, detail, prev_hash, hash) "
+          "VALUES($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+          Params()
+              .int8(r.seq)
+              .int8(r.event.time)
+              .raw(r.event.event)
+              .raw(r.event.outcome)
+              .raw(r.event.volume_id)
+              .raw(r.event.peer)
+              .raw(r.event.detail)
+              .bytes(r.prev_hash)
+              .bytes(r.hash))
       .status();
 }
 
 Status transition(Conn& c, const std::string& id, VolumeState from, VolumeState to, int64_t now) {
-  auto u = c.exec("update volume state", "UPDATE volumes SET state = $1, updated_at = $2 WHERE id = $3 AND state = $4",
-                  Params().text(volume_state_name(to)).int8(now).text(id).text(volume_state_name(from)));
+  auto u =
+      c.exec("update volume state",
+             "UPDATE volumes SET state = $1, updated_at = $2 WHERE id = $3 AND state = $4",
+             Params().text(volume_state_name(to)).int8(now).text(id).text(volume_state_name(from)));
   if (!u.is_ok()) return u.status();
   if (u->affected() == 1) return Status::ok();
-  auto q = c.exec("select volume state", "SELECT state FROM volumes WHERE id = $1", Params().text(id));
+  auto q =
+      c.exec("select volume state", "SELECT state FROM volumes WHERE id = $1", Params().text(id));
   if (!q.is_ok()) return q.status();
   if (q->count() == 0) return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
-  return Status::error(ErrorKind::kConflict,
-                       str_cat("volume ", id, " is ", q->text(0, 0), ", not ", volume_state_name(from)));
+  return Status::error(ErrorKind::kConflict, str_cat("volume ", id, " is ", q->text(0, 0), ", not ",
+                                                     volume_state_name(from)));
 }
 
 // Counts `count`'s instance's releases in its period and records this one
@@ -475,22 +490,28 @@ Status transition(Conn& c, const std::string& id, VolumeState from, VolumeState 
 Status count_release(Conn& c, const CountedRelease& count) {
   const std::string key = str_cat(count.volume_id, "\n", count.instance);
   KEYGATE_RETURN_IF_ERROR(
-      c.exec("lock the instance's releases", "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 0))) l",
+      c.exec("lock the instance's releases",
+             "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 0))) l",
              Params().text(key))
           .status());
-  KEYGATE_RETURN_IF_ERROR(c.exec("prune releases", "DELETE FROM releases WHERE volume_id = $1 AND instance = $2 AND time < $3",
-                                 Params().text(count.volume_id).text(count.instance).int8(count.since))
-                              .status());
-  auto n = c.exec("count releases", "SELECT count(*) FROM releases WHERE volume_id = $1 AND instance = $2",
+  KEYGATE_RETURN_IF_ERROR(
+      c.exec("prune releases",
+             "DELETE FROM releases WHERE volume_id = $1 AND instance = $2 AND time < $3",
+             Params().text(count.volume_id).text(count.instance).int8(count.since))
+          .status());
+  auto n = c.exec("count releases",
+                  "SELECT count(*) FROM releases WHERE volume_id = $1 AND instance = $2",
                   Params().text(count.volume_id).text(count.instance));
   if (!n.is_ok()) return n.status();
   const int64_t released = n->int8(0, 0);
   if (released >= count.max) {
-    return Status::error(ErrorKind::kRefused, str_cat(released, " releases to instance ", count.instance,
-                                                      " within the period already (at most ", count.max, ")"));
+    return Status::error(ErrorKind::kRefused,
+                         str_cat(released, " releases to instance ", count.instance,
+                                 " within the period already (at most ", count.max, ")"));
   }
-  return c.exec("insert release", "INSERT INTO releases(volume_id, instance, time) VALUES($1, $2, $3)",
-                Params().text(count.volume_id).text(count.instance).int8(count.now))
+  return c
+      .exec("insert release", "INSERT INTO releases(volume_id, instance, time) VALUES($1, $2, $3)",
+            Params().text(count.volume_id).text(count.instance).int8(count.now))
       .status();
 }
 
@@ -506,15 +527,19 @@ class PgStore final : public Store {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
     if (prune_due(now)) {
-      KEYGATE_RETURN_IF_ERROR(
-          (*c)->exec("forget expired nonces", "DELETE FROM nonces WHERE expires_at < $1", Params().int8(now)).status());
+      KEYGATE_RETURN_IF_ERROR((*c)->exec("forget expired nonces",
+                                         "DELETE FROM nonces WHERE expires_at < $1",
+                                         Params().int8(now))
+                                  .status());
       auto n = (*c)->exec("count nonces", "SELECT count(*) FROM nonces");
       if (!n.is_ok()) return n.status();
       nonces_full_ = n->int8(0, 0) >= kMaxOutstanding;
     }
-    if (nonces_full_) return Status::error(ErrorKind::kUnavailable, "too many outstanding challenges");
-    return (*c)->exec("insert nonce", "INSERT INTO nonces(nonce, expires_at) VALUES($1, $2)",
-                      Params().bytes(nonce).int8(expires_at))
+    if (nonces_full_)
+      return Status::error(ErrorKind::kUnavailable, "too many outstanding challenges");
+    return (*c)
+        ->exec("insert nonce", "INSERT INTO nonces(nonce, expires_at) VALUES($1, $2)",
+               Params().bytes(nonce).int8(expires_at))
         .status();
   }
 
@@ -527,14 +552,15 @@ class PgStore final : public Store {
     return r->count() == 1 && now <= r->int8(0, 0);
   }
 
-  Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json, int64_t expires_at,
-                                 int uses) override {
+  Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
+                                 int64_t expires_at, int uses) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
-    return (*c)->exec("insert enrollment token",
-                      "INSERT INTO enrollment_tokens(token_hash, template, expires_at, uses_left) "
-                      "VALUES($1, $2, $3, $4)",
-                      Params().bytes(token_hash).text(template_json).int8(expires_at).int8(uses))
+    return (*c)
+        ->exec("insert enrollment token",
+               "INSERT INTO enrollment_tokens(token_hash, template, expires_at, uses_left) "
+               "VALUES($1, $2, $3, $4)",
+               Params().bytes(token_hash).text(template_json).int8(expires_at).int8(uses))
         .status();
   }
 
@@ -546,7 +572,8 @@ class PgStore final : public Store {
                         "WHERE token_hash = $1 AND uses_left > 0 AND expires_at >= $2",
                         Params().bytes(token_hash).int8(now));
     if (!r.is_ok()) return r.status();
-    if (r->count() == 0) return Status::error(ErrorKind::kRefused, "enrollment token unknown, used up or expired");
+    if (r->count() == 0)
+      return Status::error(ErrorKind::kRefused, "enrollment token unknown, used up or expired");
     return r->text(0, 0);
   }
 
@@ -580,22 +607,25 @@ class PgStore final : public Store {
   Result<VolumeRecord> get_volume(const std::string& id) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
-    auto r = (*c)->exec("select volume",
-                        "SELECT id, state, policy, sealed_secret, description, created_at, updated_at "
-                        "FROM volumes WHERE id = $1",
-                        Params().text(id));
+    auto r =
+        (*c)->exec("select volume",
+                   "SELECT id, state, policy, sealed_secret, description, created_at, updated_at "
+                   "FROM volumes WHERE id = $1",
+                   Params().text(id));
     if (!r.is_ok()) return r.status();
     if (r->count() == 0) return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
     return read_volume(*r, 0);
   }
 
-  Status transition_volume(const std::string& id, VolumeState from, VolumeState to, int64_t now) override {
+  Status transition_volume(const std::string& id, VolumeState from, VolumeState to,
+                           int64_t now) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
     return transition(**c, id, from, to, now);
   }
 
-  Status revoke_volume(const std::string& id, VolumeState from, int64_t now, const AuditEvent& event) override {
+  Status revoke_volume(const std::string& id, VolumeState from, int64_t now,
+                       const AuditEvent& event) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
     Conn& conn = **c;
@@ -605,27 +635,30 @@ class PgStore final : public Store {
     });
   }
 
-  Status update_volume_policy(const std::string& id, const std::string& expected, const std::string& updated,
-                              int64_t now) override {
+  Status update_volume_policy(const std::string& id, const std::string& expected,
+                              const std::string& updated, int64_t now) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
-    auto u = (*c)->exec("update volume policy",
-                        "UPDATE volumes SET policy = $1, updated_at = $2 WHERE id = $3 AND policy = $4",
-                        Params().text(updated).int8(now).text(id).text(expected));
+    auto u =
+        (*c)->exec("update volume policy",
+                   "UPDATE volumes SET policy = $1, updated_at = $2 WHERE id = $3 AND policy = $4",
+                   Params().text(updated).int8(now).text(id).text(expected));
     if (!u.is_ok()) return u.status();
     if (u->affected() == 1) return Status::ok();
     auto q = (*c)->exec("select volume", "SELECT 1 FROM volumes WHERE id = $1", Params().text(id));
     if (!q.is_ok()) return q.status();
     if (q->count() == 0) return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
-    return Status::error(ErrorKind::kConflict, str_cat("volume ", id, ": policy changed meanwhile"));
+    return Status::error(ErrorKind::kConflict,
+                         str_cat("volume ", id, ": policy changed meanwhile"));
   }
 
   Result<std::vector<VolumeRecord>> list_volumes() override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
-    auto r = (*c)->exec("list volumes",
-                        "SELECT id, state, policy, sealed_secret, description, created_at, updated_at "
-                        "FROM volumes ORDER BY created_at, id");
+    auto r =
+        (*c)->exec("list volumes",
+                   "SELECT id, state, policy, sealed_secret, description, created_at, updated_at "
+                   "FROM volumes ORDER BY created_at, id");
     if (!r.is_ok()) return r.status();
     std::vector<VolumeRecord> out;
     for (int i = 0; i < r->count(); ++i) {
@@ -666,13 +699,19 @@ class PgStore final : public Store {
     if (!c.is_ok()) return c.status();
     Conn& conn = **c;
     return in_transaction(conn, "approval request", [&]() -> Status {
-      KEYGATE_RETURN_IF_ERROR(
-          conn.exec("insert approval",
-                    "INSERT INTO approvals(id, volume_id, instance, state, record, created_at, expires_at) "
-                    "VALUES($1, $2, $3, $4, $5, $6, $7)",
-                    Params().text(r.id).text(r.volume_id).text(r.instance).text(r.state).text(r.record).int8(
-                        r.created_at).int8(r.expires_at))
-              .status());
+      KEYGATE_RETURN_IF_ERROR(conn.exec("insert approval",
+                                        "INSERT INTO approvals(id, volume_id, instance, state, "
+                                        "record, created_at, expires_at) "
+                                        "VALUES($1, $2, $3, $4, $5, $6, $7)",
+                                        Params()
+                                            .text(r.id)
+                                            .text(r.volume_id)
+                                            .text(r.instance)
+                                            .text(r.state)
+                                            .text(r.record)
+                                            .int8(r.created_at)
+                                            .int8(r.expires_at))
+                                  .status());
       return insert_audit(conn, event);
     });
   }
@@ -680,24 +719,27 @@ class PgStore final : public Store {
   Result<ApprovalRecord> get_approval(const std::string& id) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
-    auto r = (*c)->exec("select approval",
-                        "SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals "
-                        "WHERE id = $1",
-                        Params().text(id));
+    auto r = (*c)->exec(
+        "select approval",
+        "SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals "
+        "WHERE id = $1",
+        Params().text(id));
     if (!r.is_ok()) return r.status();
-    if (r->count() == 0) return Status::error(ErrorKind::kNotFound, str_cat("no approval request ", id));
+    if (r->count() == 0)
+      return Status::error(ErrorKind::kNotFound, str_cat("no approval request ", id));
     return read_approval(*r, 0);
   }
 
-  Result<std::optional<ApprovalRecord>> find_pending_approval(const std::string& volume_id,
-                                                              const std::string& instance) override {
+  Result<std::optional<ApprovalRecord>> find_pending_approval(
+      const std::string& volume_id, const std::string& instance) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
-    auto r = (*c)->exec("look up approval",
-                        "SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals "
-                        "WHERE volume_id = $1 AND instance = $2 AND state = 'pending' "
-                        "ORDER BY created_at DESC, id LIMIT 1",
-                        Params().text(volume_id).text(instance));
+    auto r = (*c)->exec(
+        "look up approval",
+        "SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals "
+        "WHERE volume_id = $1 AND instance = $2 AND state = 'pending' "
+        "ORDER BY created_at DESC, id LIMIT 1",
+        Params().text(volume_id).text(instance));
     if (!r.is_ok()) return r.status();
     if (r->count() == 0) return std::optional<ApprovalRecord>();
     return std::optional<ApprovalRecord>(read_approval(*r, 0));
@@ -706,33 +748,42 @@ class PgStore final : public Store {
   Result<std::vector<ApprovalRecord>> list_approvals(bool pending_only, int limit) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
-    auto r = (*c)->exec("list approvals",
-                        "SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals "
-                        "WHERE state = 'pending' OR $1 = 0 ORDER BY created_at DESC, id LIMIT $2",
-                        Params().int8(pending_only ? 1 : 0).int8(limit));
+    auto r = (*c)->exec(
+        "list approvals",
+        "SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals "
+        "WHERE state = 'pending' OR $1 = 0 ORDER BY created_at DESC, id LIMIT $2",
+        Params().int8(pending_only ? 1 : 0).int8(limit));
     if (!r.is_ok()) return r.status();
     std::vector<ApprovalRecord> out;
     for (int i = 0; i < r->count(); ++i) out.push_back(read_approval(*r, i));
     return out;
   }
 
-  Status update_approval(const ApprovalRecord& expected, const ApprovalRecord& updated, const AuditEvent& event,
-                         const CountedRelease* count) override {
+  Status update_approval(const ApprovalRecord& expected, const ApprovalRecord& updated,
+                         const AuditEvent& event, const CountedRelease* count) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
     Conn& conn = **c;
     return in_transaction(conn, "approval change", [&]() -> Status {
       if (count != nullptr) KEYGATE_RETURN_IF_ERROR(count_release(conn, *count));
       auto u = conn.exec("update approval",
-                         "UPDATE approvals SET state = $1, record = $2 WHERE id = $3 AND state = $4 AND record = $5",
-                         Params().text(updated.state).text(updated.record).text(expected.id).text(expected.state).text(
-                             expected.record));
+                         "UPDATE approvals SET state = $1, record = $2 WHERE id = $3 AND state = "
+                         "$4 AND record = $5",
+                         Params()
+                             .text(updated.state)
+                             .text(updated.record)
+                             .text(expected.id)
+                             .text(expected.state)
+                             .text(expected.record));
       if (!u.is_ok()) return u.status();
       if (u->affected() != 1) {
-        auto q = conn.exec("select approval", "SELECT 1 FROM approvals WHERE id = $1", Params().text(expected.id));
+        auto q = conn.exec("select approval", "SELECT 1 FROM approvals WHERE id = $1",
+                           Params().text(expected.id));
         if (!q.is_ok()) return q.status();
-        if (q->count() == 0) return Status::error(ErrorKind::kNotFound, str_cat("no approval request ", expected.id));
-        return Status::error(ErrorKind::kConflict, str_cat("approval request ", expected.id, " changed meanwhile"));
+        if (q->count() == 0)
+          return Status::error(ErrorKind::kNotFound, str_cat("no approval request ", expected.id));
+        return Status::error(ErrorKind::kConflict,
+                             str_cat("approval request ", expected.id, " changed meanwhile"));
       }
       return insert_audit(conn, event);
     });
@@ -753,13 +804,19 @@ class PgStore final : public Store {
     if (!c.is_ok()) return c.status();
     Conn& conn = **c;
     return in_transaction(conn, "admin certificate", [&]() -> Status {
-      KEYGATE_RETURN_IF_ERROR(
-          conn.exec("insert admin certificate",
-                    "INSERT INTO admin_certs(serial, name, role, issued_by, issued_at, expires_at, revoked_at) "
-                    "VALUES($1, $2, $3, $4, $5, $6, $7)",
-                    Params().text(r.serial).text(r.name).text(r.role).text(r.issued_by).int8(r.issued_at).int8(
-                        r.expires_at).int8(r.revoked_at))
-              .status());
+      KEYGATE_RETURN_IF_ERROR(conn.exec("insert admin certificate",
+                                        "INSERT INTO admin_certs(serial, name, role, issued_by, "
+                                        "issued_at, expires_at, revoked_at) "
+                                        "VALUES($1, $2, $3, $4, $5, $6, $7)",
+                                        Params()
+                                            .text(r.serial)
+                                            .text(r.name)
+                                            .text(r.role)
+                                            .text(r.issued_by)
+                                            .int8(r.issued_at)
+                                            .int8(r.expires_at)
+                                            .int8(r.revoked_at))
+                                  .status());
       return insert_audit(conn, event);
     });
   }
@@ -767,42 +824,49 @@ class PgStore final : public Store {
   Result<AdminCertRecord> get_admin_cert(const std::string& serial) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
-    auto r = (*c)->exec("select admin certificate",
-                        "SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM admin_certs "
-                        "WHERE serial = $1",
-                        Params().text(serial));
+    auto r = (*c)->exec(
+        "select admin certificate",
+        "SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM admin_certs "
+        "WHERE serial = $1",
+        Params().text(serial));
     if (!r.is_ok()) return r.status();
-    if (r->count() == 0) return Status::error(ErrorKind::kNotFound, str_cat("no admin certificate ", serial));
+    if (r->count() == 0)
+      return Status::error(ErrorKind::kNotFound, str_cat("no admin certificate ", serial));
     return read_admin_cert(*r, 0);
   }
 
   Result<std::vector<AdminCertRecord>> list_admin_certs() override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
-    auto r = (*c)->exec("list admin certificates",
-                        "SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM admin_certs "
-                        "ORDER BY issued_at, serial");
+    auto r = (*c)->exec(
+        "list admin certificates",
+        "SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM admin_certs "
+        "ORDER BY issued_at, serial");
     if (!r.is_ok()) return r.status();
     std::vector<AdminCertRecord> out;
     for (int i = 0; i < r->count(); ++i) out.push_back(read_admin_cert(*r, i));
     return out;
   }
 
-  Status revoke_admin_cert(const std::string& serial, int64_t now, const AuditEvent& event) override {
+  Status revoke_admin_cert(const std::string& serial, int64_t now,
+                           const AuditEvent& event) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
     Conn& conn = **c;
     return in_transaction(conn, "admin certificate revocation", [&]() -> Status {
-      auto u = conn.exec("revoke admin certificate",
-                         "UPDATE admin_certs SET revoked_at = $1 WHERE serial = $2 AND revoked_at = 0",
-                         Params().int8(now).text(serial));
+      auto u =
+          conn.exec("revoke admin certificate",
+                    "UPDATE admin_certs SET revoked_at = $1 WHERE serial = $2 AND revoked_at = 0",
+                    Params().int8(now).text(serial));
       if (!u.is_ok()) return u.status();
       if (u->affected() != 1) {
-        auto q = conn.exec("select admin certificate", "SELECT 1 FROM admin_certs WHERE serial = $1",
-                           Params().text(serial));
+        auto q = conn.exec("select admin certificate",
+                           "SELECT 1 FROM admin_certs WHERE serial = $1", Params().text(serial));
         if (!q.is_ok()) return q.status();
-        if (q->count() == 0) return Status::error(ErrorKind::kNotFound, str_cat("no admin certificate ", serial));
-        return Status::error(ErrorKind::kConflict, str_cat("admin certificate ", serial, " is already revoked"));
+        if (q->count() == 0)
+          return Status::error(ErrorKind::kNotFound, str_cat("no admin certificate ", serial));
+        return Status::error(ErrorKind::kConflict,
+                             str_cat("admin certificate ", serial, " is already revoked"));
       }
       return insert_audit(conn, event);
     });
@@ -816,10 +880,11 @@ class PgStore final : public Store {
     Conn& conn = **c;
     int64_t version = 0;
     Status st = in_transaction(conn, "policy publication", [&]() -> Status {
-      auto r = conn.exec("insert policy version",
-                         "INSERT INTO policy_versions(sha256, text, loaded_by, loaded_at) VALUES($1, $2, $3, $4) "
-                         "RETURNING version",
-                         Params().text(p.sha256).text(p.text).text(p.loaded_by).int8(event.time));
+      auto r = conn.exec(
+          "insert policy version",
+          "INSERT INTO policy_versions(sha256, text, loaded_by, loaded_at) VALUES($1, $2, $3, $4) "
+          "RETURNING version",
+          Params().text(p.sha256).text(p.text).text(p.loaded_by).int8(event.time));
       if (!r.is_ok()) return r.status();
       version = r->int8(0, 0);
       AuditEvent e = event;
@@ -837,10 +902,12 @@ class PgStore final : public Store {
                                     "SELECT version, sha256, text, loaded_by FROM policy_versions "
                                     "ORDER BY version DESC LIMIT 1")
                        : (*c)->exec("read the policy version in force",
-                                    "SELECT version, sha256, '', '' FROM policy_versions ORDER BY version DESC LIMIT 1");
+                                    "SELECT version, sha256, '', '' FROM policy_versions ORDER BY "
+                                    "version DESC LIMIT 1");
     if (!r.is_ok()) return r.status();
     PolicyVersion p;
-    if (r->count() == 1) p = PolicyVersion{r->int8(0, 0), r->text(0, 1), r->text(0, 2), r->text(0, 3)};
+    if (r->count() == 1)
+      p = PolicyVersion{r->int8(0, 0), r->text(0, 1), r->text(0, 2), r->text(0, 3)};
     return p;
   }
 
@@ -849,7 +916,8 @@ class PgStore final : public Store {
   // One statement, atomic under concurrent replicas (the row's lock), on
   // the database's clock (one clock for every replica). `refused` counts the
   // refusals since the key last got through: the first of a burst is 1.
-  Result<RateTake> take_rate_token(const std::string& key, double per_second, double burst) override {
+  Result<RateTake> take_rate_token(const std::string& key, double per_second,
+                                   double burst) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
     if (prune_due(static_cast<int64_t>(::time(nullptr)), &last_bucket_prune_)) {
@@ -867,10 +935,13 @@ class PgStore final : public Store {
         "SELECT $1, $2 - 1, n.ms, 0, n.ms + (1000 / $3)::bigint "
         "FROM (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms) n "
         "ON CONFLICT (key) DO UPDATE SET "
-        "  tokens = CASE WHEN " KEYGATE_LEVEL " >= 1 THEN " KEYGATE_LEVEL " - 1 ELSE " KEYGATE_LEVEL " END, "
+        "  tokens = CASE WHEN " KEYGATE_LEVEL " >= 1 THEN " KEYGATE_LEVEL " - 1 ELSE " KEYGATE_LEVEL
+        " END, "
         "  at_ms = GREATEST(EXCLUDED.at_ms, b.at_ms), "
-        "  refused = CASE WHEN " KEYGATE_LEVEL " >= 1 THEN 0 ELSE b.refused + 1 END, "
-        "  full_at_ms = EXCLUDED.at_ms + (($2 - " KEYGATE_LEVEL " + 1) * 1000 / $3)::bigint "
+        "  refused = CASE WHEN " KEYGATE_LEVEL
+        " >= 1 THEN 0 ELSE b.refused + 1 END, "
+        "  full_at_ms = EXCLUDED.at_ms + (($2 - " KEYGATE_LEVEL
+        " + 1) * 1000 / $3)::bigint "
         "RETURNING b.tokens, b.refused",
         Params().text(key).float8(burst).float8(per_second));
 #undef KEYGATE_LEVEL
@@ -881,7 +952,8 @@ class PgStore final : public Store {
     const int64_t refused = r->int8(0, 1);
     take.allowed = refused == 0;
     take.burst_start = refused == 1;
-    if (!take.allowed) take.retry_after_ms = static_cast<int64_t>(std::ceil((1 - tokens) / per_second * 1000));
+    if (!take.allowed)
+      take.retry_after_ms = static_cast<int64_t>(std::ceil((1 - tokens) / per_second * 1000));
     return take;
   }
 
@@ -898,8 +970,8 @@ class PgStore final : public Store {
     if (!r.is_ok()) return r.status();
     std::vector<AuditEvent> out;
     for (int i = 0; i < r->count(); ++i) {
-      out.push_back(AuditEvent{r->int8(i, 0), r->text(i, 1), r->text(i, 2), r->text(i, 3), r->text(i, 4),
-                               r->text(i, 5)});
+      out.push_back(AuditEvent{r->int8(i, 0), r->text(i, 1), r->text(i, 2), r->text(i, 3),
+                               r->text(i, 4), r->text(i, 5)});
     }
     return out;
   }
@@ -907,17 +979,18 @@ class PgStore final : public Store {
   Result<std::vector<AuditRecord>> read_audit(int64_t after_seq, int limit) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
-    auto r = (*c)->exec("read audit",
-                        "SELECT seq, time, event, outcome, volume_id, peer, detail, prev_hash, hash FROM audit "
-                        "WHERE seq > $1 ORDER BY seq LIMIT $2",
-                        Params().int8(after_seq).int8(limit));
+    auto r = (*c)->exec(
+        "read audit",
+        "SELECT seq, time, event, outcome, volume_id, peer, detail, prev_hash, hash FROM audit "
+        "WHERE seq > $1 ORDER BY seq LIMIT $2",
+        Params().int8(after_seq).int8(limit));
     if (!r.is_ok()) return r.status();
     std::vector<AuditRecord> out;
     for (int i = 0; i < r->count(); ++i) {
-      out.push_back(AuditRecord{
-          r->int8(i, 0),
-          AuditEvent{r->int8(i, 1), r->text(i, 2), r->text(i, 3), r->text(i, 4), r->text(i, 5), r->text(i, 6)},
-          r->bytes(i, 7), r->bytes(i, 8)});
+      out.push_back(AuditRecord{r->int8(i, 0),
+                                AuditEvent{r->int8(i, 1), r->text(i, 2), r->text(i, 3),
+                                           r->text(i, 4), r->text(i, 5), r->text(i, 6)},
+                                r->bytes(i, 7), r->bytes(i, 8)});
     }
     return out;
   }
@@ -930,20 +1003,24 @@ class PgStore final : public Store {
     if (!c.is_ok()) return c.status();
     Conn& conn = **c;
     return in_transaction(conn, "schema migration", [&]() -> Status {
-      KEYGATE_RETURN_IF_ERROR(conn.exec("take the migration lock", "SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) l",
+      KEYGATE_RETURN_IF_ERROR(conn.exec("take the migration lock",
+                                        "SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) l",
                                         Params().int8(kMigrationLock))
                                   .status());
-      KEYGATE_RETURN_IF_ERROR(conn.command(
-          "create the schema table", "CREATE TABLE IF NOT EXISTS keygate_schema (version BIGINT NOT NULL)"));
+      KEYGATE_RETURN_IF_ERROR(
+          conn.command("create the schema table",
+                       "CREATE TABLE IF NOT EXISTS keygate_schema (version BIGINT NOT NULL)"));
       auto v = conn.exec("read the schema version", "SELECT version FROM keygate_schema");
       if (!v.is_ok()) return v.status();
-      if (v->count() > 1) return Status::error(ErrorKind::kIo, "store: keygate_schema holds more than one row");
+      if (v->count() > 1)
+        return Status::error(ErrorKind::kIo, "store: keygate_schema holds more than one row");
       const int64_t version = v->count() == 1 ? v->int8(0, 0) : 0;
       if (version > kSchemaVersion) {
-        return Status::error(ErrorKind::kInvalidArgument,
-                             str_cat("the database's keygate schema is version ", version,
-                                     ", newer than this keygate-server knows (", kSchemaVersion,
-                                     "): run a keygate-server at least as new as the one that upgraded it"));
+        return Status::error(
+            ErrorKind::kInvalidArgument,
+            str_cat("the database's keygate schema is version ", version,
+                    ", newer than this keygate-server knows (", kSchemaVersion,
+                    "): run a keygate-server at least as new as the one that upgraded it"));
       }
       if (version == kSchemaVersion) return Status::ok();
       for (int64_t next = version + 1; next <= kSchemaVersion; ++next) {
@@ -966,77 +1043,108 @@ class PgStore final : public Store {
     auto exact = [](const std::string& s) { return pg_text(s) == s; };
     for (const VolumeRecord& v : d.volumes) {
       if (!exact(v.id) || !exact(v.policy_json)) {
-        return Status::error(ErrorKind::kInvalidArgument,
-                             str_cat("volume ", printable(v.id, 80), ": its id or policy is not UTF-8 text"));
+        return Status::error(
+            ErrorKind::kInvalidArgument,
+            str_cat("volume ", printable(v.id, 80), ": its id or policy is not UTF-8 text"));
       }
     }
     for (const ApprovalRecord& a : d.approvals) {
-      if (!exact(a.id) || !exact(a.volume_id) || !exact(a.instance) || !exact(a.state) || !exact(a.record)) {
-        return Status::error(ErrorKind::kInvalidArgument,
-                             str_cat("approval request ", printable(a.id, 80), " is not UTF-8 text"));
+      if (!exact(a.id) || !exact(a.volume_id) || !exact(a.instance) || !exact(a.state) ||
+          !exact(a.record)) {
+        return Status::error(
+            ErrorKind::kInvalidArgument,
+            str_cat("approval request ", printable(a.id, 80), " is not UTF-8 text"));
       }
     }
     return in_transaction(conn, "store copy", [&]() -> Status {
-      KEYGATE_RETURN_IF_ERROR(conn.command(
-          "lock the tables",
-          "LOCK TABLE volumes, enrollment_tokens, approvals, releases, admin_certs, audit, audit_head "
-          "IN EXCLUSIVE MODE"));
-      auto n = conn.exec("count what is there",
-                         "SELECT (SELECT count(*) FROM volumes) + (SELECT count(*) FROM enrollment_tokens) + "
-                         "(SELECT count(*) FROM approvals) + (SELECT count(*) FROM admin_certs) + "
-                         "(SELECT count(*) FROM audit)");
+      KEYGATE_RETURN_IF_ERROR(conn.command("lock the tables",
+                                           "LOCK TABLE volumes, enrollment_tokens, approvals, "
+                                           "releases, admin_certs, audit, audit_head "
+                                           "IN EXCLUSIVE MODE"));
+      auto n = conn.exec(
+          "count what is there",
+          "SELECT (SELECT count(*) FROM volumes) + (SELECT count(*) FROM enrollment_tokens) + "
+          "(SELECT count(*) FROM approvals) + (SELECT count(*) FROM admin_certs) + "
+          "(SELECT count(*) FROM audit)");
       if (!n.is_ok()) return n.status();
       if (n->int8(0, 0) != 0) {
-        return Status::error(ErrorKind::kConflict,
-                             "the PostgreSQL database holds a keygate store already; copy into an empty one");
+        return Status::error(
+            ErrorKind::kConflict,
+            "the PostgreSQL database holds a keygate store already; copy into an empty one");
       }
       for (const VolumeRecord& v : d.volumes) KEYGATE_RETURN_IF_ERROR(insert_volume_on(conn, v));
       for (const StoreDump::Token& tk : d.tokens) {
-        KEYGATE_RETURN_IF_ERROR(conn.exec("insert enrollment token",
-                                          "INSERT INTO enrollment_tokens(token_hash, template, expires_at, uses_left) "
-                                          "VALUES($1, $2, $3, $4)",
-                                          Params().bytes(tk.token_hash).text(tk.template_json).int8(tk.expires_at).int8(
-                                              tk.uses_left))
-                                    .status());
+        KEYGATE_RETURN_IF_ERROR(
+            conn.exec("insert enrollment token",
+                      "INSERT INTO enrollment_tokens(token_hash, template, expires_at, uses_left) "
+                      "VALUES($1, $2, $3, $4)",
+                      Params()
+                          .bytes(tk.token_hash)
+                          .text(tk.template_json)
+                          .int8(tk.expires_at)
+                          .int8(tk.uses_left))
+                .status());
       }
       for (const ApprovalRecord& a : d.approvals) {
-        KEYGATE_RETURN_IF_ERROR(
-            conn.exec("insert approval",
-                      "INSERT INTO approvals(id, volume_id, instance, state, record, created_at, expires_at) "
-                      "VALUES($1, $2, $3, $4, $5, $6, $7)",
-                      Params().text(a.id).text(a.volume_id).text(a.instance).text(a.state).text(a.record).int8(
-                          a.created_at).int8(a.expires_at))
-                .status());
-      }
-      for (const StoreDump::Release& r : d.releases) {
-        KEYGATE_RETURN_IF_ERROR(conn.exec("insert release",
-                                          "INSERT INTO releases(volume_id, instance, time) VALUES($1, $2, $3)",
-                                          Params().text(r.volume_id).text(r.instance).int8(r.time))
+        KEYGATE_RETURN_IF_ERROR(conn.exec("insert approval",
+                                          "INSERT INTO approvals(id, volume_id, instance, state, "
+                                          "record, created_at, expires_at) "
+                                          "VALUES($1, $2, $3, $4, $5, $6, $7)",
+                                          Params()
+                                              .text(a.id)
+                                              .text(a.volume_id)
+                                              .text(a.instance)
+                                              .text(a.state)
+                                              .text(a.record)
+                                              .int8(a.created_at)
+                                              .int8(a.expires_at))
                                     .status());
       }
-      for (const AdminCertRecord& r : d.admin_certs) {
+      for (const StoreDump::Release& r : d.releases) {
         KEYGATE_RETURN_IF_ERROR(
-            conn.exec("insert admin certificate",
-                      "INSERT INTO admin_certs(serial, name, role, issued_by, issued_at, expires_at, revoked_at) "
-                      "VALUES($1, $2, $3, $4, $5, $6, $7)",
-                      Params().text(r.serial).text(r.name).text(r.role).text(r.issued_by).int8(r.issued_at).int8(
-                          r.expires_at).int8(r.revoked_at))
+            conn.exec("insert release",
+                      "INSERT INTO releases(volume_id, instance, time) VALUES($1, $2, $3)",
+                      Params().text(r.volume_id).text(r.instance).int8(r.time))
                 .status());
       }
+      for (const AdminCertRecord& r : d.admin_certs) {
+        KEYGATE_RETURN_IF_ERROR(conn.exec("insert admin certificate",
+                                          "INSERT INTO admin_certs(serial, name, role, issued_by, "
+                                          "issued_at, expires_at, revoked_at) "
+                                          "VALUES($1, $2, $3, $4, $5, $6, $7)",
+                                          Params()
+                                              .text(r.serial)
+                                              .text(r.name)
+                                              .text(r.role)
+                                              .text(r.issued_by)
+                                              .int8(r.issued_at)
+                                              .int8(r.expires_at)
+                                              .int8(r.revoked_at))
+                                    .status());
+      }
       for (const AuditRecord& r : d.audit) KEYGATE_RETURN_IF_ERROR(insert_audit_record(conn, r));
-      KEYGATE_RETURN_IF_ERROR(
-          conn.exec("set the audit head", "UPDATE audit_head SET seq = $1", Params().int8(d.audit_last_seq)).status());
+      KEYGATE_RETURN_IF_ERROR(conn.exec("set the audit head", "UPDATE audit_head SET seq = $1",
+                                        Params().int8(d.audit_last_seq))
+                                  .status());
       return insert_audit(conn, event);
     });
   }
 
  private:
   static Status insert_volume_on(Conn& c, const VolumeRecord& r) {
-    return c.exec("insert volume",
-                  "INSERT INTO volumes(id, state, policy, sealed_secret, description, created_at, updated_at) "
-                  "VALUES($1, $2, $3, $4, $5, $6, $7)",
-                  Params().text(r.id).text(volume_state_name(r.state)).text(r.policy_json).bytes(r.sealed_secret).text(
-                      r.description).int8(r.created_at).int8(r.updated_at))
+    return c
+        .exec("insert volume",
+              "INSERT INTO volumes(id, state, policy, sealed_secret, description, created_at, "
+              "updated_at) "
+              "VALUES($1, $2, $3, $4, $5, $6, $7)",
+              Params()
+                  .text(r.id)
+                  .text(volume_state_name(r.state))
+                  .text(r.policy_json)
+                  .bytes(r.sealed_secret)
+                  .text(r.description)
+                  .int8(r.created_at)
+                  .int8(r.updated_at))
         .status();
   }
 
@@ -1065,7 +1173,8 @@ class PgStore final : public Store {
   int64_t last_prune_ = 0;
   int64_t last_bucket_prune_ = 0;
   std::atomic<bool> nonces_full_{false};
-  GroupCommit audit_group_{[this](const std::vector<AuditEvent>& events) { return commit_audit_group(events); }};
+  GroupCommit audit_group_{
+      [this](const std::vector<AuditEvent>& events) { return commit_audit_group(events); }};
 };
 
 }  // namespace
@@ -1078,22 +1187,26 @@ Status check_postgres_conninfo(const std::string& conninfo) {
     std::string msg = err != nullptr ? pg_message(err) : "out of memory";
     PQfreemem(err);
     if (msg.find('"') != std::string::npos) msg = "it does not parse";
-    return Status::error(ErrorKind::kInvalidArgument, str_cat("store: bad PostgreSQL connection string: ", msg));
+    return Status::error(ErrorKind::kInvalidArgument,
+                         str_cat("store: bad PostgreSQL connection string: ", msg));
   }
   bool has_password = false;
   for (PQconninfoOption* o = opts; o->keyword != nullptr; ++o) {
-    if (std::string(o->keyword) == "password" && o->val != nullptr && o->val[0] != '\0') has_password = true;
+    if (std::string(o->keyword) == "password" && o->val != nullptr && o->val[0] != '\0')
+      has_password = true;
   }
   PQconninfoFree(opts);
   if (has_password) {
-    return Status::error(ErrorKind::kInvalidArgument,
-                         "store: the PostgreSQL connection string holds a password; put it in a password file "
-                         "(passfile=, PGPASSFILE or ~/.pgpass) or a service file instead");
+    return Status::error(
+        ErrorKind::kInvalidArgument,
+        "store: the PostgreSQL connection string holds a password; put it in a password file "
+        "(passfile=, PGPASSFILE or ~/.pgpass) or a service file instead");
   }
   return Status::ok();
 }
 
-Status load_postgres_store(const std::string& conninfo, const StoreDump& dump, const AuditEvent& event) {
+Status load_postgres_store(const std::string& conninfo, const StoreDump& dump,
+                           const AuditEvent& event) {
   KEYGATE_RETURN_IF_ERROR(check_postgres_conninfo(conninfo));
   PgStore store(conninfo, 1);
   KEYGATE_RETURN_IF_ERROR(store.migrate());

@@ -81,8 +81,8 @@ struct PolicySet {
   // The person who put it in effect through the admin API (who may then
   // not approve the requests its policies make); empty: at start or SIGHUP.
   std::string loaded_by;
-  std::string text;      // the file's bytes, as parsed
-  int64_t version = 0;   // its number in a store replicas share; 0: this server's alone
+  std::string text;     // the file's bytes, as parsed
+  int64_t version = 0;  // its number in a store replicas share; 0: this server's alone
 };
 
 // Parses a policy file's text; `source` names it in errors ("FILE:LINE: ...").

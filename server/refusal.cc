@@ -41,7 +41,8 @@ Refusal server_error(std::string client_message, std::string detail) {
 }
 
 Refusal store_error(std::string client_message, const Status& cause) {
-  if (cause.kind() != ErrorKind::kUnavailable) return server_error(std::move(client_message), cause.message());
+  if (cause.kind() != ErrorKind::kUnavailable)
+    return server_error(std::move(client_message), cause.message());
   Refusal r = server_error("the key store is unavailable; retry", cause.message());
   r.http_status = 503;
   r.code = api::kErrBusy;

@@ -134,11 +134,21 @@ Result<Settings> parse_settings(std::string_view text) {
   auto cfg = parse_json_object(text, kMaxSettingsFile);
   if (!cfg.is_ok()) return cfg.status();
   const Json::Value& c = cfg.value();
-  static const std::set<std::string> kKeys = {
-      "listen",           "state_dir",        "aws_trust_dirs", "gcp_jwks_files",
-      "azure_trust_dirs", "evidence_max_age", "tls_san",        "nonce_ttl",
-      "enroll_by_attestation", "rate_limits", "connections",    "pending_ttl",
-      "policy_file", "store", "store_connections"};
+  static const std::set<std::string> kKeys = {"listen",
+                                              "state_dir",
+                                              "aws_trust_dirs",
+                                              "gcp_jwks_files",
+                                              "azure_trust_dirs",
+                                              "evidence_max_age",
+                                              "tls_san",
+                                              "nonce_ttl",
+                                              "enroll_by_attestation",
+                                              "rate_limits",
+                                              "connections",
+                                              "pending_ttl",
+                                              "policy_file",
+                                              "store",
+                                              "store_connections"};
   for (const auto& key : c.getMemberNames()) {
     if (!kKeys.count(key)) {
       return Status::error(ErrorKind::kInvalidArgument,
@@ -146,15 +156,14 @@ Result<Settings> parse_settings(std::string_view text) {
     }
   }
   Settings s;
-  for (Status st : {read_text(c, "listen", &s.listen), read_text(c, "state_dir", &s.state_dir),
-                    read_text(c, "policy_file", &s.policy_file), read_text(c, "store", &s.store),
-                    read_seconds(c, "nonce_ttl", 1, 3600, "1 to 3600", &s.nonce_ttl),
-                    read_seconds(c, "evidence_max_age", 10, 6 * 3600, "10 to 21600",
-                                 &s.evidence_max_age),
-                    read_seconds(c, "pending_ttl", 60, 90 * 86400, "60 to 7776000 (90 days)",
-                                 &s.pending_ttl),
-                    read_rate_limits(c, &s), read_connection_caps(c, &s),
-                    read_attestation_rules(c, &s.attestation_enrollment)}) {
+  for (Status st :
+       {read_text(c, "listen", &s.listen), read_text(c, "state_dir", &s.state_dir),
+        read_text(c, "policy_file", &s.policy_file), read_text(c, "store", &s.store),
+        read_seconds(c, "nonce_ttl", 1, 3600, "1 to 3600", &s.nonce_ttl),
+        read_seconds(c, "evidence_max_age", 10, 6 * 3600, "10 to 21600", &s.evidence_max_age),
+        read_seconds(c, "pending_ttl", 60, 90 * 86400, "60 to 7776000 (90 days)", &s.pending_ttl),
+        read_rate_limits(c, &s), read_connection_caps(c, &s),
+        read_attestation_rules(c, &s.attestation_enrollment)}) {
     if (!st.is_ok()) return st;
   }
   for (auto [key, list] : {std::pair{"aws_trust_dirs", &s.aws_trust_dirs},
@@ -187,8 +196,10 @@ Result<std::unique_ptr<Store>> open_store(const Settings& s) {
     auto text = read_small_file(conf, 4096);
     if (!text.is_ok()) return text.status();
     conninfo = text.value();
-    while (!conninfo.empty() && std::isspace(static_cast<unsigned char>(conninfo.back()))) conninfo.pop_back();
-    if (conninfo.empty()) return Status::error(ErrorKind::kInvalidArgument, str_cat(conf, ": empty"));
+    while (!conninfo.empty() && std::isspace(static_cast<unsigned char>(conninfo.back())))
+      conninfo.pop_back();
+    if (conninfo.empty())
+      return Status::error(ErrorKind::kInvalidArgument, str_cat(conf, ": empty"));
     KEYGATE_RETURN_IF_ERROR(check_postgres_conninfo(conninfo).with_context(conf));
   }
   if (conninfo.empty()) return open_sqlite_store(s.state_dir + "/keygate.db");

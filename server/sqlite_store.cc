@@ -2,8 +2,8 @@
 #include <sys/stat.h>
 
 #include <algorithm>
-#include <functional>
 #include <ctime>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -791,7 +791,8 @@ class SqliteStore final : public Store {
   sqlite3* db_;
   StmtCache stmts_;
   std::mutex mu_;
-  GroupCommit audit_group_{[this](const std::vector<AuditEvent>& events) { return commit_audit_group(events); }};
+  GroupCommit audit_group_{
+      [this](const std::vector<AuditEvent>& events) { return commit_audit_group(events); }};
   NonceTable nonces_;
 };
 
@@ -806,10 +807,12 @@ Status migrate_sqlite_schema(sqlite3* db) {
   auto error = [&](const char* what) {
     return Status::error(ErrorKind::kIo, str_cat(what, ": ", sqlite3_errmsg(db)));
   };
-  if (sqlite3_exec(db, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK) return error("begin migration");
+  if (sqlite3_exec(db, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK)
+    return error("begin migration");
   Status status = [&]() -> Status {
     sqlite3_stmt* v = nullptr;
-    if (sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &v, nullptr) != SQLITE_OK || sqlite3_step(v) != SQLITE_ROW) {
+    if (sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &v, nullptr) != SQLITE_OK ||
+        sqlite3_step(v) != SQLITE_ROW) {
       sqlite3_finalize(v);
       return error("read the schema version");
     }
@@ -817,14 +820,17 @@ Status migrate_sqlite_schema(sqlite3* db) {
     sqlite3_finalize(v);
     if (version > kSqliteSchemaVersion) {
       return Status::error(ErrorKind::kInvalidArgument,
-                           str_cat("the store's schema is version ", version, ", newer than this keygate-server knows (",
-                                   kSqliteSchemaVersion, "): run a keygate-server at least as new as the one that "
+                           str_cat("the store's schema is version ", version,
+                                   ", newer than this keygate-server knows (", kSqliteSchemaVersion,
+                                   "): run a keygate-server at least as new as the one that "
                                    "upgraded it"));
     }
     if (version == kSqliteSchemaVersion) return Status::ok();
-    if (sqlite3_exec(db, kSchema, nullptr, nullptr, nullptr) != SQLITE_OK) return error("make the schema");
+    if (sqlite3_exec(db, kSchema, nullptr, nullptr, nullptr) != SQLITE_OK)
+      return error("make the schema");
     const std::string set = str_cat("PRAGMA user_version = ", kSqliteSchemaVersion);
-    if (sqlite3_exec(db, set.c_str(), nullptr, nullptr, nullptr) != SQLITE_OK) return error("record the schema version");
+    if (sqlite3_exec(db, set.c_str(), nullptr, nullptr, nullptr) != SQLITE_OK)
+      return error("record the schema version");
     return Status::ok();
   }();
   if (status.is_ok() && sqlite3_exec(db, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
@@ -847,7 +853,8 @@ Result<StoreDump> dump_sqlite_store(const std::string& path) {
   StoreDump d;
   StmtCache stmts(db);
   auto failed = [&](const char* what) {
-    return Status::error(ErrorKind::kIo, str_cat("read store ", path, ": ", what, ": ", sqlite3_errmsg(db)));
+    return Status::error(ErrorKind::kIo,
+                         str_cat("read store ", path, ": ", what, ": ", sqlite3_errmsg(db)));
   };
   // Each query's rows through `row`; every step checked.
   auto each = [&](const char* sql, const std::function<Status(Stmt&)>& row) -> Status {
@@ -859,46 +866,51 @@ Result<StoreDump> dump_sqlite_store(const std::string& path) {
   };
   Status st = [&]() -> Status {
     if (sqlite3_exec(db, "BEGIN", nullptr, nullptr, nullptr) != SQLITE_OK) return failed("begin");
+    KEYGATE_RETURN_IF_ERROR(
+        each("SELECT id, state, policy, sealed_secret, description, created_at, updated_at FROM "
+             "volumes ORDER BY id",
+             [&](Stmt& s) -> Status {
+               auto state = parse_state(s.text(1));
+               if (!state.is_ok()) return state.status();
+               d.volumes.push_back(VolumeRecord{s.text(0), state.value(), s.text(2), s.blob(3),
+                                                s.text(4), s.integer(5), s.integer(6)});
+               return Status::ok();
+             }));
     KEYGATE_RETURN_IF_ERROR(each(
-        "SELECT id, state, policy, sealed_secret, description, created_at, updated_at FROM volumes ORDER BY id",
-        [&](Stmt& s) -> Status {
-          auto state = parse_state(s.text(1));
-          if (!state.is_ok()) return state.status();
-          d.volumes.push_back(VolumeRecord{s.text(0), state.value(), s.text(2), s.blob(3), s.text(4), s.integer(5),
-                                           s.integer(6)});
+        "SELECT token_hash, template, expires_at, uses_left FROM enrollment_tokens", [&](Stmt& s) {
+          d.tokens.push_back(StoreDump::Token{s.blob(0), s.text(1), s.integer(2), s.integer(3)});
           return Status::ok();
         }));
-    KEYGATE_RETURN_IF_ERROR(each("SELECT token_hash, template, expires_at, uses_left FROM enrollment_tokens",
-                                 [&](Stmt& s) {
-                                   d.tokens.push_back(StoreDump::Token{s.blob(0), s.text(1), s.integer(2), s.integer(3)});
-                                   return Status::ok();
-                                 }));
-    KEYGATE_RETURN_IF_ERROR(each(
-        "SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals ORDER BY id",
-        [&](Stmt& s) {
-          d.approvals.push_back(
-              ApprovalRecord{s.text(0), s.text(1), s.text(2), s.text(3), s.text(4), s.integer(5), s.integer(6)});
-          return Status::ok();
-        }));
+    KEYGATE_RETURN_IF_ERROR(
+        each("SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals "
+             "ORDER BY id",
+             [&](Stmt& s) {
+               d.approvals.push_back(ApprovalRecord{s.text(0), s.text(1), s.text(2), s.text(3),
+                                                    s.text(4), s.integer(5), s.integer(6)});
+               return Status::ok();
+             }));
     KEYGATE_RETURN_IF_ERROR(each("SELECT volume_id, instance, time FROM releases", [&](Stmt& s) {
       d.releases.push_back(StoreDump::Release{s.text(0), s.text(1), s.integer(2)});
       return Status::ok();
     }));
-    KEYGATE_RETURN_IF_ERROR(each(
-        "SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM admin_certs ORDER BY serial",
-        [&](Stmt& s) {
-          d.admin_certs.push_back(AdminCertRecord{s.text(0), s.text(1), s.text(2), s.text(3), s.integer(4),
-                                                  s.integer(5), s.integer(6)});
-          return Status::ok();
-        }));
-    KEYGATE_RETURN_IF_ERROR(each(
-        "SELECT seq, time, event, outcome, volume_id, peer, detail, prev_hash, hash FROM audit ORDER BY seq",
-        [&](Stmt& s) {
-          d.audit.push_back(AuditRecord{
-              s.integer(0), AuditEvent{s.integer(1), s.text(2), s.text(3), s.text(4), s.text(5), s.text(6)},
-              s.blob(7), s.blob(8)});
-          return Status::ok();
-        }));
+    KEYGATE_RETURN_IF_ERROR(
+        each("SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM "
+             "admin_certs ORDER BY serial",
+             [&](Stmt& s) {
+               d.admin_certs.push_back(AdminCertRecord{s.text(0), s.text(1), s.text(2), s.text(3),
+                                                       s.integer(4), s.integer(5), s.integer(6)});
+               return Status::ok();
+             }));
+    KEYGATE_RETURN_IF_ERROR(
+        each("SELECT seq, time, event, outcome, volume_id, peer, detail, prev_hash, hash FROM "
+             "audit ORDER BY seq",
+             [&](Stmt& s) {
+               d.audit.push_back(AuditRecord{
+                   s.integer(0),
+                   AuditEvent{s.integer(1), s.text(2), s.text(3), s.text(4), s.text(5), s.text(6)},
+                   s.blob(7), s.blob(8)});
+               return Status::ok();
+             }));
     d.audit_last_seq = d.audit.empty() ? 0 : d.audit.back().seq;
     return each("SELECT seq FROM sqlite_sequence WHERE name = 'audit'", [&](Stmt& s) {
       d.audit_last_seq = std::max(d.audit_last_seq, s.integer(0));

@@ -126,7 +126,8 @@ class Store {
   virtual bool shares_rate_limits() const { return false; }
   // Takes a token from bucket `key` (size `burst`, refilled at `per_second`
   // by the store's own clock), as RateLimiter::take decides.
-  virtual Result<RateTake> take_rate_token(const std::string& key, double per_second, double burst) {
+  virtual Result<RateTake> take_rate_token(const std::string& key, double per_second,
+                                           double burst) {
     (void)key, (void)per_second, (void)burst;
     return Status::error(ErrorKind::kInternal, "this store keeps no rate-limit buckets");
   }
@@ -238,7 +239,8 @@ Result<StoreDump> dump_sqlite_store(const std::string& path);
 // made or migrated first), then chains `event` onto the copied trail: all
 // in one transaction. kConflict, and nothing written, if the database holds
 // any volume, token, approval, admin certificate or audit record already.
-Status load_postgres_store(const std::string& conninfo, const StoreDump& dump, const AuditEvent& event);
+Status load_postgres_store(const std::string& conninfo, const StoreDump& dump,
+                           const AuditEvent& event);
 
 // kInvalidArgument if `conninfo` is not a PostgreSQL connection string
 // (key=value pairs or a postgresql:// URI) or holds a password: a password
@@ -250,6 +252,7 @@ Status check_postgres_conninfo(const std::string& conninfo);
 // `connections` connections at once, and brings its schema to this
 // server's version (in one transaction; a database of a newer schema is
 // refused with kInvalidArgument). The database must exist.
-Result<std::unique_ptr<Store>> open_postgres_store(const std::string& conninfo, int connections = 8);
+Result<std::unique_ptr<Store>> open_postgres_store(const std::string& conninfo,
+                                                   int connections = 8);
 
 }  // namespace keygate::server

@@ -88,7 +88,8 @@ TEST_F(KeygateTest, NoKeyIsReleasedWhileTheAuditLogCannotBeWritten) {
     ASSERT_EQ(store_sql(server_.state,
                         "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS "
                         "$$BEGIN RAISE EXCEPTION 'disk full'; END$$; "
-                        "CREATE TRIGGER full_disk BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION disk_full()"),
+                        "CREATE TRIGGER full_disk BEFORE INSERT ON audit FOR EACH ROW EXECUTE "
+                        "FUNCTION disk_full()"),
               "");
   } else {
     ASSERT_EQ(sqlite3_open((server_.state + "/keygate.db").c_str(), &db), SQLITE_OK);

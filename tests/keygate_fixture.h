@@ -124,6 +124,7 @@ class KeygateTest : public ::testing::Test {
   // cluster (store.conf), so the server and every command run with that
   // folder use it.
   static void use_test_store(const std::string& state);
+
  public:
   // Whether this run's servers keep their store in PostgreSQL.
   static bool on_postgres();
@@ -137,7 +138,6 @@ class KeygateTest : public ::testing::Test {
   static std::string store_sql(const std::string& state, const std::string& sql);
 
  protected:
-
   static Emulator start_emulator(const Identity& id, const std::string& state) {
     Emulator e;
     std::string port_file = dir_ + "/" + unique("emu") + ".port";

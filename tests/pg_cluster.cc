@@ -62,10 +62,21 @@ PgCluster::~PgCluster() {
 }
 
 std::string PgCluster::pg_ctl(const std::string& action, const std::string& options) {
-  std::vector<std::string> argv = {"runuser", "-u", "postgres", "--", std::string(kBinDir) + "pg_ctl",
-                                   "-D", dir_ + "/data", "-l", dir_ + "/server.log", "-w", "-t", "60"};
+  std::vector<std::string> argv = {"runuser",
+                                   "-u",
+                                   "postgres",
+                                   "--",
+                                   std::string(kBinDir) + "pg_ctl",
+                                   "-D",
+                                   dir_ + "/data",
+                                   "-l",
+                                   dir_ + "/server.log",
+                                   "-w",
+                                   "-t",
+                                   "60"};
   if (action == "start") {
-    argv.insert(argv.end(), {"-o", "-k " + dir_ + " -c listen_addresses='' -c max_connections=400 " + options});
+    argv.insert(argv.end(),
+                {"-o", "-k " + dir_ + " -c listen_addresses='' -c max_connections=400 " + options});
   } else {
     argv.insert(argv.end(), {"-m", "fast"});
   }

@@ -6,14 +6,15 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
-#include <unistd.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <thread>
 
 #include "core/envelope.h"
+#include "server/audit_chain.h"
 #include "tests/keygate_fixture.h"
 #include "tests/pg_cluster.h"
 
@@ -42,7 +43,8 @@ class ReplicaTest : public KeygateTest {
   // here many times a second: the per-instance limit (counted by both
   // together) is raised unless `per_instance` says otherwise.
   void start_replicas(const std::string& per_instance = R"({"per_second": 1000, "burst": 1000})",
-                      std::vector<std::string> a_extra = {}, std::vector<std::string> b_extra = {}) {
+                      std::vector<std::string> a_extra = {},
+                      std::vector<std::string> b_extra = {}) {
     const std::string db = PgCluster::shared().create_database();
     ASSERT_NE(db, "");
     const std::string config = dir_ + "/" + unique("replica-config") + ".json";
@@ -94,7 +96,8 @@ TEST_F(ReplicaTest, TwoReplicasOnOneDatabaseShareNoncesRevocationsAndOneChain) {
   RunResult enrolled = enroll_format(vol, a_, make_token(a_), emulator_, {b_.url()});
   ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
   std::smatch m;
-  ASSERT_TRUE(std::regex_search(enrolled.out, m, std::regex("enrolled as volume ([0-9a-f-]+)"))) << enrolled.out;
+  ASSERT_TRUE(std::regex_search(enrolled.out, m, std::regex("enrolled as volume ([0-9a-f-]+)")))
+      << enrolled.out;
   const std::string id = m[1].str();
   evidence_ = aws_evidence(emulator_);
 
@@ -133,7 +136,8 @@ TEST_F(ReplicaTest, TwoReplicasOnOneDatabaseShareNoncesRevocationsAndOneChain) {
   ++released;
 
   // Revoked through the first replica's host command: the second refuses.
-  ASSERT_EQ(run({bin("keygate-server"), "volumes", "revoke", id, "--state-dir", a_.state}).exit_code, 0);
+  ASSERT_EQ(
+      run({bin("keygate-server"), "volumes", "revoke", id, "--state-dir", a_.state}).exit_code, 0);
   EXPECT_EQ(post_unlock(b_, unlock_request(id, fresh_nonce(b_))), 403);
   EXPECT_EQ(post_unlock(a_, unlock_request(id, fresh_nonce(a_))), 403);
 
@@ -143,7 +147,8 @@ TEST_F(ReplicaTest, TwoReplicasOnOneDatabaseShareNoncesRevocationsAndOneChain) {
     RunResult v = run({bin("keygate-server"), "audit", "verify", "--state-dir", s->state});
     EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
   }
-  EXPECT_EQ(count_of(audit_text(b_), "unlock released volume=" + id), static_cast<size_t>(released));
+  EXPECT_EQ(count_of(audit_text(b_), "unlock released volume=" + id),
+            static_cast<size_t>(released));
 }
 
 // One instance's rate is counted by the replicas together: its burst spent
@@ -169,17 +174,20 @@ TEST_F(ReplicaTest, ThePolicyLoadedAtOneReplicaIsInForceAtTheOther) {
   ASSERT_EQ(PgCluster::shared().error(), "");
   const Identity id;
   auto policy = [](const std::string& account) {
-    return str_cat(R"({"policies": {"p": {"platform": "aws", "require": {"account_id": ")", account, R"("}}}})", "\n");
+    return str_cat(R"({"policies": {"p": {"platform": "aws", "require": {"account_id": ")", account,
+                   R"("}}}})", "\n");
   };
   const std::string file_a = dir_ + "/" + unique("policy-a") + ".json";
   const std::string file_b = dir_ + "/" + unique("policy-b") + ".json";
   write_file(file_a, policy(id.account));
   write_file(file_b, policy(id.account));
-  start_replicas(R"({"per_second": 1000, "burst": 1000})", {"--policy-file", file_a}, {"--policy-file", file_b});
+  start_replicas(R"({"per_second": 1000, "burst": 1000})", {"--policy-file", file_a},
+                 {"--policy-file", file_b});
   // Same file at both: the second start published nothing new.
   EXPECT_EQ(count_of(audit_text(a_), "policy.load ok"), 1u) << audit_text(a_);
   const std::string vol = new_volume_file();
-  RunResult enrolled = enroll_format(vol, a_, make_token(a_, {"--policy", "p", "--policy-file", file_a}), emulator_);
+  RunResult enrolled =
+      enroll_format(vol, a_, make_token(a_, {"--policy", "p", "--policy-file", file_a}), emulator_);
   ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
   std::smatch m;
   ASSERT_TRUE(std::regex_search(enrolled.out, m, std::regex("enrolled as volume ([0-9a-f-]+)")));
@@ -192,17 +200,20 @@ TEST_F(ReplicaTest, ThePolicyLoadedAtOneReplicaIsInForceAtTheOther) {
   write_file(file_b, policy("210987654321"));
   ASSERT_EQ(kill(b_.process.pid(), SIGHUP), 0);
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (count_of(audit_text(a_), "policy.load ok") < 2 && std::chrono::steady_clock::now() < give_up) {
+  while (count_of(audit_text(a_), "policy.load ok") < 2 &&
+         std::chrono::steady_clock::now() < give_up) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   EXPECT_TRUE(contains(audit_text(a_), "version 2")) << audit_text(a_);
   EXPECT_EQ(post_unlock(a_, unlock_request(vid, fresh_nonce(a_))), 403);
   EXPECT_EQ(post_unlock(b_, unlock_request(vid, fresh_nonce(b_))), 403);
-  EXPECT_TRUE(contains(read_file(a_.process.log_path()), "policy version 2")) << read_file(a_.process.log_path());
+  EXPECT_TRUE(contains(read_file(a_.process.log_path()), "policy version 2"))
+      << read_file(a_.process.log_path());
 
   // a loads its own again (SIGHUP): the newest, in force at both.
   ASSERT_EQ(kill(a_.process.pid(), SIGHUP), 0);
-  while (count_of(audit_text(a_), "policy.load ok") < 3 && std::chrono::steady_clock::now() < give_up) {
+  while (count_of(audit_text(a_), "policy.load ok") < 3 &&
+         std::chrono::steady_clock::now() < give_up) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   EXPECT_EQ(post_unlock(b_, unlock_request(vid, fresh_nonce(b_))), 200);
@@ -225,8 +236,10 @@ TEST_F(ReplicaTest, AReplicaKilledMidRunServesAgainAndNoRecordIsLost) {
     }
     if (i == 20) {
       const std::string config = dir_ + "/" + unique("replica-config") + ".json";
-      write_file(config, R"({"rate_limits": {"per_instance": {"per_second": 1000, "burst": 1000}}})");
-      b_ = start_server("b", {"--config", config, "--listen", "127.0.0.1:" + std::to_string(b_.port)}, b_.state);
+      write_file(config,
+                 R"({"rate_limits": {"per_instance": {"per_second": 1000, "burst": 1000}}})");
+      b_ = start_server(
+          "b", {"--config", config, "--listen", "127.0.0.1:" + std::to_string(b_.port)}, b_.state);
       ASSERT_GT(b_.port, 0) << read_file(b_.process.log_path());
     }
     const Server& s = i % 2 ? a_ : b_;
@@ -271,8 +284,8 @@ TEST_F(ReplicaTest, WhilePostgresIsDownUnlocksRetryAndNoKeyLeavesWithoutItsRecor
     EXPECT_EQ(own->start(), "");
   });
   const auto started = std::chrono::steady_clock::now();
-  RunResult r = run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url", emulator_.url(), "--timeout",
-                     "5", "--deadline", "60"});
+  RunResult r = run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url",
+                     emulator_.url(), "--timeout", "5", "--deadline", "60"});
   const auto took = std::chrono::steady_clock::now() - started;
   back.join();
   EXPECT_EQ(r.exit_code, 0) << r.err;
@@ -284,7 +297,8 @@ TEST_F(ReplicaTest, WhilePostgresIsDownUnlocksRetryAndNoKeyLeavesWithoutItsRecor
   RunResult v = run({bin("keygate-server"), "audit", "verify", "--state-dir", s.state});
   EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
   EXPECT_EQ(count_of(audit_text(s), "unlock released volume=" + id), 2u);
-  EXPECT_TRUE(contains(read_file(s.process.log_path()), "database")) << read_file(s.process.log_path());
+  EXPECT_TRUE(contains(read_file(s.process.log_path()), "database"))
+      << read_file(s.process.log_path());
   s.process.stop();
 }
 
@@ -297,7 +311,9 @@ TEST_F(ReplicaTest, MigrateStoreMovesAnSqliteStoreWholeAndItsVolumesUnlockAfter)
   ASSERT_FALSE(on_postgres());  // this binary's servers start on SQLite
   auto [active, active_id] = enrolled_volume();
   auto [gone, gone_id] = enrolled_volume();
-  ASSERT_EQ(run({bin("keygate-server"), "volumes", "revoke", gone_id, "--state-dir", server_.state}).exit_code, 0);
+  ASSERT_EQ(run({bin("keygate-server"), "volumes", "revoke", gone_id, "--state-dir", server_.state})
+                .exit_code,
+            0);
   ASSERT_EQ(unlock(active, emulator_).exit_code, 0);
   ASSERT_EQ(unlock(gone, emulator_).exit_code, kExitRefused);
   server_.process.stop();
@@ -314,57 +330,70 @@ TEST_F(ReplicaTest, MigrateStoreMovesAnSqliteStoreWholeAndItsVolumesUnlockAfter)
   RunResult before = run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state});
   ASSERT_EQ(before.exit_code, 0) << before.err;
   std::smatch m;
-  ASSERT_TRUE(std::regex_search(before.out, m, std::regex("intact: (\\d+) records; head (\\d+:[0-9a-f]+)")));
+  ASSERT_TRUE(std::regex_search(before.out, m,
+                                std::regex("intact: (\\d+) records; head (\\d+:[0-9a-f]+)")));
   const std::string records = m[1].str(), head = m[2].str();
 
   const std::string db = PgCluster::shared().create_database();
   ASSERT_NE(db, "");
-  RunResult moved = run({bin("keygate-server"), "migrate-store", "--state-dir", server_.state, "--to", db});
+  RunResult moved =
+      run({bin("keygate-server"), "migrate-store", "--state-dir", server_.state, "--to", db});
   ASSERT_EQ(moved.exit_code, 0) << moved.out << moved.err;
-  EXPECT_TRUE(contains(moved.out, "copied 3 volumes (1 active, 1 pending, 1 revoked)")) << moved.out;
+  EXPECT_TRUE(contains(moved.out, "copied 3 volumes (1 active, 1 pending, 1 revoked)"))
+      << moved.out;
   EXPECT_TRUE(contains(moved.out, records + " audit records")) << moved.out;
   EXPECT_TRUE(contains(moved.out, "SQLite head " + head)) << moved.out;
   const std::string copied = PgCluster::query(db, "SELECT count(*) FROM audit");
   EXPECT_EQ(copied, std::to_string(std::stoi(records) + 1));
 
   // Again into the same database: refused, nothing added.
-  RunResult again = run({bin("keygate-server"), "migrate-store", "--state-dir", server_.state, "--to", db});
+  RunResult again =
+      run({bin("keygate-server"), "migrate-store", "--state-dir", server_.state, "--to", db});
   EXPECT_NE(again.exit_code, 0);
   EXPECT_TRUE(contains(again.err, "holds a keygate store already")) << again.err;
   EXPECT_EQ(PgCluster::query(db, "SELECT count(*) FROM audit"), copied);
 
   // The server on the copy: the SQLite file moved out of the way, so only
   // PostgreSQL can answer.
-  ASSERT_EQ(rename((server_.state + "/keygate.db").c_str(), (server_.state + "/keygate.db.migrated").c_str()), 0);
+  ASSERT_EQ(rename((server_.state + "/keygate.db").c_str(),
+                   (server_.state + "/keygate.db.migrated").c_str()),
+            0);
   write_file(server_.state + "/store.conf", db + "\n");
-  server_ = start_server("migrated", {"--listen", "127.0.0.1:" + std::to_string(server_.port)}, server_.state);
+  server_ = start_server("migrated", {"--listen", "127.0.0.1:" + std::to_string(server_.port)},
+                         server_.state);
   ASSERT_GT(server_.port, 0) << read_file(server_.process.log_path());
   RunResult opened = unlock(active, emulator_);
   EXPECT_EQ(opened.exit_code, 0) << opened.err;
   EXPECT_EQ(unlock(gone, emulator_).exit_code, kExitRefused);
-  RunResult after = run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state, "--head", head});
+  RunResult after =
+      run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state, "--head", head});
   EXPECT_EQ(after.exit_code, 0) << after.out << after.err;
   EXPECT_TRUE(contains(audit_text(server_), "store.migrate ok")) << audit_text(server_);
-  EXPECT_TRUE(contains(run({bin("keygate-server"), "volumes", "list", "--state-dir", server_.state}).out,
-                       "registered-never-confirmed"));
+  EXPECT_TRUE(
+      contains(run({bin("keygate-server"), "volumes", "list", "--state-dir", server_.state}).out,
+               "registered-never-confirmed"));
 
   // A trail whose chain is broken is not copied.
-  ASSERT_EQ(rename((server_.state + "/keygate.db.migrated").c_str(), (dir_ + "/broken.db").c_str()), 0);
+  ASSERT_EQ(rename((server_.state + "/keygate.db.migrated").c_str(), (dir_ + "/broken.db").c_str()),
+            0);
   const std::string broken = dir_ + "/" + unique("broken-state");
   ASSERT_EQ(mkdir(broken.c_str(), 0700), 0);
   ASSERT_EQ(rename((dir_ + "/broken.db").c_str(), (broken + "/keygate.db").c_str()), 0);
   {
     sqlite3* sdb = nullptr;
     ASSERT_EQ(sqlite3_open((broken + "/keygate.db").c_str(), &sdb), SQLITE_OK);
-    ASSERT_EQ(sqlite3_exec(sdb, "UPDATE audit SET detail = 'edited' WHERE seq = 2", nullptr, nullptr, nullptr),
+    ASSERT_EQ(sqlite3_exec(sdb, "UPDATE audit SET detail = 'edited' WHERE seq = 2", nullptr,
+                           nullptr, nullptr),
               SQLITE_OK);
     sqlite3_close(sdb);
   }
   const std::string fresh = PgCluster::shared().create_database();
-  RunResult refused = run({bin("keygate-server"), "migrate-store", "--state-dir", broken, "--to", fresh});
+  RunResult refused =
+      run({bin("keygate-server"), "migrate-store", "--state-dir", broken, "--to", fresh});
   EXPECT_EQ(refused.exit_code, 3) << refused.err;
   EXPECT_TRUE(contains(refused.err, "not copied")) << refused.err;
-  EXPECT_EQ(PgCluster::query(fresh, "SELECT count(*) FROM audit"), "");  // not even a schema: nothing written
+  EXPECT_EQ(PgCluster::query(fresh, "SELECT count(*) FROM audit"),
+            "");  // not even a schema: nothing written
 }
 
 // A free TCP port on 127.0.0.1 (bound and released).
@@ -402,49 +431,66 @@ TEST_F(ReplicaTest, TheDatabaseOverVerifiedTlsWithItsPasswordInAFile) {
     RunResult r = run({"sh", "-c", "cd '" + pki + "' && " + cmd + " 2>&1"});
     EXPECT_EQ(r.exit_code, 0) << cmd << "\n" << r.out;
   };
-  ssl("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 "
+  ssl("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out "
+      "ca.pem -days 2 "
       "-subj /CN=db-ca");
-  ssl("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout other-ca.key -out other-ca.pem "
+  ssl("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout other-ca.key "
+      "-out other-ca.pem "
       "-days 2 -subj /CN=other-ca");
-  ssl("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key -out server.csr "
+  ssl("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key -out "
+      "server.csr "
       "-subj /CN=db");
-  ssl("printf 'subjectAltName=IP:127.0.0.1\n' > san.ext && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key "
+  ssl("printf 'subjectAltName=IP:127.0.0.1\n' > san.ext && openssl x509 -req -in server.csr -CA "
+      "ca.pem -CAkey ca.key "
       "-CAcreateserial -out server.crt -days 2 -extfile san.ext");
   const std::string data = own->data_dir();
-  ASSERT_EQ(run({"install", "-o", "postgres", "-m", "0600", pki + "/server.key", data + "/server.key"}).exit_code, 0);
-  ASSERT_EQ(run({"install", "-o", "postgres", "-m", "0644", pki + "/server.crt", data + "/server.crt"}).exit_code, 0);
+  ASSERT_EQ(
+      run({"install", "-o", "postgres", "-m", "0600", pki + "/server.key", data + "/server.key"})
+          .exit_code,
+      0);
+  ASSERT_EQ(
+      run({"install", "-o", "postgres", "-m", "0644", pki + "/server.crt", data + "/server.crt"})
+          .exit_code,
+      0);
   // Only TLS with a password from 127.0.0.1; the superuser on the socket only.
   write_file(data + "/pg_hba.conf",
              "local all postgres trust\nhostssl keys keygate 127.0.0.1/32 scram-sha-256\n");
   const int port = free_loopback_port();
   ASSERT_GT(port, 0);
   ASSERT_EQ(own->stop(), "");
-  ASSERT_EQ(own->start("-c listen_addresses=127.0.0.1 -p " + std::to_string(port) + " -c ssl=on"), "");
+  ASSERT_EQ(own->start("-c listen_addresses=127.0.0.1 -p " + std::to_string(port) + " -c ssl=on"),
+            "");
 
   const std::string passfile = pki + "/pgpass";
   write_file(passfile, "127.0.0.1:" + std::to_string(port) + ":keys:keygate:only-in-the-file-7Q\n");
   ASSERT_EQ(chmod(passfile.c_str(), 0600), 0);
-  const std::string base = "host=127.0.0.1 port=" + std::to_string(port) + " dbname=keys user=keygate passfile=" +
-                           passfile;
+  const std::string base = "host=127.0.0.1 port=" + std::to_string(port) +
+                           " dbname=keys user=keygate passfile=" + passfile;
 
-  Server s = start_server("tls-db", {}, state_on(base + " sslmode=verify-full sslrootcert=" + pki + "/ca.pem", "tls-db"));
+  Server s = start_server(
+      "tls-db", {},
+      state_on(base + " sslmode=verify-full sslrootcert=" + pki + "/ca.pem", "tls-db"));
   ASSERT_GT(s.port, 0) << read_file(s.process.log_path());
   auto [vol, id] = enrolled_volume(&s);
   ASSERT_FALSE(id.empty());
   EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);
   // Every connection the server holds is TLS.
-  const std::string held = PgCluster::query(admin, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'keygate'");
+  const std::string held =
+      PgCluster::query(admin, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'keygate'");
   EXPECT_NE(held, "0");
-  EXPECT_EQ(PgCluster::query(admin, "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) "
-                                    "WHERE a.usename = 'keygate' AND s.ssl"),
-            held);
+  EXPECT_EQ(
+      PgCluster::query(admin,
+                       "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) "
+                       "WHERE a.usename = 'keygate' AND s.ssl"),
+      held);
   s.process.stop();
 
   struct Bad {
     std::string conninfo;
     std::string says;
   };
-  for (const Bad& bad : {Bad{base + " sslmode=verify-full sslrootcert=" + pki + "/other-ca.pem", "certificate verify"},
+  for (const Bad& bad : {Bad{base + " sslmode=verify-full sslrootcert=" + pki + "/other-ca.pem",
+                             "certificate verify"},
                          Bad{base + " sslmode=disable", "pg_hba.conf"},
                          Bad{base + " password=only-in-the-file-7Q", "password file"}}) {
     const std::string state = state_on(bad.conninfo, "bad-db");
@@ -453,6 +499,110 @@ TEST_F(ReplicaTest, TheDatabaseOverVerifiedTlsWithItsPasswordInAFile) {
     EXPECT_TRUE(contains(r.err, bad.says)) << bad.conninfo << "\n" << r.err;
     EXPECT_FALSE(contains(r.err, "only-in-the-file")) << r.err;
   }
+}
+
+// migrate-store killed while it copies: the database gets nothing of the
+// store (one transaction), and the same command run again copies it whole.
+TEST_F(ReplicaTest, AMigrationKilledMidCopyWritesNothingAndRunsAgain) {
+  ASSERT_EQ(PgCluster::shared().error(), "");
+  auto [vol, id] = enrolled_volume();
+  ASSERT_FALSE(id.empty());
+  server_.process.stop();
+  // A long trail, chained as the server chains it, so the copy takes a while.
+  constexpr int kRecords = 30000;
+  {
+    auto store = open_store_of(server_.state);
+    ASSERT_NE(store, nullptr);
+    auto existing = store->read_audit(0, 1000).value();
+    ASSERT_FALSE(existing.empty());
+    server::AuditRecord head = existing.back();
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open((server_.state + "/keygate.db").c_str(), &db), SQLITE_OK);
+    ASSERT_EQ(sqlite3_exec(db, "BEGIN", nullptr, nullptr, nullptr), SQLITE_OK);
+    sqlite3_stmt* st = nullptr;
+    ASSERT_EQ(
+        sqlite3_prepare_v2(
+            db,
+            "INSERT INTO audit(seq, time, event, outcome, volume_id, peer, detail, prev_hash, "
+            "hash) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            -1, &st, nullptr),
+        SQLITE_OK);
+    for (int i = 0; i < kRecords; ++i) {
+      head = server::chain_audit_record(
+          &head, head.seq + 1,
+          server::AuditEvent{1000 + i, "unlock", "released", id, "127.0.0.1", "bulk"});
+      sqlite3_bind_int64(st, 1, head.seq);
+      sqlite3_bind_int64(st, 2, head.event.time);
+      const std::string* text[] = {&head.event.event, &head.event.outcome, &head.event.volume_id,
+                                   &head.event.peer, &head.event.detail};
+      for (int c = 0; c < 5; ++c)
+        sqlite3_bind_text(st, 3 + c, text[c]->data(), static_cast<int>(text[c]->size()),
+                          SQLITE_TRANSIENT);
+      sqlite3_bind_blob(st, 8, head.prev_hash.data(), static_cast<int>(head.prev_hash.size()),
+                        SQLITE_TRANSIENT);
+      sqlite3_bind_blob(st, 9, head.hash.data(), static_cast<int>(head.hash.size()),
+                        SQLITE_TRANSIENT);
+      ASSERT_EQ(sqlite3_step(st), SQLITE_DONE);
+      sqlite3_reset(st);
+    }
+    sqlite3_finalize(st);
+    ASSERT_EQ(sqlite3_exec(db, "COMMIT", nullptr, nullptr, nullptr), SQLITE_OK);
+    sqlite3_close(db);
+  }
+  RunResult before = run({bin("keygate-server"), "audit", "verify", "--state-dir", server_.state});
+  ASSERT_EQ(before.exit_code, 0) << before.err;
+
+  const std::string db = PgCluster::shared().create_database();
+  ASSERT_NE(db, "");
+  Background copy(
+      {bin("keygate-server"), "migrate-store", "--state-dir", server_.state, "--to", db},
+      dir_ + "/" + unique("migrate") + ".log");
+  // Killed once its transaction is writing the trail.
+  bool copying = false;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!copying && std::chrono::steady_clock::now() < give_up) {
+    copying = PgCluster::query(PgCluster::shared().conninfo("postgres"),
+                               "SELECT count(*) FROM pg_stat_activity WHERE datname = '" +
+                                   db.substr(db.rfind('=') + 1) +
+                                   "' AND query LIKE 'INSERT INTO audit%'") != "0";
+    if (!copying) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_TRUE(copying) << read_file(copy.log_path());
+  ASSERT_EQ(kill(copy.pid(), SIGKILL), 0);
+  copy.stop();
+  EXPECT_FALSE(contains(read_file(copy.log_path()), "copied")) << read_file(copy.log_path());
+  for (const char* table : {"audit", "volumes", "enrollment_tokens"}) {
+    EXPECT_EQ(PgCluster::query(db, std::string("SELECT count(*) FROM ") + table), "0") << table;
+  }
+
+  RunResult again =
+      run({bin("keygate-server"), "migrate-store", "--state-dir", server_.state, "--to", db});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(PgCluster::query(db, "SELECT count(*) FROM audit"),
+            std::to_string(std::stoll(PgCluster::query(db, "SELECT max(seq) FROM audit"))));
+  EXPECT_GT(std::stoll(PgCluster::query(db, "SELECT count(*) FROM audit")), kRecords);
+}
+
+// A store file that is not one, or missing, is a clear error.
+TEST_F(ReplicaTest, MigrateStoreRefusesWhatIsNotAStore) {
+  const std::string db = PgCluster::shared().create_database();
+  ASSERT_NE(db, "");
+  const std::string garbage = dir_ + "/" + unique("garbage-state");
+  ASSERT_EQ(mkdir(garbage.c_str(), 0700), 0);
+  write_file(garbage + "/keygate.db", std::string(4096, '\x1b'));
+  RunResult r = run({bin("keygate-server"), "migrate-store", "--state-dir", garbage, "--to", db});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(contains(r.err, "not a database")) << r.err;
+  EXPECT_FALSE(contains(r.err, "\x1b")) << r.err;
+  const std::string empty = dir_ + "/" + unique("empty-state");
+  ASSERT_EQ(mkdir(empty.c_str(), 0700), 0);
+  r = run({bin("keygate-server"), "migrate-store", "--state-dir", empty, "--to", db});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_TRUE(contains(r.err, "no SQLite store at")) << r.err;
+  r = run({bin("keygate-server"), "migrate-store", "--state-dir", empty});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_TRUE(contains(r.err, "usage")) << r.err;
+  EXPECT_EQ(PgCluster::query(db, "SELECT count(*) FROM pg_tables WHERE tablename = 'audit'"), "0");
 }
 
 }  // namespace

@@ -39,7 +39,8 @@ TEST(SettingsTest, TheExamplesParse) {
     auto s = parse_settings(text);
     EXPECT_TRUE(s.is_ok()) << name << ": " << s.status().message();
   }
-  auto pg = parse_settings(R"({"store": "host=db dbname=keygate sslmode=verify-full", "store_connections": 4})");
+  auto pg = parse_settings(
+      R"({"store": "host=db dbname=keygate sslmode=verify-full", "store_connections": 4})");
   ASSERT_TRUE(pg.is_ok()) << pg.status().message();
   EXPECT_EQ(pg->store, "host=db dbname=keygate sslmode=verify-full");
   EXPECT_EQ(pg->store_connections, 4);
@@ -71,7 +72,8 @@ TEST(SettingsTest, AValueOfTheWrongTypeOrRangeIsAClearError) {
       {R"({"connections": {"max": 5, "per_source": 6}})", "per_source is more than max"},
       {R"({"rate_limits": {"per_source": {"per_second": -1, "burst": 1}}})", "per_second from 0"},
       {R"({"enroll_by_attestation": {}})", "must be a list of rules"},
-      {R"({"store": "host=/run/pg dbname=k password=s3cret"})", "'store' the PostgreSQL connection string holds a password"},
+      {R"({"store": "host=/run/pg dbname=k password=s3cret"})",
+       "'store' the PostgreSQL connection string holds a password"},
       {R"({"store": "postgresql://k:s3cret@db/k"})", "password file"},
       {R"({"store": "host='unterminated"})", "'store' bad PostgreSQL connection string"},
       {R"({"store": 5})", "'store' must be a string"},

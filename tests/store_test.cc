@@ -379,7 +379,8 @@ std::string sql(sqlite3* db, const std::string& statement) {
 std::string StoreContract::raw_sql(const std::string& sqlite_sql, const std::string& pg_sql) {
   if (GetParam() == "postgres") return testing::PgCluster::exec(conninfo_, pg_sql);
   sqlite3* db = nullptr;
-  if (sqlite3_open((dir_ + "/keygate.db").c_str(), &db) != SQLITE_OK) return "cannot open the SQLite store";
+  if (sqlite3_open((dir_ + "/keygate.db").c_str(), &db) != SQLITE_OK)
+    return "cannot open the SQLite store";
   std::string err = sql(db, sqlite_sql);
   sqlite3_close(db);
   return err;
@@ -414,7 +415,8 @@ TEST_F(StoreTest, TheSqliteSchemaIsVersionedAndANewerOneIsRefused) {
   auto newer = open_sqlite_store(dir_ + "/keygate.db");
   ASSERT_FALSE(newer.is_ok());
   EXPECT_EQ(newer.status().kind(), ErrorKind::kInvalidArgument);
-  EXPECT_NE(newer.status().message().find("schema is version 5, newer than this keygate-server knows (1)"),
+  EXPECT_NE(newer.status().message().find(
+                "schema is version 5, newer than this keygate-server knows (1)"),
             std::string::npos)
       << newer.status().message();
 }
@@ -511,13 +513,15 @@ TEST_P(StoreContract, ARevocationAndItsRecordAreWrittenTogether) {
 
   // The trail cannot be written: the volume stays as it was.
   const std::string pg_fail =
-      "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'disk full'; END$$; "
+      "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION "
+      "'disk full'; END$$; "
       "CREATE TRIGGER full_disk BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION disk_full()";
   if (GetParam() == "memory") {
     static_cast<MemoryStore*>(store_.get())
         ->fail(MemoryStore::Op::kAppendAudit, Status::error(ErrorKind::kIo, "disk full"));
   } else {
-    ASSERT_EQ(raw_sql("CREATE TRIGGER full_disk BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+    ASSERT_EQ(raw_sql("CREATE TRIGGER full_disk BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, "
+                      "'disk full'); END",
                       pg_fail),
               "");
   }
@@ -542,10 +546,14 @@ TEST_P(StoreContract, ARevocationAndItsRecordAreWrittenTogether) {
 // because of what the refused client sent.
 TEST_P(StoreContract, AuditTextThatIsNotUtf8IsRecordedAndChained) {
   const std::string garbage("\xff\xfe\0\x1b[2Jvol", 10);
-  ASSERT_TRUE(store_->append_audit(AuditEvent{1, "unlock", "refused", garbage, garbage, garbage}).is_ok());
+  ASSERT_TRUE(
+      store_->append_audit(AuditEvent{1, "unlock", "refused", garbage, garbage, garbage}).is_ok());
   VolumeRecord r{"v", VolumeState::kActive, "{}", random_bytes(60), "", 1, 1};
   ASSERT_TRUE(store_->insert_volume(r).is_ok());
-  ASSERT_TRUE(store_->revoke_volume("v", VolumeState::kActive, 2, AuditEvent{2, "revoke", "ok", "v", "p", garbage}).is_ok());
+  ASSERT_TRUE(store_
+                  ->revoke_volume("v", VolumeState::kActive, 2,
+                                  AuditEvent{2, "revoke", "ok", "v", "p", garbage})
+                  .is_ok());
   int64_t count = 0;
   const Status v = verify_trail(*store_, &count);
   EXPECT_TRUE(v.is_ok()) << v.message();
@@ -580,7 +588,8 @@ TEST_F(PgStoreTest, TheSchemaIsMigratedOnceAndANewerOneIsRefused) {
   auto newer = open_postgres_store(conninfo_);
   ASSERT_FALSE(newer.is_ok());
   EXPECT_EQ(newer.status().kind(), ErrorKind::kInvalidArgument);
-  EXPECT_NE(newer.status().message().find("schema is version 7, newer than this keygate-server knows (1)"),
+  EXPECT_NE(newer.status().message().find(
+                "schema is version 7, newer than this keygate-server knows (1)"),
             std::string::npos)
       << newer.status().message();
 }
@@ -608,7 +617,9 @@ TEST_F(PgStoreTest, ReplicasStartingTogetherAllComeUpOnOneSchema) {
     }
     for (auto& t : replicas) t.join();
     EXPECT_EQ(up.load(), 4) << failure;
-    EXPECT_EQ(testing::PgCluster::query(db, "SELECT string_agg(version::text, ',') FROM keygate_schema"), "1");
+    EXPECT_EQ(
+        testing::PgCluster::query(db, "SELECT string_agg(version::text, ',') FROM keygate_schema"),
+        "1");
   }
 }
 
@@ -651,8 +662,8 @@ TEST_F(PgStoreTest, ReplicasWritingAtOnceKeepOneUnbrokenChain) {
   ASSERT_NE(b, nullptr);
   constexpr int kThreads = 4, kEach = 40;
   for (int t = 0; t < kThreads; ++t) {
-    ASSERT_TRUE(a->insert_volume(VolumeRecord{"v" + std::to_string(t), VolumeState::kActive, "{}", random_bytes(60),
-                                              "", 1, 1})
+    ASSERT_TRUE(a->insert_volume(VolumeRecord{"v" + std::to_string(t), VolumeState::kActive, "{}",
+                                              random_bytes(60), "", 1, 1})
                     .is_ok());
   }
   std::vector<std::thread> threads;
@@ -663,11 +674,14 @@ TEST_F(PgStoreTest, ReplicasWritingAtOnceKeepOneUnbrokenChain) {
       const std::string vol = "v" + std::to_string(t);
       for (int i = 0; i < kEach; ++i) {
         const AuditEvent e{i, "unlock", "released", vol, "p", std::to_string(i)};
-        const Status st = i % 5 == 4 ? s->record_counted_release(CountedRelease{vol, "i", i, 0, 1000}, e)
-                                     : s->append_audit(e);
+        const Status st = i % 5 == 4
+                              ? s->record_counted_release(CountedRelease{vol, "i", i, 0, 1000}, e)
+                              : s->append_audit(e);
         if (!st.is_ok()) ++failed;
       }
-      if (!s->revoke_volume(vol, VolumeState::kActive, 99, AuditEvent{99, "revoke", "ok", vol, "p", ""}).is_ok()) {
+      if (!s->revoke_volume(vol, VolumeState::kActive, 99,
+                            AuditEvent{99, "revoke", "ok", vol, "p", ""})
+               .is_ok()) {
         ++failed;
       }
     });
@@ -716,7 +730,8 @@ TEST_F(PgStoreTest, ReplicasShareRateLimitBuckets) {
   ASSERT_NE(b, nullptr);
   ASSERT_TRUE(a->shares_rate_limits());
   // Burst 3, refilled at one token in 1000 s: nothing comes back during the test.
-  for (int i = 0; i < 3; ++i) EXPECT_TRUE((i % 2 ? a : b)->take_rate_token("address 10.0.0.1", 0.001, 3)->allowed);
+  for (int i = 0; i < 3; ++i)
+    EXPECT_TRUE((i % 2 ? a : b)->take_rate_token("address 10.0.0.1", 0.001, 3)->allowed);
   RateTake first = a->take_rate_token("address 10.0.0.1", 0.001, 3).value();
   EXPECT_FALSE(first.allowed);
   EXPECT_TRUE(first.burst_start);
@@ -724,7 +739,8 @@ TEST_F(PgStoreTest, ReplicasShareRateLimitBuckets) {
   RateTake second = b->take_rate_token("address 10.0.0.1", 0.001, 3).value();
   EXPECT_FALSE(second.allowed);
   EXPECT_FALSE(second.burst_start);  // the same burst: told once
-  EXPECT_TRUE(a->take_rate_token("address 10.0.0.2", 0.001, 3)->allowed);  // another key counts apart
+  EXPECT_TRUE(
+      a->take_rate_token("address 10.0.0.2", 0.001, 3)->allowed);  // another key counts apart
 
   std::atomic<int> allowed{0};
   std::vector<std::thread> threads;
@@ -742,17 +758,20 @@ TEST_F(PgStoreTest, ReplicasShareRateLimitBuckets) {
 }
 
 TEST_F(PgStoreTest, APasswordInTheConnectionStringIsRefusedWithoutQuotingIt) {
-  for (const std::string bad : {"host=/tmp dbname=k password=hunter2secret", "postgresql://keygate:hunter2secret@/k"}) {
+  for (const std::string bad :
+       {"host=/tmp dbname=k password=hunter2secret", "postgresql://keygate:hunter2secret@/k"}) {
     auto s = open_postgres_store(bad);
     ASSERT_FALSE(s.is_ok()) << bad;
     EXPECT_EQ(s.status().kind(), ErrorKind::kInvalidArgument);
-    EXPECT_NE(s.status().message().find("password file"), std::string::npos) << s.status().message();
+    EXPECT_NE(s.status().message().find("password file"), std::string::npos)
+        << s.status().message();
     EXPECT_EQ(s.status().message().find("hunter2"), std::string::npos) << s.status().message();
   }
   auto garbage = open_postgres_store("host=/tmp dbname='unterminated hunter2secret");
   ASSERT_FALSE(garbage.is_ok());
   EXPECT_EQ(garbage.status().kind(), ErrorKind::kInvalidArgument);
-  EXPECT_EQ(garbage.status().message().find("hunter2"), std::string::npos) << garbage.status().message();
+  EXPECT_EQ(garbage.status().message().find("hunter2"), std::string::npos)
+      << garbage.status().message();
 }
 
 // While the database is down every call fails as "unavailable" (retry),
@@ -765,15 +784,22 @@ TEST_F(PgStoreTest, WhileTheDatabaseIsDownCallsFailRetryablyAndServeAgainAfter) 
   auto opened = open_postgres_store(db);
   ASSERT_TRUE(opened.is_ok()) << opened.status().message();
   std::unique_ptr<Store> store = std::move(opened).value();
-  ASSERT_TRUE(store->insert_volume(VolumeRecord{"v", VolumeState::kActive, "{}", random_bytes(60), "", 1, 1}).is_ok());
+  ASSERT_TRUE(
+      store
+          ->insert_volume(VolumeRecord{"v", VolumeState::kActive, "{}", random_bytes(60), "", 1, 1})
+          .is_ok());
   ASSERT_TRUE(store->append_audit(AuditEvent{1, "unlock", "released", "v", "p", ""}).is_ok());
 
   ASSERT_EQ(own->stop(), "");
   EXPECT_EQ(store->get_volume("v").status().kind(), ErrorKind::kUnavailable);
-  EXPECT_EQ(store->append_audit(AuditEvent{2, "unlock", "released", "v", "p", ""}).kind(), ErrorKind::kUnavailable);
-  EXPECT_EQ(store->put_nonce(random_bytes(32), 1, 100).kind(), ErrorKind::kUnavailable);
-  EXPECT_EQ(store->revoke_volume("v", VolumeState::kActive, 3, AuditEvent{3, "revoke", "ok", "v", "p", ""}).kind(),
+  EXPECT_EQ(store->append_audit(AuditEvent{2, "unlock", "released", "v", "p", ""}).kind(),
             ErrorKind::kUnavailable);
+  EXPECT_EQ(store->put_nonce(random_bytes(32), 1, 100).kind(), ErrorKind::kUnavailable);
+  EXPECT_EQ(
+      store
+          ->revoke_volume("v", VolumeState::kActive, 3, AuditEvent{3, "revoke", "ok", "v", "p", ""})
+          .kind(),
+      ErrorKind::kUnavailable);
 
   ASSERT_EQ(own->start(), "");
   EXPECT_EQ(store->get_volume("v")->state, VolumeState::kActive);
