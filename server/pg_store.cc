@@ -247,9 +247,10 @@ struct Conn {
     const char* state = r != nullptr ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : nullptr;
     const std::string code = state != nullptr ? state : "";
     // A lost connection, a database shutting down or not accepting
-    // connections, a serialisation failure or a deadlock: retry later.
+    // connections, a serialisation failure, a deadlock, a statement that
+    // waited past its timeout (a lock held by a stuck session): retry later.
     if (broken() || code == "40001" || code == "40P01" || code.rfind("08", 0) == 0 ||
-        code.rfind("57P", 0) == 0 || code == "53300") {
+        code.rfind("57P", 0) == 0 || code == "53300" || code == "57014" || code == "55P03") {
       return Status::error(ErrorKind::kUnavailable,
                            str_cat("store: ", what, ": database unavailable: ", msg));
     }
