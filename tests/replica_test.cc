@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <future>
 #include <thread>
 
 #include "core/envelope.h"
@@ -218,6 +219,88 @@ TEST_F(ReplicaTest, ThePolicyLoadedAtOneReplicaIsInForceAtTheOther) {
   }
   EXPECT_EQ(post_unlock(b_, unlock_request(vid, fresh_nonce(b_))), 200);
   EXPECT_EQ(post_unlock(a_, unlock_request(vid, fresh_nonce(a_))), 200);
+}
+
+// Approvals live in the database: an unlock waiting at one replica is
+// approved through the other's admin API, and two approvers deciding at
+// the two replicas at the same moment make one decision.
+TEST_F(ReplicaTest, AnUnlockWaitingAtOneReplicaIsApprovedThroughTheOther) {
+  ASSERT_EQ(PgCluster::shared().error(), "");
+  const Identity id;
+  const std::string file = dir_ + "/" + unique("manual-policy") + ".json";
+  write_file(file,
+             str_cat(R"({"policies": {"manual": {"platform": "aws", "require": {"account_id": ")",
+                     id.account, R"("}, "approval": "manual"}}})", "\n"));
+  start_replicas(R"({"per_second": 1000, "burst": 1000})", {"--policy-file", file},
+                 {"--policy-file", file});
+  const std::string people = dir_ + "/" + unique("people");
+  ASSERT_EQ(mkdir(people.c_str(), 0700), 0);
+  RunResult boot = run({bin("keygate-server"), "admin", "bootstrap", "--state-dir", a_.state,
+                        "--name", "alice", "--out", people + "/alice", "--server-url", a_.url()});
+  ASSERT_EQ(boot.exit_code, 0) << boot.err;
+  auto admin = [&](const std::string& who, const Server& at, std::vector<std::string> args) {
+    std::vector<std::string> argv = {bin("keygate-server"), "admin"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    argv.insert(argv.end(), {"--admin-dir", people + "/" + who, "--server", at.url()});
+    return run(argv);
+  };
+  for (const std::string who : {"bob", "carol"}) {
+    RunResult issued =
+        admin("alice", b_,
+              {"cert", "issue", "--name", who, "--role", "approver", "--out", people + "/" + who});
+    ASSERT_EQ(issued.exit_code, 0) << issued.err;
+  }
+  const std::string vol = new_volume_file();
+  RunResult enrolled =
+      enroll_format(vol, a_, make_token(a_, {"--policy", "manual", "--policy-file", file}),
+                    emulator_, {b_.url()});
+  ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
+
+  for (int round = 0; round < 2; ++round) {
+    // The unlocker asks the second replica first: it waits there.
+    auto waiting = std::async(std::launch::async, [&] {
+      return run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url", emulator_.url(),
+                  "--timeout", "5", "--deadline", "60"});
+    });
+    std::string rid;
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (rid.empty() && std::chrono::steady_clock::now() < give_up) {
+      RunResult listed = admin("bob", a_, {"requests", "--json"});  // listed at the first
+      auto parsed = parse_json_object(listed.out, 1 << 20);
+      if (parsed.is_ok() && parsed.value()["requests"].size() == 1) {
+        rid = parsed.value()["requests"][0]["request_id"].asString();
+      }
+      if (rid.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    ASSERT_FALSE(rid.empty()) << read_file(b_.process.log_path());
+    if (round == 0) {
+      RunResult approved =
+          admin("bob", a_, {"approve", rid, "--reason", "CHG-1 at the first replica"});
+      EXPECT_EQ(approved.exit_code, 0) << approved.err;
+    } else {
+      // bob at the first and carol at the second, at once: one decision.
+      std::atomic<bool> go{false};
+      auto decide = [&](const std::string& who, const Server& at) {
+        return std::async(std::launch::async, [&, who] {
+          while (!go) std::this_thread::yield();
+          return admin(who, at, {"approve", rid, "--reason", "CHG-2 by " + who});
+        });
+      };
+      auto by_bob = decide("bob", a_);
+      auto by_carol = decide("carol", b_);
+      go = true;
+      const int bob = by_bob.get().exit_code, carol = by_carol.get().exit_code;
+      EXPECT_TRUE((bob == 0) != (carol == 0)) << "bob " << bob << ", carol " << carol;
+    }
+    RunResult unlocked = waiting.get();
+    EXPECT_EQ(unlocked.exit_code, 0) << unlocked.err;
+    EXPECT_TRUE(contains(unlocked.err, "key released by " + b_.url())) << unlocked.err;
+  }
+  const std::string trail = audit_text(a_);
+  EXPECT_EQ(count_of(trail, "approval.approve approved"), 2u) << trail;
+  EXPECT_EQ(count_of(trail, "unlock released"), 2u) << trail;
+  RunResult v = run({bin("keygate-server"), "audit", "verify", "--state-dir", b_.state});
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
 }
 
 // A replica killed in the middle of a run of unlocks and started again
