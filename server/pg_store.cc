@@ -275,6 +275,16 @@ struct Conn {
   }
   Result<Rows> exec(const char* what, const char* sql) { return exec(what, sql, Params()); }
 
+  // A statement made for one call (its text varies), not prepared.
+  Result<Rows> exec_unprepared(const char* what, const std::string& sql, const Params& p) {
+    PGresult* r =
+        PQexecParams(pg, sql.c_str(), p.size(), p.types(), p.values(), p.lengths(), p.formats(), 1);
+    Rows rows(r);
+    const ExecStatusType st = PQresultStatus(r);
+    if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) return error(what, r);
+    return rows;
+  }
+
   // A command without parameters (BEGIN, COMMIT, the schema).
   Status command(const char* what, const char* sql) {
     Rows r(PQexec(pg, sql));
@@ -432,12 +442,16 @@ Status insert_audit_record(Conn& c, const AuditRecord& r);
 // appends from every replica are chained one after another in the order
 // the database commits them; its number is one past the highest ever given,
 // so records cut from the end show as a gap once the next is written.
-Status insert_audit(Conn& c, const AuditEvent& e) {
-  auto next = c.exec("advance the audit head", "UPDATE audit_head SET seq = seq + 1 RETURNING seq");
+Status insert_audit(Conn& c, const std::vector<AuditEvent>& events) {
+  if (events.empty()) return Status::ok();
+  const auto n = static_cast<int64_t>(events.size());
+  auto next = c.exec("advance the audit head", "UPDATE audit_head SET seq = seq + $1 RETURNING seq",
+                     Params().int8(n));
   if (!next.is_ok()) return next.status();
-  if (next->count() != 1)
+  if (next->count() != 1) {
     return Status::error(ErrorKind::kIo, "store: the audit head's row is missing");
-  const int64_t seq = next->int8(0, 0);
+  }
+  const int64_t first = next->int8(0, 0) - n + 1;
   auto last =
       c.exec("read the audit head", "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1");
   if (!last.is_ok()) return last.status();
@@ -446,7 +460,46 @@ Status insert_audit(Conn& c, const AuditEvent& e) {
     head.seq = last->int8(0, 0);
     head.hash = last->bytes(0, 1);
   }
-  return insert_audit_record(c, chain_audit_record(last->count() == 1 ? &head : nullptr, seq, e));
+  std::vector<AuditRecord> records;
+  records.reserve(events.size());
+  const AuditRecord* prev = last->count() == 1 ? &head : nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    records.push_back(chain_audit_record(prev, first + i, events[static_cast<size_t>(i)]));
+    prev = &records.back();
+  }
+  if (records.size() == 1) return insert_audit_record(c, records.front());
+  // A group in as few statements as the parameter limit allows: one round
+  // trip for the group, not one per record.
+  constexpr size_t kRowsPerStatement = 1000;
+  for (size_t at = 0; at < records.size(); at += kRowsPerStatement) {
+    std::string sql =
+        "INSERT INTO audit(seq, time, event, outcome, volume_id, peer, detail, prev_hash, hash) "
+        "VALUES";
+    Params p;
+    const size_t end = std::min(records.size(), at + kRowsPerStatement);
+    for (size_t i = at; i < end; ++i) {
+      const AuditRecord& r = records[i];
+      const size_t base = (i - at) * 9;
+      sql += str_cat(i == at ? "" : ",", "($", base + 1, ",$", base + 2, ",$", base + 3, ",$",
+                     base + 4, ",$", base + 5, ",$", base + 6, ",$", base + 7, ",$", base + 8, ",$",
+                     base + 9, ")");
+      p.int8(r.seq)
+          .int8(r.event.time)
+          .raw(r.event.event)
+          .raw(r.event.outcome)
+          .raw(r.event.volume_id)
+          .raw(r.event.peer)
+          .raw(r.event.detail)
+          .bytes(r.prev_hash)
+          .bytes(r.hash);
+    }
+    KEYGATE_RETURN_IF_ERROR(c.exec_unprepared("insert audit group", sql, p).status());
+  }
+  return Status::ok();
+}
+
+Status insert_audit(Conn& c, const AuditEvent& e) {
+  return insert_audit(c, std::vector<AuditEvent>{e});
 }
 
 // One record as it is, hashes and all.
@@ -1163,10 +1216,7 @@ class PgStore final : public Store {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
     Conn& conn = **c;
-    return in_transaction(conn, "audit group", [&]() -> Status {
-      for (const AuditEvent& e : events) KEYGATE_RETURN_IF_ERROR(insert_audit(conn, e));
-      return Status::ok();
-    });
+    return in_transaction(conn, "audit group", [&]() { return insert_audit(conn, events); });
   }
 
   Pool pool_;
