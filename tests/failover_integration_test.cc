@@ -27,7 +27,10 @@ TEST_F(KeygateTest, ServerDownFailsFastWithUnreachableCode) {
               contains(r.err, "Connection refused"))
       << r.err;
   // Fails fast: a refused connection is not retried for the full timeout.
-  EXPECT_LT(r.seconds, 3.0);
+  // Under memcheck (tests/valgrind/run.sh) the unlocker runs some 20-50
+  // times slower, and its start alone can take seconds: the bound there
+  // only says it was not retried for its 5 s timeout and more.
+  EXPECT_LT(r.seconds, std::getenv("KEYGATE_VALGRIND_TARGET") != nullptr ? 10.0 : 3.0);
 }
 
 TEST_F(KeygateTest, SecondServerIsUsedWhenFirstIsUntrusted) {
