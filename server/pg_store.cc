@@ -392,17 +392,10 @@ class Pool {
   int open_ = 0;
 };
 
-Result<VolumeState> parse_state(const std::string& s) {
-  if (s == "pending") return VolumeState::kPending;
-  if (s == "active") return VolumeState::kActive;
-  if (s == "revoked") return VolumeState::kRevoked;
-  return Status::error(ErrorKind::kInternal, str_cat("store: unknown volume state '", s, "'"));
-}
-
 Result<VolumeRecord> read_volume(const Rows& r, int row) {
   VolumeRecord v;
   v.id = r.text(row, 0);
-  auto state = parse_state(r.text(row, 1));
+  auto state = parse_volume_state(r.text(row, 1));
   if (!state.is_ok()) return state.status();
   v.state = state.value();
   v.policy_json = r.text(row, 2);
@@ -537,6 +530,14 @@ Status transition(Conn& c, const std::string& id, VolumeState from, VolumeState 
                                                      volume_state_name(from)));
 }
 
+Status insert_release_on(Conn& c, const std::string& volume_id, const std::string& instance,
+                         int64_t time) {
+  return c
+      .exec("insert release", "INSERT INTO releases(volume_id, instance, time) VALUES($1, $2, $3)",
+            Params().text(volume_id).text(instance).int8(time))
+      .status();
+}
+
 // Counts `count`'s instance's releases in its period and records this one
 // if there are fewer than its max, inside the caller's transaction. The
 // instance's advisory lock makes replicas counting the same instance take
@@ -563,9 +564,50 @@ Status count_release(Conn& c, const CountedRelease& count) {
                          str_cat(released, " releases to instance ", count.instance,
                                  " within the period already (at most ", count.max, ")"));
   }
+  return insert_release_on(c, count.volume_id, count.instance, count.now);
+}
+
+// The inserts the store's calls and migrate-store's copy share.
+Status insert_token_on(Conn& c, const Bytes& token_hash, const std::string& template_json,
+                       int64_t expires_at, int64_t uses) {
   return c
-      .exec("insert release", "INSERT INTO releases(volume_id, instance, time) VALUES($1, $2, $3)",
-            Params().text(count.volume_id).text(count.instance).int8(count.now))
+      .exec("insert enrollment token",
+            "INSERT INTO enrollment_tokens(token_hash, template, expires_at, uses_left) VALUES($1, "
+            "$2, $3, $4)",
+            Params().bytes(token_hash).text(template_json).int8(expires_at).int8(uses))
+      .status();
+}
+
+Status insert_approval_on(Conn& c, const ApprovalRecord& r) {
+  return c
+      .exec("insert approval",
+            "INSERT INTO approvals(id, volume_id, instance, state, record, created_at, expires_at) "
+            "VALUES($1, $2, $3, $4, $5, $6, $7)",
+            Params()
+                .text(r.id)
+                .text(r.volume_id)
+                .text(r.instance)
+                .text(r.state)
+                .text(r.record)
+                .int8(r.created_at)
+                .int8(r.expires_at))
+      .status();
+}
+
+Status insert_admin_cert_on(Conn& c, const AdminCertRecord& r) {
+  return c
+      .exec("insert admin certificate",
+            "INSERT INTO admin_certs(serial, name, role, issued_by, issued_at, expires_at, "
+            "revoked_at) "
+            "VALUES($1, $2, $3, $4, $5, $6, $7)",
+            Params()
+                .text(r.serial)
+                .text(r.name)
+                .text(r.role)
+                .text(r.issued_by)
+                .int8(r.issued_at)
+                .int8(r.expires_at)
+                .int8(r.revoked_at))
       .status();
 }
 
@@ -610,12 +652,7 @@ class PgStore final : public Store {
                                  int64_t expires_at, int uses) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
-    return (*c)
-        ->exec("insert enrollment token",
-               "INSERT INTO enrollment_tokens(token_hash, template, expires_at, uses_left) "
-               "VALUES($1, $2, $3, $4)",
-               Params().bytes(token_hash).text(template_json).int8(expires_at).int8(uses))
-        .status();
+    return insert_token_on(**c, token_hash, template_json, expires_at, uses);
   }
 
   Result<std::string> peek_enrollment_token(const Bytes& token_hash, int64_t now) override {
@@ -753,19 +790,7 @@ class PgStore final : public Store {
     if (!c.is_ok()) return c.status();
     Conn& conn = **c;
     return in_transaction(conn, "approval request", [&]() -> Status {
-      KEYGATE_RETURN_IF_ERROR(conn.exec("insert approval",
-                                        "INSERT INTO approvals(id, volume_id, instance, state, "
-                                        "record, created_at, expires_at) "
-                                        "VALUES($1, $2, $3, $4, $5, $6, $7)",
-                                        Params()
-                                            .text(r.id)
-                                            .text(r.volume_id)
-                                            .text(r.instance)
-                                            .text(r.state)
-                                            .text(r.record)
-                                            .int8(r.created_at)
-                                            .int8(r.expires_at))
-                                  .status());
+      KEYGATE_RETURN_IF_ERROR(insert_approval_on(conn, r));
       return insert_audit(conn, event);
     });
   }
@@ -858,19 +883,7 @@ class PgStore final : public Store {
     if (!c.is_ok()) return c.status();
     Conn& conn = **c;
     return in_transaction(conn, "admin certificate", [&]() -> Status {
-      KEYGATE_RETURN_IF_ERROR(conn.exec("insert admin certificate",
-                                        "INSERT INTO admin_certs(serial, name, role, issued_by, "
-                                        "issued_at, expires_at, revoked_at) "
-                                        "VALUES($1, $2, $3, $4, $5, $6, $7)",
-                                        Params()
-                                            .text(r.serial)
-                                            .text(r.name)
-                                            .text(r.role)
-                                            .text(r.issued_by)
-                                            .int8(r.issued_at)
-                                            .int8(r.expires_at)
-                                            .int8(r.revoked_at))
-                                  .status());
+      KEYGATE_RETURN_IF_ERROR(insert_admin_cert_on(conn, r));
       return insert_audit(conn, event);
     });
   }
@@ -1129,53 +1142,15 @@ class PgStore final : public Store {
       for (const VolumeRecord& v : d.volumes) KEYGATE_RETURN_IF_ERROR(insert_volume_on(conn, v));
       for (const StoreDump::Token& tk : d.tokens) {
         KEYGATE_RETURN_IF_ERROR(
-            conn.exec("insert enrollment token",
-                      "INSERT INTO enrollment_tokens(token_hash, template, expires_at, uses_left) "
-                      "VALUES($1, $2, $3, $4)",
-                      Params()
-                          .bytes(tk.token_hash)
-                          .text(tk.template_json)
-                          .int8(tk.expires_at)
-                          .int8(tk.uses_left))
-                .status());
+            insert_token_on(conn, tk.token_hash, tk.template_json, tk.expires_at, tk.uses_left));
       }
-      for (const ApprovalRecord& a : d.approvals) {
-        KEYGATE_RETURN_IF_ERROR(conn.exec("insert approval",
-                                          "INSERT INTO approvals(id, volume_id, instance, state, "
-                                          "record, created_at, expires_at) "
-                                          "VALUES($1, $2, $3, $4, $5, $6, $7)",
-                                          Params()
-                                              .text(a.id)
-                                              .text(a.volume_id)
-                                              .text(a.instance)
-                                              .text(a.state)
-                                              .text(a.record)
-                                              .int8(a.created_at)
-                                              .int8(a.expires_at))
-                                    .status());
-      }
+      for (const ApprovalRecord& a : d.approvals)
+        KEYGATE_RETURN_IF_ERROR(insert_approval_on(conn, a));
       for (const StoreDump::Release& r : d.releases) {
-        KEYGATE_RETURN_IF_ERROR(
-            conn.exec("insert release",
-                      "INSERT INTO releases(volume_id, instance, time) VALUES($1, $2, $3)",
-                      Params().text(r.volume_id).text(r.instance).int8(r.time))
-                .status());
+        KEYGATE_RETURN_IF_ERROR(insert_release_on(conn, r.volume_id, r.instance, r.time));
       }
-      for (const AdminCertRecord& r : d.admin_certs) {
-        KEYGATE_RETURN_IF_ERROR(conn.exec("insert admin certificate",
-                                          "INSERT INTO admin_certs(serial, name, role, issued_by, "
-                                          "issued_at, expires_at, revoked_at) "
-                                          "VALUES($1, $2, $3, $4, $5, $6, $7)",
-                                          Params()
-                                              .text(r.serial)
-                                              .text(r.name)
-                                              .text(r.role)
-                                              .text(r.issued_by)
-                                              .int8(r.issued_at)
-                                              .int8(r.expires_at)
-                                              .int8(r.revoked_at))
-                                    .status());
-      }
+      for (const AdminCertRecord& r : d.admin_certs)
+        KEYGATE_RETURN_IF_ERROR(insert_admin_cert_on(conn, r));
       for (const AuditRecord& r : d.audit) KEYGATE_RETURN_IF_ERROR(insert_audit_record(conn, r));
       KEYGATE_RETURN_IF_ERROR(conn.exec("set the audit head", "UPDATE audit_head SET seq = $1",
                                         Params().int8(d.audit_last_seq))

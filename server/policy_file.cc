@@ -286,8 +286,7 @@ Result<std::shared_ptr<const PolicySet>> PolicyRegistry::load(const std::string&
   if (!set.is_ok()) return set.status();
   set->loaded_by = loaded_by;
   auto loaded = std::make_shared<const PolicySet>(std::move(set).value());
-  std::lock_guard<std::mutex> lock(mu_);
-  current_ = loaded;
+  install(loaded);
   return loaded;
 }
 

@@ -17,21 +17,24 @@ namespace keygate::server {
 
 const char* volume_state_name(VolumeState s) {
   switch (s) {
-    case VolumeState::kPending: return "pending";
-    case VolumeState::kActive: return "active";
-    case VolumeState::kRevoked: return "revoked";
+    case VolumeState::kPending:
+      return "pending";
+    case VolumeState::kActive:
+      return "active";
+    case VolumeState::kRevoked:
+      return "revoked";
   }
   return "unknown";
 }
 
-namespace {
-
-Result<VolumeState> parse_state(const std::string& s) {
+Result<VolumeState> parse_volume_state(const std::string& s) {
   if (s == "pending") return VolumeState::kPending;
   if (s == "active") return VolumeState::kActive;
   if (s == "revoked") return VolumeState::kRevoked;
   return Status::error(ErrorKind::kInternal, str_cat("store: unknown volume state '", s, "'"));
 }
+
+namespace {
 
 constexpr char kSchema[] = R"sql(
 CREATE TABLE IF NOT EXISTS volumes (
@@ -165,6 +168,22 @@ class Stmt {
   sqlite3_stmt* stmt_ = nullptr;
 };
 
+// Rows as the stores' records (columns in the order the queries name them).
+ApprovalRecord read_approval(Stmt& s) {
+  return ApprovalRecord{s.text(0), s.text(1),    s.text(2),   s.text(3),
+                        s.text(4), s.integer(5), s.integer(6)};
+}
+AdminCertRecord read_admin_cert(Stmt& s) {
+  return AdminCertRecord{s.text(0),    s.text(1),    s.text(2),   s.text(3),
+                         s.integer(4), s.integer(5), s.integer(6)};
+}
+Result<VolumeRecord> read_volume(Stmt& s) {
+  auto state = parse_volume_state(s.text(1));
+  if (!state.is_ok()) return state.status();
+  return VolumeRecord{s.text(0), state.value(), s.text(2),   s.blob(3),
+                      s.text(4), s.integer(5),  s.integer(6)};
+}
+
 // Challenge nonces live only in this process's memory, not in the
 // database: they are short-lived and single-use, need no durability (a
 // restarted server's clients ask again), and a table of their own, under a
@@ -185,7 +204,8 @@ class NonceTable {
       return Status::error(ErrorKind::kUnavailable, "too many outstanding challenges");
     }
     std::string key(nonce.begin(), nonce.end());
-    if (live_.count(key) != 0) return Status::error(ErrorKind::kInternal, "challenge nonce issued twice");
+    if (live_.count(key) != 0)
+      return Status::error(ErrorKind::kInternal, "challenge nonce issued twice");
     live_.emplace(key, by_expiry_.emplace(expires_at, key));
     return Status::ok();
   }
@@ -341,9 +361,8 @@ class SqliteStore final : public Store {
     if (q.step() != SQLITE_ROW) {
       return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
     }
-    return Status::error(ErrorKind::kConflict,
-                         str_cat("volume ", id, " is ", q.text(0), ", not ",
-                                 volume_state_name(from)));
+    return Status::error(ErrorKind::kConflict, str_cat("volume ", id, " is ", q.text(0), ", not ",
+                                                       volume_state_name(from)));
   }
 
   Status update_volume_policy(const std::string& id, const std::string& expected,
@@ -359,8 +378,10 @@ class SqliteStore final : public Store {
     if (sqlite3_changes(db_) == 1) return Status::ok();
     Stmt q(stmts_, "SELECT 1 FROM volumes WHERE id = ?");
     q.bind(1, id);
-    if (q.step() != SQLITE_ROW) return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
-    return Status::error(ErrorKind::kConflict, str_cat("volume ", id, ": policy changed meanwhile"));
+    if (q.step() != SQLITE_ROW)
+      return Status::error(ErrorKind::kNotFound, str_cat("no volume ", id));
+    return Status::error(ErrorKind::kConflict,
+                         str_cat("volume ", id, ": policy changed meanwhile"));
   }
 
   Result<std::vector<VolumeRecord>> list_volumes() override {
@@ -408,9 +429,10 @@ class SqliteStore final : public Store {
   Status insert_approval(const ApprovalRecord& r, const AuditEvent& event) override {
     std::lock_guard<std::mutex> lock(mu_);
     return in_transaction("approval request", [&]() -> Status {
-      Stmt s(stmts_,
-             "INSERT INTO approvals(id, volume_id, instance, state, record, created_at, expires_at) "
-             "VALUES(?, ?, ?, ?, ?, ?, ?)");
+      Stmt s(
+          stmts_,
+          "INSERT INTO approvals(id, volume_id, instance, state, record, created_at, expires_at) "
+          "VALUES(?, ?, ?, ?, ?, ?, ?)");
       if (!s.ok()) return db_error("prepare approval insert");
       s.bind(1, r.id);
       s.bind(2, r.volume_id);
@@ -432,13 +454,14 @@ class SqliteStore final : public Store {
     if (!s.ok()) return db_error("prepare approval select");
     s.bind(1, id);
     const int rc = s.step();
-    if (rc == SQLITE_DONE) return Status::error(ErrorKind::kNotFound, str_cat("no approval request ", id));
+    if (rc == SQLITE_DONE)
+      return Status::error(ErrorKind::kNotFound, str_cat("no approval request ", id));
     if (rc != SQLITE_ROW) return db_error("select approval");
     return read_approval(s);
   }
 
-  Result<std::optional<ApprovalRecord>> find_pending_approval(const std::string& volume_id,
-                                                              const std::string& instance) override {
+  Result<std::optional<ApprovalRecord>> find_pending_approval(
+      const std::string& volume_id, const std::string& instance) override {
     std::lock_guard<std::mutex> lock(mu_);
     Stmt s(stmts_,
            "SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals "
@@ -481,8 +504,9 @@ class SqliteStore final : public Store {
     std::lock_guard<std::mutex> lock(mu_);
     return in_transaction("approval change", [&]() -> Status {
       if (count != nullptr) KEYGATE_RETURN_IF_ERROR(count_release_locked(*count));
-      Stmt s(stmts_,
-             "UPDATE approvals SET state = ?, record = ? WHERE id = ? AND state = ? AND record = ?");
+      Stmt s(
+          stmts_,
+          "UPDATE approvals SET state = ?, record = ? WHERE id = ? AND state = ? AND record = ?");
       if (!s.ok()) return db_error("prepare approval update");
       s.bind(1, updated.state);
       s.bind(2, updated.record);
@@ -507,7 +531,8 @@ class SqliteStore final : public Store {
     std::lock_guard<std::mutex> lock(mu_);
     return in_transaction("admin certificate", [&]() -> Status {
       Stmt s(stmts_,
-             "INSERT INTO admin_certs(serial, name, role, issued_by, issued_at, expires_at, revoked_at) "
+             "INSERT INTO admin_certs(serial, name, role, issued_by, issued_at, expires_at, "
+             "revoked_at) "
              "VALUES(?, ?, ?, ?, ?, ?, ?)");
       if (!s.ok()) return db_error("prepare admin certificate insert");
       s.bind(1, r.serial);
@@ -524,9 +549,10 @@ class SqliteStore final : public Store {
 
   Result<AdminCertRecord> get_admin_cert(const std::string& serial) override {
     std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(stmts_,
-           "SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM admin_certs "
-           "WHERE serial = ?");
+    Stmt s(
+        stmts_,
+        "SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM admin_certs "
+        "WHERE serial = ?");
     if (!s.ok()) return db_error("prepare admin certificate select");
     s.bind(1, serial);
     const int rc = s.step();
@@ -539,9 +565,10 @@ class SqliteStore final : public Store {
 
   Result<std::vector<AdminCertRecord>> list_admin_certs() override {
     std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(stmts_,
-           "SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM admin_certs "
-           "ORDER BY issued_at, serial");
+    Stmt s(
+        stmts_,
+        "SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM admin_certs "
+        "ORDER BY issued_at, serial");
     if (!s.ok()) return db_error("prepare admin certificate list");
     std::vector<AdminCertRecord> out;
     int rc;
@@ -550,7 +577,8 @@ class SqliteStore final : public Store {
     return out;
   }
 
-  Status revoke_admin_cert(const std::string& serial, int64_t now, const AuditEvent& event) override {
+  Status revoke_admin_cert(const std::string& serial, int64_t now,
+                           const AuditEvent& event) override {
     std::lock_guard<std::mutex> lock(mu_);
     return in_transaction("admin certificate revocation", [&]() -> Status {
       Stmt s(stmts_, "UPDATE admin_certs SET revoked_at = ? WHERE serial = ? AND revoked_at = 0");
@@ -564,7 +592,8 @@ class SqliteStore final : public Store {
         if (q.step() != SQLITE_ROW) {
           return Status::error(ErrorKind::kNotFound, str_cat("no admin certificate ", serial));
         }
-        return Status::error(ErrorKind::kConflict, str_cat("admin certificate ", serial, " is already revoked"));
+        return Status::error(ErrorKind::kConflict,
+                             str_cat("admin certificate ", serial, " is already revoked"));
       }
       return insert_audit_locked(event);
     });
@@ -583,8 +612,8 @@ class SqliteStore final : public Store {
     std::vector<AuditEvent> out;
     int rc;
     while ((rc = s.step()) == SQLITE_ROW) {
-      out.push_back(AuditEvent{s.integer(0), s.text(1), s.text(2), s.text(3), s.text(4),
-                               s.text(5)});
+      out.push_back(
+          AuditEvent{s.integer(0), s.text(1), s.text(2), s.text(3), s.text(4), s.text(5)});
     }
     if (rc != SQLITE_DONE) return db_error("select audit");
     return out;
@@ -601,9 +630,10 @@ class SqliteStore final : public Store {
     std::vector<AuditRecord> out;
     int rc;
     while ((rc = s.step()) == SQLITE_ROW) {
-      out.push_back(AuditRecord{s.integer(0),
-                                AuditEvent{s.integer(1), s.text(2), s.text(3), s.text(4), s.text(5), s.text(6)},
-                                s.blob(7), s.blob(8)});
+      out.push_back(AuditRecord{
+          s.integer(0),
+          AuditEvent{s.integer(1), s.text(2), s.text(3), s.text(4), s.text(5), s.text(6)},
+          s.blob(7), s.blob(8)});
     }
     if (rc != SQLITE_DONE) return db_error("read audit");
     return out;
@@ -617,8 +647,8 @@ class SqliteStore final : public Store {
     std::lock_guard<std::mutex> lock(mu_);
     return in_transaction("chaining the audit trail", [&]() -> Status {
       sqlite3_stmt* probe = nullptr;
-      const bool chained =
-          sqlite3_prepare_v2(db_, "SELECT hash FROM audit LIMIT 0", -1, &probe, nullptr) == SQLITE_OK;
+      const bool chained = sqlite3_prepare_v2(db_, "SELECT hash FROM audit LIMIT 0", -1, &probe,
+                                              nullptr) == SQLITE_OK;
       sqlite3_finalize(probe);
       if (chained) return Status::ok();
       if (sqlite3_exec(db_, kAddChainColumns, nullptr, nullptr, nullptr) != SQLITE_OK) {
@@ -626,13 +656,16 @@ class SqliteStore final : public Store {
       }
       std::vector<AuditRecord> found;
       {
-        Stmt s(stmts_, "SELECT seq, time, event, outcome, volume_id, peer, detail FROM audit ORDER BY seq");
+        Stmt s(stmts_,
+               "SELECT seq, time, event, outcome, volume_id, peer, detail FROM audit ORDER BY seq");
         if (!s.ok()) return db_error("prepare unchained audit read");
         int rc;
         while ((rc = s.step()) == SQLITE_ROW) {
-          found.push_back(AuditRecord{s.integer(0),
-                                      AuditEvent{s.integer(1), s.text(2), s.text(3), s.text(4), s.text(5), s.text(6)},
-                                      {}, {}});
+          found.push_back(AuditRecord{
+              s.integer(0),
+              AuditEvent{s.integer(1), s.text(2), s.text(3), s.text(4), s.text(5), s.text(6)},
+              {},
+              {}});
         }
         if (rc != SQLITE_DONE) return db_error("read unchained audit");
       }
@@ -648,9 +681,10 @@ class SqliteStore final : public Store {
         if (u.step() != SQLITE_DONE) return db_error("chain audit record");
         head = &r;
       }
-      return insert_audit_locked(AuditEvent{
-          static_cast<int64_t>(::time(nullptr)), "audit.chain", "ok", "", "local",
-          str_cat("hash chain begun; the ", found.size(), " records before this one are chained as found")});
+      return insert_audit_locked(
+          AuditEvent{static_cast<int64_t>(::time(nullptr)), "audit.chain", "ok", "", "local",
+                     str_cat("hash chain begun; the ", found.size(),
+                             " records before this one are chained as found")});
     });
   }
 
@@ -692,8 +726,9 @@ class SqliteStore final : public Store {
     if (n.step() != SQLITE_ROW) return db_error("count releases");
     const int64_t released = n.integer(0);
     if (released >= count.max) {
-      return Status::error(ErrorKind::kRefused, str_cat(released, " releases to instance ", count.instance,
-                                                        " within the period already (at most ", count.max, ")"));
+      return Status::error(ErrorKind::kRefused,
+                           str_cat(released, " releases to instance ", count.instance,
+                                   " within the period already (at most ", count.max, ")"));
     }
     Stmt add(stmts_, "INSERT INTO releases(volume_id, instance, time) VALUES(?, ?, ?)");
     if (!add.ok()) return db_error("prepare release insert");
@@ -702,27 +737,6 @@ class SqliteStore final : public Store {
     add.bind(3, count.now);
     if (add.step() != SQLITE_DONE) return db_error("insert release");
     return Status::ok();
-  }
-
-  static ApprovalRecord read_approval(Stmt& s) {
-    return ApprovalRecord{s.text(0), s.text(1), s.text(2), s.text(3), s.text(4), s.integer(5), s.integer(6)};
-  }
-  static AdminCertRecord read_admin_cert(Stmt& s) {
-    return AdminCertRecord{s.text(0), s.text(1), s.text(2), s.text(3), s.integer(4), s.integer(5), s.integer(6)};
-  }
-
-  Result<VolumeRecord> read_volume(Stmt& s) {
-    VolumeRecord r;
-    r.id = s.text(0);
-    auto state = parse_state(s.text(1));
-    if (!state.is_ok()) return state.status();
-    r.state = state.value();
-    r.policy_json = s.text(2);
-    r.sealed_secret = s.blob(3);
-    r.description = s.text(4);
-    r.created_at = s.integer(5);
-    r.updated_at = s.integer(6);
-    return r;
   }
 
   Status commit_audit_group(const std::vector<AuditEvent>& events) {
@@ -870,10 +884,9 @@ Result<StoreDump> dump_sqlite_store(const std::string& path) {
         each("SELECT id, state, policy, sealed_secret, description, created_at, updated_at FROM "
              "volumes ORDER BY id",
              [&](Stmt& s) -> Status {
-               auto state = parse_state(s.text(1));
-               if (!state.is_ok()) return state.status();
-               d.volumes.push_back(VolumeRecord{s.text(0), state.value(), s.text(2), s.blob(3),
-                                                s.text(4), s.integer(5), s.integer(6)});
+               auto v = read_volume(s);
+               if (!v.is_ok()) return v.status();
+               d.volumes.push_back(std::move(v).value());
                return Status::ok();
              }));
     KEYGATE_RETURN_IF_ERROR(each(
@@ -885,8 +898,7 @@ Result<StoreDump> dump_sqlite_store(const std::string& path) {
         each("SELECT id, volume_id, instance, state, record, created_at, expires_at FROM approvals "
              "ORDER BY id",
              [&](Stmt& s) {
-               d.approvals.push_back(ApprovalRecord{s.text(0), s.text(1), s.text(2), s.text(3),
-                                                    s.text(4), s.integer(5), s.integer(6)});
+               d.approvals.push_back(read_approval(s));
                return Status::ok();
              }));
     KEYGATE_RETURN_IF_ERROR(each("SELECT volume_id, instance, time FROM releases", [&](Stmt& s) {
@@ -897,8 +909,7 @@ Result<StoreDump> dump_sqlite_store(const std::string& path) {
         each("SELECT serial, name, role, issued_by, issued_at, expires_at, revoked_at FROM "
              "admin_certs ORDER BY serial",
              [&](Stmt& s) {
-               d.admin_certs.push_back(AdminCertRecord{s.text(0), s.text(1), s.text(2), s.text(3),
-                                                       s.integer(4), s.integer(5), s.integer(6)});
+               d.admin_certs.push_back(read_admin_cert(s));
                return Status::ok();
              }));
     KEYGATE_RETURN_IF_ERROR(
@@ -926,9 +937,9 @@ Result<StoreDump> dump_sqlite_store(const std::string& path) {
 Result<std::unique_ptr<Store>> open_sqlite_store(const std::string& path) {
   mode_t old = umask(077);
   sqlite3* db = nullptr;
-  int rc = sqlite3_open_v2(path.c_str(), &db,
-                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
-                           nullptr);
+  int rc =
+      sqlite3_open_v2(path.c_str(), &db,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, nullptr);
   umask(old);
   if (rc != SQLITE_OK) {
     std::string msg = db ? sqlite3_errmsg(db) : "out of memory";

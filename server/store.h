@@ -19,6 +19,9 @@ namespace keygate::server {
 
 enum class VolumeState { kPending, kActive, kRevoked };
 const char* volume_state_name(VolumeState s);
+// The inverse of volume_state_name; kInternal for anything else (a store
+// holding a state no server writes).
+Result<VolumeState> parse_volume_state(const std::string& s);
 
 struct VolumeRecord {
   std::string id;

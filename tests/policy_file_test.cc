@@ -199,6 +199,25 @@ TEST(PolicyFile, TheShippedExampleIsValid) {
   EXPECT_EQ(set->policies.size(), 4u);
 }
 
+// Replicas follow the store's newest version: an older shared version never
+// replaces a newer one in effect; a server's own file (version 0) always does.
+TEST(PolicyFile, ARegistryKeepsTheNewestSharedVersion) {
+  PolicyRegistry registry;
+  auto version = [](int64_t v) {
+    auto set = parse_policy_file(kFile, "test");
+    EXPECT_TRUE(set.is_ok());
+    set->version = v;
+    return std::make_shared<const PolicySet>(std::move(set).value());
+  };
+  registry.install(version(2));
+  registry.install(version(1));
+  EXPECT_EQ(registry.current()->version, 2);
+  registry.install(version(3));
+  EXPECT_EQ(registry.current()->version, 3);
+  registry.install(version(0));
+  EXPECT_EQ(registry.current()->version, 0);
+}
+
 TEST(PolicyFile, ARegistryKeepsThePolicyInEffectWhenALoadFails) {
   char tmpl[] = "/tmp/keygate-policy-XXXXXX";
   const std::string dir = mkdtemp(tmpl);
