@@ -1,11 +1,15 @@
 #include "server/admin_api.h"
 
+#include <deque>
+#include <map>
+#include <set>
 #include <vector>
 
 #include "core/encoding.h"
 #include "core/json.h"
 #include "core/log.h"
 #include "core/protocol.h"
+#include "server/audit_chain.h"
 #include "server/key_service.h"
 #include "server/policy.h"
 #include "server/volume_edits.h"
@@ -82,8 +86,9 @@ struct AdminService::Request {
 };
 
 AdminService::AdminService(Store& store, const Clock& clock, const AdminCa& ca, const PolicyRegistry* policies,
-                           PolicyReload reload)
-    : store_(store), clock_(clock), ca_(ca), policies_(policies), reload_(std::move(reload)) {}
+                           PolicyReload reload, Operations* operations)
+    : store_(store), clock_(clock), ca_(ca), policies_(policies), reload_(std::move(reload)),
+      operations_(operations) {}
 
 AuditEvent AdminService::admin_event(const Request& request, const char* event, const char* outcome,
                                      const std::string& volume_id, const std::string& detail) {
@@ -105,6 +110,7 @@ void AdminService::log_admin_event(const AuditEvent& e, const Status& s) {
                                    " peer=", e.peer, " detail=", printable(e.detail, 1024));
   if (!s.is_ok()) {
     log_error(str_cat("audit write failed (", line, "): ", s.message()));
+    if (operations_ != nullptr) operations_->audit_failed(e, s.message());
   } else if (e.outcome == "refused") {
     log_warning(line);
   } else {
@@ -118,15 +124,7 @@ ApiResponse AdminService::refuse(const Request& request, const char* event, int 
   return error_response(status, code, why);
 }
 
-ApiResponse AdminService::handle(const AdminPeer* peer, std::string_view method, std::string_view target,
-                                 std::string_view body, const std::string& source) {
-  std::string_view path = target.substr(std::string_view(kAdminPathPrefix).size());
-  std::string query;
-  if (const size_t q = path.find('?'); q != std::string_view::npos) {
-    query = std::string(path.substr(q + 1));
-    path = path.substr(0, q);
-  }
-  Request request{std::string(method), split_path(path), query, body, source, "-", Json::Value()};
+std::optional<ApiResponse> AdminService::sign_in(const AdminPeer* peer, Request& request, AdminIdentity* out) {
   if (peer == nullptr) {
     return error_response(401, admin_error::kUnauthenticated,
                           "the admin API needs a client certificate of this key server's admin CA");
@@ -141,7 +139,45 @@ ApiResponse AdminService::handle(const AdminPeer* peer, std::string_view method,
     return refuse(request, "admin.auth", 401, admin_error::kUnauthenticated, "", who.status().message());
   }
   request.who = str_cat(who->name, " (", admin_role_name(who->role), ")");
+  *out = std::move(who).value();
+  return std::nullopt;
+}
+
+namespace {
+
+// Whether a POST came from a page of this server (see admin_api.h); the
+// reason if not.
+std::optional<std::string> cross_site(const AdminRequestHeaders& h) {
+  const std::string_view type(h.content_type);
+  const std::string_view media = type.substr(0, type.find(';'));
+  if (media != "application/json") return "a change needs Content-Type: application/json";
+  if (!h.origin.empty() && h.origin != str_cat("https://", h.host)) {
+    return "a change from a page of another origin is refused";
+  }
+  if (!h.sec_fetch_site.empty() && h.sec_fetch_site != "same-origin" && h.sec_fetch_site != "none") {
+    return "a change from a page of another site is refused";
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+ApiResponse AdminService::handle(const AdminPeer* peer, std::string_view method, std::string_view target,
+                                 std::string_view body, const std::string& source,
+                                 const AdminRequestHeaders& headers) {
+  std::string_view path = target.substr(std::string_view(kAdminPathPrefix).size());
+  std::string query;
+  if (const size_t q = path.find('?'); q != std::string_view::npos) {
+    query = std::string(path.substr(q + 1));
+    path = path.substr(0, q);
+  }
+  Request request{std::string(method), split_path(path), query, body, source, "-", Json::Value()};
+  AdminIdentity who;
+  if (auto refused = sign_in(peer, request, &who)) return *refused;
   if (request.method == "POST") {
+    if (auto why = cross_site(headers)) {
+      return refuse(request, "admin.csrf", 403, admin_error::kForbidden, "", *why);
+    }
     auto parsed = body.empty() ? Result<Json::Value>(Json::Value(Json::objectValue))
                                : parse_json_object(body, api::kMaxRequestBody);
     if (!parsed.is_ok()) return error_response(400, api::kErrBadRequest, parsed.status().message());
@@ -149,7 +185,37 @@ ApiResponse AdminService::handle(const AdminPeer* peer, std::string_view method,
   } else if (request.method != "GET") {
     return error_response(405, api::kErrMethodNotAllowed, "method not allowed");
   }
-  return route(who.value(), request);
+  return route(who, request);
+}
+
+ApiResponse AdminService::console(const AdminPeer* peer, std::string_view target, const std::string& source) {
+  std::string_view path = target.substr(std::string_view(kConsolePathPrefix).size());
+  path = path.substr(0, path.find('?'));
+  if (path.empty()) path = "index.html";
+  Request request{"GET", {}, "", {}, source, "-", Json::Value()};
+  AdminIdentity who;
+  if (auto refused = sign_in(peer, request, &who)) return *refused;
+  for (size_t i = 0; i < kConsoleAssetCount; ++i) {
+    const ConsoleAsset& a = kConsoleAssets[i];
+    if (path != a.path) continue;
+    ApiResponse r;
+    r.content_type = str_cat(a.content_type, "; charset=utf-8");
+    r.text = std::string(a.body);
+    return r;
+  }
+  return error_response(404, api::kErrNotFound, "no such page");
+}
+
+ApiResponse AdminService::metrics(const AdminPeer* peer, const std::string& source, int open_connections) {
+  Request request{"GET", {}, "", {}, source, "-", Json::Value()};
+  AdminIdentity who;
+  if (auto refused = sign_in(peer, request, &who)) return *refused;
+  if (operations_ == nullptr) return error_response(404, api::kErrNotFound, "no metrics here");
+  auto nonces = store_.count_nonces(clock_.now_unix());
+  ApiResponse r;
+  r.content_type = "text/plain; version=0.0.4; charset=utf-8";
+  r.text = operations_->render(nonces.is_ok() ? nonces.value() : -1, open_connections);
+  return r;
 }
 
 ApiResponse AdminService::route(const AdminIdentity& who, Request& r) {
@@ -201,6 +267,7 @@ ApiResponse AdminService::route(const AdminIdentity& who, Request& r) {
     if (auto no = needs(AdminRole::kAdmin, "token.create")) return *no;
     return create_token(who, r);
   }
+  if (p.size() == 1 && p[0] == "audit" && get) return list_audit(r);
   if (!p.empty() && p[0] == "certs") {
     if (p.size() == 1 && get) return list_certs();
     if (p.size() == 1 && !get) {
@@ -218,6 +285,134 @@ ApiResponse AdminService::route(const AdminIdentity& who, Request& r) {
     return reload_policy(who, r);
   }
   return not_found();
+}
+
+namespace {
+
+constexpr size_t kMaxFilterText = 256;
+constexpr int kDefaultAuditListed = 200;
+
+// "a=1&b=x%20y" -> {{"a","1"},{"b","x y"}}; null if malformed (a bad %
+// escape, a key without '=', a value that is not printable text).
+std::optional<std::map<std::string, std::string>> parse_query(std::string_view query) {
+  std::map<std::string, std::string> out;
+  if (query.empty()) return out;
+  size_t at = 0;
+  while (at <= query.size()) {
+    const size_t amp = std::min(query.find('&', at), query.size());
+    const std::string_view pair = query.substr(at, amp - at);
+    const size_t eq = pair.find('=');
+    if (eq == std::string_view::npos || eq == 0) return std::nullopt;
+    std::string value;
+    for (size_t i = eq + 1; i < pair.size(); ++i) {
+      if (pair[i] == '+') {
+        value += ' ';
+      } else if (pair[i] == '%') {
+        auto byte = hex_decode(pair.substr(i + 1, 2));
+        if (i + 2 >= pair.size() || !byte.is_ok() || byte->size() != 1) return std::nullopt;
+        value += static_cast<char>(byte.value()[0]);
+        i += 2;
+      } else {
+        value += pair[i];
+      }
+    }
+    if (value.size() > kMaxFilterText || !is_display_text(value)) return std::nullopt;
+    out[std::string(pair.substr(0, eq))] = value;
+    at = amp + 1;
+  }
+  return out;
+}
+
+Json::Value audit_record_view(const AuditRecord& r) {
+  Json::Value v(Json::objectValue);
+  v["seq"] = static_cast<Json::Int64>(r.seq);
+  v["time"] = static_cast<Json::Int64>(r.event.time);
+  v["event"] = r.event.event;
+  v["outcome"] = r.event.outcome;
+  v["volume_id"] = r.event.volume_id;
+  v["peer"] = r.event.peer;
+  v["detail"] = r.event.detail;
+  return v;
+}
+
+}  // namespace
+
+// GET audit?volume=&instance=&event=&outcome=&since=&until=&limit=: the
+// newest `limit` records that match (newest first), and whether the whole
+// chain verifies. `event` ending in '.' matches every event it begins
+// ("approval."); `instance` matches records whose detail names it.
+ApiResponse AdminService::list_audit(Request& r) {
+  auto q = parse_query(r.query);
+  if (!q) return error_response(400, api::kErrBadRequest, "malformed query (key=value&..., printable values)");
+  static const std::set<std::string> kKeys = {"volume", "instance", "event", "outcome", "since", "until", "limit"};
+  for (const auto& [k, v] : *q) {
+    if (kKeys.count(k) == 0) {
+      return error_response(400, api::kErrBadRequest,
+                            "unknown filter (volume, instance, event, outcome, since, until, limit)");
+    }
+  }
+  auto number = [&](const char* key, int64_t fallback, int64_t min, int64_t max) -> std::optional<int64_t> {
+    auto it = q->find(key);
+    if (it == q->end() || it->second.empty()) return fallback;
+    int64_t n = 0;
+    for (char c : it->second) {
+      if (c < '0' || c > '9' || n > max / 10) return std::nullopt;
+      n = n * 10 + (c - '0');
+    }
+    if (n < min || n > max) return std::nullopt;
+    return n;
+  };
+  const auto since = number("since", 0, 0, int64_t{1} << 40);
+  const auto until = number("until", int64_t{1} << 40, 0, int64_t{1} << 40);
+  const auto limit = number("limit", kDefaultAuditListed, 1, kMaxListed);
+  if (!since || !until || !limit) {
+    return error_response(400, api::kErrBadRequest,
+                          str_cat("since and until are unix seconds; limit is 1 to ", kMaxListed));
+  }
+  auto filter = [&](const char* key) { return q->count(key) ? q->at(key) : std::string(); };
+  const std::string volume = filter("volume"), instance = filter("instance"), event = filter("event"),
+                    outcome = filter("outcome");
+  auto matches = [&](const AuditEvent& e) {
+    if (!volume.empty() && e.volume_id != volume) return false;
+    if (!outcome.empty() && e.outcome != outcome) return false;
+    if (!event.empty() && (event.back() == '.' ? e.event.rfind(event, 0) != 0 : e.event != event)) return false;
+    if (!instance.empty() && e.detail.find(instance) == std::string::npos) return false;
+    return e.time >= *since && e.time <= *until;
+  };
+  // The whole trail is read, to verify its chain; only the newest matches
+  // are kept.
+  AuditChainVerifier verifier;
+  std::deque<AuditRecord> kept;
+  int64_t matched = 0;
+  for (int64_t after = 0;;) {
+    auto page = store_.read_audit(after, 1000);
+    if (!page.is_ok()) {
+      log_error(str_cat("admin API: audit: ", page.status().message()));
+      return error_response(503, api::kErrAuditUnavailable, "the audit trail cannot be read now");
+    }
+    for (auto& record : page.value()) {
+      (void)verifier.add(record);
+      after = record.seq;
+      if (!matches(record.event)) continue;
+      ++matched;
+      kept.push_back(std::move(record));
+      if (static_cast<int64_t>(kept.size()) > *limit) kept.pop_front();
+    }
+    if (page->size() < 1000) break;
+  }
+  Json::Value records(Json::arrayValue);
+  for (auto it = kept.rbegin(); it != kept.rend(); ++it) records.append(audit_record_view(*it));
+  Json::Value chain(Json::objectValue);
+  const Status verified = verifier.finish();
+  chain["verified"] = verified.is_ok();
+  chain["records"] = static_cast<Json::Int64>(verifier.count());
+  chain["head"] = verifier.count() > 0 ? format_audit_head(verifier.head()) : "";
+  if (!verified.is_ok()) chain["error"] = verified.message();
+  Json::Value v(Json::objectValue);
+  v["records"] = records;
+  v["matched"] = static_cast<Json::Int64>(matched);
+  v["chain"] = chain;
+  return ok(v);
 }
 
 ApiResponse AdminService::list_requests(Request& r) {
@@ -308,6 +503,7 @@ ApiResponse AdminService::decide(const AdminIdentity& who, Request& r, const std
   }
   log_info(str_cat(event, " ", outcome, " volume=", a.volume_id, " peer=", r.source, " detail=",
                    printable(e.detail, 1024)));
+  if (operations_ != nullptr) operations_->approval_decided(decided, approve, who.name, reason.value(), now);
   return ok(decided.to_json(now));
 }
 

@@ -3,13 +3,22 @@
 // role may do:
 //   viewer    GET whoami, requests, requests/ID, volumes, volumes/ID, instances
 //             (each volume's bound instance, and an image group's known and
-//             revoked ones), certs
+//             revoked ones), certs, audit (the trail, filtered, and whether
+//             its chain verifies); the console's pages (/console/) and the
+//             metrics (/metrics), outside /v1/admin/
 //   approver  POST requests/ID/approve, requests/ID/deny ({"reason": ...})
 //   admin     POST tokens, certs, certs/SERIAL/revoke, volumes/ID/revoke,
 //             volumes/ID/revoke-instance ({"instance": ...}), policy/reload
 // Every change, and every refused attempt at one, is on the audit trail
-// with the person's name. The `keygate-server admin` commands are its
-// client.
+// with the person's name. The `keygate-server admin` commands and the web
+// console are its clients.
+//
+// A browser sends its client certificate to any page that asks, so a POST
+// must show it came from a page of this server, not a form or script of
+// another site (CSRF): its Content-Type is application/json (which a page
+// of another origin can only send after a CORS preflight, never answered
+// here), its Origin, if any, is this server's, and its Sec-Fetch-Site, if
+// any, says same-origin.
 #pragma once
 
 #include <functional>
@@ -20,6 +29,7 @@
 #include "core/clock.h"
 #include "server/admin_ca.h"
 #include "server/approvals.h"
+#include "server/operations.h"
 #include "server/policy_file.h"
 #include "server/refusal.h"
 #include "server/store.h"
@@ -35,6 +45,27 @@ constexpr char kForbidden[] = "forbidden";              // 403: not this role's,
 constexpr char kConflict[] = "conflict";                // 409: decided, revoked or changed meanwhile
 }  // namespace admin_error
 
+// What the HTTPS front passes of a request's headers.
+struct AdminRequestHeaders {
+  std::string content_type;
+  std::string origin;
+  std::string sec_fetch_site;
+  std::string host;
+};
+
+// A file of the console (server/console/), as built into the server.
+struct ConsoleAsset {
+  const char* path;  // under /console/: "index.html", "console.js", ...
+  const char* content_type;  // without its charset (UTF-8)
+  std::string_view body;
+};
+// The console's files (console_assets.cc, made at build time).
+extern const ConsoleAsset kConsoleAssets[];
+extern const size_t kConsoleAssetCount;
+
+constexpr char kConsolePathPrefix[] = "/console/";
+constexpr char kMetricsPath[] = "/metrics";
+
 // A volume as the admin API and `volumes list --json` show it (no secret).
 Json::Value volume_json(const VolumeRecord& volume);
 
@@ -45,13 +76,18 @@ class AdminService {
   using PolicyReload = std::function<Result<std::string>(const std::string& who)>;
 
   AdminService(Store& store, const Clock& clock, const AdminCa& ca, const PolicyRegistry* policies,
-               PolicyReload reload);
+               PolicyReload reload, Operations* operations = nullptr);
 
   // One request from `source` (an address) whose TLS client certificate
   // verified against the admin CA and said `peer`; `peer` null: no
   // certificate (401).
   ApiResponse handle(const AdminPeer* peer, std::string_view method, std::string_view target,
-                     std::string_view body, const std::string& source);
+                     std::string_view body, const std::string& source,
+                     const AdminRequestHeaders& headers = AdminRequestHeaders());
+  // GET /console/...: a page of the console, for any role.
+  ApiResponse console(const AdminPeer* peer, std::string_view target, const std::string& source);
+  // GET /metrics, for any role: the Prometheus text format.
+  ApiResponse metrics(const AdminPeer* peer, const std::string& source, int open_connections);
 
  private:
   struct Request;
@@ -73,6 +109,11 @@ class AdminService {
   // volume revokes this one (KeyService).
   ApiResponse rotate_volume(const AdminIdentity& who, Request& request, const std::string& id);
   ApiResponse list_certs();
+  ApiResponse list_audit(Request& request);
+  // The person `peer` names into *who, if the certificate is recorded and in
+  // force (request.who then names them); else the answer (401, audited, or
+  // 500 if the store failed).
+  std::optional<ApiResponse> sign_in(const AdminPeer* peer, Request& request, AdminIdentity* who);
   ApiResponse issue_cert(const AdminIdentity& who, Request& request);
   ApiResponse revoke_cert(const AdminIdentity& who, Request& request, const std::string& serial);
   ApiResponse reload_policy(const AdminIdentity& who, Request& request);
@@ -93,6 +134,7 @@ class AdminService {
   const AdminCa& ca_;
   const PolicyRegistry* policies_;
   PolicyReload reload_;
+  Operations* operations_;
 };
 
 }  // namespace keygate::server

@@ -112,8 +112,9 @@ class AdminClient {
     req.client_cert_file = dir_ + "/cert.pem";
     req.client_key_file = dir_ + "/key.pem";
     req.headers = {"Accept: application/json"};
-    const std::string text = body != nullptr ? to_json(*body) : std::string();
-    if (body != nullptr) {
+    // Every POST is JSON (the server refuses one that is not: admin_api.h).
+    const std::string text = body != nullptr ? to_json(*body) : std::string(method) == "POST" ? "{}" : "";
+    if (!text.empty()) {
       req.headers.push_back("Content-Type: application/json");
       req.body = reinterpret_cast<const uint8_t*>(text.data());
       req.body_size = text.size();

@@ -52,6 +52,10 @@ constexpr char kTls12Ciphers[] =
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
 
+bool starts_with(std::string_view text, std::string_view prefix) {
+  return text.substr(0, prefix.size()) == prefix;
+}
+
 int per_core(int configured, int per = 1) {
   if (configured > 0) return configured;
   return per * static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
@@ -77,6 +81,10 @@ class ConnectionCounts {
     ++total_;
     return true;
   }
+  int total() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return total_;
+  }
   void release(const std::string& source) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = per_source_.find(source);
@@ -90,6 +98,15 @@ class ConnectionCounts {
   int total_ = 0;
   std::map<std::string, int> per_source_;
 };
+
+// What every answer says about how a browser may use it: nothing cached,
+// not framed, nothing sniffed, no referrer; a console page may load only
+// this server's own scripts and styles (no inline script) and talk only to
+// this server.
+constexpr char kConsolePolicy[] =
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+constexpr char kApiPolicy[] = "default-src 'none'; frame-ancestors 'none'";
 
 struct Front {
   KeyService& service;
@@ -206,8 +223,8 @@ class Session : public std::enable_shared_from_this<Session> {
         return s.challenge(peer);
       }, std::move(request));
     }
-    if (target.substr(0, std::string_view(kAdminPathPrefix).size()) == kAdminPathPrefix &&
-        front_.admin != nullptr) {
+    if (front_.admin != nullptr && (starts_with(target, kAdminPathPrefix) || starts_with(target, kConsolePathPrefix) ||
+                                    target == kMetricsPath || target == "/console")) {
       return on_admin(std::move(request));
     }
     for (const Route& route : kRoutes) {
@@ -235,7 +252,22 @@ class Session : public std::enable_shared_from_this<Session> {
       try {
         const std::string_view target(request.target().data(), request.target().size());
         const std::string method(request.method_string());
-        response = self->front_.admin->handle(peer ? &*peer : nullptr, method, target, request.body(), self->peer_);
+        AdminService& admin = *self->front_.admin;
+        const AdminPeer* who = peer ? &*peer : nullptr;
+        const bool get = request.method() == http::verb::get;
+        if (target == "/console") {
+          response.status = 308;  // the console's pages name their files relative to /console/
+          response.location = kConsolePathPrefix;
+        } else if (starts_with(target, kConsolePathPrefix)) {
+          response = get ? admin.console(who, target, self->peer_) : not_allowed();
+        } else if (target == kMetricsPath) {
+          response = get ? admin.metrics(who, self->peer_, self->front_.counts.total()) : not_allowed();
+        } else {
+          auto header = [&](http::field f) { return std::string(request[f]); };
+          const AdminRequestHeaders headers{header(http::field::content_type), header(http::field::origin),
+                                            std::string(request["Sec-Fetch-Site"]), header(http::field::host)};
+          response = admin.handle(who, method, target, request.body(), self->peer_, headers);
+        }
       } catch (const std::exception&) {
         response = error_response(500, api::kErrInternal, "internal error");
       }
@@ -276,13 +308,20 @@ class Session : public std::enable_shared_from_this<Session> {
     response_.emplace();
     response_->version(11);
     response_->result(static_cast<unsigned>(api.status));
-    response_->set(http::field::content_type, "application/json");
+    const bool page = !api.content_type.empty();
+    response_->set(http::field::content_type, page ? api.content_type : "application/json");
     response_->set(http::field::cache_control, "no-store");
+    response_->set("Content-Security-Policy", page ? kConsolePolicy : kApiPolicy);
+    response_->set("X-Content-Type-Options", "nosniff");
+    response_->set("X-Frame-Options", "DENY");
+    response_->set("Referrer-Policy", "no-referrer");
+    response_->set("Cross-Origin-Resource-Policy", "same-origin");
+    if (!api.location.empty()) response_->set(http::field::location, api.location);
     if (api.retry_after_seconds > 0) {
       response_->set(http::field::retry_after, std::to_string(api.retry_after_seconds));
     }
     response_->keep_alive(keep_alive_);
-    response_->body() = to_json(api.body);
+    response_->body() = page ? api.text : to_json(api.body);
     response_->prepare_payload();
     beast::get_lowest_layer(*stream_).expires_after(
         std::chrono::milliseconds(front_.options.write_timeout_ms));

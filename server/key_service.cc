@@ -1,6 +1,7 @@
 #include "server/key_service.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "core/crypto.h"
 #include "core/envelope.h"
@@ -155,7 +156,9 @@ Status KeyService::follow_shared_policy() {
 
 Status KeyService::write_audit(const Call& call, const char* outcome, const std::string& detail) {
   const AuditEvent event{clock_.now_unix(), call.event, outcome, call.volume_id, call.peer, detail};
+  const auto started = std::chrono::steady_clock::now();
   Status s = store_.append_audit(event);
+  store_took("audit_append", started);
   log_audit(event, s);
   return s;
 }
@@ -166,6 +169,7 @@ void KeyService::log_audit(const AuditEvent& e, const Status& written) {
               " peer=", e.peer, e.detail.empty() ? "" : " detail=", printable(e.detail, 1024));
   if (!written.is_ok()) {
     log_error(str_cat("audit write failed (", line, "): ", written.message()));
+    if (options_.operations != nullptr) options_.operations->audit_failed(e, written.message());
   } else if (e.outcome == "refused" || e.outcome == "error") {
     log_warning(line);
   } else {
@@ -193,7 +197,19 @@ ApiResponse KeyService::answer(const Call& call, Checked<ApiResponse> outcome) {
     // A refusal is answered even when the trail cannot take it (logged).
     (void)write_audit(call, r.server_fault ? "error" : "refused", r.audit_detail);
   }
+  if (Operations* ops = options_.operations) {
+    ops->refused(call.platform, r.code);
+    if (std::string_view(r.code) == api::kErrEvidenceInvalid) {
+      ops->evidence_failed(r.client_message.rfind("TPM", 0) == 0 ? "tpm_quote" : call.platform);
+    }
+  }
   return r.response();
+}
+
+void KeyService::store_took(const char* op, std::chrono::steady_clock::time_point started) {
+  if (options_.operations == nullptr) return;
+  options_.operations->store_took(
+      op, std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
 }
 
 Checked<Json::Value> KeyService::parse_request(std::string_view body) {
@@ -230,7 +246,9 @@ Checked<KeyService::Attested> KeyService::parse_attested(const Json::Value& requ
 }
 
 std::optional<Refusal> KeyService::spend_nonce(const Bytes& nonce) {
+  const auto started = std::chrono::steady_clock::now();
   auto fresh = store_.consume_nonce(nonce, clock_.now_unix());
+  store_took("nonce_consume", started);
   if (!fresh.is_ok()) return store_error("store unavailable", fresh.status());
   if (!fresh.value()) {
     return refused(api::kErrNonceInvalid, "challenge nonce unknown, reused or expired",
@@ -240,7 +258,9 @@ std::optional<Refusal> KeyService::spend_nonce(const Bytes& nonce) {
 }
 
 Checked<VolumeRecord> KeyService::load_volume(const std::string& volume_id) {
+  const auto started = std::chrono::steady_clock::now();
   auto record = store_.get_volume(volume_id);
+  store_took("volume_get", started);
   if (!record.is_ok()) {
     // An unknown volume is told apart from a refused one only in the trail.
     if (record.status().kind() == ErrorKind::kNotFound) {
@@ -264,7 +284,9 @@ ApiResponse KeyService::challenge(const std::string& peer) {
   if (auto r = limit(per_source_, source_key(peer), "address")) return answer(call, *r);
   Bytes nonce = random_bytes(api::kNonceSize);
   const int64_t now = clock_.now_unix();
+  const auto started = std::chrono::steady_clock::now();
   Status s = store_.put_nonce(nonce, now, now + options_.nonce_ttl_seconds);
+  store_took("nonce_put", started);
   if (!s.is_ok()) {
     // Not audited: a challenge discloses and decides nothing.
     log_error(str_cat("challenge for ", peer, ": ", s.message()));
@@ -315,9 +337,18 @@ std::optional<Refusal> KeyService::check_tpm(const Call& call, const VolumeRecor
 
 ApiResponse KeyService::serve(const char* event, std::string_view body, const std::string& peer,
                               Step step) {
-  Call call{event, peer, ""};
-  if (auto r = limit(per_source_, source_key(peer), "address")) return answer(call, *r);
-  return answer(call, (this->*step)(call, body));
+  Call call{event, peer, "", ""};
+  const auto started = std::chrono::steady_clock::now();
+  ApiResponse response = [&] {
+    if (auto r = limit(per_source_, source_key(peer), "address")) return answer(call, *r);
+    return answer(call, (this->*step)(call, body));
+  }();
+  Operations* ops = options_.operations;
+  if (ops != nullptr && std::string_view(event) == "unlock") {
+    if (response.status == 200) ops->released(call.platform);
+    ops->unlock_took(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+  }
+  return response;
 }
 
 ApiResponse KeyService::unlock(std::string_view body, const std::string& peer) {
@@ -331,6 +362,7 @@ Checked<ApiResponse> KeyService::serve_unlock(Call& call, std::string_view body)
   if (!attested.ok()) return attested.refusal();
   auto evidence = json_object(request.value(), api::field::kEvidence, true);
   if (!evidence.is_ok()) return bad_request(evidence.status().message());
+  if (evidence->isObject() && evidence->size() == 1) call.platform = platform_label(evidence->getMemberNames()[0]);
   if (auto spent = spend_nonce(attested->nonce)) return *spent;
   auto record = load_volume(call.volume_id);
   if (!record.ok()) return record.refusal();
@@ -501,6 +533,7 @@ Checked<KeyService::Gate> KeyService::approval_gate(Call& call, const VolumePoli
                                          a.needed, " approvals)")};
           Status s = store_.update_approval(a.to_record(), expired.to_record(), event);
           log_audit(event, s);
+          if (s.is_ok() && options_.operations != nullptr) options_.operations->approval_expired(a, now);
         }
         // Asked about by its id: the instance's wait ends, denied. Found as
         // the newest pending one: a later boot, which asks afresh.
@@ -537,6 +570,7 @@ Checked<KeyService::Gate> KeyService::approval_gate(Call& call, const VolumePoli
   Status s = store_.insert_approval(a.to_record(), event);
   log_audit(event, s);
   if (!s.is_ok()) return unaudited(call);  // no request without its record
+  if (options_.operations != nullptr) options_.operations->approval_requested(a, now);
   gate.wait = waiting(a);
   return gate;
 }

@@ -7,6 +7,7 @@
 #include <json/value.h>
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -16,6 +17,7 @@
 #include "core/secret.h"
 #include "server/approvals.h"
 #include "server/evidence.h"
+#include "server/operations.h"
 #include "server/policy.h"
 #include "server/policy_file.h"
 #include "server/rate_limit.h"
@@ -42,6 +44,8 @@ struct ServiceOptions {
   // the policy (replicas), the store's newest version is put in it before
   // each use.
   PolicyRegistry* policies = nullptr;
+  // Metrics and notifications (server/operations.h); null: none.
+  Operations* operations = nullptr;
 };
 
 class KeyService {
@@ -69,6 +73,7 @@ class KeyService {
     const char* event;
     const std::string& peer;
     std::string volume_id;  // once known
+    std::string platform;   // the evidence's platform, once read (for the metrics)
   };
   struct Attested;  // the fields every attested request carries, and their binding
 
@@ -100,6 +105,8 @@ class KeyService {
   // A PCR change approved: its values join the volume's accepted ones.
   void allow_approved_pcrs(const Call& call, const VolumeRecord& record, const Approval& granted);
 
+  // A store call's time, for the metrics.
+  void store_took(const char* op, std::chrono::steady_clock::time_point started);
   // Audits a refusal (or lets a served answer through) and answers.
   ApiResponse answer(const Call& call, Checked<ApiResponse> outcome);
   // One request: the source address's rate limit, then `step`, answered.

@@ -125,7 +125,10 @@ Common options:
                    unconfirmed before it is revoked; default 86400),
                    policy_file (as --policy-file), store (as --store),
                    store_connections (the PostgreSQL store's connections
-                   per process; default 8)
+                   per process; default 8), webhook ({"url": "https://...",
+                   "ca_file": F, "secret_file": F, "refusal_spike": N}:
+                   notifications of approval requests and decisions,
+                   refusal spikes and audit write failures; see README)
                    (options on the command line win)
   --store CONNINFO PostgreSQL connection string (key=value pairs or a
                    postgresql:// URI; no password in it: use a password
@@ -402,7 +405,17 @@ int cmd_serve(const Args& args, const Settings& s) {
   auto admin_ca = AdminCa::load_or_create(s.state_dir);
   if (!admin_ca.is_ok()) return fail(admin_ca.status());
   http.admin_ca_file = admin_ca->cert_file();
-  AdminService admin(*store.value(), clock, admin_ca.value(), options.policies, reload);
+  // Metrics (/metrics) and webhook notifications (README "Operators' view").
+  Operations operations(clock, s.webhook.url.empty() ? 0 : s.webhook.refusal_spike);
+  if (!s.webhook.url.empty()) {
+    auto webhook = Webhook::open(s.webhook, clock, [&operations](const char* o) { operations.webhook_outcome(o); });
+    if (!webhook.is_ok()) return fail(webhook.status());
+    operations.attach_webhook(std::move(webhook).value());
+    log_info(str_cat("webhook notifications to ", printable(s.webhook.url, 256), " (refusal spike: ",
+                     s.webhook.refusal_spike, " a minute)"));
+  }
+  options.operations = &operations;
+  AdminService admin(*store.value(), clock, admin_ca.value(), options.policies, reload, &operations);
   KeyService service(*store.value(), std::move(kek).value(), trust, clock, options);
   // Pending volumes left from before this start (a client that died
   // between register and confirm), past their time.

@@ -648,6 +648,14 @@ class PgStore final : public Store {
     return r->count() == 1 && now <= r->int8(0, 0);
   }
 
+  Result<int64_t> count_nonces(int64_t now) override {
+    auto c = pool_.acquire();
+    if (!c.is_ok()) return c.status();
+    auto r = (*c)->exec("count nonces", "SELECT count(*) FROM nonces WHERE expires_at >= $1", Params().int8(now));
+    if (!r.is_ok()) return r.status();
+    return r->int8(0, 0);
+  }
+
   Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
                                  int64_t expires_at, int uses) override {
     auto c = pool_.acquire();

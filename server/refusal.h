@@ -19,6 +19,11 @@ struct ApiResponse {
   int status = 200;
   Json::Value body;
   int retry_after_seconds = 0;  // > 0: sent as Retry-After
+  // Set for an answer that is not JSON (a console page, the metrics):
+  // `text` is sent as it is, with this Content-Type, instead of `body`.
+  std::string content_type;
+  std::string text;
+  std::string location;  // a redirect's Location
 };
 
 // {"error": {"code": code, "message": message}}

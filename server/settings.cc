@@ -102,6 +102,41 @@ Status read_string_list(const Json::Value& c, const char* key, std::vector<std::
   return Status::ok();
 }
 
+// "webhook": {"url": "https://...", "ca_file": PATH, "secret_file": PATH,
+//             "refusal_spike": 60}
+Status read_webhook(const Json::Value& c, WebhookOptions* out) {
+  const Json::Value& w = c["webhook"];
+  if (w.isNull()) return Status::ok();
+  auto bad = [](const std::string& what) {
+    return Status::error(ErrorKind::kInvalidArgument, str_cat("webhook: ", what));
+  };
+  if (!w.isObject()) return bad("must be an object");
+  for (const auto& name : w.getMemberNames()) {
+    if (name == "refusal_spike") {
+      const Json::Value& v = w[name];
+      if (!v.isIntegral() || !v.isInt() || v.asInt() < 0 || v.asInt() > 1000000) {
+        return bad("refusal_spike must be a whole number of refusals a minute, from 0 (never) to 1000000");
+      }
+      out->refusal_spike = v.asInt();
+      continue;
+    }
+    std::string* target = name == "url" ? &out->url : name == "ca_file" ? &out->ca_file
+                          : name == "secret_file" ? &out->secret_file : nullptr;
+    if (target == nullptr) return bad(str_cat("unknown key '", printable(name, 32), "'"));
+    const Json::Value& v = w[name];
+    if (!v.isString() || v.asString().empty() || v.asString().size() > kMaxSettingText ||
+        !is_display_text(v.asString())) {
+      return bad(str_cat(name, " must be a string (printable text, 1 to ", kMaxSettingText, " bytes)"));
+    }
+    *target = v.asString();
+  }
+  if (out->url.empty() || out->ca_file.empty() || out->secret_file.empty()) {
+    return bad("needs url, ca_file and secret_file");
+  }
+  if (out->url.rfind("https://", 0) != 0 || out->url.size() <= 8) return bad("url must be https://HOST[:PORT]/PATH");
+  return Status::ok();
+}
+
 Status bad_key(const char* key, const std::string& what) {
   return Status::error(ErrorKind::kInvalidArgument, str_cat("'", key, "' ", what));
 }
@@ -148,7 +183,8 @@ Result<Settings> parse_settings(std::string_view text) {
                                               "pending_ttl",
                                               "policy_file",
                                               "store",
-                                              "store_connections"};
+                                              "store_connections",
+                                              "webhook"};
   for (const auto& key : c.getMemberNames()) {
     if (!kKeys.count(key)) {
       return Status::error(ErrorKind::kInvalidArgument,
@@ -162,7 +198,7 @@ Result<Settings> parse_settings(std::string_view text) {
         read_seconds(c, "nonce_ttl", 1, 3600, "1 to 3600", &s.nonce_ttl),
         read_seconds(c, "evidence_max_age", 10, 6 * 3600, "10 to 21600", &s.evidence_max_age),
         read_seconds(c, "pending_ttl", 60, 90 * 86400, "60 to 7776000 (90 days)", &s.pending_ttl),
-        read_rate_limits(c, &s), read_connection_caps(c, &s),
+        read_rate_limits(c, &s), read_connection_caps(c, &s), read_webhook(c, &s.webhook),
         read_attestation_rules(c, &s.attestation_enrollment)}) {
     if (!st.is_ok()) return st;
   }

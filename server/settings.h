@@ -15,6 +15,7 @@
 #include "server/policy.h"
 #include "server/rate_limit.h"
 #include "server/store.h"
+#include "server/webhook.h"
 
 namespace keygate::server {
 
@@ -40,6 +41,9 @@ struct Settings {
   // embedded SQLite store in state_dir, unless state_dir holds store.conf.
   std::string store;
   int store_connections = 8;  // the PostgreSQL store's pool, per process
+  // "webhook": {"url", "ca_file", "secret_file", "refusal_spike"}; url
+  // empty: no notifications (README "Notifications").
+  WebhookOptions webhook;
 };
 
 

@@ -221,6 +221,13 @@ class NonceTable {
     return now <= expires_at;
   }
 
+  int64_t count(int64_t now) {
+    std::lock_guard<std::mutex> lock(mu_);
+    int64_t n = 0;
+    for (auto it = by_expiry_.lower_bound(now); it != by_expiry_.end(); ++it) ++n;
+    return n;
+  }
+
  private:
   std::mutex mu_;
   std::multimap<int64_t, std::string> by_expiry_;
@@ -242,6 +249,8 @@ class SqliteStore final : public Store {
   Result<bool> consume_nonce(const Bytes& nonce, int64_t now) override {
     return nonces_.consume(nonce, now);
   }
+
+  Result<int64_t> count_nonces(int64_t now) override { return nonces_.count(now); }
 
   Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
                                  int64_t expires_at, int uses) override {

@@ -140,6 +140,8 @@ class Store {
   virtual Status put_nonce(const Bytes& nonce, int64_t now, int64_t expires_at) = 0;
   // Deletes the nonce; true only if it existed and had not expired at `now`.
   virtual Result<bool> consume_nonce(const Bytes& nonce, int64_t now) = 0;
+  // Nonces issued and neither consumed nor expired at `now` (the metrics).
+  virtual Result<int64_t> count_nonces(int64_t now) = 0;
 
   virtual Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
                                          int64_t expires_at, int uses) = 0;

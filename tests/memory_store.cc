@@ -45,6 +45,13 @@ Result<bool> MemoryStore::consume_nonce(const Bytes& nonce, int64_t now) {
   return fresh;
 }
 
+Result<int64_t> MemoryStore::count_nonces(int64_t now) {
+  std::lock_guard<std::mutex> lock(mu_);
+  int64_t n = 0;
+  for (const auto& [nonce, expires_at] : nonces_) n += expires_at >= now ? 1 : 0;
+  return n;
+}
+
 Status MemoryStore::create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
                                             int64_t expires_at, int uses) {
   std::lock_guard<std::mutex> lock(mu_);

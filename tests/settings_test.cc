@@ -13,7 +13,9 @@ TEST(SettingsTest, ReadsEveryKey) {
       "aws_trust_dirs": ["/etc/kg/aws"], "gcp_jwks_files": ["/etc/kg/g.json"],
       "azure_trust_dirs": ["/etc/kg/az"],
       "rate_limits": {"per_source": {"per_second": 0, "burst": 1}},
-      "connections": {"max": 100, "per_source": 10}})");
+      "connections": {"max": 100, "per_source": 10},
+      "webhook": {"url": "https://hooks.example/keygate", "ca_file": "/etc/kg/hook-ca.pem",
+                  "secret_file": "/etc/kg/hook.secret", "refusal_spike": 5}})");
   ASSERT_TRUE(s.is_ok()) << s.status().message();
   EXPECT_EQ(s->listen, "0.0.0.0:443");
   EXPECT_EQ(s->state_dir, "/srv/kg");
@@ -25,6 +27,10 @@ TEST(SettingsTest, ReadsEveryKey) {
   EXPECT_EQ(s->per_source.per_second, 0);
   EXPECT_EQ(s->max_connections, 100);
   EXPECT_EQ(s->max_connections_per_source, 10);
+  EXPECT_EQ(s->webhook.url, "https://hooks.example/keygate");
+  EXPECT_EQ(s->webhook.ca_file, "/etc/kg/hook-ca.pem");
+  EXPECT_EQ(s->webhook.secret_file, "/etc/kg/hook.secret");
+  EXPECT_EQ(s->webhook.refusal_spike, 5);
 }
 
 // The shipped examples are configurations this server takes.
@@ -79,6 +85,14 @@ TEST(SettingsTest, AValueOfTheWrongTypeOrRangeIsAClearError) {
       {R"({"store": 5})", "'store' must be a string"},
       {R"({"store_connections": 0})", "'store_connections' must be a whole number from 1 to 256"},
       {R"({"store_connections": 257})", "'store_connections' must be a whole number from 1 to 256"},
+      {R"({"webhook": "https://x"})", "webhook: must be an object"},
+      {R"({"webhook": {"url": "https://x/h"}})", "webhook: needs url, ca_file and secret_file"},
+      {R"({"webhook": {"url": "http://x/h", "ca_file": "c", "secret_file": "s"}})", "url must be https://"},
+      {R"({"webhook": {"url": "https://x/h", "ca_file": "c", "secret_file": "s", "secret": "s3cret"}})",
+       "webhook: unknown key 'secret'"},
+      {R"({"webhook": {"url": "https://x/h[2J", "ca_file": "c", "secret_file": "s"}})", "printable"},
+      {R"({"webhook": {"url": "https://x/h", "ca_file": "c", "secret_file": "s", "refusal_spike": -1}})",
+       "refusal_spike must be a whole number"},
       {"[]", "JSON"},
       {"{", "JSON"},
   };

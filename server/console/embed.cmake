@@ -1,0 +1,20 @@
+# Writes OUT, a C++ file holding the console's files (server/admin_api.h,
+# kConsoleAssets), from the files in DIR. Run at build time, so an edit to a
+# page is in the next build; no bundler, no download.
+set(assets "index.html|text/html" "console.js|text/javascript" "console.css|text/css")
+set(body "// Made by server/console/embed.cmake from server/console/: do not edit.\n")
+string(APPEND body "#include \"server/admin_api.h\"\n\nnamespace keygate::server {\n\nconst ConsoleAsset kConsoleAssets[] = {\n")
+foreach(entry IN LISTS assets)
+  string(REPLACE "|" ";" parts "${entry}")
+  list(GET parts 0 name)
+  list(GET parts 1 type)
+  file(READ "${DIR}/${name}" text)
+  string(FIND "${text}" ")kgconsole\"" clash)
+  if(NOT clash EQUAL -1)
+    message(FATAL_ERROR "${name} holds the raw-string delimiter )kgconsole\"")
+  endif()
+  string(APPEND body "    {\"${name}\", \"${type}\", R\"kgconsole(${text})kgconsole\"},\n")
+endforeach()
+string(APPEND body "};\nconst size_t kConsoleAssetCount = sizeof kConsoleAssets / sizeof kConsoleAssets[0];\n\n}  // namespace keygate::server\n")
+file(WRITE "${OUT}.tmp" "${body}")
+file(RENAME "${OUT}.tmp" "${OUT}")
