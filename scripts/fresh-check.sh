@@ -4,8 +4,9 @@
 # archive this machine's apt uses, puts a clean copy of the checkout in it
 # (the files git tracks, and untracked ones it does not ignore; no build
 # folders, no caches), and runs scripts/setup.sh and then the release build
-# with an empty library cache inside it, the normal build's configure, and
-# the tests' throwaway PostgreSQL cluster. A package that setup.sh forgets, and
+# with an empty library cache inside it, the normal build's configure, the
+# tests' throwaway PostgreSQL cluster, and the console test's headless
+# Chromium and promtool. A package that setup.sh forgets, and
 # that this machine happens to have, fails here.
 #
 # A pass is recorded as a stamp keyed by what it checked (setup.sh and the
@@ -108,6 +109,13 @@ run "release build, empty library cache" "./scripts/build-release.sh /src/keygat
 # libpq among them), and the tests' PostgreSQL cluster starts and stops.
 run "normal build: cmake configure" "cmake -S . -B /tmp/keygate-configure -DCMAKE_BUILD_TYPE=RelWithDebInfo"
 run "the tests' PostgreSQL cluster" "tests/pg_cluster.sh start /tmp/pg && tests/pg_cluster.sh stop /tmp/pg"
+# The console test's browser renders a page headless as root (as the test
+# starts it), and the NSS and Prometheus tools it uses are there.
+run "headless chromium, certutil, pk12util, promtool" \
+  "chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
+     --disable-component-update --disable-sync --user-data-dir=/tmp/chromium-check \
+     --dump-dom file:///src/keygate/server/console/index.html 2>/dev/null | grep -q 'id=\"tab-audit\"' &&
+   command -v certutil && command -v pk12util && promtool --version"
 if [ "$full" = 1 ]; then
   run "scripts/test.sh (the README's test command)" "./scripts/test.sh"
 fi

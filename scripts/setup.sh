@@ -17,6 +17,10 @@ packages=(
   libtss2-dev tpm2-tools
   # the cloud-init module and its tests (Debian's cloud-init, its Python)
   cloud-init python3-yaml
+  # the operators' view tests: the console in Debian's headless Chromium
+  # (its NSS database made with certutil and pk12util), and Prometheus's
+  # promtool to check /metrics
+  chromium libnss3-tools prometheus
   # the fuzz targets (libFuzzer, tests/fuzz)
   clang libclang-rt-14-dev
   # the unlocker under memcheck (tests/valgrind) and the core-dump test
