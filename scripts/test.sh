@@ -20,6 +20,7 @@ cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j "$jobs"
 echo "== test (RelWithDebInfo)"
 (cd build && ctest --output-on-failure -j 2)
+echo "console screenshots (the console test): build/test-artifacts/console-*.png"
 
 echo "== the unlocker under valgrind memcheck"
 tests/valgrind/run.sh build
