@@ -12,6 +12,8 @@
 #include "tests/approval_fixture.h"
 #include "tests/browser.h"
 
+#include <sqlite3.h>
+
 namespace keygate::testing {
 namespace {
 
@@ -51,6 +53,26 @@ class OperatorsTest : public ApprovalTest {
       if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
     }
     return -1;
+  }
+
+  // Restarts the server on its port and state with notifications to `url`.
+  void restart_with_webhook(const std::string& url, const std::string& ca, const std::string& secret_file) {
+    const std::string cfg = dir_ + "/" + unique("hook-config") + ".json";
+    write_file(cfg, str_cat(R"({"webhook": {"url": ")", url, R"(", "ca_file": ")", ca,
+                            R"(", "secret_file": ")", secret_file, R"(", "refusal_spike": 2}})"));
+    const std::string state = server_.state;
+    const int port = server_.port;  // the people's admin folders name it
+    server_.process.stop();
+    server_ = start_server("hooked", {"--policy-file", policy_file_, "--config", cfg, "--listen",
+                                      "127.0.0.1:" + std::to_string(port)}, state);
+    ASSERT_GT(server_.port, 0) << read_file(server_.process.log_path());
+  }
+
+  std::string secret_file(const std::string& secret) {
+    const std::string file = dir_ + "/" + unique("hook-secret");
+    write_file(file, secret + "\n");
+    EXPECT_EQ(chmod(file.c_str(), 0600), 0);
+    return file;
   }
 
   std::string metrics_as(const std::string& who) {
@@ -365,20 +387,8 @@ bool signature_holds(const std::string& header, const std::string& secret, const
 TEST_F(OperatorsTest, WebhookNotificationsArriveSignedAndAHungReceiverDelaysNothing) {
   Receiver receiver(dir_ + "/" + unique("receiver"));
   const std::string secret = "webhook-secret-of-at-least-32-bytes-" + unique("s");
-  const std::string secret_file = dir_ + "/" + unique("hook-secret");
-  write_file(secret_file, secret + "\n");
-  ASSERT_EQ(chmod(secret_file.c_str(), 0600), 0);
-  auto restart_with = [&](const std::string& url) {
-    const std::string cfg = dir_ + "/" + unique("hook-config") + ".json";
-    write_file(cfg, str_cat(R"({"webhook": {"url": ")", url, R"(", "ca_file": ")", receiver.ca(),
-                            R"(", "secret_file": ")", secret_file, R"(", "refusal_spike": 2}})"));
-    const std::string state = server_.state;
-    const int port = server_.port;  // the people's admin folders name it
-    server_.process.stop();
-    server_ = start_server("hooked", {"--policy-file", policy_file_, "--config", cfg, "--listen",
-                                      "127.0.0.1:" + std::to_string(port)}, state);
-    ASSERT_GT(server_.port, 0) << read_file(server_.process.log_path());
-  };
+  const std::string secret_path = secret_file(secret);
+  auto restart_with = [&](const std::string& url) { restart_with_webhook(url, receiver.ca(), secret_path); };
   restart_with(receiver.url());
   auto [vol, vid] = enrolled_under("manual");
   ASSERT_FALSE(vid.empty());
@@ -453,6 +463,59 @@ TEST_F(OperatorsTest, WebhookNotificationsArriveSignedAndAHungReceiverDelaysNoth
   const std::string log = read_file(server_.process.log_path());
   EXPECT_TRUE(contains(log, "webhook: approval.requested")) << log;
   EXPECT_GE(receiver.hung(), 1);
+
+  // A receiver that is gone (nothing listens): the same.
+  restart_with("https://127.0.0.1:1/hook");
+  RunResult refused = run({bin("keygate"), "unlock", plain, "--verify-only", "--metadata-url", emulator_.url()});
+  EXPECT_EQ(refused.exit_code, kExitRefused);
+  auto later = unlock_waiting(vol, 60);
+  const std::string fourth = pending_request(vid, third)["request_id"].asString();
+  ASSERT_EQ(admin("bob", {"approve", fourth, "--reason", "receiver gone"}).exit_code, 0);
+  EXPECT_EQ(later.get().exit_code, 0);
+}
+
+// The trail refusing a record (a full disk) is notified and counted; the
+// key stays where it is.
+TEST_F(OperatorsTest, AnAuditWriteFailureIsNotifiedAndCounted) {
+  Receiver receiver(dir_ + "/" + unique("receiver"));
+  const std::string secret = "webhook-secret-of-at-least-32-bytes-" + unique("s");
+  restart_with_webhook(receiver.url(), receiver.ca(), secret_file(secret));
+  auto [vol, vid] = enrolled_volume();
+  ASSERT_FALSE(vid.empty());
+  const std::string full = on_postgres()
+      ? "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'disk full'; END$$; "
+        "CREATE TRIGGER full_disk BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION disk_full()"
+      : "CREATE TRIGGER full_disk BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END";
+  const std::string drop = on_postgres() ? "DROP TRIGGER full_disk ON audit" : "DROP TRIGGER full_disk";
+  auto sql = [&](const std::string& text) {
+    if (on_postgres()) return store_sql(server_.state, text);
+    sqlite3* db = nullptr;
+    std::string error;
+    if (sqlite3_open((server_.state + "/keygate.db").c_str(), &db) != SQLITE_OK) error = "open";
+    char* message = nullptr;
+    if (error.empty() && sqlite3_exec(db, text.c_str(), nullptr, nullptr, &message) != SQLITE_OK) {
+      error = message != nullptr ? message : "exec";
+    }
+    sqlite3_free(message);
+    sqlite3_close(db);
+    return error;
+  };
+  ASSERT_EQ(sql(full), "");
+  RunResult held = run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url", emulator_.url(),
+                        "--timeout", "5", "--deadline", "3"});
+  ASSERT_EQ(sql(drop), "");
+  EXPECT_NE(held.exit_code, 0);
+  EXPECT_TRUE(contains(held.err, "audit_unavailable")) << held.err;
+  const auto failed = receiver.wait_for("audit.write_failed", 1);
+  ASSERT_GE(failed.size(), 1u) << read_file(server_.process.log_path());
+  EXPECT_TRUE(signature_holds(failed[0].signature, secret, failed[0].body));
+  auto body = parse_json_object(failed[0].body, 1 << 20);
+  ASSERT_TRUE(body.is_ok());
+  EXPECT_EQ(body.value()["event"].asString(), "unlock");
+  EXPECT_EQ(body.value()["outcome"].asString(), "released");
+  EXPECT_EQ(body.value()["volume_id"].asString(), vid);
+  EXPECT_GE(sample(metrics_as("vic"), "keygate_audit_write_failures_total"), 1);
+  EXPECT_EQ(run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url", emulator_.url()}).exit_code, 0);
 }
 
 }  // namespace
