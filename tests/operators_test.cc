@@ -181,6 +181,35 @@ TEST_F(OperatorsTest, TheConsoleApprovesAWaitingUnlockAndShowsItOnTheTrail) {
   EXPECT_TRUE(contains(audit(), "approval.deny denied volume=" + vid)) << audit();
 }
 
+// The volumes view: an admin revokes a volume with two clicks (the second
+// confirms), and the unlocker is refused from then on; an approver is
+// offered no revoke button.
+TEST_F(OperatorsTest, TheConsoleRevokesAVolumeForAnAdminOnly) {
+  auto [vol, vid] = enrolled_volume();
+  ASSERT_FALSE(vid.empty());
+  const std::string row = str_cat("#volumes tr[data-volume-id=\"", vid, "\"]");
+  auto bob = browser_as("bob");
+  ASSERT_TRUE(bob);
+  ASSERT_TRUE(bob->open(origin() + "/console/#volumes",
+                        str_cat("document.body.dataset.ready === '1' && document.querySelector('", row, "')")));
+  EXPECT_EQ(bob->eval("document.querySelectorAll('button.revoke').length").asInt(), 0);
+  auto alice = browser_as("alice");
+  ASSERT_TRUE(alice);
+  ASSERT_TRUE(alice->open(origin() + "/console/#volumes",
+                          str_cat("document.body.dataset.ready === '1' && document.querySelector('", row, "')")));
+  EXPECT_EQ(alice->eval("document.getElementById('who').textContent").asString(), "Signed in as alice (admin)");
+  ASSERT_TRUE(alice->click(row + " button.revoke"));
+  EXPECT_TRUE(alice->wait_for(str_cat("document.querySelector('", row, " button.revoke').textContent === 'Revoke for good?'")));
+  EXPECT_EQ(unlock(vol, emulator_).exit_code, 0);  // one click revokes nothing
+  ASSERT_TRUE(alice->click(row + " button.revoke"));
+  ASSERT_TRUE(alice->wait_for(str_cat("document.querySelector('", row, " td:nth-child(2)').textContent === 'revoked'")))
+      << alice->eval("document.getElementById('status').textContent").asString();
+  RunResult refused = run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url", emulator_.url()});
+  EXPECT_EQ(refused.exit_code, kExitRefused) << refused.err;
+  EXPECT_TRUE(contains(audit(), "revoke ok volume=" + vid + " peer=127.0.0.1 by alice (admin)")) << audit();
+  EXPECT_TRUE(alice->csp_violations().empty()) << alice->csp_violations()[0];
+}
+
 // A POST from a page of another origin, with bob's certificate (as a
 // browser would send it to any page that asks), changes nothing.
 TEST_F(OperatorsTest, TheAdminApiRefusesCrossSiteChanges) {

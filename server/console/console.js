@@ -112,38 +112,55 @@ async function loadRequests() {
 
 // Volumes -------------------------------------------------------------------
 
+// A button that acts on its second click (no dialog to dismiss): `act`
+// runs, then the view reloads; an error is shown and the button offered again.
+function twoClickButton(label, armed, what, act) {
+  const b = el('button', { type: 'button', class: 'revoke' }, label);
+  b.addEventListener('click', async () => {
+    if (b.dataset.armed !== '1') {
+      b.dataset.armed = '1';
+      b.textContent = armed;
+      return;
+    }
+    b.disabled = true;
+    try {
+      await act();
+      say(what + ': revoked', 'done');
+      await loadVolumes();
+    } catch (e) {
+      say(what + ': ' + e.message, 'error');
+      b.disabled = false;
+    }
+  });
+  return b;
+}
+
 async function loadVolumes() {
   const [vols, inst] = await Promise.all([call('GET', 'volumes'), call('GET', 'instances')]);
   const byVolume = {};
-  for (const i of inst.instances || []) (byVolume[i.volume_id] = byVolume[i.volume_id] || []).push(i.instance + ' (' + i.relation + ')');
+  for (const i of inst.instances || []) (byVolume[i.volume_id] = byVolume[i.volume_id] || []).push(i);
   const rows = (vols.volumes || []).map((v) => {
+    const instances = el('ul', { class: 'claims' });
+    for (const i of byVolume[v.id] || []) {
+      const item = el('li', { class: 'mono' }, i.instance + ' (' + i.relation + ')');
+      // One instance of an image group: revoked alone, the group stays open.
+      if (may('admin') && i.relation === 'known' && v.state !== 'revoked') {
+        item.append(' ', twoClickButton('Revoke instance', 'Revoke ' + i.instance + '?', i.instance, () =>
+          call('POST', 'volumes/' + encodeURIComponent(v.id) + '/revoke-instance', { instance: i.instance })));
+      }
+      instances.append(item);
+    }
     const row = el('tr', { dataset: { volumeId: v.id } },
       el('td', { class: 'mono' }, v.id),
       el('td', {}, v.state),
       el('td', {}, v.description || ''),
-      el('td', { class: 'mono' }, (byVolume[v.id] || []).join(', ')),
+      el('td', {}, instances),
       el('td', { class: 'mono' }, v.policy ? JSON.stringify(v.policy) : ''));
     if (may('admin')) {
       const cell = el('td', {});
       if (v.state !== 'revoked') {
-        const revoke = el('button', { type: 'button', class: 'revoke' }, 'Revoke');
-        revoke.addEventListener('click', async () => {
-          if (revoke.dataset.armed !== '1') {  // two clicks: no dialog to dismiss
-            revoke.dataset.armed = '1';
-            revoke.textContent = 'Revoke for good?';
-            return;
-          }
-          revoke.disabled = true;
-          try {
-            await call('POST', 'volumes/' + encodeURIComponent(v.id) + '/revoke', {});
-            say(v.id + ': revoked', 'done');
-            await loadVolumes();
-          } catch (e) {
-            say(v.id + ': ' + e.message, 'error');
-            revoke.disabled = false;
-          }
-        });
-        cell.append(revoke);
+        cell.append(twoClickButton('Revoke', 'Revoke for good?', v.id, () =>
+          call('POST', 'volumes/' + encodeURIComponent(v.id) + '/revoke', {})));
       }
       row.append(cell);
     }
