@@ -41,7 +41,9 @@ namespace {
 constexpr char kUsage[] = R"(usage: keygate-server COMMAND [options]
 
 Commands:
-  serve            run the HTTPS key server
+  serve            run the HTTPS key server; on the same port, for people
+                   with an admin certificate: the web console (/console/)
+                   and Prometheus metrics (/metrics)
   token create     create an enrollment token (printed once)
   volumes list     list enrolled volumes
   volumes revoke ID [--instance INSTANCE]
