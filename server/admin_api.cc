@@ -632,9 +632,12 @@ ApiResponse AdminService::create_token(const AdminIdentity& who, Request& r) {
     }
   }
   const int64_t now = clock_.now_unix();
-  auto token = create_enrollment_token(store_, tmpl.value(), now, ttl.value(), static_cast<int>(uses.value()));
-  if (!token.is_ok()) return error_response(500, api::kErrInternal, "the token could not be stored");
-  (void)audit(r, "token.create", "ok", "", to_json(tmpl->to_json()));
+  const AuditEvent e = admin_event(r, "token.create", "ok", "", to_json(tmpl->to_json()));
+  auto token = create_enrollment_token(store_, tmpl.value(), now, ttl.value(), static_cast<int>(uses.value()), e);
+  log_admin_event(e, token.status());
+  if (!token.is_ok()) {
+    return error_response(503, api::kErrAuditUnavailable, "the token could not be stored with its record; none was issued");
+  }
   Json::Value v(Json::objectValue);
   v["token"] = token.value();
   v["expires_at"] = static_cast<Json::Int64>(now + ttl.value());
@@ -688,11 +691,12 @@ ApiResponse AdminService::rotate_volume(const AdminIdentity& who, Request& r,
                           str_cat("the volume's policy makes no token: ", valid.message()));
   }
   const int64_t now = clock_.now_unix();
-  auto token = create_enrollment_token(store_, tmpl, now, ttl.value(), 1);
-  if (!token.is_ok())
-    return error_response(500, api::kErrInternal, "the token could not be stored");
-  (void)audit(r, "rotate.request", "ok", id,
-              str_cat("token for the new volume, ", ttl.value(), " s"));
+  const AuditEvent e = admin_event(r, "rotate.request", "ok", id, str_cat("token for the new volume, ", ttl.value(), " s"));
+  auto token = create_enrollment_token(store_, tmpl, now, ttl.value(), 1, e);
+  log_admin_event(e, token.status());
+  if (!token.is_ok()) {
+    return error_response(503, api::kErrAuditUnavailable, "the token could not be stored with its record; none was issued");
+  }
   Json::Value v(Json::objectValue);
   v["id"] = id;
   v["token"] = token.value();

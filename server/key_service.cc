@@ -54,14 +54,14 @@ std::string new_volume_id() {
 }
 
 Result<std::string> create_enrollment_token(Store& store, const EnrollmentTemplate& tmpl,
-                                            int64_t now, int64_t ttl_seconds, int uses) {
+                                            int64_t now, int64_t ttl_seconds, int uses, const AuditEvent& event) {
   if (ttl_seconds <= 0 || uses <= 0) {
     return Status::error(ErrorKind::kInvalidArgument, "token lifetime and uses must be positive");
   }
   Bytes raw = random_bytes(24);
   std::string token = "kgt_" + base64url_encode(raw.data(), raw.size());
   KEYGATE_RETURN_IF_ERROR(
-      store.create_enrollment_token(sha256(token), to_json(tmpl.to_json()), now + ttl_seconds, uses));
+      store.create_enrollment_token(sha256(token), to_json(tmpl.to_json()), now + ttl_seconds, uses, event));
   return token;
 }
 

@@ -187,9 +187,10 @@ Result<SecretBuffer> open_volume_secret(const SecretBuffer& kek, const Bytes& se
 // A random RFC 4122 version-4 UUID.
 std::string new_volume_id();
 
-// Creates a one-time (or `uses`-time) enrollment token; returns the token
-// value, shown once. Only its SHA-256 is stored.
+// Creates a one-time (or `uses`-time) enrollment token with `event`, its
+// record on the trail (one transaction); returns the token value, shown
+// once. Only its SHA-256 is stored.
 Result<std::string> create_enrollment_token(Store& store, const EnrollmentTemplate& tmpl,
-                                            int64_t now, int64_t ttl_seconds, int uses);
+                                            int64_t now, int64_t ttl_seconds, int uses, const AuditEvent& event);
 
 }  // namespace keygate::server

@@ -499,11 +499,10 @@ int cmd_token_create(const Args& args, const Settings& s) {
   auto store = open_store(s);
   if (!store.is_ok()) return fail(store.status());
   SystemClock clock;
+  const AuditEvent event{clock.now_unix(), "token.create", "ok", "", "local", to_json(tmpl->to_json())};
   auto token = create_enrollment_token(*store.value(), tmpl.value(), clock.now_unix(), ttl.value(),
-                                       static_cast<int>(uses.value()));
-  if (!token.is_ok()) return fail(token.status());
-  (void)store.value()->append_audit(AuditEvent{clock.now_unix(), "token.create", "ok", "", "local",
-                                               to_json(tmpl->to_json())});
+                                       static_cast<int>(uses.value()), event);
+  if (!token.is_ok()) return fail(token.status().with_context("token not created"));
   std::cout << token.value() << "\n";
   return 0;
 }

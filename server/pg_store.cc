@@ -657,10 +657,14 @@ class PgStore final : public Store {
   }
 
   Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
-                                 int64_t expires_at, int uses) override {
+                                 int64_t expires_at, int uses, const AuditEvent& event) override {
     auto c = pool_.acquire();
     if (!c.is_ok()) return c.status();
-    return insert_token_on(**c, token_hash, template_json, expires_at, uses);
+    Conn& conn = **c;
+    return in_transaction(conn, "enrollment token", [&]() -> Status {
+      KEYGATE_RETURN_IF_ERROR(insert_token_on(conn, token_hash, template_json, expires_at, uses));
+      return insert_audit(conn, event);
+    });
   }
 
   Result<std::string> peek_enrollment_token(const Bytes& token_hash, int64_t now) override {

@@ -253,18 +253,20 @@ class SqliteStore final : public Store {
   Result<int64_t> count_nonces(int64_t now) override { return nonces_.count(now); }
 
   Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
-                                 int64_t expires_at, int uses) override {
+                                 int64_t expires_at, int uses, const AuditEvent& event) override {
     std::lock_guard<std::mutex> lock(mu_);
-    Stmt s(stmts_,
-           "INSERT INTO enrollment_tokens(token_hash, template, expires_at, uses_left) "
-           "VALUES(?, ?, ?, ?)");
-    if (!s.ok()) return db_error("prepare token insert");
-    s.bind(1, token_hash);
-    s.bind(2, template_json);
-    s.bind(3, expires_at);
-    s.bind(4, static_cast<int64_t>(uses));
-    if (s.step() != SQLITE_DONE) return db_error("insert enrollment token");
-    return Status::ok();
+    return in_transaction("enrollment token", [&]() -> Status {
+      Stmt s(stmts_,
+             "INSERT INTO enrollment_tokens(token_hash, template, expires_at, uses_left) "
+             "VALUES(?, ?, ?, ?)");
+      if (!s.ok()) return db_error("prepare token insert");
+      s.bind(1, token_hash);
+      s.bind(2, template_json);
+      s.bind(3, expires_at);
+      s.bind(4, static_cast<int64_t>(uses));
+      if (s.step() != SQLITE_DONE) return db_error("insert enrollment token");
+      return insert_audit_locked(event);
+    });
   }
 
   Result<std::string> peek_enrollment_token(const Bytes& token_hash, int64_t now) override {

@@ -143,8 +143,10 @@ class Store {
   // Nonces issued and neither consumed nor expired at `now` (the metrics).
   virtual Result<int64_t> count_nonces(int64_t now) = 0;
 
+  // The token (only its hash) and `event`, its record on the trail, in one
+  // transaction: no token exists without its record.
   virtual Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
-                                         int64_t expires_at, int uses) = 0;
+                                         int64_t expires_at, int uses, const AuditEvent& event) = 0;
   // A live token's template JSON, no use spent; kRefused if unknown, used
   // up or expired.
   virtual Result<std::string> peek_enrollment_token(const Bytes& token_hash, int64_t now) = 0;

@@ -56,7 +56,8 @@ class KeyServiceTest : public ::testing::Test {
     // A token with uses to spare for the tests that register.
     EnrollmentTemplate tmpl;
     tmpl.require = {{"account_id", kAccount}};
-    ASSERT_TRUE(store_.create_enrollment_token(sha256(kToken), to_json(tmpl.to_json()), kNow + 86400, 1000)
+    ASSERT_TRUE(store_.create_enrollment_token(sha256(kToken), to_json(tmpl.to_json()), kNow + 86400, 1000,
+                                               AuditEvent{kNow, "token.create", "ok", "", "local", "fixture"})
                     .is_ok());
   }
   static constexpr char kToken[] = "kgt_fixturetoken";
@@ -495,8 +496,9 @@ TEST_F(KeyServiceTest, ADescriptionWithControlCharactersIsRefusedAndNothingIsSto
 TEST_F(KeyServiceTest, AFailedRegistrationSpendsNoUseOfItsToken) {
   EnrollmentTemplate tmpl;
   tmpl.require = {{"account_id", kAccount}};
-  ASSERT_TRUE(store_.create_enrollment_token(sha256("kgt_onetime"), to_json(tmpl.to_json()),
-                                             kNow + 3600, 1).is_ok());
+  ASSERT_TRUE(store_.create_enrollment_token(sha256("kgt_onetime"), to_json(tmpl.to_json()), kNow + 3600, 1,
+                                             AuditEvent{kNow, "token.create", "ok", "", "local", "one use"})
+                  .is_ok());
   auto with_token = [&] {
     Json::Value req = attested_request();
     req[api::field::kEvidence] = aws_evidence();

@@ -53,12 +53,14 @@ Result<int64_t> MemoryStore::count_nonces(int64_t now) {
 }
 
 Status MemoryStore::create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
-                                            int64_t expires_at, int uses) {
+                                            int64_t expires_at, int uses, const AuditEvent& event) {
   std::lock_guard<std::mutex> lock(mu_);
   KEYGATE_RETURN_IF_ERROR(injected(Op::kCreateToken));
+  KEYGATE_RETURN_IF_ERROR(injected(Op::kAppendAudit));
   if (!tokens_.emplace(token_hash, Token{template_json, expires_at, uses}).second) {
     return Status::error(ErrorKind::kIo, "store: insert enrollment token: not unique");
   }
+  push_audit_locked(event);
   return Status::ok();
 }
 

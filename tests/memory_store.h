@@ -39,7 +39,7 @@ class MemoryStore final : public Store {
   Result<bool> consume_nonce(const Bytes& nonce, int64_t now) override;
   Result<int64_t> count_nonces(int64_t now) override;
   Status create_enrollment_token(const Bytes& token_hash, const std::string& template_json,
-                                 int64_t expires_at, int uses) override;
+                                 int64_t expires_at, int uses, const AuditEvent& event) override;
   Result<std::string> peek_enrollment_token(const Bytes& token_hash, int64_t now) override;
   Status record_enrollment(const Bytes* token_hash, int64_t now, const VolumeRecord& record,
                            const AuditEvent& event) override;

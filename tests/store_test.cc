@@ -117,10 +117,11 @@ VolumeRecord pending_volume(const std::string& id) {
 AuditEvent registered(const std::string& id) {
   return AuditEvent{1, "enroll.register", "ok", id, "peer", "by token"};
 }
+AuditEvent token_created() { return AuditEvent{1, "token.create", "ok", "", "local", "{}"}; }
 
 TEST_P(StoreContract, EnrollmentTokenUsesAndExpiry) {
   Bytes h = sha256("token");
-  ASSERT_TRUE(store_->create_enrollment_token(h, "{\"t\":1}", 100, 2).is_ok());
+  ASSERT_TRUE(store_->create_enrollment_token(h, "{\"t\":1}", 100, 2, token_created()).is_ok());
   // Looking does not spend a use; recording an enrollment does.
   EXPECT_EQ(store_->peek_enrollment_token(h, 10).value(), "{\"t\":1}");
   EXPECT_TRUE(store_->peek_enrollment_token(h, 10).is_ok());
@@ -130,12 +131,44 @@ TEST_P(StoreContract, EnrollmentTokenUsesAndExpiry) {
   EXPECT_EQ(store_->record_enrollment(&h, 10, pending_volume("v3"), registered("v3")).kind(),
             ErrorKind::kRefused);
   Bytes g = sha256("other");
-  ASSERT_TRUE(store_->create_enrollment_token(g, "{}", 100, 1).is_ok());
+  ASSERT_TRUE(store_->create_enrollment_token(g, "{}", 100, 1, token_created()).is_ok());
   EXPECT_FALSE(store_->peek_enrollment_token(g, 101).is_ok());
   EXPECT_EQ(store_->record_enrollment(&g, 101, pending_volume("v4"), registered("v4")).kind(),
             ErrorKind::kRefused);
   EXPECT_EQ(store_->list_volumes()->size(), 2u);
-  EXPECT_EQ(store_->recent_audit(10)->size(), 2u);
+  EXPECT_EQ(store_->recent_audit(10)->size(), 4u);  // two tokens, two enrollments
+}
+
+// A token and its record on the trail are one write: while the trail
+// cannot take the record, no token exists (none could be handed out
+// unrecorded).
+TEST_P(StoreContract, ATokenAndItsRecordAreWrittenTogether) {
+  const std::string pg_fail =
+      "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION "
+      "'disk full'; END$$; "
+      "CREATE TRIGGER full_disk BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION disk_full()";
+  if (GetParam() == "memory") {
+    static_cast<MemoryStore*>(store_.get())
+        ->fail(MemoryStore::Op::kAppendAudit, Status::error(ErrorKind::kIo, "disk full"));
+  } else {
+    ASSERT_EQ(raw_sql("CREATE TRIGGER full_disk BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, "
+                      "'disk full'); END",
+                      pg_fail),
+              "");
+  }
+  const Bytes h = sha256("unrecorded");
+  EXPECT_FALSE(store_->create_enrollment_token(h, "{}", 100, 1, token_created()).is_ok());
+  EXPECT_EQ(store_->peek_enrollment_token(h, 10).status().kind(), ErrorKind::kRefused);
+  if (GetParam() == "memory") {
+    static_cast<MemoryStore*>(store_.get())->fail(MemoryStore::Op::kAppendAudit, Status::ok());
+  } else {
+    ASSERT_EQ(raw_sql("DROP TRIGGER full_disk", "DROP TRIGGER full_disk ON audit"), "");
+  }
+  ASSERT_TRUE(store_->create_enrollment_token(h, "{}", 100, 1, token_created()).is_ok());
+  EXPECT_TRUE(store_->peek_enrollment_token(h, 10).is_ok());
+  auto trail = store_->recent_audit(10).value();
+  ASSERT_EQ(trail.size(), 1u);
+  EXPECT_EQ(trail[0].event, "token.create");
 }
 
 TEST_P(StoreContract, ExpiryRevokesOnlyOldPendingVolumesEachOnTheRecord) {
@@ -163,20 +196,21 @@ TEST_P(StoreContract, ExpiryRevokesOnlyOldPendingVolumesEachOnTheRecord) {
 
 TEST_P(StoreContract, AnEnrollmentIsRecordedWholeOrNotAtAll) {
   Bytes h = sha256("token");
-  ASSERT_TRUE(store_->create_enrollment_token(h, "{}", 100, 1).is_ok());
+  ASSERT_TRUE(store_->create_enrollment_token(h, "{}", 100, 1, token_created()).is_ok());
   ASSERT_TRUE(store_->insert_volume(pending_volume("taken")).is_ok());
   // The volume cannot be inserted (its id is taken): the token's use and
   // the audit record are not written either.
   EXPECT_FALSE(store_->record_enrollment(&h, 10, pending_volume("taken"), registered("taken")).is_ok());
   EXPECT_TRUE(store_->peek_enrollment_token(h, 10).is_ok());
-  EXPECT_TRUE(store_->recent_audit(10)->empty());
+  EXPECT_EQ(store_->recent_audit(10)->size(), 1u);  // the token's own record only
   // A used-up token: no volume, no audit row.
   ASSERT_TRUE(store_->record_enrollment(&h, 10, pending_volume("first"), registered("first")).is_ok());
   EXPECT_FALSE(store_->record_enrollment(&h, 10, pending_volume("second"), registered("second")).is_ok());
   EXPECT_EQ(store_->get_volume("second").status().kind(), ErrorKind::kNotFound);
   auto trail = store_->recent_audit(10).value();
-  ASSERT_EQ(trail.size(), 1u);
-  EXPECT_EQ(trail[0].volume_id, "first");
+  ASSERT_EQ(trail.size(), 2u);  // the token's record, then the enrollment's
+  EXPECT_EQ(trail[0].event, "token.create");
+  EXPECT_EQ(trail[1].volume_id, "first");
   // By attestation: no token at all.
   EXPECT_TRUE(store_->record_enrollment(nullptr, 10, pending_volume("attested"), registered("attested")).is_ok());
   EXPECT_EQ(store_->get_volume("attested")->state, VolumeState::kPending);
@@ -344,7 +378,7 @@ Status verify_trail(Store& store, int64_t* count = nullptr) {
 // unbroken chain numbered from 1.
 TEST_P(StoreContract, EveryAuditedWriteIsChained) {
   Bytes h = sha256("token");
-  ASSERT_TRUE(store_->create_enrollment_token(h, "{}", 100, 5).is_ok());
+  ASSERT_TRUE(store_->create_enrollment_token(h, "{}", 100, 5, token_created()).is_ok());
   ASSERT_TRUE(store_->record_enrollment(&h, 10, pending_volume("a"), registered("a")).is_ok());
   ASSERT_FALSE(store_->record_enrollment(&h, 10, pending_volume("a"), registered("a")).is_ok());  // rolled back
   ASSERT_TRUE(store_->expire_pending(5, 20, AuditEvent{20, "enroll.expire", "ok", "", "local", ""}).is_ok());
@@ -361,7 +395,7 @@ TEST_P(StoreContract, EveryAuditedWriteIsChained) {
   int64_t count = 0;
   Status s = verify_trail(*store_, &count);
   EXPECT_TRUE(s.is_ok()) << s.message();
-  EXPECT_EQ(count, 2 + 8 * 25);
+  EXPECT_EQ(count, 3 + 8 * 25);  // the token, the enrollment, its expiry, the appends
   auto first = store_->read_audit(0, 1);
   ASSERT_EQ(first->size(), 1u);
   EXPECT_EQ(first.value()[0].seq, 1);
