@@ -86,7 +86,8 @@ void fresh_service(World& w) {
   EnrollmentTemplate tmpl;
   tmpl.require = {{"account_id", "189292791360"}};
   if (!w.store->create_enrollment_token(sha256(std::string_view(kToken)), to_json(tmpl.to_json()),
-                                        kNow + 86400, 1 << 30)
+                                        kNow + 86400, 1 << 30,
+                                        AuditEvent{kNow, "token.create", "ok", "", "local", "fuzz fixture"})
            .is_ok()) {
     abort();
   }
