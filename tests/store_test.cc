@@ -58,6 +58,9 @@ class StoreContract : public StoreTest, public ::testing::WithParamInterface<std
   // Runs SQL on the store's database behind its back (SQLite or
   // PostgreSQL); "" or the error.
   std::string raw_sql(const std::string& sqlite_sql, const std::string& pg_sql);
+  // Every insert into the trail fails (as on a full disk), or works again;
+  // "" or the error.
+  std::string fail_audit_writes(bool failing);
   std::string conninfo_;  // PostgreSQL only
 };
 
@@ -143,27 +146,11 @@ TEST_P(StoreContract, EnrollmentTokenUsesAndExpiry) {
 // cannot take the record, no token exists (none could be handed out
 // unrecorded).
 TEST_P(StoreContract, ATokenAndItsRecordAreWrittenTogether) {
-  const std::string pg_fail =
-      "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION "
-      "'disk full'; END$$; "
-      "CREATE TRIGGER full_disk BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION disk_full()";
-  if (GetParam() == "memory") {
-    static_cast<MemoryStore*>(store_.get())
-        ->fail(MemoryStore::Op::kAppendAudit, Status::error(ErrorKind::kIo, "disk full"));
-  } else {
-    ASSERT_EQ(raw_sql("CREATE TRIGGER full_disk BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, "
-                      "'disk full'); END",
-                      pg_fail),
-              "");
-  }
+  ASSERT_EQ(fail_audit_writes(true), "");
   const Bytes h = sha256("unrecorded");
   EXPECT_FALSE(store_->create_enrollment_token(h, "{}", 100, 1, token_created()).is_ok());
   EXPECT_EQ(store_->peek_enrollment_token(h, 10).status().kind(), ErrorKind::kRefused);
-  if (GetParam() == "memory") {
-    static_cast<MemoryStore*>(store_.get())->fail(MemoryStore::Op::kAppendAudit, Status::ok());
-  } else {
-    ASSERT_EQ(raw_sql("DROP TRIGGER full_disk", "DROP TRIGGER full_disk ON audit"), "");
-  }
+  ASSERT_EQ(fail_audit_writes(false), "");
   ASSERT_TRUE(store_->create_enrollment_token(h, "{}", 100, 1, token_created()).is_ok());
   EXPECT_TRUE(store_->peek_enrollment_token(h, 10).is_ok());
   auto trail = store_->recent_audit(10).value();
@@ -420,6 +407,19 @@ std::string StoreContract::raw_sql(const std::string& sqlite_sql, const std::str
   return err;
 }
 
+std::string StoreContract::fail_audit_writes(bool failing) {
+  if (GetParam() == "memory") {
+    static_cast<MemoryStore*>(store_.get())
+        ->fail(MemoryStore::Op::kAppendAudit, failing ? Status::error(ErrorKind::kIo, "disk full") : Status::ok());
+    return "";
+  }
+  if (!failing) return raw_sql("DROP TRIGGER full_disk", "DROP TRIGGER full_disk ON audit");
+  return raw_sql("CREATE TRIGGER full_disk BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+                 "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION "
+                 "'disk full'; END$$; "
+                 "CREATE TRIGGER full_disk BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION disk_full()");
+}
+
 // Records cut from the end of the trail leave no break by themselves; the
 // next record written shows the gap, because its number comes from the
 // highest ever given, not from what is left.
@@ -546,26 +546,10 @@ TEST_P(StoreContract, ARevocationAndItsRecordAreWrittenTogether) {
   EXPECT_TRUE(store_->recent_audit(10)->empty());  // refused: nothing recorded
 
   // The trail cannot be written: the volume stays as it was.
-  const std::string pg_fail =
-      "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION "
-      "'disk full'; END$$; "
-      "CREATE TRIGGER full_disk BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION disk_full()";
-  if (GetParam() == "memory") {
-    static_cast<MemoryStore*>(store_.get())
-        ->fail(MemoryStore::Op::kAppendAudit, Status::error(ErrorKind::kIo, "disk full"));
-  } else {
-    ASSERT_EQ(raw_sql("CREATE TRIGGER full_disk BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, "
-                      "'disk full'); END",
-                      pg_fail),
-              "");
-  }
+  ASSERT_EQ(fail_audit_writes(true), "");
   EXPECT_FALSE(store_->revoke_volume("vol-r", VolumeState::kActive, 5, event).is_ok());
   EXPECT_EQ(store_->get_volume("vol-r")->state, VolumeState::kActive);
-  if (GetParam() == "memory") {
-    static_cast<MemoryStore*>(store_.get())->fail(MemoryStore::Op::kAppendAudit, Status::ok());
-  } else {
-    ASSERT_EQ(raw_sql("DROP TRIGGER full_disk", "DROP TRIGGER full_disk ON audit"), "");
-  }
+  ASSERT_EQ(fail_audit_writes(false), "");
 
   ASSERT_TRUE(store_->revoke_volume("vol-r", VolumeState::kActive, 5, event).is_ok());
   EXPECT_EQ(store_->get_volume("vol-r")->state, VolumeState::kRevoked);
