@@ -21,16 +21,16 @@
 //
 // Prints one tab-separated row per run (--header prints the column names).
 
-#include <boost/asio.hpp>
-#include <boost/asio/ssl.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
-#include <boost/beast/ssl.hpp>
 #include <openssl/bn.h>
 #include <openssl/ec.h>
 #include <openssl/obj_mac.h>
 #include <openssl/x509v3.h>
 #include <sys/resource.h>
+#include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -176,13 +176,15 @@ struct UrlParts {
 
 Result<UrlParts> parse_url(const std::string& url) {
   const size_t sep = url.find("://");
-  if (sep == std::string::npos) return Status::error(ErrorKind::kInvalidArgument, "URL without scheme");
+  if (sep == std::string::npos)
+    return Status::error(ErrorKind::kInvalidArgument, "URL without scheme");
   UrlParts u;
   u.scheme = url.substr(0, sep);
   std::string rest = url.substr(sep + 3);
   if (!rest.empty() && rest.back() == '/') rest.pop_back();
   const size_t colon = rest.rfind(':');
-  if (colon == std::string::npos) return Status::error(ErrorKind::kInvalidArgument, "URL without port");
+  if (colon == std::string::npos)
+    return Status::error(ErrorKind::kInvalidArgument, "URL without port");
   u.host = rest.substr(0, colon);
   const int port = std::atoi(rest.substr(colon + 1).c_str());
   if (port <= 0 || port > 65535) return Status::error(ErrorKind::kInvalidArgument, "bad port");
@@ -218,7 +220,8 @@ class KeygateTarget : public Target {
       *why = "connect: " + ec.message();
       co_return false;
     }
-    co_await stream.async_handshake(ssl::stream_base::client, asio::redirect_error(use_awaitable, ec));
+    co_await stream.async_handshake(ssl::stream_base::client,
+                                    asio::redirect_error(use_awaitable, ec));
     if (ec) {
       *why = "TLS handshake: " + ec.message();
       co_return false;
@@ -231,8 +234,8 @@ class KeygateTarget : public Target {
     auto challenge = parse_json_object(res.body(), api::kMaxResponseBody);
     auto nonce_text = challenge.is_ok() ? json_string(challenge.value(), api::field::kNonce, 128)
                                         : Result<std::string>(challenge.status());
-    auto nonce = nonce_text.is_ok() ? base64_decode(nonce_text.value())
-                                    : Result<Bytes>(nonce_text.status());
+    auto nonce =
+        nonce_text.is_ok() ? base64_decode(nonce_text.value()) : Result<Bytes>(nonce_text.status());
     if (!nonce.is_ok() || nonce->size() != api::kNonceSize) {
       *why = "challenge: malformed nonce";
       co_return false;
@@ -242,11 +245,11 @@ class KeygateTarget : public Target {
       *why = keys.status().message();
       co_return false;
     }
-    std::string body = str_cat(
-        "{\"", api::field::kVolumeId, "\":\"", volume_id_, "\",\"", api::field::kNonce, "\":\"",
-        nonce_text.value(), "\",\"", api::field::kClientPublicKey, "\":\"",
-        base64_encode(keys->public_key.data(), keys->public_key.size()), "\",\"",
-        api::field::kEvidence, "\":", evidence_json_, "}");
+    std::string body =
+        str_cat("{\"", api::field::kVolumeId, "\":\"", volume_id_, "\",\"", api::field::kNonce,
+                "\":\"", nonce_text.value(), "\",\"", api::field::kClientPublicKey, "\":\"",
+                base64_encode(keys->public_key.data(), keys->public_key.size()), "\",\"",
+                api::field::kEvidence, "\":", evidence_json_, "}");
     if (!co_await round_trip(stream, buffer, url.host, api::kUnlockPath, std::move(body), &res,
                              why)) {
       co_return false;
@@ -347,7 +350,8 @@ class TangTarget : public Target {
     }
     beast::flat_buffer buffer;
     http::response<http::string_body> res;
-    if (!co_await round_trip(stream, buffer, url_.host, "/rec/" + kid_, std::move(request), &res, why)) {
+    if (!co_await round_trip(stream, buffer, url_.host, "/rec/" + kid_, std::move(request), &res,
+                             why)) {
       co_return false;
     }
     stream.socket().close(ec);
@@ -360,10 +364,13 @@ class TangTarget : public Target {
 
  private:
   TangTarget(asio::io_context& io, UrlParts url, const EcCurve& curve)
-      : io_(io), url_(std::move(url)), curve_(curve),
+      : io_(io),
+        url_(std::move(url)),
+        curve_(curve),
         endpoint_(asio::ip::make_address(url_.host), url_.port),
         group_(EC_GROUP_new_by_curve_name(curve.nid), EC_GROUP_free),
-        server_(nullptr, EC_POINT_free), bound_c_(nullptr, EC_POINT_free),
+        server_(nullptr, EC_POINT_free),
+        bound_c_(nullptr, EC_POINT_free),
         bound_k_(nullptr, EC_POINT_free) {}
 
   PointPtr point() const { return PointPtr(EC_POINT_new(group_.get()), EC_POINT_free); }
@@ -371,7 +378,8 @@ class TangTarget : public Target {
   Result<PointPtr> point_from_jwk(const Json::Value& jwk) const {
     auto x = base64url_decode(jwk["x"].asString());
     auto y = base64url_decode(jwk["y"].asString());
-    if (!x.is_ok() || !y.is_ok()) return Status::error(ErrorKind::kInvalidArgument, "JWK coordinates");
+    if (!x.is_ok() || !y.is_ok())
+      return Status::error(ErrorKind::kInvalidArgument, "JWK coordinates");
     BnPtr bx(BN_bin2bn(x->data(), static_cast<int>(x->size()), nullptr), BN_free);
     BnPtr by(BN_bin2bn(y->data(), static_cast<int>(y->size()), nullptr), BN_free);
     PointPtr p = point();
@@ -401,8 +409,9 @@ class TangTarget : public Target {
     if (!s.is_ok()) return s.status();
     server_ = std::move(s).value();
     // kid: the key's RFC 7638 thumbprint (SHA-256), as clevis asks for it.
-    const std::string canonical = str_cat("{\"crv\":\"", curve_.jwk_name, "\",\"kty\":\"EC\",\"x\":\"",
-                                          jwk["x"].asString(), "\",\"y\":\"", jwk["y"].asString(), "\"}");
+    const std::string canonical =
+        str_cat("{\"crv\":\"", curve_.jwk_name, "\",\"kty\":\"EC\",\"x\":\"", jwk["x"].asString(),
+                "\",\"y\":\"", jwk["y"].asString(), "\"}");
     Bytes thp = sha256(canonical);
     kid_ = base64url_encode(thp.data(), thp.size());
     BnPtr c = random_scalar();
@@ -418,7 +427,8 @@ class TangTarget : public Target {
 
   BnPtr random_scalar() const {
     BnPtr v(BN_new(), BN_free);
-    if (!v || BN_rand_range(v.get(), EC_GROUP_get0_order(group_.get())) != 1) return BnPtr(nullptr, BN_free);
+    if (!v || BN_rand_range(v.get(), EC_GROUP_get0_order(group_.get())) != 1)
+      return BnPtr(nullptr, BN_free);
     return v;
   }
 
@@ -434,8 +444,9 @@ class TangTarget : public Target {
     }
     auto xy = coordinates(x.get());
     if (!xy.is_ok()) return false;
-    *request = str_cat("{\"alg\":\"ECMR\",\"crv\":\"", curve_.jwk_name, "\",\"key_ops\":[\"deriveKey\"],",
-                       "\"kty\":\"EC\",\"x\":\"", xy->first, "\",\"y\":\"", xy->second, "\"}");
+    *request =
+        str_cat("{\"alg\":\"ECMR\",\"crv\":\"", curve_.jwk_name, "\",\"key_ops\":[\"deriveKey\"],",
+                "\"kty\":\"EC\",\"x\":\"", xy->first, "\",\"y\":\"", xy->second, "\"}");
     return true;
   }
 
@@ -445,7 +456,8 @@ class TangTarget : public Target {
     auto y = point_from_jwk(jwk.value());
     if (!y.is_ok()) return false;
     PointPtr k = point();
-    if (!k || !EC_POINT_copy(k.get(), e_s) || EC_POINT_invert(group_.get(), k.get(), nullptr) != 1 ||
+    if (!k || !EC_POINT_copy(k.get(), e_s) ||
+        EC_POINT_invert(group_.get(), k.get(), nullptr) != 1 ||
         EC_POINT_add(group_.get(), k.get(), k.get(), y->get(), nullptr) != 1) {
       return false;
     }
@@ -537,7 +549,8 @@ struct Row {
 
 double percentile(std::vector<double>& sorted, double q) {
   if (sorted.empty()) return 0;
-  const size_t idx = std::min(sorted.size() - 1, static_cast<size_t>(q * static_cast<double>(sorted.size())));
+  const size_t idx =
+      std::min(sorted.size() - 1, static_cast<size_t>(q * static_cast<double>(sorted.size())));
   return sorted[idx];
 }
 
@@ -589,7 +602,8 @@ Result<std::unique_ptr<Target>> keygate_target(const Args& args, asio::io_contex
   auto token = read_small_file(args.get("token-file"), 4096);
   if (!token.is_ok()) return token.status().with_context("--token-file");
   std::string token_text = token.value();
-  while (!token_text.empty() && (token_text.back() == '\n' || token_text.back() == '\r')) token_text.pop_back();
+  while (!token_text.empty() && (token_text.back() == '\n' || token_text.back() == '\r'))
+    token_text.pop_back();
   auto token_secret = SecretBuffer::copy_of(token_text.data(), token_text.size());
   if (!token_secret.is_ok()) return token_secret.status();
 
@@ -638,10 +652,11 @@ int main_impl(int argc, char** argv) {
     return 2;
   }
   const std::string kind = argv[1];
-  auto parsed = Args::parse(std::vector<std::string>(argv + 2, argv + argc),
-                           {"url", "ca", "metadata-url", "token-file", "mode", "concurrency", "rate",
-                            "count", "warmup", "threads", "timeout-ms", "server-pid", "label"},
-                           {"header"});
+  auto parsed =
+      Args::parse(std::vector<std::string>(argv + 2, argv + argc),
+                  {"url", "ca", "metadata-url", "token-file", "mode", "concurrency", "rate",
+                   "count", "warmup", "threads", "timeout-ms", "server-pid", "label"},
+                  {"header"});
   if (!parsed.is_ok()) {
     std::cerr << parsed.status().message() << "\n" << kUsage;
     return 2;
@@ -649,7 +664,8 @@ int main_impl(int argc, char** argv) {
   const Args& args = parsed.value();
   log_init("keygate-boot-storm", LogSink::kStderr, LogLevel::kWarning);
   // As the unlocker does (its keys cost the same), sized for many in flight.
-  if (Status heap = init_openssl_secure_heap(kSecureHeapServer); !heap.is_ok()) return fail(heap.message());
+  if (Status heap = init_openssl_secure_heap(kSecureHeapServer); !heap.is_ok())
+    return fail(heap.message());
   const std::string mode = args.get("mode", "closed");
   auto concurrency = args.get_int("concurrency", 64, 1, 100000);
   auto rate = args.get_int("rate", 0, 0, 1000000);
@@ -716,7 +732,8 @@ int main_impl(int argc, char** argv) {
   });
 
   if (mode == "closed") {
-    for (long c = 0; c < concurrency.value(); ++c) asio::co_spawn(io, run.closed_client(), asio::detached);
+    for (long c = 0; c < concurrency.value(); ++c)
+      asio::co_spawn(io, run.closed_client(), asio::detached);
   } else {
     asio::co_spawn(io, run.open_scheduler(static_cast<double>(rate.value())), asio::detached);
   }
