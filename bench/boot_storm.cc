@@ -21,6 +21,7 @@
 //
 // Prints one tab-separated row per run (--header prints the column names).
 
+#include <dirent.h>
 #include <openssl/bn.h>
 #include <openssl/ec.h>
 #include <openssl/obj_mac.h>
@@ -69,7 +70,7 @@ using Clock = std::chrono::steady_clock;
 using asio::awaitable;
 using asio::use_awaitable;
 
-constexpr char kUsage[] = R"(usage: keygate-boot-storm keygate|tang [options]
+constexpr char kUsage[] = R"(usage: keygate-boot-storm keygate|tang|tls [options]
 
 keygate (each unlock: new TCP + TLS connection, challenge, unlock, unwrap check)
   --url https://127.0.0.1:PORT   the key server (repeatable: replicas of one
@@ -79,7 +80,11 @@ keygate (each unlock: new TCP + TLS connection, challenge, unlock, unwrap check)
   --token-file FILE              an enrollment token: the run enrolls its own volume
 tang (each exchange: new TCP connection, POST /rec/<kid>, recovery check)
   --url http://127.0.0.1:PORT    tang (its advertisement is fetched once)
-both
+tls (each exchange: new TCP + TLS connection, one POST /, HTTP 200: the
+     machine's ceiling for any TLS service, with no key work at all)
+  --url https://127.0.0.1:PORT   any HTTPS server answering 200 (nginx in the bench)
+  --ca FILE                      its CA certificate (verified as for keygate)
+all
   --mode closed|open             closed: --concurrency clients back to back (default)
                                  open: unlocks started at --rate per second
   --concurrency N                closed loop clients (default 64)
@@ -88,8 +93,10 @@ both
   --warmup N                     unmeasured unlocks first (default 200)
   --threads N                    generator threads (default 1)
   --timeout-ms N                 one unlock's bound, an error past it (default 10000)
-  --server-pid PID               also report this process's CPU time per unlock
-                                 (repeatable: the replicas' summed)
+  --server-pid PID               also report this process's CPU time per unlock,
+                                 its children's included (repeatable: summed)
+  --db-pid PID                   the same for the database (PostgreSQL's
+                                 postmaster: its backends are its children)
   --label TEXT                   first column of the row (default: the target)
   --header                       print the column names first
 )";
@@ -98,25 +105,67 @@ double ms_since(Clock::time_point t0, Clock::time_point t1) {
   return std::chrono::duration<double, std::milli>(t1 - t0).count();
 }
 
-// CPU seconds (user + system) of a process, from /proc/PID/stat.
-std::optional<double> process_cpu_seconds(int pid) {
+// One process's line of /proc/PID/stat: its parent, and its CPU seconds
+// (user + system), those of its children it has reaped included.
+struct ProcStat {
+  int ppid = 0;
+  double cpu_seconds = 0;
+};
+
+std::optional<ProcStat> proc_stat(int pid) {
   auto stat = read_small_file(str_cat("/proc/", pid, "/stat"), 4096);
   if (!stat.is_ok()) return std::nullopt;
   const std::string& s = stat.value();
   const size_t close = s.rfind(')');
   if (close == std::string::npos) return std::nullopt;
-  // Fields after the command name: state is field 3; utime 14, stime 15.
+  // Fields after the command name: state is field 3, ppid 4; utime 14,
+  // stime 15, cutime 16, cstime 17.
   std::vector<std::string> fields;
   size_t pos = close + 2;
-  while (pos < s.size() && fields.size() < 13) {
+  while (pos < s.size() && fields.size() < 15) {
     size_t end = s.find(' ', pos);
     if (end == std::string::npos) end = s.size();
     fields.push_back(s.substr(pos, end - pos));
     pos = end + 1;
   }
-  if (fields.size() < 13) return std::nullopt;
+  if (fields.size() < 15) return std::nullopt;
   const double ticks = static_cast<double>(sysconf(_SC_CLK_TCK));
-  return (std::stod(fields[11]) + std::stod(fields[12])) / ticks;
+  ProcStat out;
+  out.ppid = std::atoi(fields[1].c_str());
+  out.cpu_seconds = (std::stod(fields[11]) + std::stod(fields[12]) + std::stod(fields[13]) +
+                     std::stod(fields[14])) /
+                    ticks;
+  return out;
+}
+
+// CPU seconds of a process and of all its descendants, living or reaped
+// (nginx's workers, PostgreSQL's backends). A child that exits between two
+// readings moves from the living into its parent's reaped count.
+std::optional<double> process_cpu_seconds(int pid) {
+  auto root = proc_stat(pid);
+  if (!root) return std::nullopt;
+  std::vector<std::pair<int, ProcStat>> all;
+  if (DIR* d = opendir("/proc")) {
+    while (dirent* e = readdir(d)) {
+      char* end = nullptr;
+      const long p = std::strtol(e->d_name, &end, 10);
+      if (end == e->d_name || *end != '\0' || p == pid) continue;
+      if (auto st = proc_stat(static_cast<int>(p))) all.emplace_back(static_cast<int>(p), *st);
+    }
+    closedir(d);
+  }
+  double sum = root->cpu_seconds;
+  std::vector<int> parents{pid};
+  while (!parents.empty()) {
+    const int parent = parents.back();
+    parents.pop_back();
+    for (const auto& [child, st] : all) {
+      if (st.ppid != parent) continue;
+      sum += st.cpu_seconds;
+      parents.push_back(child);
+    }
+  }
+  return sum;
 }
 
 double self_cpu_seconds() {
@@ -135,6 +184,9 @@ class Target {
   virtual ~Target() = default;
   // `deadline` bounds the whole exchange: past it the connection is closed
   // (Beast's stream timeout), its pending operation fails, and so does this.
+  // Runs on a strand of its own (the generator may run several threads):
+  // its stream takes the coroutine's executor, so the timeout's close and
+  // the exchange's own steps never run at once.
   virtual awaitable<bool> exchange(Clock::time_point deadline, std::string* why) = 0;
 };
 
@@ -192,12 +244,35 @@ Result<UrlParts> parse_url(const std::string& url) {
   return u;
 }
 
+// A new TCP connection and a new TLS session (no resumption) to `endpoint`:
+// the server's certificate verified against the CA and required to name
+// the address dialled.
+awaitable<bool> open_tls(beast::ssl_stream<beast::tcp_stream>& stream,
+                         const tcp::endpoint& endpoint, const std::string& host,
+                         Clock::time_point deadline, std::string* why) {
+  beast::get_lowest_layer(stream).expires_at(deadline);
+  X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(stream.native_handle()), host.c_str());
+  beast::error_code ec;
+  co_await beast::get_lowest_layer(stream).async_connect(endpoint,
+                                                         asio::redirect_error(use_awaitable, ec));
+  if (ec) {
+    *why = "connect: " + ec.message();
+    co_return false;
+  }
+  co_await stream.async_handshake(ssl::stream_base::client,
+                                  asio::redirect_error(use_awaitable, ec));
+  if (ec) {
+    *why = "TLS handshake: " + ec.message();
+    co_return false;
+  }
+  co_return true;
+}
+
 class KeygateTarget : public Target {
  public:
-  KeygateTarget(asio::io_context& io, std::vector<UrlParts> urls, ssl::context& tls,
-                std::string volume_id, SecretBuffer secret, std::string evidence_json)
-      : io_(io),
-        urls_(std::move(urls)),
+  KeygateTarget(std::vector<UrlParts> urls, ssl::context& tls, std::string volume_id,
+                SecretBuffer secret, std::string evidence_json)
+      : urls_(std::move(urls)),
         tls_(tls),
         volume_id_(std::move(volume_id)),
         secret_(std::move(secret)),
@@ -209,23 +284,9 @@ class KeygateTarget : public Target {
     // Replicas in turn, one whole unlock each (as instances spread over them).
     const size_t at = next_.fetch_add(1) % urls_.size();
     const UrlParts& url = urls_[at];
-    beast::ssl_stream<beast::tcp_stream> stream(io_, tls_);
-    beast::get_lowest_layer(stream).expires_at(deadline);
-    // The server's certificate must name the address we dialled.
-    X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(stream.native_handle()), url.host.c_str());
+    beast::ssl_stream<beast::tcp_stream> stream(co_await asio::this_coro::executor, tls_);
+    if (!co_await open_tls(stream, endpoints_[at], url.host, deadline, why)) co_return false;
     beast::error_code ec;
-    co_await beast::get_lowest_layer(stream).async_connect(endpoints_[at],
-                                                           asio::redirect_error(use_awaitable, ec));
-    if (ec) {
-      *why = "connect: " + ec.message();
-      co_return false;
-    }
-    co_await stream.async_handshake(ssl::stream_base::client,
-                                    asio::redirect_error(use_awaitable, ec));
-    if (ec) {
-      *why = "TLS handshake: " + ec.message();
-      co_return false;
-    }
     beast::flat_buffer buffer;
     http::response<http::string_body> res;
     if (!co_await round_trip(stream, buffer, url.host, api::kChallengePath, "{}", &res, why)) {
@@ -279,7 +340,6 @@ class KeygateTarget : public Target {
   }
 
  private:
-  asio::io_context& io_;
   const std::vector<UrlParts> urls_;
   ssl::context& tls_;
   const std::string volume_id_;
@@ -287,6 +347,36 @@ class KeygateTarget : public Target {
   const std::string evidence_json_;
   std::vector<tcp::endpoint> endpoints_;
   std::atomic<size_t> next_{0};
+};
+
+// -------------------------------------------------------------------- tls --
+//
+// The floor under any TLS service on this machine: the same connection a
+// booting instance opens (new TCP, new verified TLS session), one small
+// request answered 200, and nothing else: no challenge, no evidence, no
+// store, no key. Against nginx, this row is what the machine gives when a
+// server does no work at all beyond the handshake.
+
+class TlsTarget : public Target {
+ public:
+  TlsTarget(UrlParts url, ssl::context& tls)
+      : url_(std::move(url)), tls_(tls), endpoint_(asio::ip::make_address(url_.host), url_.port) {}
+
+  awaitable<bool> exchange(Clock::time_point deadline, std::string* why) override {
+    beast::ssl_stream<beast::tcp_stream> stream(co_await asio::this_coro::executor, tls_);
+    if (!co_await open_tls(stream, endpoint_, url_.host, deadline, why)) co_return false;
+    beast::flat_buffer buffer;
+    http::response<http::string_body> res;
+    if (!co_await round_trip(stream, buffer, url_.host, "/", "{}", &res, why)) co_return false;
+    beast::error_code ec;
+    beast::get_lowest_layer(stream).socket().close(ec);
+    co_return true;
+  }
+
+ private:
+  const UrlParts url_;
+  ssl::context& tls_;
+  const tcp::endpoint endpoint_;
 };
 
 // ------------------------------------------------------------------- tang --
@@ -309,7 +399,7 @@ constexpr EcCurve kCurves[] = {{NID_secp521r1, "P-521", 66},
 
 class TangTarget : public Target {
  public:
-  static Result<std::unique_ptr<TangTarget>> create(asio::io_context& io, UrlParts url,
+  static Result<std::unique_ptr<TangTarget>> create(UrlParts url,
                                                     const std::string& advertisement) {
     auto adv = parse_json_object(advertisement, 1 << 20);
     if (!adv.is_ok()) return adv.status().with_context("tang advertisement");
@@ -325,7 +415,7 @@ class TangTarget : public Target {
       if (!derive) continue;
       for (const EcCurve& curve : kCurves) {
         if (k["crv"].asString() != curve.jwk_name) continue;
-        auto t = std::unique_ptr<TangTarget>(new TangTarget(io, std::move(url), curve));
+        auto t = std::unique_ptr<TangTarget>(new TangTarget(std::move(url), curve));
         KEYGATE_RETURN_IF_ERROR(t->bind(k));
         return t;
       }
@@ -340,7 +430,7 @@ class TangTarget : public Target {
       *why = "EC arithmetic failed";
       co_return false;
     }
-    beast::tcp_stream stream(io_);
+    beast::tcp_stream stream(co_await asio::this_coro::executor);
     stream.expires_at(deadline);
     beast::error_code ec;
     co_await stream.async_connect(endpoint_, asio::redirect_error(use_awaitable, ec));
@@ -363,9 +453,8 @@ class TangTarget : public Target {
   }
 
  private:
-  TangTarget(asio::io_context& io, UrlParts url, const EcCurve& curve)
-      : io_(io),
-        url_(std::move(url)),
+  TangTarget(UrlParts url, const EcCurve& curve)
+      : url_(std::move(url)),
         curve_(curve),
         endpoint_(asio::ip::make_address(url_.host), url_.port),
         group_(EC_GROUP_new_by_curve_name(curve.nid), EC_GROUP_free),
@@ -464,7 +553,6 @@ class TangTarget : public Target {
     return EC_POINT_cmp(group_.get(), k.get(), bound_k_.get(), nullptr) == 0;
   }
 
-  asio::io_context& io_;
   const UrlParts url_;
   const EcCurve curve_;
   const tcp::endpoint endpoint_;
@@ -533,7 +621,7 @@ struct Run {
       timer.expires_at(at);
       co_await timer.async_wait(asio::as_tuple(use_awaitable));
       if (i == warmup) begin_measuring(at);
-      asio::co_spawn(executor, one(i, at), asio::detached);
+      asio::co_spawn(asio::make_strand(io), one(i, at), asio::detached);
     }
   }
 };
@@ -544,7 +632,7 @@ struct Row {
   int concurrency = 0;
   size_t count = 0, errors = 0;
   double seconds = 0, p50 = 0, p99 = 0, p999 = 0, max = 0;
-  double gen_cpu_ms = 0, server_cpu_ms = -1;
+  double gen_cpu_ms = 0, server_cpu_ms = -1, db_cpu_ms = -1;
 };
 
 double percentile(std::vector<double>& sorted, double q) {
@@ -556,7 +644,8 @@ double percentile(std::vector<double>& sorted, double q) {
 
 void print_header() {
   std::cout << "target\tmode\toffered/s\tclients\tunlocks\terrors\tthroughput/s\tp50 ms\tp99 ms\t"
-               "p99.9 ms\tmax ms\tserver CPU ms/unlock\tgenerator CPU ms/unlock\n";
+               "p99.9 ms\tmax ms\tserver CPU ms/unlock\tdatabase CPU ms/unlock\t"
+               "generator CPU ms/unlock\n";
 }
 
 void print_row(const Row& r) {
@@ -570,7 +659,7 @@ void print_row(const Row& r) {
             << "\t" << r.errors << "\t" << f(static_cast<double>(r.count) / r.seconds, 0) << "\t"
             << f(r.p50, 1) << "\t" << f(r.p99, 1) << "\t" << f(r.p999, 1) << "\t" << f(r.max, 1)
             << "\t" << (r.server_cpu_ms < 0 ? "-" : f(r.server_cpu_ms, 2)) << "\t"
-            << f(r.gen_cpu_ms, 2) << "\n";
+            << (r.db_cpu_ms < 0 ? "-" : f(r.db_cpu_ms, 2)) << "\t" << f(r.gen_cpu_ms, 2) << "\n";
 }
 
 int fail(const std::string& what) {
@@ -578,8 +667,31 @@ int fail(const std::string& what) {
   return 1;
 }
 
-Result<std::unique_ptr<Target>> keygate_target(const Args& args, asio::io_context& io,
-                                               ssl::context& tls) {
+// The client side of every TLS row: only --ca is trusted, and there is no
+// resumption (every booting instance is a first contact). The CA's PEM.
+Result<std::string> trust_ca(const Args& args, ssl::context& tls) {
+  auto ca = read_small_file(args.get("ca"), 1 << 20);
+  if (!ca.is_ok()) return ca.status().with_context("--ca");
+  tls.set_verify_mode(ssl::verify_peer);
+  boost::system::error_code ec;
+  tls.add_certificate_authority(asio::buffer(ca.value()), ec);
+  if (ec) return Status::error(ErrorKind::kInvalidArgument, "--ca: not a PEM certificate");
+  SSL_CTX_set_session_cache_mode(tls.native_handle(), SSL_SESS_CACHE_OFF);
+  SSL_CTX_set_options(tls.native_handle(), SSL_OP_NO_TICKET);
+  return ca;
+}
+
+Result<std::unique_ptr<Target>> tls_target(const Args& args, ssl::context& tls) {
+  auto url = parse_url(args.get("url"));
+  if (!url.is_ok() || url->scheme != "https") {
+    return Status::error(ErrorKind::kInvalidArgument, "--url must be https://ADDRESS:PORT");
+  }
+  auto ca = trust_ca(args, tls);
+  if (!ca.is_ok()) return ca.status();
+  return std::unique_ptr<Target>(new TlsTarget(std::move(url).value(), tls));
+}
+
+Result<std::unique_ptr<Target>> keygate_target(const Args& args, ssl::context& tls) {
   std::vector<UrlParts> urls;
   for (const std::string& u : args.get_all("url")) {
     auto url = parse_url(u);
@@ -589,15 +701,8 @@ Result<std::unique_ptr<Target>> keygate_target(const Args& args, asio::io_contex
     urls.push_back(url.value());
   }
   if (urls.empty()) return Status::error(ErrorKind::kInvalidArgument, "--url is required");
-  auto ca = read_small_file(args.get("ca"), 1 << 20);
-  if (!ca.is_ok()) return ca.status().with_context("--ca");
-  tls.set_verify_mode(ssl::verify_peer);
-  boost::system::error_code ec;
-  tls.add_certificate_authority(asio::buffer(ca.value()), ec);
-  if (ec) return Status::error(ErrorKind::kInvalidArgument, "--ca: not a PEM certificate");
-  // No resumption: every booting instance is a first contact.
-  SSL_CTX_set_session_cache_mode(tls.native_handle(), SSL_SESS_CACHE_OFF);
-  SSL_CTX_set_options(tls.native_handle(), SSL_OP_NO_TICKET);
+  auto ca = trust_ca(args, tls);
+  if (!ca.is_ok()) return ca.status();
 
   auto token = read_small_file(args.get("token-file"), 4096);
   if (!token.is_ok()) return token.status().with_context("--token-file");
@@ -617,7 +722,7 @@ Result<std::unique_ptr<Target>> keygate_target(const Args& args, asio::io_contex
       unlocker::confirm_volume(server, enrollment->volume_id, enrollment->secret));
   auto aws = unlocker::collect_aws_evidence(args.get("metadata-url"), 5000);
   if (!aws.is_ok()) return aws.status().with_context("AWS evidence");
-  return std::unique_ptr<Target>(new KeygateTarget(io, std::move(urls), tls, enrollment->volume_id,
+  return std::unique_ptr<Target>(new KeygateTarget(std::move(urls), tls, enrollment->volume_id,
                                                    std::move(enrollment->secret),
                                                    to_json(aws.value())));
 }
@@ -641,13 +746,14 @@ Result<std::unique_ptr<Target>> tang_target(const Args& args, asio::io_context& 
   if (ec || res.result_int() != 200) {
     return Status::error(ErrorKind::kUnavailable, "tang: GET /adv failed");
   }
-  auto t = TangTarget::create(io, url.value(), res.body());
+  auto t = TangTarget::create(url.value(), res.body());
   if (!t.is_ok()) return t.status();
   return std::unique_ptr<Target>(std::move(t).value());
 }
 
 int main_impl(int argc, char** argv) {
-  if (argc < 2 || (std::string(argv[1]) != "keygate" && std::string(argv[1]) != "tang")) {
+  const std::string first = argc < 2 ? "" : argv[1];
+  if (first != "keygate" && first != "tang" && first != "tls") {
     std::cerr << kUsage;
     return 2;
   }
@@ -655,7 +761,7 @@ int main_impl(int argc, char** argv) {
   auto parsed =
       Args::parse(std::vector<std::string>(argv + 2, argv + argc),
                   {"url", "ca", "metadata-url", "token-file", "mode", "concurrency", "rate",
-                   "count", "warmup", "threads", "timeout-ms", "server-pid", "label"},
+                   "count", "warmup", "threads", "timeout-ms", "server-pid", "db-pid", "label"},
                   {"header"});
   if (!parsed.is_ok()) {
     std::cerr << parsed.status().message() << "\n" << kUsage;
@@ -673,15 +779,17 @@ int main_impl(int argc, char** argv) {
   auto warmup = args.get_int("warmup", 200, 0, 100000000);
   auto threads = args.get_int("threads", 1, 1, 256);
   auto timeout_ms = args.get_int("timeout-ms", 10000, 1, 600000);
-  std::vector<int> server_pids;
-  for (const std::string& p : args.get_all("server-pid")) {
-    char* end = nullptr;
-    const long pid = std::strtol(p.c_str(), &end, 10);
-    if (end == p.c_str() || *end != '\0' || pid <= 0 || pid > (1 << 22)) {
-      std::cerr << "--server-pid: not a process id\n" << kUsage;
-      return 2;
+  std::vector<int> server_pids, db_pids;
+  for (const char* option : {"server-pid", "db-pid"}) {
+    for (const std::string& p : args.get_all(option)) {
+      char* end = nullptr;
+      const long pid = std::strtol(p.c_str(), &end, 10);
+      if (end == p.c_str() || *end != '\0' || pid <= 0 || pid > (1 << 22)) {
+        std::cerr << "--" << option << ": not a process id\n" << kUsage;
+        return 2;
+      }
+      (std::string(option) == "db-pid" ? db_pids : server_pids).push_back(static_cast<int>(pid));
     }
-    server_pids.push_back(static_cast<int>(pid));
   }
   for (const auto* r : {&concurrency, &rate, &count, &warmup, &threads, &timeout_ms}) {
     if (!r->is_ok()) {
@@ -702,7 +810,9 @@ int main_impl(int argc, char** argv) {
 
   asio::io_context io(static_cast<int>(threads.value()));
   ssl::context tls(ssl::context::tls_client);
-  auto target = kind == "keygate" ? keygate_target(args, io, tls) : tang_target(args, io);
+  auto target = kind == "keygate" ? keygate_target(args, tls)
+                : kind == "tls"   ? tls_target(args, tls)
+                                  : tang_target(args, io);
   if (!target.is_ok()) return fail(target.status().message());
 
   Run run{*target.value(), io};
@@ -712,28 +822,32 @@ int main_impl(int argc, char** argv) {
   run.latency_ms.assign(run.count, -1.0);
   if (run.warmup == 0) run.begin_measuring(Clock::now());
 
-  // The servers' CPU seconds summed (none when a process cannot be read).
-  auto servers_cpu = [&]() -> std::optional<double> {
+  // Processes' CPU seconds summed (none when one cannot be read, or none
+  // was named).
+  auto cpu_of = [](const std::vector<int>& pids) -> std::optional<double> {
+    if (pids.empty()) return std::nullopt;
     double sum = 0;
-    for (int pid : server_pids) {
+    for (int pid : pids) {
       auto s = process_cpu_seconds(pid);
       if (!s) return std::nullopt;
       sum += *s;
     }
     return sum;
   };
-  std::optional<double> server_cpu0, server_cpu1;
+  std::optional<double> server_cpu0, server_cpu1, db_cpu0, db_cpu1;
   double gen_cpu0 = 0;
   // The CPU counters are read when the measured part begins and ends.
   std::thread sampler([&] {
     while (!run.measuring.load()) std::this_thread::sleep_for(std::chrono::microseconds(200));
-    if (!server_pids.empty()) server_cpu0 = servers_cpu();
+    server_cpu0 = cpu_of(server_pids);
+    db_cpu0 = cpu_of(db_pids);
     gen_cpu0 = self_cpu_seconds();
   });
 
   if (mode == "closed") {
-    for (long c = 0; c < concurrency.value(); ++c)
-      asio::co_spawn(io, run.closed_client(), asio::detached);
+    for (long c = 0; c < concurrency.value(); ++c) {
+      asio::co_spawn(asio::make_strand(io), run.closed_client(), asio::detached);
+    }
   } else {
     asio::co_spawn(io, run.open_scheduler(static_cast<double>(rate.value())), asio::detached);
   }
@@ -742,7 +856,8 @@ int main_impl(int argc, char** argv) {
   io.run();
   for (auto& t : pool) t.join();
   sampler.join();
-  if (!server_pids.empty()) server_cpu1 = servers_cpu();
+  server_cpu1 = cpu_of(server_pids);
+  db_cpu1 = cpu_of(db_pids);
   const double gen_cpu1 = self_cpu_seconds();
 
   Row row;
@@ -766,6 +881,7 @@ int main_impl(int argc, char** argv) {
   const double per = 1000.0 / static_cast<double>(run.count);
   row.gen_cpu_ms = (gen_cpu1 - gen_cpu0) * per;
   if (server_cpu0 && server_cpu1) row.server_cpu_ms = (*server_cpu1 - *server_cpu0) * per;
+  if (db_cpu0 && db_cpu1) row.db_cpu_ms = (*db_cpu1 - *db_cpu0) * per;
   if (args.has("header")) print_header();
   print_row(row);
   if (!run.first_error.empty()) {
