@@ -15,6 +15,11 @@
 #            tangd.socket (Accept=yes) and tangd@.service run it, through
 #            systemd-socket-activate; each exchange is a new connection and a
 #            POST /rec/<kid>, checked the way clevis checks it.
+#   nginx:   the floor under every row: Debian's nginx answering 200 to a
+#            POST over the same TLS a keygate unlock uses (TLS 1.3, an ECDSA
+#            P-256 certificate, no resumption), one request per new
+#            connection and no other work: what this machine gives any TLS
+#            service whose clients each open a new connection.
 #
 # Rows: closed loop (N clients back to back: the maximum) and open loop
 # (unlocks started at a fixed rate, latency from the scheduled start).
@@ -22,13 +27,15 @@
 #
 # Usage: bench/boot_storm.sh [COUNT]   (default 10000 per row;
 #        KEYGATE_BUILD=dir, default build/; RATES="500 1000": the open-loop
-#        rows' offered unlocks per second; CLIENTS=32 closed-loop clients)
+#        rows' offered unlocks per second; CLIENTS=32 closed-loop clients;
+#        THREADS: the generator's threads, default one per core)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 count=${1:-10000}
 rates=${RATES:-500 1000}
 clients=${CLIENTS:-32}
+threads=${THREADS:-$(nproc)}
 build=${KEYGATE_BUILD:-$root/build}
 bin=$build/bin
 
@@ -114,6 +121,54 @@ done
 [ -n "$up" ] || helper_failed "tang on port $tang_port" "$work/tang.log"
 tang=http://127.0.0.1:$tang_port
 
+# --- nginx: TLS and nothing else ------------------------------------------------
+# Its own throwaway CA and an ECDSA P-256 certificate for 127.0.0.1, as
+# keygate-server makes its own; one worker per core; TLS 1.3 only, no
+# session cache and no tickets (the generator offers no resumption anyway).
+mkdir -p "$work/nginx"
+run_logged "$work/nginx-ca.log" openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+  -keyout "$work/nginx/ca.key" -out "$work/nginx/ca.pem" -subj /CN=bench-ca -days 2
+run_logged "$work/nginx-csr.log" openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+  -keyout "$work/nginx/leaf.key" -out "$work/nginx/leaf.csr" -subj /CN=127.0.0.1
+printf 'subjectAltName=IP:127.0.0.1\n' >"$work/nginx/leaf.ext"
+run_logged "$work/nginx-sign.log" openssl x509 -req -in "$work/nginx/leaf.csr" -CA "$work/nginx/ca.pem" \
+  -CAkey "$work/nginx/ca.key" -CAcreateserial -out "$work/nginx/leaf.pem" -days 2 -extfile "$work/nginx/leaf.ext"
+nginx_port=$(free_port)
+cat >"$work/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes $(nproc);
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  server {
+    listen 127.0.0.1:$nginx_port ssl backlog=4096;
+    ssl_certificate $work/nginx/leaf.pem;
+    ssl_certificate_key $work/nginx/leaf.key;
+    ssl_protocols TLSv1.3;
+    ssl_session_cache off;
+    ssl_session_tickets off;
+    location / { return 200 "ok\n"; }
+  }
+}
+EOF
+nginx -e "$work/nginx/error.log" -p "$work/nginx" -c "$work/nginx/nginx.conf" >"$work/nginx.log" 2>&1 &
+nginx_pid=$!
+pids+=($nginx_pid)
+up=
+for _ in $(seq 100); do
+  curl -fsS --cacert "$work/nginx/ca.pem" -d '{}' "https://127.0.0.1:$nginx_port/" >/dev/null 2>&1 && { up=1; break; }
+  kill -0 "$nginx_pid" 2>/dev/null || break
+  sleep 0.1
+done
+[ -n "$up" ] || helper_failed "nginx on port $nginx_port" "$work/nginx/error.log"
+
 # --- keygate on PostgreSQL: one replica, then two on one database -------------
 # A throwaway cluster (Debian's PostgreSQL 15, default durability: fsync on,
 # synchronous_commit on) on a Unix socket, as tests/pg_cluster.sh makes it.
@@ -121,6 +176,7 @@ tests/pg_cluster.sh start "$work/pg-cluster" || die "PostgreSQL did not start"
 cleanup_pg() { tests/pg_cluster.sh stop "$work/pg-cluster" || true; }
 trap 'cleanup_pg; cleanup' EXIT
 pg_dir=$(cat "$work/pg-cluster")
+pg_pid=$(head -n 1 "$pg_dir/data/postmaster.pid")
 psql -q -h "$pg_dir" -U postgres -d postgres -c "CREATE DATABASE bench" >/dev/null
 pg_store="host=$pg_dir user=postgres dbname=bench"
 mkdir -m 0700 "$work/pg1"
@@ -141,14 +197,16 @@ pids+=($pg2_pid)
 pg2=https://127.0.0.1:$(wait_port "$work/pg2.port" "$work/pg2.log" "$pg2_pid")
 
 # --- runs ----------------------------------------------------------------------
-storm() { "$bin/keygate-boot-storm" "$@" --count "$count" 2>>"$work/errors.log"; }
+storm() { "$bin/keygate-boot-storm" "$@" --count "$count" --threads "$threads" 2>>"$work/errors.log"; }
 kg=(keygate --url "$srv" --ca "$work/srv/ca.pem" --metadata-url "$emu" --token-file "$work/token"
     --server-pid "$srv_pid")
 failed=0
 {
-  storm "${kg[@]}" --mode closed --concurrency "$clients" --header || failed=1
+  storm tls --url "https://127.0.0.1:$nginx_port" --ca "$work/nginx/ca.pem" --server-pid "$nginx_pid" \
+    --label nginx-tls-only --mode closed --concurrency "$clients" --header || failed=1
+  storm "${kg[@]}" --mode closed --concurrency "$clients" || failed=1
   for rate in $rates; do storm "${kg[@]}" --mode open --rate "$rate" || failed=1; done
-  pg=(keygate --ca "$work/pg1/ca.pem" --metadata-url "$emu" --token-file "$work/pg-token")
+  pg=(keygate --ca "$work/pg1/ca.pem" --metadata-url "$emu" --token-file "$work/pg-token" --db-pid "$pg_pid")
   pg_one=("${pg[@]}" --url "$pg1" --server-pid "$pg1_pid" --label keygate-pg)
   pg_two=("${pg[@]}" --url "$pg1" --url "$pg2" --server-pid "$pg1_pid" --server-pid "$pg2_pid" --label keygate-pg-x2)
   storm "${pg_one[@]}" --mode closed --concurrency "$clients" || failed=1
@@ -160,8 +218,8 @@ failed=0
   for rate in $rates; do storm tang --url "$tang" --mode open --rate "$rate" || true; done
 } >"$work/rows.tsv"
 
-echo "Boot storm: $count unlocks per row, $(nproc) cores shared by the servers and the generator"
-echo "(kernel $(uname -r), tang $(dpkg-query -W -f='${Version}' tang), OpenSSL $(openssl version | awk '{print $2}'))"
+echo "Boot storm: $count unlocks per row, $(nproc) cores shared by the servers and the generator ($threads threads)"
+echo "(kernel $(uname -r), tang $(dpkg-query -W -f='${Version}' tang), nginx $(dpkg-query -W -f='${Version}' nginx-light), OpenSSL $(openssl version | awk '{print $2}'))"
 echo
 column -t -s $'\t' "$work/rows.tsv"
 if [ -s "$work/errors.log" ]; then

@@ -45,8 +45,9 @@ packages=(
 )
 # Reference tools for bench/ (clevis + tang on the same machine; clevis's
 # tpm2 pin and systemd units for bench/initramfs_size.sh, which downloads
-# clevis-initramfs and clevis-dracut without installing them).
-bench_packages=(clevis clevis-luks clevis-tpm2 clevis-systemd tang socat jose systemd)
+# clevis-initramfs and clevis-dracut without installing them; nginx as the
+# boot-storm bench's TLS-only floor).
+bench_packages=(clevis clevis-luks clevis-tpm2 clevis-systemd tang socat jose systemd nginx-light)
 
 missing=()
 for p in "${packages[@]}" ${KEYGATE_WITH_BENCH:+"${bench_packages[@]}"}; do
