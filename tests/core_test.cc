@@ -10,6 +10,7 @@
 #include <limits>
 #include <random>
 #include <set>
+#include <thread>
 #include <vector>
 
 #include <openssl/crypto.h>
@@ -225,6 +226,29 @@ TEST(Json, ParsesObjectsAndRejectsGarbage) {
   std::string deep(200, '[');
   EXPECT_FALSE(parse_json_object("{\"a\":" + deep + "}").is_ok());
   EXPECT_FALSE(parse_json_object(std::string(100, ' ') + "{}", 50).is_ok());
+}
+
+// The reader is made once per thread: a document that failed half way
+// (errors, a nesting past the limit, a duplicate key) leaves nothing behind
+// in the next parse, on this thread or another.
+TEST(Json, AFailedParseLeavesNothingForTheNext) {
+  const std::string deep = "{\"a\":" + std::string(200, '[') + "}";
+  for (const std::string& bad : {deep, std::string("{\"a\":1,\"a\":2}"), std::string("{\"x\":[1,2,")}) {
+    ASSERT_FALSE(parse_json_object(bad).is_ok()) << bad;
+    auto next = parse_json_object(R"({"b":[true,{"c":"d"}]})");
+    ASSERT_TRUE(next.is_ok()) << next.status().message();
+    EXPECT_EQ(next->size(), 1u);
+    EXPECT_EQ(next.value()["b"][1]["c"].asString(), "d");
+    EXPECT_FALSE(next->isMember("a"));
+  }
+  std::thread other([] {
+    EXPECT_FALSE(parse_json_object("{\"a\":" + std::string(200, '[') + "}").is_ok());
+    auto r = parse_json_object(R"({"e":1})");
+    ASSERT_TRUE(r.is_ok());
+    EXPECT_EQ(r.value()["e"].asInt(), 1);
+  });
+  other.join();
+  EXPECT_TRUE(parse_json_object(R"({"f":2})").is_ok());
 }
 
 // A document with every JSON type, nesting, every byte in strings and keys,
