@@ -348,13 +348,19 @@ class Pool {
   }
 
   // One connection: keygate's defaults first, the operator's string over
-  // them (a wait for a database that does not answer is bounded).
+  // them (a wait for a database that does not answer is bounded). keygate
+  // never waits inside a transaction, so a session idle in one for 10 s is a
+  // replica that stopped half way (a paused VM): PostgreSQL ends it, and
+  // the locks it held (the trail's head: every replica's releases) go with
+  // it. A wait for a lock gives up after 3 s, inside the unlocker's request
+  // timeout: the answer is a 503 the unlocker retries, not a worker and a
+  // database connection held while the client has gone.
   static Result<std::unique_ptr<Conn>> connect(const std::string& conninfo) {
     const char* keys[] = {"connect_timeout", "application_name", "options", "dbname", nullptr};
-    const char* values[] = {
-        "5", "keygate-server",
-        "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000", conninfo.c_str(),
-        nullptr};
+    const char* values[] = {"5", "keygate-server",
+                            "-c statement_timeout=30000 -c lock_timeout=3000 "
+                            "-c idle_in_transaction_session_timeout=10000",
+                            conninfo.c_str(), nullptr};
     auto c = std::make_unique<Conn>();
     c->pg = PQconnectdbParams(keys, values, 1);
     if (c->pg == nullptr)
@@ -1082,6 +1088,10 @@ class PgStore final : public Store {
     if (!c.is_ok()) return c.status();
     Conn& conn = **c;
     return in_transaction(conn, "schema migration", [&]() -> Status {
+      // Another replica's migration may take longer than a lock wait is
+      // otherwise allowed: wait for it as long as for any one statement.
+      KEYGATE_RETURN_IF_ERROR(conn.command("wait for the migration lock",
+                                           "SET LOCAL lock_timeout = '30s'"));
       KEYGATE_RETURN_IF_ERROR(conn.exec("take the migration lock",
                                         "SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) l",
                                         Params().int8(kMigrationLock))

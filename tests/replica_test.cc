@@ -48,6 +48,7 @@ class ReplicaTest : public KeygateTest {
                       std::vector<std::string> b_extra = {}) {
     const std::string db = PgCluster::shared().create_database();
     ASSERT_NE(db, "");
+    db_ = db;
     const std::string config = dir_ + "/" + unique("replica-config") + ".json";
     write_file(config, R"({"rate_limits": {"per_instance": )" + per_instance + "}}");
     a_extra.insert(a_extra.begin(), {"--config", config});
@@ -82,6 +83,7 @@ class ReplicaTest : public KeygateTest {
   }
 
   Server a_, b_;
+  std::string db_;  // the replicas' database (its connection string)
   Json::Value evidence_;
 };
 
@@ -335,6 +337,95 @@ TEST_F(ReplicaTest, AReplicaKilledMidRunServesAgainAndNoRecordIsLost) {
   RunResult v = run({bin("keygate-server"), "audit", "verify", "--state-dir", b_.state});
   EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
   EXPECT_EQ(count_of(audit_text(a_), "unlock released volume=" + id), static_cast<size_t>(ok));
+}
+
+// A replica that stops in the middle of writing the trail (a paused VM, a
+// SIGSTOP) holds the trail's head, and with it every other replica's
+// releases: PostgreSQL ends its transaction after a bounded idle time
+// (keygate's sessions never idle inside one), the other replica answers 503
+// meanwhile and the unlocker retries into a release well inside its
+// deadline. The stopped replica, once resumed, releases nothing from the
+// write it lost, and serves again.
+TEST_F(ReplicaTest, AReplicaStoppedHoldingTheTrailsHeadHoldsTheOthersOnlyBriefly) {
+  ASSERT_EQ(PgCluster::shared().error(), "");
+  start_replicas();
+  // The volume lists the second replica first: its unlocker goes there.
+  const std::string vol = new_volume_file();
+  RunResult enrolled = enroll_format(vol, a_, make_token(a_), emulator_, {b_.url()});
+  ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(enrolled.out, m, std::regex("enrolled as volume ([0-9a-f-]+)")));
+  const std::string id = m[1].str();
+  evidence_ = aws_evidence(emulator_);
+
+  // While the flag row is there, advancing the trail's head sleeps 3 s
+  // after taking its lock: a window in which to stop the replica that
+  // holds it.
+  ASSERT_EQ(PgCluster::exec(db_, R"(
+      CREATE TABLE test_slow_head (flag boolean);
+      CREATE FUNCTION test_slow_head() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF EXISTS (SELECT 1 FROM test_slow_head) THEN PERFORM pg_sleep(3); END IF;
+        RETURN NEW; END $$;
+      CREATE TRIGGER test_slow_head AFTER UPDATE ON audit_head
+        FOR EACH ROW EXECUTE FUNCTION test_slow_head();
+      INSERT INTO test_slow_head VALUES (true);)"),
+            "");
+  const std::string at_a = unlock_request(id, fresh_nonce(a_));
+  int a_status = 0;
+  std::thread held([&] {
+    auto cli = api_client(a_);
+    cli->set_read_timeout(120);
+    auto res = cli->Post(api::kUnlockPath, at_a, "application/json");
+    a_status = res ? res->status : -1;
+  });
+  // Replica a is inside its audit write, the head's lock taken: stop it.
+  std::string sleeping;
+  for (int i = 0; i < 100 && sleeping != "1"; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    sleeping = PgCluster::query(
+        db_, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'");
+  }
+  ASSERT_EQ(sleeping, "1");
+  ASSERT_EQ(kill(a_.process.pid(), SIGSTOP), 0);
+  ASSERT_EQ(PgCluster::exec(db_, "DELETE FROM test_slow_head"), "");
+  // Its statement ends; its transaction stays open, idle, the lock held.
+  std::string idle;
+  for (int i = 0; i < 100 && idle != "1"; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    idle = PgCluster::query(
+        db_, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle in transaction'");
+  }
+  ASSERT_EQ(idle, "1");
+
+  // The other replica keeps answering, and the real unlocker opens the
+  // volume through it within a bound well inside its deadline.
+  const auto started = std::chrono::steady_clock::now();
+  std::future<RunResult> opened = std::async(std::launch::async, [&] {
+    return run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url", emulator_.url(),
+                "--timeout", "5", "--deadline", "40"});
+  });
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  auto challenge = api_client(b_)->Post(api::kChallengePath, "{}", "application/json");
+  ASSERT_TRUE(challenge);
+  EXPECT_EQ(challenge->status, 200) << challenge->body;
+  const RunResult r = opened.get();
+  const auto took = std::chrono::steady_clock::now() - started;
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.err, "key released by " + b_.url())) << r.err;
+  EXPECT_LT(took, std::chrono::seconds(25));
+
+  // Resumed, the stopped replica finds its write gone: its answer is a
+  // retryable refusal, never the key; then it serves again.
+  ASSERT_EQ(kill(a_.process.pid(), SIGCONT), 0);
+  held.join();
+  EXPECT_EQ(a_status, 503);
+  EXPECT_EQ(post_unlock(a_, unlock_request(id, fresh_nonce(a_))), 200);
+
+  for (const Server* s : {&a_, &b_}) {
+    RunResult v = run({bin("keygate-server"), "audit", "verify", "--state-dir", s->state});
+    EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+  }
+  EXPECT_EQ(count_of(audit_text(b_), "unlock released volume=" + id), 2u);
 }
 
 // PostgreSQL stopped during a run of unlocks: the server answers 503 with
