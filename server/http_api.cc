@@ -114,6 +114,7 @@ struct Front {
   const HttpOptions& options;
   ssl::context& tls;
   asio::thread_pool& workers;
+  asio::thread_pool& admin_workers;  // the admin API's own (HttpOptions::admin_workers)
   ConnectionCounts counts;
   std::atomic<uint64_t> refused_connections{0};
 };
@@ -240,6 +241,8 @@ class Session : public std::enable_shared_from_this<Session> {
 
   // The admin API: only with a client certificate that verified against
   // the admin CA in this connection's handshake (or the session it resumed).
+  // It runs on the admin workers: however long an admin request takes, the
+  // unlock workers stay free.
   void on_admin(Request request) {
     std::optional<AdminPeer> peer;
     SSL* ssl = stream_->native_handle();
@@ -247,7 +250,7 @@ class Session : public std::enable_shared_from_this<Session> {
       peer = admin_peer_of(cert);
     }
     auto self = shared_from_this();
-    asio::post(front_.workers, [self, peer = std::move(peer), request = std::move(request)]() mutable {
+    asio::post(front_.admin_workers, [self, peer = std::move(peer), request = std::move(request)]() mutable {
       ApiResponse response;
       try {
         const std::string_view target(request.target().data(), request.target().size());
@@ -493,7 +496,9 @@ Status serve_https(KeyService& service, AdminService* admin, const HttpOptions& 
   // Declared before the I/O context: sessions it still holds when it is
   // destroyed count themselves out of `front`.
   asio::thread_pool workers(static_cast<size_t>(worker_count(options)));
-  Front front{service, admin, options, tls, workers,
+  const int admin_workers_count = std::max(1, options.admin_workers);
+  asio::thread_pool admin_workers(static_cast<size_t>(admin_workers_count));
+  Front front{service, admin, options, tls, workers, admin_workers,
               ConnectionCounts(options.max_connections, options.max_connections_per_source)};
   const int io_threads = per_core(options.io_threads);
   asio::io_context io(io_threads);
@@ -538,12 +543,14 @@ Status serve_https(KeyService& service, AdminService* admin, const HttpOptions& 
     io.stop();
   });
   log_info(str_cat("listening on https://", options.host, ":", port, " (", io_threads,
-                   " I/O threads, ", worker_count(options), " workers)"));
+                   " I/O threads, ", worker_count(options), " workers, ", admin_workers_count,
+                   " for the admin API)"));
   std::vector<std::thread> threads;
   for (int i = 1; i < io_threads; ++i) threads.emplace_back([&io] { io.run(); });
   io.run();
   for (auto& t : threads) t.join();
   workers.join();
+  admin_workers.join();
   return Status::ok();
 }
 

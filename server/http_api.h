@@ -4,7 +4,8 @@
 // not per byte); bodies are bounded while they are read, whatever their
 // transfer encoding; connections are capped in total and per source address
 // (beyond the cap a new one is closed at once); the key service runs on a
-// bounded pool of workers apart from the I/O threads.
+// bounded pool of workers apart from the I/O threads, and the admin API on a
+// small pool of its own.
 #pragma once
 
 #include <functional>
@@ -35,6 +36,10 @@ struct HttpOptions {
   int max_requests_per_connection = 100;
   int io_threads = 0;  // 0: one per core (TLS handshakes run here)
   int workers = 0;     // 0: four per core (verification, and the store's fsync)
+  // The admin API, the console and /metrics run on workers of their own, so
+  // that no admin request (a long audit trail read, a wait on the database)
+  // holds a worker an unlock needs.
+  int admin_workers = 2;
   // Run on a worker at each SIGHUP (the policy file's reload), if set.
   std::function<void()> on_reload;
 };

@@ -138,4 +138,18 @@ std::string PgCluster::query(const std::string& conninfo, const std::string& sql
   return out;
 }
 
+PgSession::PgSession(const std::string& conninfo, const std::string& sql) {
+  conn_ = PQconnectdb(conninfo.c_str());
+  if (PQstatus(conn_) != CONNECTION_OK) {
+    error_ = PQerrorMessage(conn_);
+    return;
+  }
+  PGresult* r = PQexec(conn_, sql.c_str());
+  const ExecStatusType st = PQresultStatus(r);
+  if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) error_ = PQresultErrorMessage(r);
+  PQclear(r);
+}
+
+PgSession::~PgSession() { PQfinish(conn_); }
+
 }  // namespace keygate::testing

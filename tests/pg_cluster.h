@@ -6,6 +6,8 @@
 #include <memory>
 #include <string>
 
+struct pg_conn;  // libpq's PGconn
+
 namespace keygate::testing {
 
 class PgCluster {
@@ -48,6 +50,23 @@ class PgCluster {
   std::string error_;
   bool owned_ = false;
   int databases_ = 0;
+};
+
+// A client of its own that runs `sql` (BEGIN and a LOCK, say) and keeps its
+// session, and the transaction with it, open until the object goes:
+// another program holding what `sql` took.
+class PgSession {
+ public:
+  PgSession(const std::string& conninfo, const std::string& sql);
+  ~PgSession();
+  PgSession(const PgSession&) = delete;
+  PgSession& operator=(const PgSession&) = delete;
+  // "" when `sql` ran; otherwise libpq's error.
+  const std::string& error() const { return error_; }
+
+ private:
+  ::pg_conn* conn_ = nullptr;
+  std::string error_;
 };
 
 }  // namespace keygate::testing

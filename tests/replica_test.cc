@@ -428,6 +428,59 @@ TEST_F(ReplicaTest, AReplicaStoppedHoldingTheTrailsHeadHoldsTheOthersOnlyBriefly
   EXPECT_EQ(count_of(audit_text(b_), "unlock released volume=" + id), 2u);
 }
 
+// The admin API runs on workers of its own: admin requests stuck on the
+// database (listing approval requests while another session holds their
+// table), many at once and sent again as each gives up, take no worker an
+// unlock needs. The unlock goes through in its usual time.
+TEST_F(ReplicaTest, StuckAdminRequestsTakeNoWorkerFromUnlocks) {
+  ASSERT_EQ(PgCluster::shared().error(), "");
+  start_replicas();
+  const std::string people = dir_ + "/" + unique("people");
+  ASSERT_EQ(mkdir(people.c_str(), 0700), 0);
+  RunResult boot = run({bin("keygate-server"), "admin", "bootstrap", "--state-dir", a_.state,
+                        "--name", "alice", "--out", people + "/alice", "--server-url", a_.url()});
+  ASSERT_EQ(boot.exit_code, 0) << boot.err;
+  auto [vol, id] = enrolled_volume(&a_);
+  ASSERT_FALSE(id.empty());
+  ASSERT_EQ(unlock(vol, emulator_).exit_code, 0);
+
+  auto holder = std::make_unique<PgSession>(db_, "BEGIN; LOCK TABLE approvals IN ACCESS EXCLUSIVE MODE");
+  ASSERT_EQ(holder->error(), "");
+  // Four times as many admin requests as the server has workers, each
+  // stuck for the database's lock timeout and sent again.
+  std::atomic<bool> stop{false};
+  std::atomic<int> stuck{0};
+  std::vector<std::thread> admins;
+  for (int i = 0; i < 32; ++i) {
+    admins.emplace_back([&] {
+      httplib::SSLClient cli("127.0.0.1", a_.port, people + "/alice/cert.pem",
+                             people + "/alice/key.pem");
+      cli.set_ca_cert_path(a_.ca().c_str());
+      cli.enable_server_certificate_verification(true);
+      cli.set_read_timeout(30);
+      while (!stop) {
+        auto res = cli.Get("/v1/admin/requests");
+        if (res && res->status != 200) ++stuck;
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  const auto started = std::chrono::steady_clock::now();
+  RunResult opened = run({bin("keygate"), "unlock", vol, "--verify-only", "--metadata-url",
+                          emulator_.url(), "--timeout", "5", "--deadline", "30"});
+  const auto took = std::chrono::steady_clock::now() - started;
+  EXPECT_EQ(opened.exit_code, 0) << opened.err;
+  EXPECT_LT(took, std::chrono::seconds(4)) << opened.err;
+  // The admin requests were indeed stuck: each waited and was refused.
+  while (stuck == 0 && std::chrono::steady_clock::now() - started < std::chrono::seconds(10)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  stop = true;
+  holder.reset();  // the queued admin requests now finish at once
+  for (auto& t : admins) t.join();
+  EXPECT_GT(stuck.load(), 0);
+}
+
 // PostgreSQL stopped during a run of unlocks: the server answers 503 with
 // Retry-After (the unlocker retries), releases nothing without its record,
 // and once the database is back the same unlock succeeds within its deadline.
