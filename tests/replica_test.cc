@@ -61,6 +61,19 @@ class ReplicaTest : public KeygateTest {
     ASSERT_GT(b_.port, 0) << read_file(b_.process.log_path());
   }
 
+  // A volume enrolled through the first replica, its token listing the
+  // second first (its unlocker goes there): (path, id), the id empty if
+  // enrollment failed.
+  std::pair<std::string, std::string> enrolled_second_first() {
+    const std::string vol = new_volume_file();
+    RunResult enrolled = enroll_format(vol, a_, make_token(a_), emulator_, {b_.url()});
+    EXPECT_EQ(enrolled.exit_code, 0) << enrolled.err;
+    std::smatch m;
+    EXPECT_TRUE(std::regex_search(enrolled.out, m, std::regex("enrolled as volume ([0-9a-f-]+)")))
+        << enrolled.out;
+    return {vol, m.size() > 1 ? m[1].str() : ""};
+  }
+
   // An unlock request for `volume_id` answering `nonce`.
   std::string unlock_request(const std::string& volume_id, const Bytes& nonce) {
     auto keys = X25519KeyPair::generate().value();
@@ -95,13 +108,8 @@ TEST_F(ReplicaTest, TwoReplicasOnOneDatabaseShareNoncesRevocationsAndOneChain) {
   start_replicas();
   // Enrolled through the first replica; the volume's token lists the second
   // first.
-  const std::string vol = new_volume_file();
-  RunResult enrolled = enroll_format(vol, a_, make_token(a_), emulator_, {b_.url()});
-  ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
-  std::smatch m;
-  ASSERT_TRUE(std::regex_search(enrolled.out, m, std::regex("enrolled as volume ([0-9a-f-]+)")))
-      << enrolled.out;
-  const std::string id = m[1].str();
+  const auto [vol, id] = enrolled_second_first();
+  ASSERT_FALSE(id.empty());
   evidence_ = aws_evidence(emulator_);
 
   const std::string req = unlock_request(id, fresh_nonce(a_));
@@ -350,12 +358,8 @@ TEST_F(ReplicaTest, AReplicaStoppedHoldingTheTrailsHeadHoldsTheOthersOnlyBriefly
   ASSERT_EQ(PgCluster::shared().error(), "");
   start_replicas();
   // The volume lists the second replica first: its unlocker goes there.
-  const std::string vol = new_volume_file();
-  RunResult enrolled = enroll_format(vol, a_, make_token(a_), emulator_, {b_.url()});
-  ASSERT_EQ(enrolled.exit_code, 0) << enrolled.err;
-  std::smatch m;
-  ASSERT_TRUE(std::regex_search(enrolled.out, m, std::regex("enrolled as volume ([0-9a-f-]+)")));
-  const std::string id = m[1].str();
+  const auto [vol, id] = enrolled_second_first();
+  ASSERT_FALSE(id.empty());
   evidence_ = aws_evidence(emulator_);
 
   // While the flag row is there, advancing the trail's head sleeps 3 s
