@@ -112,18 +112,7 @@ std::string PgCluster::create_database() {
 }
 
 std::string PgCluster::exec(const std::string& conninfo, const std::string& sql) {
-  PGconn* c = PQconnectdb(conninfo.c_str());
-  std::string err;
-  if (PQstatus(c) != CONNECTION_OK) {
-    err = PQerrorMessage(c);
-  } else {
-    PGresult* r = PQexec(c, sql.c_str());
-    const ExecStatusType st = PQresultStatus(r);
-    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) err = PQresultErrorMessage(r);
-    PQclear(r);
-  }
-  PQfinish(c);
-  return err;
+  return PgSession(conninfo, sql).error();  // run, then the session closes
 }
 
 std::string PgCluster::query(const std::string& conninfo, const std::string& sql) {
